@@ -1,0 +1,512 @@
+"""
+The proxy's configuration: command-line flags, environment variables and a
+YAML file merged into a tree of frozen attrs classes.
+
+Every setting is declared once, as an attrs field made by L{setting}.  The
+field's section and name give the YAML key (C{timeouts.connect}), its
+C{flag} gives the command-line option (C{--connect-timeout}) and the
+environment variable (C{EGRESSPROXY_CONNECT_TIMEOUT}).  Adding an option is
+adding one field; the flags, the environment, the file loader and the
+reference table in C{docs/configuration.md} all come from the fields.
+
+Precedence, highest first: flag, environment, file, default.
+
+Errors are L{ConfigError}s whose one-line message names the key, where the
+value came from, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import attr
+import yaml
+
+ENV_PREFIX = "EGRESSPROXY_"
+
+_SETTING = "egressproxy.setting"
+
+
+class ConfigError(Exception):
+    """
+    A configuration value that cannot be used.  C{str()} of it is the one
+    line printed before start-up stops.
+    """
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Setting:
+    """
+    How one configuration field is spelled and parsed.
+
+    @ivar flag: the long option name without C{--}.
+    @ivar parse: turns one raw value (a string from a flag or the
+        environment, or any YAML scalar) into the field's value, raising
+        L{ValueError} with what was expected.
+    @ivar doc: one sentence for C{--help} and the documentation.
+    @ivar repeatable: the flag may be given many times, the environment
+        variable holds a comma-separated list and the YAML value is a list;
+        the field holds a tuple.
+    @ivar metavar: how the value is shown in help text.
+    """
+
+    flag: str
+    parse: Callable[[Any], Any]
+    doc: str
+    repeatable: bool = False
+    metavar: str = "VALUE"
+
+    @property
+    def envvar(self) -> str:
+        return ENV_PREFIX + self.flag.upper().replace("-", "_")
+
+
+def setting(
+    flag: str,
+    default: Any,
+    parse: Callable[[Any], Any],
+    doc: str,
+    *,
+    repeatable: bool = False,
+    metavar: str = "VALUE",
+) -> Any:
+    """
+    Declare a configuration field; see L{Setting}.
+    """
+    return attr.ib(
+        default=default,
+        metadata={_SETTING: Setting(flag, parse, doc, repeatable, metavar)},
+    )
+
+
+# Parsers.  Each takes one raw value and raises ValueError("expected ...").
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def seconds(value: Any) -> float:
+    """
+    A positive duration: a number of seconds, or a string with a unit as
+    webhook-sentry writes them (C{"10s"}, C{"500ms"}, C{"1m"}).
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10, 2.5 or 500ms")
+    if isinstance(value, (int, float)):
+        result = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError("expected a duration such as 10, 2.5 or 500ms")
+        result = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not result > 0:
+        raise ValueError("expected a duration greater than zero")
+    return result
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def size(value: Any) -> int:
+    """
+    A positive number of bytes, optionally with a unit (C{64KiB}, C{1MiB},
+    C{1MB}).
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes such as 1048576 or 1MiB")
+    if isinstance(value, int):
+        result = value
+    else:
+        match = _SIZE.match(str(value))
+        if match is None:
+            raise ValueError("expected a size in bytes such as 1048576 or 1MiB")
+        unit = match.group(2).lower() if match.group(2) else None
+        result = int(match.group(1)) * _SIZE_UNITS[unit]
+    if result <= 0:
+        raise ValueError("expected a size greater than zero")
+    return result
+
+
+def choice(*choices: str) -> Callable[[Any], str]:
+    """
+    A parser accepting one of C{choices}, case-insensitively.
+    """
+
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+def text(value: Any) -> str:
+    """
+    A non-empty string.
+    """
+    if value is None or isinstance(value, (dict, list)) or not str(value).strip():
+        raise ValueError("expected a non-empty string")
+    return str(value).strip()
+
+
+def endpoint(value: Any) -> str:
+    """
+    A Twisted server endpoint description such as
+    C{tcp:9090:interface=127.0.0.1}.  Only its shape is checked here;
+    L{proxy_app.tap} builds the endpoint and reports what Twisted objects
+    to.
+    """
+    result = text(value)
+    if ":" not in result:
+        raise ValueError(
+            "expected a server endpoint description such as "
+            "tcp:9090:interface=127.0.0.1"
+        )
+    return result
+
+
+# The configuration tree.
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Timeouts:
+    """
+    How long the proxy waits, in seconds.
+    """
+
+    connect: float = setting(
+        "connect-timeout",
+        10.0,
+        seconds,
+        "Timeout for the TCP connection to the destination.",
+        metavar="SECONDS",
+    )
+    read: float = setting(
+        "read-timeout",
+        10.0,
+        seconds,
+        "How long a connection to the destination may stay idle.",
+        metavar="SECONDS",
+    )
+    lifetime: float = setting(
+        "connection-lifetime",
+        60.0,
+        seconds,
+        "Longest time a connection to the destination may live.",
+        metavar="SECONDS",
+    )
+    dns: float = setting(
+        "dns-timeout",
+        5.0,
+        seconds,
+        "Timeout for resolving the destination's name.",
+        metavar="SECONDS",
+    )
+    request_header: float = setting(
+        "request-header-timeout",
+        10.0,
+        seconds,
+        "Time a client has to send a complete request head; also how long "
+        "an idle keep-alive client connection is kept (never applies to an "
+        "established CONNECT tunnel).",
+        metavar="SECONDS",
+    )
+    drain: float = setting(
+        "drain-timeout",
+        15.0,
+        seconds,
+        "On SIGTERM, how long in-flight requests and tunnels may take to "
+        "finish before they are cut.",
+        metavar="SECONDS",
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Limits:
+    """
+    Size limits, in bytes.
+    """
+
+    max_response_body: int = setting(
+        "max-response-body",
+        1048576,
+        size,
+        "Largest response body passed back to a client of a forwarded "
+        "request; larger ones are refused (502, reason code 1008) or cut.",
+        metavar="BYTES",
+    )
+    max_request_header: int = setting(
+        "max-request-header-size",
+        65536,
+        size,
+        "Largest request head (request line and headers) accepted; larger "
+        "ones are answered 431.",
+        metavar="BYTES",
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AccessLog:
+    """
+    Where and how the access log is written.
+    """
+
+    file: str = setting(
+        "access-log",
+        "-",
+        text,
+        "File the access log is appended to; '-' is standard output.",
+        metavar="PATH",
+    )
+    format: str = setting(
+        "access-log-format",
+        "text",
+        choice("text", "json"),
+        "Access log format: text (key=value) or json (one object a line).",
+        metavar="text|json",
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Destinations:
+    """
+    Where the proxy may connect, beyond the built-in address policy, and
+    how names are resolved.  See C{docs/security.md} for the precedence.
+    """
+
+    allow_ranges: tuple[str, ...] = setting(
+        "allow-range",
+        (),
+        text,
+        "Allow destination addresses in this CIDR range, even if the "
+        "built-in policy denies them (repeatable).",
+        repeatable=True,
+        metavar="CIDR",
+    )
+    deny_ranges: tuple[str, ...] = setting(
+        "deny-range",
+        (),
+        text,
+        "Deny destination addresses in this CIDR range (repeatable).",
+        repeatable=True,
+        metavar="CIDR",
+    )
+    allow_addresses: tuple[str, ...] = setting(
+        "allow-address",
+        (),
+        text,
+        "Allow this destination address, optionally only on one port: "
+        "IP, IP:PORT or [IPv6]:PORT (repeatable).",
+        repeatable=True,
+        metavar="IP[:PORT]",
+    )
+    deny_addresses: tuple[str, ...] = setting(
+        "deny-address",
+        (),
+        text,
+        "Deny this destination address, optionally only on one port "
+        "(repeatable).",
+        repeatable=True,
+        metavar="IP[:PORT]",
+    )
+    nameservers: tuple[str, ...] = setting(
+        "nameserver",
+        (),
+        text,
+        "Resolve destinations with this DNS server (HOST[:PORT], "
+        "repeatable) instead of the system resolver.",
+        repeatable=True,
+        metavar="HOST[:PORT]",
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Config:
+    """
+    The whole configuration.  Fields made by L{setting} are top-level keys;
+    fields holding attrs classes are YAML sections.
+    """
+
+    listen: tuple[str, ...] = setting(
+        "listen",
+        ("tcp:9090:interface=127.0.0.1",),
+        endpoint,
+        "Endpoint the proxy listens on (repeatable), e.g. "
+        "tcp:9090:interface=127.0.0.1 or tcp6:9090:interface=\\:\\:1.",
+        repeatable=True,
+        metavar="ENDPOINT",
+    )
+    timeouts: Timeouts = attr.ib(factory=Timeouts)
+    limits: Limits = attr.ib(factory=Limits)
+    destinations: Destinations = attr.ib(factory=Destinations)
+    access_log: AccessLog = attr.ib(factory=AccessLog)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Field:
+    """
+    One configuration field, located in the tree.
+
+    @ivar section: the YAML section, or C{None} for a top-level key.
+    @ivar name: the attrs field name, which is the YAML key.
+    """
+
+    section: str | None
+    name: str
+    setting: Setting
+    default: Any
+
+    @property
+    def key(self) -> str:
+        return self.name if self.section is None else f"{self.section}.{self.name}"
+
+
+def _sections() -> Iterator[tuple[str, type]]:
+    """
+    The YAML sections: the fields of L{Config} whose default is a factory
+    of another attrs class.
+    """
+    for a in attr.fields(Config):
+        if isinstance(a.default, attr.Factory) and attr.has(a.default.factory):
+            yield a.name, a.default.factory
+
+
+def fields() -> list[Field]:
+    """
+    Every configuration field, top-level ones first, in declaration order.
+    """
+    result = []
+    for a in attr.fields(Config):
+        if _SETTING in a.metadata:
+            result.append(Field(None, a.name, a.metadata[_SETTING], a.default))
+    for sectionName, cls in _sections():
+        for a in attr.fields(cls):
+            result.append(Field(sectionName, a.name, a.metadata[_SETTING], a.default))
+    return result
+
+
+def _parseOne(field: Field, raw: Any, source: str) -> Any:
+    setting = field.setting
+    try:
+        if setting.repeatable:
+            if isinstance(raw, str):
+                items: Iterable[Any] = [p for p in raw.split(",") if p.strip()]
+            elif isinstance(raw, (list, tuple)):
+                items = raw
+            else:
+                raise ValueError("expected a list")
+            return tuple(setting.parse(item) for item in items)
+        return setting.parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"{source} = {raw!r}: {e}") from None
+
+
+def _flagSource(field: Field) -> str:
+    return f"--{field.setting.flag}"
+
+
+def loadFile(path: str) -> dict[str, Any]:
+    """
+    Read a YAML configuration file into a mapping, or raise L{ConfigError}.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"--config = {path!r}: cannot read it: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--config = {path!r}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config = {path!r}: expected a mapping of sections at the top")
+    return data
+
+
+def _fileValues(data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """
+    Flatten a loaded YAML mapping to C{{key: value}}, refusing unknown keys.
+    """
+    byKey = {f.key: f for f in fields()}
+    sections = {name for name, _ in _sections()}
+    result: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in sections:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} in {path}: expected a mapping of keys, got {value!r}")
+            for sub, subValue in value.items():
+                key = f"{name}.{sub}"
+                if key not in byKey:
+                    raise ConfigError(f"{key} in {path}: unknown key; known keys in {name}: " + ", ".join(sorted(k.split('.', 1)[1] for k in byKey if k.startswith(name + "."))))
+                result[key] = subValue
+        elif name in byKey:
+            result[name] = value
+        else:
+            raise ConfigError(
+                f"{name} in {path}: unknown key; known top-level keys: "
+                + ", ".join(sorted({k.split(".")[0] for k in byKey}))
+            )
+    return result
+
+
+def load(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] = os.environ,
+    configPath: str | None = None,
+) -> Config:
+    """
+    Merge flags, environment and file into a L{Config}.
+
+    @param flags: option values given on the command line, keyed by flag
+        name without C{--}; a value of C{None} (or an empty list for a
+        repeatable flag) means not given.
+    @param environ: the environment to read C{EGRESSPROXY_*} from.
+    @param configPath: the YAML file, if any.  When it is C{None} the
+        environment's C{EGRESSPROXY_CONFIG} is used.
+
+    @raise ConfigError: for any value that cannot be used.
+    """
+    if configPath is None:
+        configPath = environ.get(ENV_PREFIX + "CONFIG") or None
+    fileValues = _fileValues(loadFile(configPath), configPath) if configPath else {}
+
+    values: dict[str | None, dict[str, Any]] = {}
+    for field in fields():
+        s = field.setting
+        flagValue = flags.get(s.flag)
+        if flagValue not in (None, [], ()):
+            value = _parseOne(field, flagValue, _flagSource(field))
+        elif environ.get(s.envvar, "").strip():
+            value = _parseOne(field, environ[s.envvar], s.envvar)
+        elif field.key in fileValues:
+            value = _parseOne(field, fileValues[field.key], f"{field.key} in {configPath}")
+        else:
+            continue
+        values.setdefault(field.section, {})[field.name] = value
+
+    sections = {
+        name: cls(**values.get(name, {})) for name, cls in _sections()
+    }
+    return Config(**values.get(None, {}), **sections)

@@ -1,0 +1,867 @@
+"""
+The proxy's client side: L{ProxyFactory} and the protocol it builds for
+each client connection, which serves forwarded requests
+(C{GET http://host/path}) and CONNECT tunnels on the same port.
+
+Requests are parsed with h11, a strict HTTP/1.1 parser that owns the whole
+connection: it hands us the bytes that follow a CONNECT head, which is what
+a tunnel needs and what C{twisted.web}'s C{HTTPChannel} does not offer
+without its private attributes (see C{docs/architecture.md}).
+
+A request's path: parse and normalize the target, vet the destination
+through the L{IDestinationResolver} (no byte goes anywhere before that),
+connect through the L{Connector} to a vetted address only, then stream.
+"""
+
+from __future__ import annotations
+
+import os
+from http import HTTPStatus
+from typing import Any
+
+import h11
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from proxy_app.config import Config
+from proxy_app.interfaces import IDestinationResolver
+from proxy_app.observe import AccessLog
+from proxy_app.reasons import ProxyError, Reason
+from proxy_app.target import Target, parseAbsoluteTarget, parseConnectTarget
+from proxy_app.upstream import (
+    Connector,
+    Timer,
+    UpstreamHTTP,
+    UpstreamPool,
+    UpstreamTunnel,
+    UpstreamTunnelFactory,
+    endToEndHeaders,
+    framingHeaders,
+)
+
+log = Logger()
+
+_STRIP_REQUEST = frozenset({b"host"})
+_PHRASES = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_DISCARD_LIMIT = 65536
+
+
+def errorResponse(
+    error: ProxyError, close: bool = False
+) -> tuple[h11.Response, bytes]:
+    """
+    The response the proxy makes for C{error}: its status, the
+    C{X-WhSentry-Reason} and C{X-WhSentry-ReasonCode} headers, and a
+    plain-text body.
+    """
+    body = (error.message + "\n").encode("utf-8")
+    reason = error.message.encode("ascii", "backslashreplace")
+    reason = reason.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\x00", b" ")
+    headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode("ascii")),
+        (b"X-Content-Type-Options", b"nosniff"),
+        (b"X-WhSentry-Reason", reason),
+        (b"X-WhSentry-ReasonCode", str(int(error.reason)).encode("ascii")),
+    ]
+    if close:
+        headers.append((b"Connection", b"close"))
+    return (
+        h11.Response(
+            status_code=error.status,
+            headers=headers,
+            reason=_PHRASES.get(error.status, b""),
+        ),
+        body,
+    )
+
+
+class ProxyFactory(Factory):
+    """
+    Builds a L{ProxyProtocol} for each client connection and holds what
+    they share.
+
+    @ivar resolver: the L{IDestinationResolver} vetting every destination.
+    @ivar connector: the L{Connector}, the one way out.
+    @ivar pool: the L{UpstreamPool} of persistent origin connections.
+    @ivar connections: the live client protocols, for draining.
+    @ivar draining: set on shutdown: finish what is in flight, take nothing
+        new.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        config: Config,
+        resolver: IDestinationResolver,
+        clock: Any,
+        connector: Connector,
+        accessLog: AccessLog,
+    ) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.clock = clock
+        self.connector = connector
+        self.pool = UpstreamPool(
+            connector, clock, config.timeouts.read, config.timeouts.lifetime
+        )
+        self.accessLog = accessLog
+        self.connections: set[ProxyProtocol] = set()
+        self.draining = False
+        self._idPrefix = os.urandom(4).hex()
+        self._counter = 0
+
+    def buildProtocol(self, addr: Any) -> ProxyProtocol:
+        return ProxyProtocol(self)
+
+    def newRequestID(self) -> str:
+        """
+        A request id unique within this process and unlikely to repeat
+        across processes.
+        """
+        self._counter += 1
+        return f"{self._idPrefix}-{self._counter:08x}"
+
+    def drain(self) -> None:
+        """
+        Stop taking new requests: idle keep-alive connections close now,
+        busy ones after their current exchange.
+        """
+        self.draining = True
+        for connection in list(self.connections):
+            connection.drain()
+        self.pool.closeIdle()
+
+
+@implementer(IHalfCloseableProtocol)
+class ProxyProtocol(Protocol):
+    """
+    One client connection: a sequence of forwarded requests, possibly ending
+    in a CONNECT tunnel.
+    """
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+        config = factory.config
+        self._conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=config.limits.max_request_header
+        )
+        self._headerTimer = Timer(
+            factory.clock, config.timeouts.request_header, self._headerTimeout
+        )
+        self.exchange: ForwardExchange | ConnectExchange | None = None
+        self.tunnel: ConnectExchange | None = None
+        self._waiting = False
+        self._bytesThisCycle = 0
+        # While not None: bytes of an answered request's body still to be
+        # read and dropped before the next request.
+        self._discard: int | None = None
+        self.clientAddress = ""
+
+    # Connection events.
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", "")
+        self.clientAddress = (
+            f"[{host}]:{peer.port}" if ":" in host else f"{host}:{getattr(peer, 'port', '')}"
+        )
+        if self.factory.draining:
+            self.transport.loseConnection()
+            return
+        self._headerTimer.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.fromClient(data)
+            return
+        self._bytesThisCycle += len(data)
+        self._conn.receive_data(data)
+        self._process()
+
+    def readConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.clientReadClosed()
+            return
+        self._conn.receive_data(b"")
+        self._process()
+
+    def writeConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.clientWriteClosed()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._headerTimer.cancel()
+        self.factory.connections.discard(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.clientLost(reason)
+
+    # Request parsing.
+
+    def _process(self) -> None:
+        while not self._waiting and self.tunnel is None and self.transport is not None:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as e:
+                self._protocolError(e)
+                return
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                # A pipelined request waits, unread, until this exchange
+                # is over.
+                self.transport.pauseProducing()
+                return
+            if isinstance(event, h11.Request):
+                self._headerTimer.cancel()
+                self._startRequest(event)
+            elif isinstance(event, h11.Data):
+                if self._discard is not None:
+                    self._discard -= len(event.data)
+                    if self._discard < 0:
+                        self.transport.loseConnection()
+                        return
+                elif self.exchange is not None:
+                    self.exchange.requestData(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                if self._discard is not None:
+                    self.exchangeDone()
+                    return
+                if self.exchange is not None:
+                    self.exchange.requestDone()
+            elif isinstance(event, h11.ConnectionClosed):
+                if self.exchange is None:
+                    self.transport.loseConnection()
+                return
+
+    def _protocolError(self, error: h11.RemoteProtocolError) -> None:
+        status = error.error_status_hint
+        if status == 431:
+            message = (
+                "Request head larger than "
+                f"{self.factory.config.limits.max_request_header} bytes"
+            )
+        else:
+            message = f"Malformed request: {error}"
+        self._refuse(ProxyError(Reason.BAD_REQUEST, message, status=status))
+
+    def _refuse(self, error: ProxyError, method: str = "", url: str = "") -> None:
+        """
+        Answer a request that is not going anywhere, then close.
+        """
+        self.sendError(error, close=True)
+        self.factory.accessLog.record(
+            rq_id=self.factory.newRequestID(),
+            client_addr=self.clientAddress,
+            method=method or None,
+            url=url or None,
+            response_code=error.status,
+            response_time=0.0,
+            bytes_up=0,
+            bytes_down=0,
+            reason_code=int(error.reason),
+            error=error.message,
+        )
+        self.transport.loseConnection()
+
+    def _startRequest(self, request: h11.Request) -> None:
+        method = request.method.decode("ascii", "replace")
+        url = request.target.decode("utf-8", "replace")
+        names = [name for name, _ in request.headers]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            # RFC 9112 6.1 allows a server to process this; a proxy that
+            # does is how request smuggling starts.
+            self._refuse(
+                ProxyError(
+                    Reason.BAD_REQUEST,
+                    "Request has both Content-Length and Transfer-Encoding",
+                ),
+                method,
+                url,
+            )
+            return
+        exchange: ForwardExchange | ConnectExchange
+        try:
+            if request.method == b"CONNECT":
+                exchange = ConnectExchange(self, request, parseConnectTarget(request.target))
+            else:
+                exchange = ForwardExchange(self, request, parseAbsoluteTarget(request.target))
+        except ProxyError as error:
+            self.exchange = _Refused(self, request, error)
+            self.exchange.start()
+            return
+        self.exchange = exchange
+        self._waiting = True
+        self.transport.pauseProducing()
+        exchange.start()
+
+    def resumeRequest(self) -> None:
+        """
+        The exchange can take the request body now.
+        """
+        self._waiting = False
+        self.transport.resumeProducing()
+        self._process()
+
+    # Responding.
+
+    def send(self, *events: Any) -> bool:
+        """
+        Send h11 events to the client.
+
+        @return: C{False} if the connection's state did not allow it (the
+            client has gone or broke the protocol); it is then aborted.
+        """
+        try:
+            data = b"".join(self._conn.send(event) or b"" for event in events)
+        except h11.LocalProtocolError as e:
+            log.debug("Cannot send to {client}: {error}", client=self.clientAddress, error=e)
+            self.abort()
+            return False
+        if self.transport is not None:
+            self.transport.write(data)
+        return True
+
+    def sendError(self, error: ProxyError, close: bool = False) -> bool:
+        response, body = errorResponse(error, close or self.factory.draining)
+        return self.send(response, h11.Data(data=body), h11.EndOfMessage())
+
+    def abort(self) -> None:
+        """
+        Cut the client connection so that it cannot mistake a partial
+        response for a complete one.
+        """
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def exchangeDone(self) -> None:
+        """
+        The current request has been answered: read the next one, or close.
+        """
+        self.exchange = None
+        self._waiting = False
+        if self.transport is None:
+            return
+        conn = self._conn
+        if (
+            conn.our_state is h11.DONE
+            and conn.their_state is h11.SEND_BODY
+            and not self.factory.draining
+            and self._discard is None
+        ):
+            # Answered before the body was read (an error, or an origin
+            # that did not wait): read and drop a small remainder so the
+            # connection can go on; a large one is not worth it.
+            self._discard = _DISCARD_LIMIT
+            self._process()
+            return
+        self._discard = None
+        if (
+            conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+            and not self.factory.draining
+        ):
+            conn.start_next_cycle()
+            self._bytesThisCycle = 0
+            self._headerTimer.start()
+            self.transport.resumeProducing()
+            self._process()
+        elif conn.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+            self.transport.loseConnection()
+        else:
+            self.abort()
+
+    def becomeTunnel(self, exchange: ConnectExchange) -> bytes:
+        """
+        The CONNECT succeeded: from now on every byte from the client goes
+        to the tunnel.
+
+        @return: bytes the client sent after the CONNECT head.
+        """
+        self.tunnel = exchange
+        self._headerTimer.cancel()
+        leftover, _closed = self._conn.trailing_data
+        return bytes(leftover)
+
+    def drain(self) -> None:
+        if self.exchange is None and self.tunnel is None:
+            self.transport.loseConnection()
+
+    def _headerTimeout(self) -> None:
+        if self._bytesThisCycle and self._conn.their_state is h11.IDLE:
+            self._refuse(
+                ProxyError(
+                    Reason.BAD_REQUEST,
+                    "Request head not received within "
+                    f"{self.factory.config.timeouts.request_header:g} s",
+                    status=408,
+                )
+            )
+        else:
+            # An idle keep-alive connection: nothing to answer.
+            self.transport.loseConnection()
+
+
+def _wantsTLS(headers: Any) -> bool:
+    """
+    Whether C{X-WhSentry-TLS} asks for TLS origination: any value but C{0}
+    or C{false}.
+    """
+    for name, value in headers:
+        if name == b"x-whsentry-tls":
+            return value.strip().lower() not in (b"0", b"false")
+    return False
+
+
+class _Exchange:
+    """
+    What forwarded requests and tunnels share: the request, its id, the
+    vetting of its target, the access-log line.
+    """
+
+    proxyType = ""
+
+    def __init__(self, protocol: ProxyProtocol, request: h11.Request, target: Target | None) -> None:
+        self.protocol = protocol
+        self.factory = protocol.factory
+        self.request = request
+        self.target = target
+        self.requestID = self.factory.newRequestID()
+        self.started = self.factory.clock.seconds()
+        self.bytesUp = 0
+        self.bytesDown = 0
+        self.status: int | None = None
+        self.error: ProxyError | None = None
+        self._pending: Deferred | None = None
+        self._finished = False
+
+    @property
+    def url(self) -> str:
+        return self.request.target.decode("utf-8", "replace")
+
+    def start(self) -> None:
+        raise NotImplementedError()
+
+    def _vetAndConnect(self, connect: Any) -> None:
+        """
+        Vet the target, then call C{connect(destination)}, which returns a
+        L{Deferred} of an upstream protocol; L{_connected} gets that.
+        """
+        assert self.target is not None
+        d = self.factory.resolver.vet(self.target.host, self.target.port)
+        d.addCallback(connect)
+        d.addCallbacks(self._connectedOrStale, self._setupFailed)
+        d.addErrback(self._internalError)
+        self._pending = d
+
+    def _connectedOrStale(self, upstream: Any) -> None:
+        self._pending = None
+        if self._finished:
+            # The client went away while we were connecting.
+            upstream.transport.loseConnection()
+            return
+        self._connected(upstream)
+
+    def _connected(self, upstream: Any) -> None:
+        raise NotImplementedError()
+
+    def _setupFailed(self, failure: Failure) -> None:
+        self._pending = None
+        if failure.check(CancelledError) or self._finished:
+            return
+        if failure.check(ProxyError):
+            error = failure.value
+        else:
+            log.failure("Unexpected error setting up {url}", failure, url=self.url)
+            error = ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy")
+        self.fail(error)
+
+    def _internalError(self, failure: Failure) -> None:
+        log.failure("Internal error handling {url}", failure, url=self.url)
+        if self._finished:
+            return
+        if self.status is None:
+            self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"))
+        else:
+            self.protocol.abort()
+
+    def fail(self, error: ProxyError) -> None:
+        """
+        The exchange failed before a response head went to the client:
+        answer with C{error}.
+        """
+        self.error = error
+        self.status = error.status
+        log.info(
+            "{rq_id} {method} {url}: {reason} ({code})",
+            rq_id=self.requestID,
+            method=self.request.method.decode("ascii", "replace"),
+            url=self.url,
+            reason=error.message,
+            code=int(error.reason),
+        )
+        self.protocol.sendError(error)
+        self.finish()
+
+    def finish(self) -> None:
+        """
+        Write the access-log line and let the client connection go on.
+        """
+        if self._finished:
+            return
+        self.record()
+        self.protocol.exchangeDone()
+
+    def record(self, error: str | None = None) -> None:
+        """
+        Write the exchange's access-log line, once.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        if error is None and self.error is not None:
+            error = self.error.message
+        self.factory.accessLog.record(
+            rq_id=self.requestID,
+            client_addr=self.protocol.clientAddress,
+            method=self.request.method.decode("ascii", "replace"),
+            url=self.url,
+            response_code=self.status,
+            response_time=round(self.factory.clock.seconds() - self.started, 6),
+            bytes_up=self.bytesUp,
+            bytes_down=self.bytesDown,
+            reason_code=int(self.error.reason) if self.error is not None else None,
+            error=error,
+        )
+
+    def clientLost(self, reason: Failure | None) -> None:
+        """
+        The client connection closed before the exchange finished.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        self.record("client closed the connection")
+
+    # Request body events; a tunnel has none.
+
+    def requestData(self, data: bytes) -> None:
+        pass
+
+    def requestDone(self) -> None:
+        pass
+
+
+class _Refused(_Exchange):
+    """
+    A request refused before anything was looked up (a malformed target).
+    Its body, if any, is read and dropped so that the connection can go on.
+    """
+
+    def __init__(self, protocol: ProxyProtocol, request: h11.Request, error: ProxyError) -> None:
+        super().__init__(protocol, request, None)
+        self._error = error
+        self._bodyDone = False
+
+    def start(self) -> None:
+        self.fail(self._error)
+
+
+class ForwardExchange(_Exchange):
+    """
+    One forwarded request: its body streams to the origin and the
+    response streams back, each way with backpressure.
+    """
+
+    proxyType = "http"
+
+    def __init__(self, protocol: ProxyProtocol, request: h11.Request, target: Target) -> None:
+        super().__init__(protocol, request, target)
+        self.upstream: UpstreamHTTP | None = None
+        self.headSent = False
+        self.requestComplete = False
+        self._bodyProducing = False
+        self._responseProducing = False
+        self._limit = self.factory.config.limits.max_response_body
+
+    def start(self) -> None:
+        assert self.target is not None
+        if self.target.scheme == "https" or _wantsTLS(self.request.headers):
+            self.fail(
+                ProxyError(
+                    Reason.BAD_SCHEME,
+                    "TLS origination (https:// targets and X-WhSentry-TLS) is "
+                    "not available in this version; use CONNECT",
+                )
+            )
+            return
+        self._vetAndConnect(self.factory.pool.acquire)
+
+    def _connected(self, upstream: UpstreamHTTP) -> None:
+        assert self.target is not None
+        self.upstream = upstream
+        headers = [(b"Host", self.target.hostHeader)]
+        headers += endToEndHeaders(self.request.headers, _STRIP_REQUEST)
+        headers += framingHeaders(self.request.headers)
+        try:
+            upstream.sendRequest(
+                self,
+                h11.Request(method=self.request.method, target=self.target.path, headers=headers),
+            )
+        except h11.LocalProtocolError as e:
+            upstream.abort()
+            self.fail(ProxyError(Reason.BAD_REQUEST, f"Cannot forward this request: {e}"))
+            return
+        # The client's body goes no faster than the origin takes it.
+        upstream.transport.registerProducer(self.protocol.transport, True)
+        self._bodyProducing = True
+        self.protocol.resumeRequest()
+
+    def requestData(self, data: bytes) -> None:
+        if self.upstream is None or self._finished:
+            return
+        self.bytesUp += len(data)
+        self.upstream.sendData(data)
+
+    def requestDone(self) -> None:
+        self.requestComplete = True
+        upstream = self.upstream
+        if upstream is None or self._finished:
+            return
+        upstream.sendEnd()
+        self._releaseClient()
+
+    def _releaseClient(self) -> None:
+        """
+        Stop tying the client's reading to the origin's writing.
+        """
+        if not self._bodyProducing:
+            return
+        self._bodyProducing = False
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.unregisterProducer()
+        if self.protocol.transport is not None:
+            self.protocol.transport.resumeProducing()
+
+    # Response events from UpstreamHTTP.
+
+    def upstreamInformational(self, event: h11.InformationalResponse) -> None:
+        if event.status_code != 101:
+            self.protocol.send(event)
+
+    def upstreamResponse(self, event: h11.Response) -> None:
+        for name, value in event.headers:
+            if name == b"content-length" and int(value) > self._limit:
+                self._dropUpstream()
+                self.fail(
+                    ProxyError(
+                        Reason.RESPONSE_TOO_LARGE,
+                        f"Response body of {int(value)} bytes exceeds the limit of {self._limit} bytes",
+                    )
+                )
+                return
+        headers = endToEndHeaders(event.headers) + framingHeaders(event.headers)
+        self.status = event.status_code
+        if not self.protocol.send(
+            h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
+        ):
+            return
+        self.headSent = True
+        # A slow client slows the origin instead of growing a buffer here.
+        assert self.upstream is not None
+        self.protocol.transport.registerProducer(self.upstream.transport, True)
+        self._responseProducing = True
+
+    def upstreamData(self, data: bytes) -> None:
+        self.bytesDown += len(data)
+        if self.bytesDown > self._limit:
+            # Too late for an error response: cut the connection so the
+            # client cannot take what it got for the whole body.
+            self.error = ProxyError(
+                Reason.RESPONSE_TOO_LARGE,
+                f"Response body exceeded the limit of {self._limit} bytes and was cut",
+            )
+            log.info("{rq_id} {url}: {reason}", rq_id=self.requestID, url=self.url, reason=self.error.message)
+            self._dropUpstream()
+            self.record()
+            self.protocol.abort()
+            return
+        self.protocol.send(h11.Data(data=data))
+
+    def upstreamDone(self) -> None:
+        upstream = self.upstream
+        self.protocol.send(h11.EndOfMessage())
+        self._unhook()
+        if upstream is not None:
+            if self.requestComplete:
+                upstream.finished()
+            else:
+                # The origin answered before taking the whole body.
+                upstream.abort()
+        self.finish()
+
+    def upstreamFailed(self, error: ProxyError) -> None:
+        self._unhook()
+        self.upstream = None
+        if self.headSent:
+            self.error = error
+            log.info("{rq_id} {url}: {reason}", rq_id=self.requestID, url=self.url, reason=error.message)
+            self.record()
+            self.protocol.abort()
+            return
+        self.fail(error)
+
+    def _unhook(self) -> None:
+        """
+        Undo the producer links between the two connections.
+        """
+        transport = self.protocol.transport
+        if self._responseProducing:
+            self._responseProducing = False
+            if transport is not None:
+                transport.unregisterProducer()
+        self._releaseClient()
+
+    def _dropUpstream(self) -> None:
+        self._unhook()
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()
+
+    def clientLost(self, reason: Failure | None) -> None:
+        self._dropUpstream()
+        super().clientLost(reason)
+
+
+class ConnectExchange(_Exchange):
+    """
+    A CONNECT request and, once the upstream connection is up, the tunnel
+    it becomes: two transports joined as each other's producer, with
+    half-close passed through.
+    """
+
+    proxyType = "connect"
+
+    def __init__(self, protocol: ProxyProtocol, request: h11.Request, target: Target) -> None:
+        super().__init__(protocol, request, target)
+        self.upstream: UpstreamTunnel | None = None
+        timeouts = self.factory.config.timeouts
+        self._idle = Timer(self.factory.clock, timeouts.read, self._idleTimeout)
+        self._lifetime = Timer(self.factory.clock, timeouts.lifetime, self._lifetimeExpired)
+        self._clientReadOpen = True
+        self._upstreamReadOpen = True
+
+    def start(self) -> None:
+        self._vetAndConnect(
+            lambda destination: self.factory.connector.connect(
+                destination, UpstreamTunnelFactory()
+            )
+        )
+
+    def _connected(self, upstream: UpstreamTunnel) -> None:
+        self.upstream = upstream
+        upstream.peer = self
+        self.status = 200
+        if not self.protocol.send(
+            h11.Response(status_code=200, headers=[], reason=b"Connection established")
+        ):
+            upstream.transport.loseConnection()
+            return
+        leftover = self.protocol.becomeTunnel(self)
+        client = self.protocol.transport
+        # Wire the two transports together for flow control, as
+        # twisted.protocols.portforward does.
+        client.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(client, True)
+        self._idle.start()
+        self._lifetime.start()
+        if leftover:
+            self.fromClient(leftover)
+        client.resumeProducing()
+
+    # Bytes each way.
+
+    def fromClient(self, data: bytes) -> None:
+        self.bytesUp += len(data)
+        self._idle.start()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.write(data)
+
+    def upstreamTunnelData(self, data: bytes) -> None:
+        self.bytesDown += len(data)
+        self._idle.start()
+        self.protocol.transport.write(data)
+
+    # Closing, one direction at a time.
+
+    def clientReadClosed(self) -> None:
+        self._clientReadOpen = False
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseWriteConnection()
+        self._closeIfDone()
+
+    def clientWriteClosed(self) -> None:
+        pass
+
+    def upstreamTunnelReadClosed(self) -> None:
+        self._upstreamReadOpen = False
+        self.protocol.transport.loseWriteConnection()
+        self._closeIfDone()
+
+    def _closeIfDone(self) -> None:
+        if not self._clientReadOpen and not self._upstreamReadOpen:
+            self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        self._idle.cancel()
+        self._lifetime.cancel()
+        for transport in (
+            self.protocol.transport,
+            self.upstream.transport if self.upstream is not None else None,
+        ):
+            if transport is not None:
+                if abort:
+                    transport.abortConnection()
+                else:
+                    transport.loseConnection()
+
+    def upstreamTunnelLost(self, reason: Failure | None) -> None:
+        self._idle.cancel()
+        self._lifetime.cancel()
+        if self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+
+    def clientLost(self, reason: Failure | None) -> None:
+        self._idle.cancel()
+        self._lifetime.cancel()
+        if self.upstream is not None:
+            self.upstream.peer = None
+            if self.upstream.transport is not None:
+                self.upstream.transport.loseConnection()
+        if self.status == 200:
+            # The tunnel's line is written when it ends.
+            self.record()
+            return
+        super().clientLost(reason)
+
+    def _idleTimeout(self) -> None:
+        self.error = ProxyError(
+            Reason.UPSTREAM_TIMEOUT,
+            f"Tunnel idle for {self._idle.seconds:g} s (read timeout)",
+        )
+        self._close()
+
+    def _lifetimeExpired(self) -> None:
+        self.error = ProxyError(
+            Reason.UPSTREAM_TIMEOUT,
+            f"Tunnel exceeded its lifetime of {self._lifetime.seconds:g} s",
+        )
+        self._close()

@@ -1,0 +1,258 @@
+"""
+The C{twistd egressproxy} command: L{Options} and L{makeService}.
+
+L{makeService} is also the way to mount the proxy inside an existing
+Twisted application::
+
+    from proxy_app.tap import Options, makeService
+    options = Options()
+    options.parseOptions(["--listen", "tcp:9090:interface=127.0.0.1"])
+    makeService(options).setServiceParent(application)
+
+This is the only module that imports the global reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python import usage
+
+from proxy_app import config as configModule
+from proxy_app.addresses import AddressPolicy
+from proxy_app.config import Config, ConfigError
+from proxy_app.observe import AccessLog
+from proxy_app.resolver import SafeResolver, makeNameResolver
+from proxy_app.server import ProxyFactory
+from proxy_app.upstream import Connector
+
+log = Logger()
+
+
+def _repeatable(field: configModule.Field) -> Any:
+    def opt(self: Options, value: str) -> None:
+        self.setdefault(field.setting.flag, []).append(value)
+
+    opt.__doc__ = field.setting.doc
+    return opt
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{twistd egressproxy}, generated from
+    L{proxy_app.config}'s fields.  After parsing, C{self.config} holds the
+    merged L{Config}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "An HTTP/1.1 egress proxy that never connects to private or "
+        "unvetted destinations.  Every option can also be set with an "
+        "EGRESSPROXY_<OPTION> environment variable or in the YAML file "
+        "given with --config; flags win over the environment, which wins "
+        "over the file."
+    )
+    optParameters: list[list[Any]] = [
+        ["config", "c", None, "YAML configuration file."],
+    ] + [
+        [f.setting.flag, None, None, f"{f.setting.doc} [default: {f.default}]"]
+        for f in configModule.fields()
+        if not f.setting.repeatable
+    ]
+
+    config: Config
+
+    def __init__(self, environ: Any = None) -> None:
+        super().__init__()
+        import os
+
+        self._environ = os.environ if environ is None else environ
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Parse, and on any error print one line and stop: a configuration
+        mistake is not a crash, and needs no usage dump or traceback.
+        """
+        try:
+            super().parseOptions(options)
+        except (usage.UsageError, ConfigError) as e:
+            sys.stderr.write(f"egressproxy: {e}\n")
+            raise SystemExit(2) from None
+
+    def postOptions(self) -> None:
+        flags = {f.setting.flag: self.get(f.setting.flag) for f in configModule.fields()}
+        self.config = configModule.load(flags, self._environ, self["config"])
+        validate(self.config)
+
+
+for _field in configModule.fields():
+    if _field.setting.repeatable:
+        setattr(Options, "opt_" + _field.setting.flag.replace("-", "_"), _repeatable(_field))
+del _field
+
+
+def validate(config: Config) -> None:
+    """
+    Checks that need more than one value, or Twisted's own parsers.
+
+    @raise ConfigError: naming the key and value.
+    """
+    from twisted.internet import reactor
+
+    if not config.listen:
+        raise ConfigError("listen = []: expected at least one endpoint")
+    for description in config.listen:
+        try:
+            serverFromString(reactor, description)
+        except Exception as e:
+            raise ConfigError(
+                f"listen = {description!r}: not a usable endpoint description ({e})"
+            ) from None
+    destinations = config.destinations
+    for key, kwarg in (
+        ("allow_ranges", "allowRanges"),
+        ("deny_ranges", "denyRanges"),
+        ("allow_addresses", "allowAddresses"),
+        ("deny_addresses", "denyAddresses"),
+    ):
+        try:
+            AddressPolicy(**{kwarg: getattr(destinations, key)})
+        except ValueError as e:
+            raise ConfigError(f"destinations.{key}: {e}") from None
+
+
+def selfAddresses(descriptions: Sequence[str]) -> list[tuple[str, int]]:
+    """
+    The C{(host, port)} pairs the proxy listens on, from its endpoint
+    descriptions; an empty host is a wildcard.
+    """
+    result = []
+    for description in descriptions:
+        parts = [p.replace("\0", ":") for p in description.replace("\\:", "\0").split(":")]
+        kind = parts[0].lower()
+        if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
+            continue
+        positional = [p for p in parts[1:] if "=" not in p]
+        keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+        port = keywords.get("port") or (positional[0] if positional else "")
+        if not port.isdigit():
+            continue
+        result.append((keywords.get("interface", ""), int(port)))
+    return result
+
+
+class ProxyService(Service):
+    """
+    Owns the L{ProxyFactory}: on stop it drains, letting in-flight requests
+    and tunnels finish for up to the drain timeout, then cuts what is left.
+    """
+
+    def __init__(self, factory: ProxyFactory, clock: Any) -> None:
+        self.factory = factory
+        self.clock = clock
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        factory = self.factory
+        factory.drain()
+        if not factory.connections:
+            return succeed(None)
+        log.info(
+            "Draining {count} connection(s) for up to {seconds:g} s",
+            count=len(factory.connections),
+            seconds=factory.config.timeouts.drain,
+        )
+        done: Deferred = Deferred()
+
+        def check() -> None:
+            if not factory.connections or self.clock.seconds() >= deadline:
+                for connection in list(factory.connections):
+                    connection.abort()
+                poll.cancel() if poll.active() else None
+                if not done.called:
+                    done.callback(None)
+                return
+            poll.reset(0.1)
+
+        deadline = self.clock.seconds() + factory.config.timeouts.drain
+        poll = self.clock.callLater(0.1, check)
+        return done
+
+
+class _Listener(Service):
+    """
+    A listening endpoint whose failure to bind stops start-up with one line
+    naming the endpoint, instead of a traceback.
+    """
+
+    def __init__(self, description: str, factory: ProxyFactory) -> None:
+        self.description = description
+        self._service = strports.service(description, factory)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            self._service.privilegedStartService()
+        except CannotListenError as e:
+            sys.stderr.write(
+                f"egressproxy: listen = {self.description!r}: cannot listen: "
+                f"{e.socketError or e}\n"
+            )
+            raise SystemExit(1) from None
+
+    def startService(self) -> None:
+        super().startService()
+        self._service.startService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self._service.stopService()
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """
+    Build the proxy from parsed L{Options}.
+
+    @param reactor: the reactor to use; the global one by default.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    config = options.config
+    destinations = config.destinations
+    policy = AddressPolicy(
+        allowRanges=destinations.allow_ranges,
+        denyRanges=destinations.deny_ranges,
+        allowAddresses=destinations.allow_addresses,
+        denyAddresses=destinations.deny_addresses,
+        selfAddresses=selfAddresses(config.listen),
+    )
+    resolver = SafeResolver(
+        policy,
+        makeNameResolver(destinations.nameservers, reactor),
+        reactor,
+        timeout=config.timeouts.dns,
+    )
+    connector = Connector(reactor, config.timeouts.connect)
+    try:
+        accessLog = AccessLog.open(config.access_log.file, config.access_log.format)
+    except OSError as e:
+        sys.stderr.write(
+            f"egressproxy: access_log.file = {config.access_log.file!r}: "
+            f"cannot open it: {e.strerror}\n"
+        )
+        raise SystemExit(1) from None
+    factory = ProxyFactory(config, resolver, reactor, connector, accessLog)
+
+    top = MultiService()
+    ProxyService(factory, reactor).setServiceParent(top)
+    for description in config.listen:
+        _Listener(description, factory).setServiceParent(top)
+    return top

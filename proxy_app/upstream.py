@@ -1,0 +1,536 @@
+"""
+Connecting out: the one seam through which every outbound connection is
+made, the upstream HTTP/1.1 client protocol, its connection pool, and the
+upstream leg of CONNECT tunnels.
+
+The seam, L{Connector}, takes only addresses from a
+L{proxy_app.resolver.VettedDestination}.  It refuses anything that is not an
+IP literal, so no host name can reach C{connectTCP} by any path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attr
+import h11
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import (
+    ConnectingCancelledError,
+)
+from twisted.internet.error import (
+    TimeoutError as ConnectTimeoutError,
+)
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from proxy_app.reasons import ProxyError, Reason
+from proxy_app.resolver import VettedDestination, hostPort
+
+log = Logger()
+
+
+class Connector:
+    """
+    Opens TCP connections to vetted addresses.
+
+    @ivar reactor: provides C{IReactorTCP} and C{IReactorTime}.
+    @ivar timeout: the connect timeout in seconds.
+    @ivar bindAddress: an optional local C{(host, port)} to connect from.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        timeout: float,
+        bindAddress: tuple[str, int] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.bindAddress = bindAddress
+
+    def connectAddress(self, address: str, port: int, factory: Factory) -> Deferred:
+        """
+        Connect to one IP address.
+
+        @raise ValueError: if C{address} is not an IP literal; the proxy
+            never connects to a name.
+        """
+        if isIPAddress(address):
+            endpointType: Any = TCP4ClientEndpoint
+        elif isIPv6Address(address):
+            endpointType = TCP6ClientEndpoint
+        else:
+            raise ValueError(f"refusing to connect to non-address {address!r}")
+        endpoint = endpointType(
+            self.reactor, address, port, timeout=self.timeout, bindAddress=self.bindAddress
+        )
+        return endpoint.connect(factory)
+
+    def connect(self, destination: VettedDestination, factory: Factory) -> Deferred:
+        """
+        Connect to the first of C{destination}'s vetted addresses that
+        accepts, in order.
+
+        @return: a L{Deferred} firing with the connected protocol, or failing
+            with a L{ProxyError}: 1004 for a timeout, 1006 otherwise.
+        """
+        addresses = list(destination.addresses)
+        result: Deferred = Deferred(lambda d: attempt.cancel())
+        attempt: Deferred
+
+        def tryNext(failure: Failure | None) -> None:
+            nonlocal attempt
+            address = addresses.pop(0)
+            attempt = self.connectAddress(address, destination.port, factory)
+            attempt.addCallbacks(result.callback, failed, errbackArgs=(address,))
+
+        def failed(failure: Failure, address: str) -> None:
+            if failure.check(ConnectingCancelledError) and result.called:
+                return
+            if addresses and not failure.check(ConnectingCancelledError):
+                log.info(
+                    "Connecting to {address} for {host} failed ({error}); trying the next address",
+                    address=address,
+                    host=destination.host,
+                    error=failure.getErrorMessage(),
+                )
+                tryNext(failure)
+                return
+            result.errback(connectError(failure, destination.host, address, destination.port, self.timeout))
+
+        tryNext(None)
+        return result
+
+
+def connectError(failure: Failure, host: str, address: str, port: int, timeout: float) -> Failure:
+    """
+    Translate a connection failure into the L{ProxyError} the client sees.
+    """
+    if failure.check(ProxyError):
+        return failure
+    where = hostPort(host, port)
+    if failure.check(ConnectTimeoutError):
+        return Failure(
+            ProxyError(
+                Reason.UPSTREAM_TIMEOUT,
+                f"Connecting to {where} ({address}) timed out after {timeout:g} s",
+            )
+        )
+    return Failure(
+        ProxyError(
+            Reason.CONNECT_FAILED,
+            f"TCP connection to {where} ({address}) failed: {_describe(failure)}",
+        )
+    )
+
+
+def _describe(failure: Failure) -> str:
+    # ConnectionRefusedError's message is "Connection was refused by other
+    # side: 111: Connection refused." -- keep the part a person reads.
+    text = failure.getErrorMessage()
+    return text.rstrip(".").split(": ")[-1] or failure.value.__class__.__name__
+
+
+class Timer:
+    """
+    One restartable timeout on an injected clock.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float, onTimeout: Callable[[], None]) -> None:
+        self._clock = clock
+        self.seconds = seconds
+        self._onTimeout = onTimeout
+        self._call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        """
+        Start the timer, or restart it from now if it is running.
+        """
+        if self._call is not None and self._call.active():
+            self._call.reset(self.seconds)
+        else:
+            self._call = self._clock.callLater(self.seconds, self._fire)
+
+    def cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _fire(self) -> None:
+        self._call = None
+        self._onTimeout()
+
+
+# Request headers and response headers that belong to one hop, never to be
+# passed on.  Transfer-Encoding is re-created from the body's framing.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def endToEndHeaders(
+    headers: h11._headers.Headers, extraDrop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """
+    The headers of a message less the hop-by-hop ones, C{Connection}'s
+    named ones and C{extraDrop}, keeping the sender's casing and order.
+    """
+    drop = set(HOP_BY_HOP)
+    drop.update(extraDrop)
+    for name, value in headers:
+        if name == b"connection":
+            drop.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    result = []
+    for raw, value in headers.raw_items():
+        name = raw.lower()
+        if name not in drop and not name.startswith(b"x-whsentry-"):
+            result.append((raw, value))
+    return result
+
+
+def framingHeaders(headers: h11._headers.Headers) -> list[tuple[bytes, bytes]]:
+    """
+    The framing the sender used, to be repeated on the next hop: its
+    C{Content-Length}, or C{Transfer-Encoding: chunked}.
+    """
+    for name, _value in headers:
+        if name == b"transfer-encoding":
+            return [(b"Transfer-Encoding", b"chunked")]
+    for name, value in headers:
+        if name == b"content-length":
+            return [(b"Content-Length", value)]
+    return []
+
+
+class IResponseSink:
+    """
+    What an L{UpstreamHTTP} reports a response to (documentation only;
+    implemented by L{proxy_app.server.ForwardExchange}).
+    """
+
+    def upstreamInformational(self, event: h11.InformationalResponse) -> None: ...
+    def upstreamResponse(self, event: h11.Response) -> None: ...
+    def upstreamData(self, data: bytes) -> None: ...
+    def upstreamDone(self) -> None: ...
+    def upstreamFailed(self, error: ProxyError) -> None: ...
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class PoolKey:
+    """
+    What two requests must share to share an upstream connection: the
+    vetted address and port, and (for TLS) the server name and client
+    identity.
+    """
+
+    address: str
+    port: int
+    tls: Any = None
+
+
+class UpstreamHTTP(Protocol):
+    """
+    One HTTP/1.1 connection to an origin, carrying one request at a time
+    and kept in the L{UpstreamPool} between requests.
+    """
+
+    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
+        self.pool = pool
+        self.key = key
+        self._conn = h11.Connection(h11.CLIENT)
+        self.sink: Any = None
+        self.reused = False
+        self.responseStarted = False
+        self._idle = Timer(pool.clock, pool.readTimeout, self._idleTimeout)
+        self._lifetime = Timer(pool.clock, pool.lifetime, self._lifetimeExpired)
+        self.bytesSent = 0
+        self.bytesReceived = 0
+
+    def connectionMade(self) -> None:
+        self._lifetime.start()
+
+    # Sending the request.
+
+    def sendRequest(self, sink: Any, event: h11.Request) -> None:
+        """
+        Send a request head; the response is reported to C{sink}.
+        """
+        self.sink = sink
+        self.responseStarted = False
+        self._idle.start()
+        self._write(self._conn.send(event))
+
+    def sendData(self, data: bytes) -> None:
+        self._write(self._conn.send(h11.Data(data=data)))
+
+    def sendEnd(self) -> None:
+        self._write(self._conn.send(h11.EndOfMessage()))
+
+    def _write(self, data: bytes | None) -> None:
+        if data:
+            self.bytesSent += len(data)
+            self.transport.write(data)
+
+    # Receiving the response.
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesReceived += len(data)
+        if self.sink is None:
+            # An idle pooled connection has nothing to say; whatever it
+            # sends makes it unusable.
+            self.transport.loseConnection()
+            return
+        self._idle.start()
+        self._conn.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        while self.sink is not None:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as e:
+                self._fail(
+                    ProxyError(
+                        Reason.CONNECT_FAILED,
+                        f"Invalid HTTP response from {hostPort(self.key.address, self.key.port)}: {e}",
+                    )
+                )
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            sink = self.sink
+            if isinstance(event, h11.InformationalResponse):
+                sink.upstreamInformational(event)
+            elif isinstance(event, h11.Response):
+                self.responseStarted = True
+                sink.upstreamResponse(event)
+            elif isinstance(event, h11.Data):
+                sink.upstreamData(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._idle.cancel()
+                self.sink = None
+                sink.upstreamDone()
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+    def finished(self) -> None:
+        """
+        The exchange is over: return the connection to the pool if both
+        sides left it reusable, else close it.
+        """
+        self.sink = None
+        self._idle.cancel()
+        if (
+            self.transport is not None
+            and self._conn.our_state is h11.DONE
+            and self._conn.their_state is h11.DONE
+        ):
+            self._conn.start_next_cycle()
+            self.reused = True
+            self.pool.release(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _fail(self, error: ProxyError) -> None:
+        sink, self.sink = self.sink, None
+        self.abort()
+        if sink is not None:
+            sink.upstreamFailed(error)
+
+    def _idleTimeout(self) -> None:
+        if self.sink is None:
+            # Idle in the pool for as long as the read timeout: let it go.
+            self.transport.loseConnection()
+            return
+        self._fail(
+            ProxyError(
+                Reason.UPSTREAM_TIMEOUT,
+                f"{hostPort(self.key.address, self.key.port)} sent nothing for {self._idle.seconds:g} s (read timeout)",
+            )
+        )
+
+    def _lifetimeExpired(self) -> None:
+        if self.sink is None:
+            self.transport.loseConnection()
+            return
+        self._fail(
+            ProxyError(
+                Reason.UPSTREAM_TIMEOUT,
+                f"The connection to {hostPort(self.key.address, self.key.port)} exceeded its lifetime of {self._lifetime.seconds:g} s",
+            )
+        )
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._idle.cancel()
+        self._lifetime.cancel()
+        self.pool.forget(self)
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        # A close is how an HTTP/1.0-style response ends; anything else
+        # cut the response short.
+        try:
+            self._conn.receive_data(b"")
+            self.sink = sink
+            self._process()
+            if self.sink is None:
+                return
+        except h11.RemoteProtocolError:
+            pass
+        self.sink = None
+        sink.upstreamFailed(
+            ProxyError(
+                Reason.CONNECT_FAILED,
+                f"The connection to {hostPort(self.key.address, self.key.port)} closed before the response was complete",
+            )
+        )
+
+
+class UpstreamPool:
+    """
+    Persistent upstream connections, kept idle between requests and keyed
+    by L{PoolKey}, so that a request reuses a connection only to the very
+    address (and TLS identity) it was vetted for.
+
+    @ivar maxIdlePerKey: how many idle connections to keep for one key.
+    """
+
+    def __init__(
+        self,
+        connector: Connector,
+        clock: IReactorTime,
+        readTimeout: float,
+        lifetime: float,
+        maxIdlePerKey: int = 8,
+    ) -> None:
+        self.connector = connector
+        self.clock = clock
+        self.readTimeout = readTimeout
+        self.lifetime = lifetime
+        self.maxIdlePerKey = maxIdlePerKey
+        self._idle: dict[PoolKey, list[UpstreamHTTP]] = {}
+
+    def acquire(self, destination: VettedDestination, tls: Any = None) -> Deferred:
+        """
+        Get a connection to one of C{destination}'s addresses: an idle one
+        from the pool if there is one, else a new one.
+
+        @return: a L{Deferred} firing with an L{UpstreamHTTP}.
+        """
+        for address in destination.addresses:
+            idle = self._idle.get(PoolKey(address, destination.port, tls))
+            if idle:
+                connection = idle.pop()
+                connection._idle.cancel()
+                return succeed(connection)
+        # The factory learns the address only once connected; the key is
+        # fixed up then.
+        holder = _KeyedFactory(self, destination.port, tls)
+        return self.connector.connect(destination, holder)
+
+    def release(self, connection: UpstreamHTTP) -> None:
+        """
+        Keep an idle connection for reuse, up to C{maxIdlePerKey}.
+        """
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) >= self.maxIdlePerKey:
+            connection.transport.loseConnection()
+            return
+        idle.append(connection)
+        connection.transport.resumeProducing()
+        connection._idle.start()
+
+    def forget(self, connection: UpstreamHTTP) -> None:
+        idle = self._idle.get(connection.key)
+        if idle and connection in idle:
+            idle.remove(connection)
+            if not idle:
+                del self._idle[connection.key]
+
+    def closeIdle(self) -> None:
+        """
+        Close every idle connection (on shutdown).
+        """
+        for connections in list(self._idle.values()):
+            for connection in list(connections):
+                connection.transport.loseConnection()
+
+    def idleCount(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+
+class _KeyedFactory(Factory):
+    """
+    Builds an L{UpstreamHTTP} whose pool key names the address actually
+    connected to.
+    """
+
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, port: int, tls: Any) -> None:
+        self.pool = pool
+        self.port = port
+        self.tls = tls
+
+    def buildProtocol(self, addr: Any) -> UpstreamHTTP:
+        return UpstreamHTTP(self.pool, PoolKey(addr.host, self.port, self.tls))
+
+
+@implementer(IHalfCloseableProtocol)
+class UpstreamTunnel(Protocol):
+    """
+    The upstream leg of a CONNECT tunnel: bytes from the origin go straight
+    to the client's transport.
+
+    @ivar peer: the client-side protocol, with C{tunnelData(bytes)},
+        C{tunnelReadClosed()} and C{tunnelLost(reason)}.
+    """
+
+    peer: Any = None
+    bytesReceived = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesReceived += len(data)
+        self.peer.upstreamTunnelData(data)
+
+    def readConnectionLost(self) -> None:
+        self.peer.upstreamTunnelReadClosed()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.peer is not None:
+            self.peer.upstreamTunnelLost(reason)
+
+
+class UpstreamTunnelFactory(Factory):
+    protocol = UpstreamTunnel
+    noisy = False

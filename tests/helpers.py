@@ -1,0 +1,133 @@
+"""
+Fakes and builders shared by the proxy's in-memory tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
+
+from proxy_app.config import Config
+from proxy_app.interfaces import IDestinationResolver
+from proxy_app.observe import AccessLog
+from proxy_app.resolver import VettedDestination
+from proxy_app.server import ProxyFactory, ProxyProtocol
+from proxy_app.upstream import Connector
+
+
+@implementer(IDestinationResolver)
+class FakeDestinationResolver:
+    """
+    Vets destinations from a table: C{answers[host]} is a list of addresses,
+    an exception to fail with, or missing (the lookup never finishes).
+    """
+
+    def __init__(self, answers: dict[str, Any] | None = None) -> None:
+        self.answers = dict(answers or {})
+        self.calls: list[tuple[str, int]] = []
+        self.pending: list[Deferred] = []
+        self.cancelled: list[tuple[str, int]] = []
+
+    def vet(self, host: str, port: int) -> Deferred:
+        self.calls.append((host, port))
+        answer = self.answers.get(host)
+        if isinstance(answer, Exception):
+            return fail(answer)
+        if answer is None:
+            d: Deferred = Deferred(lambda d: self.cancelled.append((host, port)))
+            self.pending.append(d)
+            return d
+        return succeed(VettedDestination(host, port, tuple(answer)))
+
+
+class HalfCloseStringTransport(StringTransport):
+    """
+    A L{StringTransport} that records half-closes.
+    """
+
+    writeClosed = False
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+@attr.s(auto_attribs=True)
+class Harness:
+    """
+    A proxy factory on a memory reactor, with one client connected.
+    """
+
+    reactor: MemoryReactorClock
+    resolver: FakeDestinationResolver
+    factory: ProxyFactory
+    protocol: ProxyProtocol
+    client: HalfCloseStringTransport
+    access: list[dict[str, Any]]
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def connectUpstream(self, index: int = -1) -> tuple[Any, HalfCloseStringTransport]:
+        """
+        Complete the C{index}th outbound connection attempt.
+
+        @return: the protocol the reactor would drive (Twisted's endpoint
+            wrapper around ours) and its transport.
+        """
+        host, port, factory, timeout, bindAddress = self.reactor.tcpClients[index]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = HalfCloseStringTransport(
+            peerAddress=IPv4Address("TCP", host, port)
+        )
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def failUpstream(self, reason: Exception, index: int = -1) -> None:
+        connector = self.reactor.connectors[index]
+        factory = self.reactor.tcpClients[index][2]
+        factory.clientConnectionFailed(connector, _failure(reason))
+
+
+def _failure(reason: Exception) -> Any:
+    from twisted.python.failure import Failure
+
+    return Failure(reason)
+
+
+def makeHarness(
+    answers: dict[str, Any] | None = None, config: Config | None = None
+) -> Harness:
+    reactor = MemoryReactorClock()
+    resolver = FakeDestinationResolver(
+        {"origin.example": ["203.0.113.10"]} if answers is None else answers
+    )
+    config = config or Config()
+    accessLog = AccessLog(None)
+    access: list[dict[str, Any]] = []
+    accessLog.publisher.addObserver(access.append)
+    factory = ProxyFactory(
+        config, resolver, reactor, Connector(reactor, config.timeouts.connect), accessLog
+    )
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    client = HalfCloseStringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(client)
+    return Harness(reactor, resolver, factory, protocol, client, access)
+
+
+def parseResponse(data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """
+    Split one response into status, lower-cased headers and the rest.
+    """
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, rest

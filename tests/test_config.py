@@ -1,0 +1,248 @@
+"""
+Tests for L{proxy_app.config} and the command line of L{proxy_app.tap}.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy_app import config
+from proxy_app.config import Config, ConfigError
+from proxy_app.tap import Options, selfAddresses
+
+
+class LoadTests(SynchronousTestCase):
+    """
+    Merging flags, environment, file and defaults.
+    """
+
+    def writeConfig(self, text: str) -> str:
+        path = FilePath(self.mktemp())
+        path.setContent(text.encode("utf-8"))
+        return path.path
+
+    def test_defaults(self) -> None:
+        """
+        With nothing given, the defaults are webhook-sentry's.
+        """
+        loaded = config.load({}, {})
+        self.assertEqual(loaded, Config())
+        self.assertEqual(loaded.listen, ("tcp:9090:interface=127.0.0.1",))
+        self.assertEqual(
+            (
+                loaded.timeouts.connect,
+                loaded.timeouts.read,
+                loaded.timeouts.lifetime,
+                loaded.timeouts.dns,
+                loaded.timeouts.request_header,
+            ),
+            (10.0, 10.0, 60.0, 5.0, 10.0),
+        )
+        self.assertEqual(loaded.limits.max_response_body, 1048576)
+        self.assertEqual(loaded.limits.max_request_header, 65536)
+        self.assertEqual((loaded.access_log.file, loaded.access_log.format), ("-", "text"))
+
+    def test_precedence(self) -> None:
+        """
+        A flag beats the environment, which beats the file, which beats the
+        default.
+        """
+        path = self.writeConfig(
+            "timeouts:\n  connect: 1\n  read: 2\n  lifetime: 3\n"
+        )
+        loaded = config.load(
+            {"connect-timeout": "7"},
+            {"EGRESSPROXY_CONNECT_TIMEOUT": "8", "EGRESSPROXY_READ_TIMEOUT": "9"},
+            path,
+        )
+        self.assertEqual(
+            (loaded.timeouts.connect, loaded.timeouts.read, loaded.timeouts.lifetime, loaded.timeouts.dns),
+            (7.0, 9.0, 3.0, 5.0),
+        )
+
+    def test_configFromEnvironment(self) -> None:
+        """
+        EGRESSPROXY_CONFIG names the file when --config is not given.
+        """
+        path = self.writeConfig("limits:\n  max_response_body: 2MiB\n")
+        loaded = config.load({}, {"EGRESSPROXY_CONFIG": path})
+        self.assertEqual(loaded.limits.max_response_body, 2 * 1024 * 1024)
+
+    def test_repeatable(self) -> None:
+        """
+        A repeatable option is a list in YAML, a comma-separated list in the
+        environment, and many flags on the command line.
+        """
+        path = self.writeConfig("listen:\n  - tcp:1\n  - tcp:2\n")
+        self.assertEqual(config.load({}, {}, path).listen, ("tcp:1", "tcp:2"))
+        self.assertEqual(
+            config.load({}, {"EGRESSPROXY_LISTEN": "tcp:3, tcp:4"}).listen, ("tcp:3", "tcp:4")
+        )
+        self.assertEqual(config.load({"listen": ["tcp:5"]}, {}, path).listen, ("tcp:5",))
+
+    def test_units(self) -> None:
+        """
+        Durations take webhook-sentry's units and sizes take binary and
+        decimal units.
+        """
+        self.assertEqual(config.seconds("500ms"), 0.5)
+        self.assertEqual(config.seconds("1m"), 60.0)
+        self.assertEqual(config.seconds(2), 2.0)
+        self.assertEqual(config.size("64KiB"), 65536)
+        self.assertEqual(config.size("1MB"), 1000000)
+        self.assertRaises(ValueError, config.seconds, "0")
+        self.assertRaises(ValueError, config.seconds, True)
+        self.assertRaises(ValueError, config.size, "-1")
+
+    def test_badValueNamesSource(self) -> None:
+        """
+        A bad value's error names where it came from, the value and what was
+        expected.
+        """
+        path = self.writeConfig("timeouts:\n  connect: soon\n")
+        cases = [
+            ({"connect-timeout": "abc"}, {}, None, "--connect-timeout = 'abc': expected a duration"),
+            ({}, {"EGRESSPROXY_CONNECT_TIMEOUT": "abc"}, None, "EGRESSPROXY_CONNECT_TIMEOUT = 'abc'"),
+            ({}, {}, path, f"timeouts.connect in {path} = 'soon'"),
+            ({"access-log-format": "xml"}, {}, None, "expected one of text, json"),
+        ]
+        for flags, environ, configPath, expected in cases:
+            with self.assertRaises(ConfigError) as raised:
+                config.load(flags, environ, configPath)
+            self.assertIn(expected, str(raised.exception))
+            self.assertNotIn("\n", str(raised.exception))
+
+    def test_unknownKeys(self) -> None:
+        """
+        Unknown keys, at the top or in a section, are errors naming them.
+        """
+        for text, expected in [
+            ("timeout:\n  connect: 1\n", "timeout in"),
+            ("timeouts:\n  conect: 1\n", "timeouts.conect in"),
+        ]:
+            with self.assertRaises(ConfigError) as raised:
+                config.load({}, {}, self.writeConfig(text))
+            self.assertIn(expected, str(raised.exception))
+            self.assertIn("unknown key", str(raised.exception))
+
+    def test_badFiles(self) -> None:
+        """
+        A missing file, invalid YAML, or a file that is not a mapping are
+        errors naming the file.
+        """
+        for path, expected in [
+            ("/nonexistent/egressproxy.yaml", "cannot read it"),
+            (self.writeConfig("a: [1, 2\n"), "not valid YAML"),
+            (self.writeConfig("- 1\n"), "expected a mapping"),
+        ]:
+            with self.assertRaises(ConfigError) as raised:
+                config.load({}, {}, path)
+            self.assertIn(expected, str(raised.exception))
+
+    def test_everyFieldDocumented(self) -> None:
+        """
+        Every key, flag and environment variable appears in
+        docs/configuration.md, and every key in etc/egressproxy.yaml.
+        """
+        root = FilePath(__file__).parent().parent()
+        doc = root.descendant(["docs", "configuration.md"]).getContent().decode("utf-8")
+        sample = root.descendant(["etc", "egressproxy.yaml"]).getContent().decode("utf-8")
+        for field in config.fields():
+            self.assertIn(f"`{field.key}`", doc)
+            self.assertIn(f"`--{field.setting.flag}`", doc)
+            self.assertIn(f"`{field.setting.envvar}`", doc)
+            self.assertIn(f"{field.name}:", sample)
+
+    def test_sampleConfigLoads(self) -> None:
+        """
+        The sample configuration loads without error.
+        """
+        root = FilePath(__file__).parent().parent()
+        config.load({}, {}, root.descendant(["etc", "egressproxy.yaml"]).path)
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    The twistd command line.
+    """
+
+    def parse(self, argv: list[str], environ: dict[str, str] | None = None) -> Options:
+        options = Options(environ=environ or {})
+        options.parseOptions(argv)
+        return options
+
+    def test_flags(self) -> None:
+        """
+        Flags, repeatable ones included, end up in the merged configuration.
+        """
+        options = self.parse(
+            [
+                "--listen", "tcp:9091:interface=127.0.0.1",
+                "--listen", "tcp6:9091:interface=\\:\\:1",
+                "--max-response-body", "10",
+                "--allow-range", "127.0.0.2/32",
+            ]
+        )
+        self.assertEqual(
+            options.config.listen,
+            ("tcp:9091:interface=127.0.0.1", "tcp6:9091:interface=\\:\\:1"),
+        )
+        self.assertEqual(options.config.limits.max_response_body, 10)
+        self.assertEqual(options.config.destinations.allow_ranges, ("127.0.0.2/32",))
+
+    def assertOneLineExit(self, argv: list[str], expected: str) -> None:
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as raised:
+            self.parse(argv)
+        self.assertNotEqual(raised.exception.code, 0)
+        output = stderr.getvalue()
+        self.assertEqual(output.count("\n"), 1, output)
+        self.assertTrue(output.startswith("egressproxy: "), output)
+        self.assertIn(expected, output)
+
+    def test_badValueOneLine(self) -> None:
+        """
+        A bad flag value stops with one line naming flag and value, and a
+        non-zero status.
+        """
+        self.assertOneLineExit(["--read-timeout", "never"], "--read-timeout = 'never'")
+
+    def test_unknownFlagOneLine(self) -> None:
+        """
+        An unknown flag stops with one line naming it.
+        """
+        self.assertOneLineExit(["--conect-timeout", "1"], "--conect-timeout")
+
+    def test_badEndpointOneLine(self) -> None:
+        """
+        An endpoint description Twisted cannot parse stops with one line.
+        """
+        self.assertOneLineExit(["--listen", "tcp:abc"], "listen = 'tcp:abc'")
+
+    def test_badRangeOneLine(self) -> None:
+        """
+        An invalid CIDR range stops with one line naming the key.
+        """
+        self.assertOneLineExit(["--deny-range", "10.0.0.0/33"], "destinations.deny_ranges")
+
+    def test_selfAddresses(self) -> None:
+        """
+        The proxy's own listening addresses are derived from its endpoint
+        descriptions, wildcards as empty hosts.
+        """
+        self.assertEqual(
+            selfAddresses(
+                [
+                    "tcp:9090:interface=127.0.0.1",
+                    "tcp6:port=9091:interface=\\:\\:1",
+                    "tcp:9092",
+                    "unix:/tmp/sock",
+                ]
+            ),
+            [("127.0.0.1", 9090), ("::1", 9091), ("", 9092)],
+        )
