@@ -384,8 +384,9 @@ def _sections() -> Iterator[tuple[str, type]]:
     of another attrs class.
     """
     for a in attr.fields(Config):
-        if isinstance(a.default, attr.Factory) and attr.has(a.default.factory):
-            yield a.name, a.default.factory
+        default: Any = a.default
+        if isinstance(default, attr.Factory) and attr.has(default.factory):  # type: ignore[arg-type]
+            yield a.name, default.factory
 
 
 def fields() -> list[Field]:

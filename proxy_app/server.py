@@ -113,6 +113,7 @@ class ProxyFactory(Factory):
         self.accessLog = accessLog
         self.connections: set[ProxyProtocol] = set()
         self.draining = False
+        self._drained: Deferred | None = None
         self._idPrefix = os.urandom(4).hex()
         self._counter = 0
 
@@ -127,15 +128,28 @@ class ProxyFactory(Factory):
         self._counter += 1
         return f"{self._idPrefix}-{self._counter:08x}"
 
-    def drain(self) -> None:
+    def drain(self) -> Deferred:
         """
         Stop taking new requests: idle keep-alive connections close now,
         busy ones after their current exchange.
+
+        @return: a L{Deferred} that fires once no client connection is left.
         """
         self.draining = True
+        self._drained = Deferred()
         for connection in list(self.connections):
             connection.drain()
         self.pool.closeIdle()
+        self._checkDrained()
+        return self._drained
+
+    def connectionClosed(self, connection: ProxyProtocol) -> None:
+        self.connections.discard(connection)
+        self._checkDrained()
+
+    def _checkDrained(self) -> None:
+        if self._drained is not None and not self.connections and not self._drained.called:
+            self._drained.callback(None)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -144,6 +158,9 @@ class ProxyProtocol(Protocol):
     One client connection: a sequence of forwarded requests, possibly ending
     in a CONNECT tunnel.
     """
+
+    # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
+    transport: Any
 
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
@@ -154,7 +171,7 @@ class ProxyProtocol(Protocol):
         self._headerTimer = Timer(
             factory.clock, config.timeouts.request_header, self._headerTimeout
         )
-        self.exchange: ForwardExchange | ConnectExchange | None = None
+        self.exchange: _Exchange | None = None
         self.tunnel: ConnectExchange | None = None
         self._waiting = False
         self._bytesThisCycle = 0
@@ -198,10 +215,10 @@ class ProxyProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._headerTimer.cancel()
-        self.factory.connections.discard(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.clientLost(reason)
+        self.factory.connectionClosed(self)
 
     # Request parsing.
 
@@ -294,8 +311,9 @@ class ProxyProtocol(Protocol):
             else:
                 exchange = ForwardExchange(self, request, parseAbsoluteTarget(request.target))
         except ProxyError as error:
-            self.exchange = _Refused(self, request, error)
-            self.exchange.start()
+            refused = _Refused(self, request, error)
+            self.exchange = refused
+            refused.start()
             return
         self.exchange = exchange
         self._waiting = True
@@ -476,7 +494,7 @@ class _Exchange:
         self._pending = None
         if failure.check(CancelledError) or self._finished:
             return
-        if failure.check(ProxyError):
+        if isinstance(failure.value, ProxyError):
             error = failure.value
         else:
             log.failure("Unexpected error setting up {url}", failure, url=self.url)

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -143,7 +143,9 @@ def selfAddresses(descriptions: Sequence[str]) -> list[tuple[str, int]]:
         positional = [p for p in parts[1:] if "=" not in p]
         keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
         port = keywords.get("port") or (positional[0] if positional else "")
-        if not port.isdigit():
+        if not port.isdigit() or int(port) == 0:
+            # Port 0 is chosen by the kernel at bind time; there is nothing
+            # to match yet.
             continue
         result.append((keywords.get("interface", ""), int(port)))
     return result
@@ -162,29 +164,31 @@ class ProxyService(Service):
     def stopService(self) -> Deferred:
         super().stopService()
         factory = self.factory
-        factory.drain()
-        if not factory.connections:
-            return succeed(None)
+        drained = factory.drain()
+        if drained.called:
+            return drained
         log.info(
             "Draining {count} connection(s) for up to {seconds:g} s",
             count=len(factory.connections),
             seconds=factory.config.timeouts.drain,
         )
-        done: Deferred = Deferred()
 
-        def check() -> None:
-            if not factory.connections or self.clock.seconds() >= deadline:
-                for connection in list(factory.connections):
-                    connection.abort()
-                poll.cancel() if poll.active() else None
-                if not done.called:
-                    done.callback(None)
-                return
-            poll.reset(0.1)
+        def cut() -> None:
+            log.info(
+                "Drain time is up: cutting {count} connection(s)",
+                count=len(factory.connections),
+            )
+            for connection in list(factory.connections):
+                connection.abort()
 
-        deadline = self.clock.seconds() + factory.config.timeouts.drain
-        poll = self.clock.callLater(0.1, check)
-        return done
+        deadline = self.clock.callLater(factory.config.timeouts.drain, cut)
+
+        def done(result: object) -> object:
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        return drained.addBoth(done)
 
 
 class _Listener(Service):
@@ -193,9 +197,9 @@ class _Listener(Service):
     naming the endpoint, instead of a traceback.
     """
 
-    def __init__(self, description: str, factory: ProxyFactory) -> None:
+    def __init__(self, description: str, factory: ProxyFactory, reactor: Any) -> None:
         self.description = description
-        self._service = strports.service(description, factory)
+        self._service = strports.service(description, factory, reactor=reactor)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -254,5 +258,5 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     ProxyService(factory, reactor).setServiceParent(top)
     for description in config.listen:
-        _Listener(description, factory).setServiceParent(top)
+        _Listener(description, factory, reactor).setServiceParent(top)
     return top

@@ -255,6 +255,9 @@ class UpstreamHTTP(Protocol):
     and kept in the L{UpstreamPool} between requests.
     """
 
+    # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
+    transport: Any
+
     def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
         self.pool = pool
         self.key = key
@@ -515,6 +518,7 @@ class UpstreamTunnel(Protocol):
 
     peer: Any = None
     bytesReceived = 0
+    transport: Any
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesReceived += len(data)

@@ -1,0 +1,143 @@
+"""
+Tests for L{proxy_app.tap}: building the service, draining on stop, and the
+access log's formats.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.application.service import IServiceCollection, IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy_app.config import Config, Timeouts
+from proxy_app.observe import AccessLog
+from proxy_app.tap import Options, ProxyService, makeService
+
+from .helpers import makeHarness
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """
+    L{makeService} builds the proxy from options.
+    """
+
+    def test_plugin(self) -> None:
+        """
+        The twistd plugin named egressproxy points at L{proxy_app.tap}.
+        """
+        import twisted.plugins
+
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker, twisted.plugins)}
+        self.assertIn("egressproxy", makers)
+        self.assertEqual(makers["egressproxy"].module, "proxy_app.tap")
+
+    def test_listeners(self) -> None:
+        """
+        Each --listen endpoint becomes a listener, bound on start.
+        """
+        reactor = MemoryReactorClock()
+        options = Options(environ={})
+        options.parseOptions(
+            ["--listen", "tcp:9090:interface=127.0.0.1", "--listen", "tcp:9091", "--access-log", self.mktemp()]
+        )
+        service = makeService(options, reactor=reactor)
+        self.assertTrue(IServiceCollection.providedBy(service))
+        service.privilegedStartService()
+        service.startService()
+        ports = [(port, interface) for port, _, _, interface in reactor.tcpServers]
+        self.assertEqual(ports, [(9090, "127.0.0.1"), (9091, "")])
+        service.stopService()
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    Stopping the service drains connections for a bounded time.
+    """
+
+    def test_drainWaitsForInFlight(self) -> None:
+        """
+        A request in flight when the service stops may finish; the stop
+        completes once it has, and the connection closes after the response.
+        """
+        h = makeHarness()
+        service = ProxyService(h.factory, h.reactor)
+        service.startService()
+        h.send(b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        up, _ = h.connectUpstream()
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(h.client.value().endswith(b"ok"))
+        self.assertTrue(h.client.disconnecting)
+        h.protocol.connectionLost(None)
+        self.successResultOf(stopped)
+
+    def test_drainTimeout(self) -> None:
+        """
+        What has not finished when the drain time is up is aborted.
+        """
+        h = makeHarness(config=Config(timeouts=Timeouts(read=60, lifetime=100, drain=15)))
+        service = ProxyService(h.factory, h.reactor)
+        service.startService()
+        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
+        h.connectUpstream()
+        stopped = service.stopService()
+        h.reactor.advance(h.factory.config.timeouts.drain - 1)
+        self.assertNoResult(stopped)
+        self.assertFalse(h.client.disconnecting)
+        h.reactor.advance(1.1)
+        self.assertTrue(h.client.disconnecting)
+        h.protocol.connectionLost(None)
+        self.successResultOf(stopped)
+
+    def test_idleClosesAtOnce(self) -> None:
+        """
+        An idle keep-alive connection is closed as soon as draining starts,
+        and the stop completes at once when nothing is left.
+        """
+        h = makeHarness()
+        service = ProxyService(h.factory, h.reactor)
+        service.startService()
+        stopped = service.stopService()
+        self.assertTrue(h.client.disconnecting)
+        h.protocol.connectionLost(None)
+        self.successResultOf(stopped)
+
+
+class AccessLogTests(SynchronousTestCase):
+    """
+    The access log's two formats.
+    """
+
+    def test_json(self) -> None:
+        """
+        JSON lines are one object each, with webhook-sentry's field names.
+        """
+        out = io.StringIO()
+        log = AccessLog(out, "json")
+        log.record(
+            rq_id="a-1", client_addr="127.0.0.1:1", method="GET", url="http://x/",
+            response_code=200, response_time=0.5, bytes_up=1, bytes_down=2,
+        )
+        record = json.loads(out.getvalue())
+        self.assertEqual(
+            {k: v for k, v in record.items() if k != "time"},
+            {
+                "rq_id": "a-1", "client_addr": "127.0.0.1:1", "method": "GET",
+                "url": "http://x/", "response_code": 200, "response_time": 0.5,
+                "bytes_up": 1, "bytes_down": 2,
+            },
+        )
+        self.assertIsInstance(record["time"], float)
+
+    def test_text(self) -> None:
+        """
+        Text lines are key=value pairs, quoting values with spaces.
+        """
+        out = io.StringIO()
+        AccessLog(out, "text").record(rq_id="a-1", method="GET", error="it broke", response_code=502)
+        self.assertEqual(out.getvalue(), 'rq_id=a-1 method=GET response_code=502 error="it broke"\n')
