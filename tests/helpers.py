@@ -10,6 +10,7 @@ import attr
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.names import authority, common, dns, server
 from zope.interface import implementer
 
 from proxy_app.config import Config
@@ -131,3 +132,36 @@ def parseResponse(data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
         name, _, value = line.partition(b":")
         headers[name.strip().lower()] = value.strip()
     return status, headers, rest
+
+
+class InMemoryAuthority(authority.FileAuthority):
+    """
+    An authority for one zone, from records given in memory.
+    """
+
+    def __init__(self, soa: Any, records: dict[bytes, list[Any]]) -> None:
+        common.ResolverBase.__init__(self)
+        self.soa = soa
+        self.records = records
+        self._cache = {}
+
+
+def startNameServer(reactor: Any, zone: bytes, records: dict[bytes, list[Any]]) -> Any:
+    """
+    Serve C{records} for C{zone} with twisted.names on 127.0.0.1, UDP, an
+    ephemeral port.
+
+    @return: the listening port; C{getHost().port} is its number.
+    """
+    soa = dns.Record_SOA(
+        mname=b"ns." + zone,
+        rname=b"hostmaster." + zone,
+        serial=1,
+        refresh=60,
+        retry=60,
+        expire=60,
+        minimum=60,
+    )
+    records = {zone: [soa], **records}
+    factory = server.DNSServerFactory(authorities=[InMemoryAuthority((zone, soa), records)])
+    return reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")

@@ -11,6 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.names import dns
 from twisted.trial.unittest import TestCase
 from twisted.web.client import (
     FileBodyProducer,
@@ -27,7 +28,10 @@ from proxy_app.config import Config
 from proxy_app.observe import AccessLog
 from proxy_app.resolver import SafeResolver
 from proxy_app.server import ProxyFactory
+from proxy_app.tap import Options, makeService
 from proxy_app.upstream import Connector
+
+from .helpers import startNameServer
 
 
 class Echo(Resource):
@@ -178,3 +182,196 @@ class LoopbackTests(TestCase):
         yield logged
         self.assertEqual(self.access[-1]["method"], "CONNECT")
         self.assertGreater(self.access[-1]["bytes_down"], 0)
+
+
+def freePort(host: str) -> int:
+    """
+    A TCP port free on C{host} at the moment of asking.
+    """
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class DestinationSafetyTests(TestCase):
+    """
+    The proxy as twistd builds it (L{makeService} from command-line
+    options), in front of origins on loopback addresses and a twisted.names
+    server, with only 127.0.0.2 allowed.
+    """
+
+    def setUp(self) -> None:
+        self.seen: list[bytes] = []
+        allowed = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.2")
+        self.addCleanup(allowed.stopListening)
+        self.allowedPort = allowed.getHost().port
+        # An origin on a denied address records whether anything reached it.
+        seen = self.seen
+
+        class Recorder(Echo):
+            def render(self, request):  # type: ignore[no-untyped-def]
+                seen.append(request.uri)
+                return Echo.render(self, request)
+
+        denied = reactor.listenTCP(0, Site(Recorder()), interface="127.0.0.1")
+        self.addCleanup(denied.stopListening)
+        self.deniedPort = denied.getHost().port
+
+        dns_ = startNameServer(
+            reactor,
+            b"test",
+            {
+                b"good.test": [dns.Record_A("127.0.0.2")],
+                b"bad.test": [dns.Record_A("127.0.0.1")],
+                b"mixed.test": [dns.Record_A("127.0.0.1"), dns.Record_A("127.0.0.2")],
+            },
+        )
+        self.addCleanup(dns_.stopListening)
+
+        self.proxyPort = freePort("127.0.0.1")
+        options = Options(environ={})
+        options.parseOptions(
+            [
+                "--listen", f"tcp:{self.proxyPort}:interface=127.0.0.1",
+                "--allow-range", "127.0.0.2/32",
+                # Even an explicit allow cannot open the proxy's own port.
+                "--allow-address", f"127.0.0.1:{self.proxyPort}",
+                "--nameserver", f"127.0.0.1:{dns_.getHost().port}",
+                "--access-log", self.mktemp(),
+            ]
+        )
+        service = makeService(options)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    def get(self, url: str) -> Deferred:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort)
+        return ProxyAgent(endpoint, reactor, pool=self.pool).request(b"GET", url.encode())
+
+    @inlineCallbacks
+    def assertDenied(self, url: str, address: str, rule: str = "Deny: Not Global Unicast"):  # type: ignore[no-untyped-def]
+        response = yield self.get(url)
+        body = yield readBody(response)
+        self.assertEqual(response.code, 403)
+        self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1000"])
+        self.assertIn(
+            f"The destination address ({address}) was denied by rule '{rule}'.".encode(), body
+        )
+        self.assertEqual(self.seen, [])
+
+    @inlineCallbacks
+    def test_allowedAddress(self):  # type: ignore[no-untyped-def]
+        """
+        The allowed address is reached.
+        """
+        response = yield self.get(f"http://127.0.0.2:{self.allowedPort}/ok")
+        body = yield readBody(response)
+        self.assertEqual(response.code, 200)
+        self.assertTrue(body.startswith(b"GET /ok "))
+
+    def test_deniedAddress(self):  # type: ignore[no-untyped-def]
+        """
+        127.0.0.1 is refused with 403/1000 and its origin sees nothing.
+        """
+        return self.assertDenied(f"http://127.0.0.1:{self.deniedPort}/", "127.0.0.1")
+
+    def test_deniedSpelling(self):  # type: ignore[no-untyped-def]
+        """
+        127.0.0.1 written as a decimal integer is judged as the address it
+        dials, and refused.
+        """
+        return self.assertDenied(f"http://2130706433:{self.deniedPort}/", "127.0.0.1")
+
+    @inlineCallbacks
+    def test_names(self):  # type: ignore[no-untyped-def]
+        """
+        Through --nameserver: a name resolving to the allowed address is
+        reached, one resolving to a denied address is refused, and one with
+        both answers is reached through the allowed one.
+        """
+        response = yield self.get(f"http://good.test:{self.allowedPort}/")
+        yield readBody(response)
+        self.assertEqual(response.code, 200)
+        yield self.assertDenied(f"http://bad.test:{self.deniedPort}/", "127.0.0.1")
+        response = yield self.get(f"http://mixed.test:{self.allowedPort}/mixed")
+        body = yield readBody(response)
+        self.assertEqual(response.code, 200)
+        self.assertTrue(body.startswith(b"GET /mixed "))
+
+    @inlineCallbacks
+    def test_unknownName(self):  # type: ignore[no-untyped-def]
+        """
+        A name the server does not know gets 502/1001 naming it.
+        """
+        response = yield self.get(f"http://nowhere.test:{self.allowedPort}/")
+        body = yield readBody(response)
+        self.assertEqual(response.code, 502)
+        self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1001"])
+        self.assertIn(b"nowhere.test", body)
+
+    @inlineCallbacks
+    def test_connectDenied(self):  # type: ignore[no-untyped-def]
+        """
+        CONNECT to a name resolving to a denied address is refused with
+        403/1000.
+        """
+        client = _Collect()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort), client)
+        client.transport.write(b"CONNECT bad.test:%d HTTP/1.1\r\nHost: bad.test\r\n\r\n" % self.deniedPort)
+        data = yield client.waitFor(b"\r\n\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 403 Forbidden\r\n"), data)
+        self.assertIn(b"X-WhSentry-ReasonCode: 1000", data)
+        client.transport.loseConnection()
+
+    @inlineCallbacks
+    def test_selfConnection(self):  # type: ignore[no-untyped-def]
+        """
+        The proxy refuses to connect to its own listener even where the
+        address and port are explicitly allowed.
+        """
+        yield self.assertDenied(
+            f"http://127.0.0.1:{self.proxyPort}/", "127.0.0.1", "Deny: Self Connection"
+        )
+
+
+class IPv6Tests(TestCase):
+    """
+    Listening, resolving and connecting over IPv6 loopback.
+    """
+
+    @inlineCallbacks
+    def test_ipv6(self):  # type: ignore[no-untyped-def]
+        """
+        A proxy listening on [::1] forwards to an origin on [::1] when that
+        address is allowed.
+        """
+        origin = reactor.listenTCP(0, Site(Echo()), interface="::1")
+        self.addCleanup(origin.stopListening)
+        port = freePort("::1")
+        options = Options(environ={})
+        options.parseOptions(
+            [
+                "--listen", f"tcp6:{port}:interface=\\:\\:1",
+                "--allow-address", "::1",
+                "--access-log", self.mktemp(),
+            ]
+        )
+        service = makeService(options)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        from twisted.internet.endpoints import TCP6ClientEndpoint
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = ProxyAgent(TCP6ClientEndpoint(reactor, "::1", port), reactor, pool=pool)
+        response = yield agent.request(
+            b"GET", f"http://[::1]:{origin.getHost().port}/six".encode()
+        )
+        body = yield readBody(response)
+        self.assertEqual(response.code, 200)
+        self.assertTrue(body.startswith(b"GET /six "), body)

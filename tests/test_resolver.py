@@ -20,7 +20,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.names import authority, common, dns, server
+from twisted.names import dns, server
 from twisted.names import error as names_error
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -39,6 +39,8 @@ from proxy_app.resolver import (
     makeNameResolver,
     parseNameserver,
 )
+
+from .helpers import InMemoryAuthority
 
 # Loopback addresses stand in for public ones: the policy below allows
 # exactly these, and everything else in 127/8 and 10/8 stays denied by the
@@ -1115,18 +1117,6 @@ class MakeNameResolverTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, makeNameResolver, ["dns.example"], MemoryReactorClock()
         )
-
-
-class InMemoryAuthority(authority.FileAuthority):
-    """
-    An authority for one zone, from records given in memory.
-    """
-
-    def __init__(self, soa, records) -> None:
-        common.ResolverBase.__init__(self)
-        self.soa = soa
-        self.records = records
-        self._cache = {}
 
 
 ZONE = b"example.test"
