@@ -262,6 +262,80 @@ class Limits:
     )
 
 
+def clientCertAliases(value: Any) -> tuple[tuple[str, str, str], ...]:
+    """
+    Named client certificates: in YAML a mapping C{{ALIAS: {cert: PATH,
+    key: PATH}}}; on the command line or in the environment
+    C{ALIAS=CERT:KEY}, several separated by commas.
+    """
+    expected = "expected {ALIAS: {cert: PATH, key: PATH}} or ALIAS=CERT:KEY[,...]"
+    result = []
+    if isinstance(value, dict):
+        for alias, paths in value.items():
+            if not isinstance(paths, dict) or set(paths) != {"cert", "key"}:
+                raise ValueError(expected)
+            result.append((str(alias), text(paths["cert"]), text(paths["key"])))
+    elif isinstance(value, str):
+        for item in value.split(","):
+            alias, sep, paths = item.strip().partition("=")
+            cert, sep2, key = paths.partition(":")
+            if not (sep and sep2 and alias and cert and key):
+                raise ValueError(expected)
+            result.append((alias, cert, key))
+    else:
+        raise ValueError(expected)
+    return tuple(result)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class TLS:
+    """
+    TLS origination: what destinations are verified against and which
+    client certificates are presented.
+    """
+
+    ca_bundle: str | None = setting(
+        "ca-bundle",
+        None,
+        text,
+        "PEM file of the CAs destinations are verified against, replacing "
+        "certifi's Mozilla bundle.",
+        metavar="PATH",
+    )
+    extra_ca: tuple[str, ...] = setting(
+        "extra-ca",
+        (),
+        text,
+        "PEM file of CAs trusted in addition to the bundle (repeatable).",
+        repeatable=True,
+        metavar="PATH",
+    )
+    client_cert: str | None = setting(
+        "client-cert",
+        None,
+        text,
+        "Client certificate (PEM) presented to every destination that asks "
+        "for one, unless X-WhSentry-ClientCert names another.",
+        metavar="PATH",
+    )
+    client_key: str | None = setting(
+        "client-key",
+        None,
+        text,
+        "Private key (PEM, unencrypted) of --client-cert.",
+        metavar="PATH",
+    )
+    client_certs: tuple[tuple[str, str, str], ...] = setting(
+        "client-cert-alias",
+        (),
+        clientCertAliases,
+        "Named client certificates, chosen per request with "
+        "X-WhSentry-ClientCert: ALIAS; YAML {ALIAS: {cert: PATH, key: PATH}}, "
+        "flag ALIAS=CERT:KEY[,...].",
+        metavar="ALIAS=CERT:KEY",
+    )
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class AccessLog:
     """
@@ -356,6 +430,7 @@ class Config:
     timeouts: Timeouts = attr.ib(factory=Timeouts)
     limits: Limits = attr.ib(factory=Limits)
     destinations: Destinations = attr.ib(factory=Destinations)
+    tls: TLS = attr.ib(factory=TLS)
     access_log: AccessLog = attr.ib(factory=AccessLog)
 
 
@@ -501,7 +576,8 @@ def load(
             value = _parseOne(field, flagValue, _flagSource(field))
         elif environ.get(s.envvar, "").strip():
             value = _parseOne(field, environ[s.envvar], s.envvar)
-        elif field.key in fileValues:
+        elif fileValues.get(field.key) is not None:
+            # An empty YAML value (key: or key: null) leaves the default.
             value = _parseOne(field, fileValues[field.key], f"{field.key} in {configPath}")
         else:
             continue
@@ -511,3 +587,28 @@ def load(
         name: cls(**values.get(name, {})) for name, cls in _sections()
     }
     return Config(**values.get(None, {}), **sections)
+
+
+def referenceTable() -> str:
+    """
+    The Markdown table of every setting, as C{docs/configuration.md} shows
+    it (a test keeps the two identical).
+    """
+    lines = [
+        "| key | flag | environment variable | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for field in fields():
+        default = field.default
+        if default is None or default == ():
+            shown = "(none)"
+        elif isinstance(default, tuple):
+            shown = ", ".join(default)
+        else:
+            shown = str(default)
+        doc = field.setting.doc.replace("|", "\\|")
+        lines.append(
+            f"| `{field.key}` | `--{field.setting.flag} {field.setting.metavar}` "
+            f"| `{field.setting.envvar}` | `{shown}` | {doc} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ import os
 from http import HTTPStatus
 from typing import Any
 
+import attr
 import h11
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -32,9 +33,11 @@ from proxy_app.interfaces import IDestinationResolver
 from proxy_app.observe import AccessLog
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.target import Target, parseAbsoluteTarget, parseConnectTarget
+from proxy_app.tls import Origination
 from proxy_app.upstream import (
     Connector,
     Timer,
+    TLSSettings,
     UpstreamHTTP,
     UpstreamPool,
     UpstreamTunnel,
@@ -102,8 +105,10 @@ class ProxyFactory(Factory):
         clock: Any,
         connector: Connector,
         accessLog: AccessLog,
+        origination: Origination | None = None,
     ) -> None:
         self.config = config
+        self.origination = origination
         self.resolver = resolver
         self.clock = clock
         self.connector = connector
@@ -427,15 +432,23 @@ class ProxyProtocol(Protocol):
             self.transport.loseConnection()
 
 
+def _header(headers: Any, name: bytes) -> str | None:
+    """
+    The first value of header C{name} (lower case), decoded, or L{None}.
+    """
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
 def _wantsTLS(headers: Any) -> bool:
     """
     Whether C{X-WhSentry-TLS} asks for TLS origination: any value but C{0}
     or C{false}.
     """
-    for name, value in headers:
-        if name == b"x-whsentry-tls":
-            return value.strip().lower() not in (b"0", b"false")
-    return False
+    value = _header(headers, b"x-whsentry-tls")
+    return value is not None and value.lower() not in ("0", "false")
 
 
 class _Exchange:
@@ -610,17 +623,29 @@ class ForwardExchange(_Exchange):
         self._limit = self.factory.config.limits.max_response_body
 
     def start(self) -> None:
-        assert self.target is not None
-        if self.target.scheme == "https" or _wantsTLS(self.request.headers):
-            self.fail(
-                ProxyError(
-                    Reason.BAD_SCHEME,
-                    "TLS origination (https:// targets and X-WhSentry-TLS) is "
-                    "not available in this version; use CONNECT",
-                )
+        target = self.target
+        assert target is not None
+        tls = None
+        if target.scheme == "https" or _wantsTLS(self.request.headers):
+            # X-WhSentry-TLS makes an http:// URI mean https://, default
+            # port included.
+            port = target.port if target.explicitPort else 443
+            self.target = target = attr.evolve(target, scheme="https", port=port)
+            origination = self.factory.origination
+            if origination is None:
+                self.fail(ProxyError(Reason.BAD_SCHEME, "TLS origination is not configured"))
+                return
+            try:
+                identity = origination.identity(_header(self.request.headers, b"x-whsentry-clientcert"))
+            except ProxyError as error:
+                self.fail(error)
+                return
+            tls = TLSSettings(
+                target.host,
+                identity.alias if identity is not None else None,
+                origination.creator(target.host, identity),
             )
-            return
-        self._vetAndConnect(self.factory.pool.acquire)
+        self._vetAndConnect(lambda destination: self.factory.pool.acquire(destination, tls))
 
     def _connected(self, upstream: UpstreamHTTP) -> None:
         assert self.target is not None

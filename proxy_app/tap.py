@@ -32,6 +32,12 @@ from proxy_app.config import Config, ConfigError
 from proxy_app.observe import AccessLog
 from proxy_app.resolver import SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
+from proxy_app.tls import (
+    Origination,
+    TLSConfigError,
+    loadClientIdentity,
+    loadTrustRoot,
+)
 from proxy_app.upstream import Connector
 
 log = Logger()
@@ -127,6 +133,33 @@ def validate(config: Config) -> None:
             AddressPolicy(**{kwarg: getattr(destinations, key)})
         except ValueError as e:
             raise ConfigError(f"destinations.{key}: {e}") from None
+
+
+def buildOrigination(tls: configModule.TLS) -> Origination:
+    """
+    Load the trust root and client identities for TLS origination.
+
+    @raise TLSConfigError: naming the key and file at fault.
+    """
+    if (tls.client_cert is None) != (tls.client_key is None):
+        raise TLSConfigError("client_cert and client_key must be given together")
+    try:
+        trustRoot = loadTrustRoot(tls.ca_bundle, tls.extra_ca)
+    except TLSConfigError as e:
+        raise TLSConfigError(f"ca_bundle/extra_ca: {e}") from None
+    default = None
+    if tls.client_cert is not None and tls.client_key is not None:
+        try:
+            default = loadClientIdentity("default", tls.client_cert, tls.client_key)
+        except TLSConfigError as e:
+            raise TLSConfigError(f"client_cert: {e}") from None
+    aliases = {}
+    for alias, cert, key in tls.client_certs:
+        try:
+            aliases[alias] = loadClientIdentity(alias, cert, key)
+        except TLSConfigError as e:
+            raise TLSConfigError(f"client_certs.{alias}: {e}") from None
+    return Origination(trustRoot, default, aliases)
 
 
 def selfAddresses(descriptions: Sequence[str]) -> list[tuple[str, int]]:
@@ -253,7 +286,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             f"cannot open it: {e.strerror}\n"
         )
         raise SystemExit(1) from None
-    factory = ProxyFactory(config, resolver, reactor, connector, accessLog)
+    try:
+        origination = buildOrigination(config.tls)
+    except TLSConfigError as e:
+        sys.stderr.write(f"egressproxy: tls: {e}\n")
+        raise SystemExit(1) from None
+    factory = ProxyFactory(config, resolver, reactor, connector, accessLog, origination)
 
     top = MultiService()
     ProxyService(factory, reactor).setServiceParent(top)

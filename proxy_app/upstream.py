@@ -15,9 +15,14 @@ from typing import Any
 
 import attr
 import h11
+from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import (
     ConnectingCancelledError,
 )
@@ -27,6 +32,7 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -36,6 +42,7 @@ from zope.interface import implementer
 
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination, hostPort
+from proxy_app.tls import tlsError
 
 log = Logger()
 
@@ -59,9 +66,14 @@ class Connector:
         self.timeout = timeout
         self.bindAddress = bindAddress
 
-    def connectAddress(self, address: str, port: int, factory: Factory) -> Deferred:
+    def connectAddress(
+        self, address: str, port: int, factory: Factory, tls: Any = None
+    ) -> Deferred:
         """
         Connect to one IP address.
+
+        @param tls: an C{IOpenSSLClientConnectionCreator} to speak TLS over
+            the connection, or L{None}.
 
         @raise ValueError: if C{address} is not an IP literal; the proxy
             never connects to a name.
@@ -75,9 +87,13 @@ class Connector:
         endpoint = endpointType(
             self.reactor, address, port, timeout=self.timeout, bindAddress=self.bindAddress
         )
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
         return endpoint.connect(factory)
 
-    def connect(self, destination: VettedDestination, factory: Factory) -> Deferred:
+    def connect(
+        self, destination: VettedDestination, factory: Factory, tls: Any = None
+    ) -> Deferred:
         """
         Connect to the first of C{destination}'s vetted addresses that
         accepts, in order.
@@ -92,7 +108,7 @@ class Connector:
         def tryNext(failure: Failure | None) -> None:
             nonlocal attempt
             address = addresses.pop(0)
-            attempt = self.connectAddress(address, destination.port, factory)
+            attempt = self.connectAddress(address, destination.port, factory, tls)
             attempt.addCallbacks(result.callback, failed, errbackArgs=(address,))
 
         def failed(failure: Failure, address: str) -> None:
@@ -249,18 +265,42 @@ class PoolKey:
     tls: Any = None
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class TLSSettings:
+    """
+    How to speak TLS to a destination.
+
+    @ivar host: the name sent as SNI and verified.
+    @ivar alias: the client identity's alias, or L{None}.
+    @ivar creator: the C{IOpenSSLClientConnectionCreator}.
+    """
+
+    host: str
+    alias: str | None
+    creator: Any = attr.ib(eq=False, hash=False, repr=False)
+
+
+@implementer(IHandshakeListener)
 class UpstreamHTTP(Protocol):
     """
     One HTTP/1.1 connection to an origin, carrying one request at a time
     and kept in the L{UpstreamPool} between requests.
+
+    @ivar ready: fires when the connection can carry a request: at once
+        for plain TCP, after the handshake for TLS; fails with a
+        L{ProxyError} if the connection is lost first.
     """
 
     # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
     transport: Any
 
-    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
+    def __init__(self, pool: UpstreamPool, key: PoolKey, tls: TLSSettings | None = None) -> None:
         self.pool = pool
         self.key = key
+        self.tls = tls
+        self.ready: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self._eof = False
         self._conn = h11.Connection(h11.CLIENT)
         self.sink: Any = None
         self.reused = False
@@ -272,6 +312,12 @@ class UpstreamHTTP(Protocol):
 
     def connectionMade(self) -> None:
         self._lifetime.start()
+        if self.tls is None:
+            self.ready.callback(self)
+
+    def handshakeCompleted(self) -> None:
+        if not self.ready.called:
+            self.ready.callback(self)
 
     # Sending the request.
 
@@ -313,12 +359,16 @@ class UpstreamHTTP(Protocol):
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as e:
-                self._fail(
-                    ProxyError(
-                        Reason.CONNECT_FAILED,
-                        f"Invalid HTTP response from {hostPort(self.key.address, self.key.port)}: {e}",
+                if self._eof:
+                    self._fail(self._cutShort())
+                else:
+                    self._fail(
+                        ProxyError(
+                            Reason.CONNECT_FAILED,
+                            "Invalid HTTP response from "
+                            f"{hostPort(self.key.address, self.key.port)}: {e}",
+                        )
                     )
-                )
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -394,25 +444,35 @@ class UpstreamHTTP(Protocol):
         self._idle.cancel()
         self._lifetime.cancel()
         self.pool.forget(self)
-        sink, self.sink = self.sink, None
-        if sink is None:
-            return
-        # A close is how an HTTP/1.0-style response ends; anything else
-        # cut the response short.
-        try:
-            self._conn.receive_data(b"")
-            self.sink = sink
-            self._process()
-            if self.sink is None:
-                return
-        except h11.RemoteProtocolError:
-            pass
-        self.sink = None
-        sink.upstreamFailed(
-            ProxyError(
-                Reason.CONNECT_FAILED,
-                f"The connection to {hostPort(self.key.address, self.key.port)} closed before the response was complete",
+        self.closed.callback(None)
+        if not self.ready.called:
+            where = hostPort(self.tls.host if self.tls else self.key.address, self.key.port)
+            self.ready.errback(
+                tlsError(reason, self.tls.host if self.tls else "", where, self.transport)
             )
+            return
+        if self.sink is None:
+            return
+        if self.tls is not None and not self.responseStarted and reason.check(SSL.Error):
+            # With TLS 1.3 a server refuses a client certificate (or its
+            # absence) only after the client thinks the handshake is done.
+            sink, self.sink = self.sink, None
+            where = hostPort(self.tls.host, self.key.port)
+            sink.upstreamFailed(tlsError(reason, self.tls.host, where, self.transport))
+            return
+        # A close is how a close-delimited response ends; anything else
+        # cuts the response short, which _process reports.
+        self._eof = True
+        self._conn.receive_data(b"")
+        self._process()
+        if self.sink is not None:
+            self._fail(self._cutShort())
+
+    def _cutShort(self) -> ProxyError:
+        return ProxyError(
+            Reason.CONNECT_FAILED,
+            f"The connection to {hostPort(self.key.address, self.key.port)} "
+            "closed before the response was complete",
         )
 
 
@@ -440,23 +500,44 @@ class UpstreamPool:
         self.maxIdlePerKey = maxIdlePerKey
         self._idle: dict[PoolKey, list[UpstreamHTTP]] = {}
 
-    def acquire(self, destination: VettedDestination, tls: Any = None) -> Deferred:
+    def acquire(
+        self, destination: VettedDestination, tls: TLSSettings | None = None
+    ) -> Deferred:
         """
         Get a connection to one of C{destination}'s addresses: an idle one
-        from the pool if there is one, else a new one.
+        from the pool if there is one, else a new one (its TLS handshake
+        done, if any).
 
         @return: a L{Deferred} firing with an L{UpstreamHTTP}.
         """
+        tlsKey = (tls.host, tls.alias) if tls is not None else None
         for address in destination.addresses:
-            idle = self._idle.get(PoolKey(address, destination.port, tls))
+            idle = self._idle.get(PoolKey(address, destination.port, tlsKey))
             if idle:
                 connection = idle.pop()
                 connection._idle.cancel()
                 return succeed(connection)
-        # The factory learns the address only once connected; the key is
-        # fixed up then.
-        holder = _KeyedFactory(self, destination.port, tls)
-        return self.connector.connect(destination, holder)
+        factory = _KeyedFactory(self, destination.port, tls)
+        d = self.connector.connect(
+            destination, factory, tls.creator if tls is not None else None
+        )
+        if tls is None:
+            return d
+
+        def handshake(connection: UpstreamHTTP) -> Deferred:
+            where = hostPort(tls.host, destination.port)
+            timeout = self.connector.timeout
+
+            def timedOut(result: Any, timeout: float) -> None:
+                connection.abort()
+                raise ProxyError(
+                    Reason.UPSTREAM_TIMEOUT,
+                    f"TLS handshake with {where} timed out after {timeout:g} s",
+                )
+
+            return connection.ready.addTimeout(timeout, self.clock, timedOut)
+
+        return d.addCallback(handshake)
 
     def release(self, connection: UpstreamHTTP) -> None:
         """
@@ -477,13 +558,18 @@ class UpstreamPool:
             if not idle:
                 del self._idle[connection.key]
 
-    def closeIdle(self) -> None:
+    def closeIdle(self) -> Deferred:
         """
         Close every idle connection (on shutdown).
+
+        @return: a L{Deferred} that fires when they have all closed.
         """
+        closing = []
         for connections in list(self._idle.values()):
             for connection in list(connections):
+                closing.append(connection.closed)
                 connection.transport.loseConnection()
+        return DeferredList(closing)
 
     def idleCount(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -497,13 +583,14 @@ class _KeyedFactory(Factory):
 
     noisy = False
 
-    def __init__(self, pool: UpstreamPool, port: int, tls: Any) -> None:
+    def __init__(self, pool: UpstreamPool, port: int, tls: TLSSettings | None) -> None:
         self.pool = pool
         self.port = port
         self.tls = tls
 
     def buildProtocol(self, addr: Any) -> UpstreamHTTP:
-        return UpstreamHTTP(self.pool, PoolKey(addr.host, self.port, self.tls))
+        tlsKey = (self.tls.host, self.tls.alias) if self.tls is not None else None
+        return UpstreamHTTP(self.pool, PoolKey(addr.host, self.port, tlsKey), self.tls)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import attr
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import authority, common, dns, server
 from zope.interface import implementer
@@ -55,6 +56,40 @@ class HalfCloseStringTransport(StringTransport):
 
     def loseWriteConnection(self) -> None:
         self.writeClosed = True
+
+
+@implementer(IHostnameResolver)
+class ScriptedNameResolver:
+    """
+    Answers each lookup of a name with the next answer in its script, so a
+    test can play a rebinding DNS server.
+    """
+
+    def __init__(self, scripts: dict[str, list[list[str]]]) -> None:
+        self.scripts = scripts
+        self.lookups: list[str] = []
+
+    def resolveHostName(
+        self,
+        receiver: Any,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> Any:
+        from twisted.internet._resolver import HostResolution
+
+        self.lookups.append(hostName)
+        resolution = HostResolution(hostName)
+        receiver.resolutionBegan(resolution)
+        script = self.scripts.get(hostName) or []
+        # The last answer repeats once the script is used up.
+        answers = script.pop(0) if len(script) > 1 else (script[0] if script else [])
+        for address in answers:
+            kind = IPv6Address if ":" in address else IPv4Address
+            receiver.addressResolved(kind("TCP", address, portNumber))
+        receiver.resolutionComplete()
+        return resolution
 
 
 @attr.s(auto_attribs=True)

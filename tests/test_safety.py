@@ -10,47 +10,12 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHostnameResolver
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from proxy_app.addresses import AddressPolicy
 from proxy_app.resolver import SafeResolver
 
-from .helpers import makeHarness, parseResponse
-
-
-@implementer(IHostnameResolver)
-class ScriptedNameResolver:
-    """
-    Answers each lookup of a name with the next answer in its script, so a
-    test can play a rebinding DNS server.
-    """
-
-    def __init__(self, scripts: dict[str, list[list[str]]]) -> None:
-        self.scripts = scripts
-        self.lookups: list[str] = []
-
-    def resolveHostName(
-        self,
-        receiver: Any,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Any = None,
-        transportSemantics: str = "TCP",
-    ) -> Any:
-        from twisted.internet._resolver import HostResolution
-
-        self.lookups.append(hostName)
-        resolution = HostResolution(hostName)
-        receiver.resolutionBegan(resolution)
-        answers = self.scripts[hostName].pop(0) if self.scripts.get(hostName) else []
-        for address in answers:
-            kind = IPv6Address if ":" in address else IPv4Address
-            receiver.addressResolved(kind("TCP", address, portNumber))
-        receiver.resolutionComplete()
-        return resolution
+from .helpers import ScriptedNameResolver, makeHarness, parseResponse
 
 
 def safeHarness(scripts: dict[str, list[list[str]]], **policy: Any) -> Any:
