@@ -166,14 +166,92 @@ def text(value: Any) -> str:
     return str(value).strip()
 
 
-def endpoint(value: Any) -> str:
+def splitDescription(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint description into its positional and keyword parts,
+    honouring backslash-escaped colons (C{interface=\\:\\:1}).
+    """
+    parts = [p.replace("\0", ":") for p in description.replace("\\:", "\0").split(":")]
+    positional = [p for p in parts if "=" not in p]
+    keywords = dict(p.split("=", 1) for p in parts if "=" in p)
+    return positional, keywords
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class TLSListener:
+    """
+    A TLS listener that can ask clients for certificates, which Twisted's
+    C{ssl:} endpoint description cannot.  Written in YAML as a mapping, or
+    on the command line as
+    C{mtls:PORT:cert=PATH:key=PATH[:interface=IP][:client_ca=PATH]
+    [:client_cert=required|optional][:crl=PATH]}.
+
+    @ivar clientCert: C{"required"}, C{"optional"} or C{"none"}.
+    """
+
+    port: int
+    cert: str
+    key: str
+    interface: str = ""
+    clientCA: str | None = None
+    clientCert: str = "none"
+    crl: str | None = None
+
+    @property
+    def description(self) -> str:
+        return f"mtls:{self.port}:interface={self.interface}"
+
+
+_LISTENER_KEYS = {"port", "interface", "cert", "key", "client_ca", "client_cert", "crl"}
+
+
+def _tlsListener(fields: dict[str, Any]) -> TLSListener:
+    unknown = set(fields) - _LISTENER_KEYS
+    if unknown:
+        raise ValueError(
+            f"unknown TLS listener key {sorted(unknown)[0]!r}; known: "
+            + ", ".join(sorted(_LISTENER_KEYS))
+        )
+    try:
+        port = int(fields.get("port", ""))
+    except (TypeError, ValueError):
+        raise ValueError("a TLS listener needs a port from 0 to 65535") from None
+    if not 0 <= port < 65536:
+        raise ValueError("a TLS listener needs a port from 0 to 65535")
+    for required in ("cert", "key"):
+        if not fields.get(required):
+            raise ValueError(f"a TLS listener needs {required}=PATH")
+    clientCert = choice("required", "optional", "none")(
+        fields.get("client_cert", "required" if fields.get("client_ca") else "none")
+    )
+    if clientCert != "none" and not fields.get("client_ca"):
+        raise ValueError("client_cert=required|optional needs client_ca=PATH")
+    return TLSListener(
+        port=port,
+        cert=str(fields["cert"]),
+        key=str(fields["key"]),
+        interface=str(fields.get("interface", "")),
+        clientCA=fields.get("client_ca"),
+        clientCert=clientCert,
+        crl=fields.get("crl"),
+    )
+
+
+def endpoint(value: Any) -> str | TLSListener:
     """
     A Twisted server endpoint description such as
-    C{tcp:9090:interface=127.0.0.1}.  Only its shape is checked here;
-    L{proxy_app.tap} builds the endpoint and reports what Twisted objects
-    to.
+    C{tcp:9090:interface=127.0.0.1} (only its shape is checked here;
+    L{proxy_app.tap} builds it and reports what Twisted objects to), or a
+    L{TLSListener} given as a mapping or as an C{mtls:} description.
     """
+    if isinstance(value, dict):
+        return _tlsListener(value)
     result = text(value)
+    if result.startswith("mtls:"):
+        positional, fields = splitDescription(result)
+        if len(positional) > 1:
+            fields["port"] = positional[1]
+        return _tlsListener(fields)
     if ":" not in result:
         raise ValueError(
             "expected a server endpoint description such as "
@@ -418,12 +496,14 @@ class Config:
     fields holding attrs classes are YAML sections.
     """
 
-    listen: tuple[str, ...] = setting(
+    listen: tuple[str | TLSListener, ...] = setting(
         "listen",
         ("tcp:9090:interface=127.0.0.1",),
         endpoint,
         "Endpoint the proxy listens on (repeatable), e.g. "
-        "tcp:9090:interface=127.0.0.1 or tcp6:9090:interface=\\:\\:1.",
+        "tcp:9090:interface=127.0.0.1, tcp6:9090:interface=\\:\\:1, or a TLS "
+        "listener asking for client certificates: "
+        "mtls:9443:cert=PATH:key=PATH:client_ca=PATH (see docs/tls.md).",
         repeatable=True,
         metavar="ENDPOINT",
     )

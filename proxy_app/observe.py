@@ -28,6 +28,9 @@ ACCESS_FIELDS = (
     "bytes_down",
     "reason_code",
     "error",
+    "role",
+    "client_cn",
+    "client_ou",
 )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import attr
 import h11
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -157,7 +157,7 @@ class ProxyFactory(Factory):
             self._drained.callback(None)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class ProxyProtocol(Protocol):
     """
     One client connection: a sequence of forwarded requests, possibly ending
@@ -184,6 +184,10 @@ class ProxyProtocol(Protocol):
         # read and dropped before the next request.
         self._discard: int | None = None
         self.clientAddress = ""
+        # Who the client is, from a verified TLS client certificate.
+        self.role: str | None = None
+        self.certificateCN: str | None = None
+        self.certificateOU: str | None = None
 
     # Connection events.
 
@@ -198,6 +202,19 @@ class ProxyProtocol(Protocol):
             self.transport.loseConnection()
             return
         self._headerTimer.start()
+
+    def handshakeCompleted(self) -> None:
+        """
+        A TLS listener's handshake is done: a verified client certificate's
+        subject CN becomes the role, as Smokescreen derives roles.
+        """
+        certificate = self.transport.getPeerCertificate()
+        if certificate is None:
+            return
+        subject = certificate.get_subject()
+        self.certificateCN = subject.CN
+        self.certificateOU = subject.OU
+        self.role = subject.CN
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -570,6 +587,9 @@ class _Exchange:
             bytes_down=self.bytesDown,
             reason_code=int(self.error.reason) if self.error is not None else None,
             error=error,
+            role=self.protocol.role,
+            client_cn=self.protocol.certificateCN,
+            client_ou=self.protocol.certificateOU,
         )
 
     def clientLost(self, reason: Failure | None) -> None:

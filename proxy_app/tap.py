@@ -18,17 +18,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from proxy_app import config as configModule
 from proxy_app.addresses import AddressPolicy
-from proxy_app.config import Config, ConfigError
+from proxy_app.config import Config, ConfigError, TLSListener, splitDescription
 from proxy_app.observe import AccessLog
 from proxy_app.resolver import SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
@@ -37,6 +36,7 @@ from proxy_app.tls import (
     TLSConfigError,
     loadClientIdentity,
     loadTrustRoot,
+    serverOptions,
 )
 from proxy_app.upstream import Connector
 
@@ -115,12 +115,18 @@ def validate(config: Config) -> None:
 
     if not config.listen:
         raise ConfigError("listen = []: expected at least one endpoint")
-    for description in config.listen:
+    for listener in config.listen:
+        if isinstance(listener, TLSListener):
+            try:
+                serverOptions(listener)
+            except TLSConfigError as e:
+                raise ConfigError(f"listen = {listener.description!r}: {e}") from None
+            continue
         try:
-            serverFromString(reactor, description)
+            serverFromString(reactor, listener)
         except Exception as e:
             raise ConfigError(
-                f"listen = {description!r}: not a usable endpoint description ({e})"
+                f"listen = {listener!r}: not a usable endpoint description ({e})"
             ) from None
     destinations = config.destinations
     for key, kwarg in (
@@ -162,25 +168,26 @@ def buildOrigination(tls: configModule.TLS) -> Origination:
     return Origination(trustRoot, default, aliases)
 
 
-def selfAddresses(descriptions: Sequence[str]) -> list[tuple[str, int]]:
+def selfAddresses(listeners: Sequence[str | TLSListener]) -> list[tuple[str, int]]:
     """
-    The C{(host, port)} pairs the proxy listens on, from its endpoint
-    descriptions; an empty host is a wildcard.
+    The C{(host, port)} pairs the proxy listens on, from its listeners; an
+    empty host is a wildcard.
     """
     result = []
-    for description in descriptions:
-        parts = [p.replace("\0", ":") for p in description.replace("\\:", "\0").split(":")]
-        kind = parts[0].lower()
-        if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
-            continue
-        positional = [p for p in parts[1:] if "=" not in p]
-        keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-        port = keywords.get("port") or (positional[0] if positional else "")
+    for listener in listeners:
+        if isinstance(listener, TLSListener):
+            host, port = listener.interface, str(listener.port)
+        else:
+            positional, keywords = splitDescription(listener)
+            if positional[0].lower() not in ("tcp", "tcp6", "ssl") or len(positional) + len(keywords) < 2:
+                continue
+            host = keywords.get("interface", "")
+            port = keywords.get("port") or (positional[1] if len(positional) > 1 else "")
         if not port.isdigit() or int(port) == 0:
             # Port 0 is chosen by the kernel at bind time; there is nothing
             # to match yet.
             continue
-        result.append((keywords.get("interface", ""), int(port)))
+        result.append((host, int(port)))
     return result
 
 
@@ -226,32 +233,39 @@ class ProxyService(Service):
 
 class _Listener(Service):
     """
-    A listening endpoint whose failure to bind stops start-up with one line
-    naming the endpoint, instead of a traceback.
+    One listening endpoint.  Binding happens in C{privilegedStartService},
+    and a failure to bind stops start-up with one line naming the endpoint
+    instead of a traceback.
     """
 
-    def __init__(self, description: str, factory: ProxyFactory, reactor: Any) -> None:
-        self.description = description
-        self._service = strports.service(description, factory, reactor=reactor)
+    def __init__(self, listener: str | TLSListener, factory: ProxyFactory, reactor: Any) -> None:
+        self.factory = factory
+        self.port: Any = None
+        if isinstance(listener, TLSListener):
+            self.description = listener.description
+            self.endpoint: Any = SSL4ServerEndpoint(
+                reactor, listener.port, serverOptions(listener), interface=listener.interface
+            )
+        else:
+            self.description = listener
+            self.endpoint = serverFromString(reactor, listener)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        try:
-            self._service.privilegedStartService()
-        except CannotListenError as e:
-            sys.stderr.write(
-                f"egressproxy: listen = {self.description!r}: cannot listen: "
-                f"{e.socketError or e}\n"
-            )
-            raise SystemExit(1) from None
+        results: list[Any] = []
+        self.endpoint.listen(self.factory).addBoth(results.append)
+        if not results or isinstance(results[0], Failure):
+            error = results[0].value if results else "the endpoint did not bind at once"
+            reason = getattr(error, "socketError", None) or error
+            sys.stderr.write(f"egressproxy: listen = {self.description!r}: cannot listen: {reason}\n")
+            raise SystemExit(1)
+        self.port = results[0]
 
-    def startService(self) -> None:
-        super().startService()
-        self._service.startService()
-
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred | None:
         super().stopService()
-        return self._service.stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -295,6 +309,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     top = MultiService()
     ProxyService(factory, reactor).setServiceParent(top)
-    for description in config.listen:
-        _Listener(description, factory, reactor).setServiceParent(top)
+    for listener in config.listen:
+        _Listener(listener, factory, reactor).setServiceParent(top)
     return top

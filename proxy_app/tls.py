@@ -310,3 +310,65 @@ def _certificateNames(certificate: Any) -> list[str]:
     except Exception:
         return []
     return names[:5]
+
+
+def serverOptions(listener: Any) -> ssl.CertificateOptions:
+    """
+    The TLS options of a L{proxy_app.config.TLSListener}: its certificate
+    and key, TLS 1.2 at least, and, when it asks for client certificates,
+    the CA they must chain to and the CRL they are checked against.
+
+    @raise TLSConfigError: naming the file at fault.
+    """
+    identity = loadClientIdentity("listener", listener.cert, listener.key)
+    options: dict[str, Any] = {
+        "privateKey": identity.certificate.privateKey.original,
+        "certificate": identity.certificate.original,
+        "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+    }
+    if listener.clientCert != "none":
+        authorities = [c.original for c in loadCertificates(listener.clientCA)]
+        options.update(
+            verify=True,
+            caCerts=authorities,
+            requireCertificate=listener.clientCert == "required",
+        )
+    crls = []
+    if listener.crl:
+        from cryptography import x509
+
+        try:
+            with open(listener.crl, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise TLSConfigError(f"{listener.crl!r}: cannot read it: {e.strerror}") from None
+        try:
+            crls.append(x509.load_pem_x509_crl(data))
+        except ValueError:
+            try:
+                crls.append(x509.load_der_x509_crl(data))
+            except ValueError:
+                raise TLSConfigError(f"{listener.crl!r}: not a PEM or DER CRL") from None
+    return _RevocationCheckingOptions(crls, **options)
+
+
+class _RevocationCheckingOptions(ssl.CertificateOptions):
+    """
+    Certificate options that also refuse client certificates a CRL has
+    revoked.  (Smokescreen loaded CRLs and never enforced them.)
+    """
+
+    def __init__(self, crls: list[Any], **options: Any) -> None:
+        super().__init__(**options)
+        self._crls = crls
+
+    def getContext(self) -> SSL.Context:
+        context = super().getContext()
+        if self._crls:
+            store = context.get_cert_store()
+            if store is not None:
+                for crl in self._crls:
+                    store.add_crl(crl)
+                store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+            self._crls = []
+        return context

@@ -23,7 +23,7 @@ from proxy_app.config import TLS, Config
 from proxy_app.observe import AccessLog
 from proxy_app.resolver import SafeResolver
 from proxy_app.server import ProxyFactory
-from proxy_app.tap import buildOrigination
+from proxy_app.tap import Options, buildOrigination, makeService
 from proxy_app.tls import TLSConfigError
 from proxy_app.upstream import Connector
 
@@ -40,7 +40,8 @@ class WhoAmI(Resource):
     isLeaf = True
 
     def render_GET(self, request: Any) -> bytes:
-        cert = request.channel.transport.getPeerCertificate()
+        transport = request.channel.transport
+        cert = getattr(transport, "getPeerCertificate", lambda: None)()
         cn = cert.get_subject().CN.encode() if cert is not None else b"-"
         return b"%s %s %s" % (request.uri, request.getHeader(b"host"), cn)
 
@@ -323,3 +324,123 @@ class LoadingTests(SynchronousTestCase):
         self.assertIn("/nonexistent/ca.pem", str(raised.exception))
         with self.assertRaises(TLSConfigError):
             buildOrigination(TLS(client_cert="/nonexistent/c.pem"))
+
+
+class ListenerTests(TestCase):
+    """
+    A TLS listener that requires client certificates, with a CRL: the
+    certificate's CN becomes the role.
+    """
+
+    def setUp(self) -> None:
+        self.dir = FilePath(self.mktemp())
+        self.dir.makedirs()
+        self.serverCA = Authority("server CA")
+        self.clientCA = Authority("client CA")
+        cert, key, _ = self.serverCA.issue("proxy.test", ("proxy.test", "127.0.0.1"))
+        self.write("server.pem", cert)
+        self.write("server.key", key)
+        self.write("clients.pem", self.clientCA.pem)
+        self.good = self.clientCA.issue("billing", client=True, organizationalUnit="payments")
+        self.revoked = self.clientCA.issue("mallory", client=True)
+        self.clientCA.revoked.append(self.revoked[2])
+        self.write("clients.crl", self.clientCA.crl())
+
+        origin = reactor.listenTCP(0, Site(WhoAmI()), interface="127.0.0.2")
+        self.addCleanup(origin.stopListening)
+        self.originPort = origin.getHost().port
+
+        from .test_integration import freePort
+
+        self.port = freePort("127.0.0.1")
+        self.accessLog = self.dir.child("access.log")
+        options = Options(environ={})
+        options.parseOptions(
+            [
+                "--listen",
+                f"mtls:{self.port}:interface=127.0.0.1:cert={self.dir.child('server.pem').path}"
+                f":key={self.dir.child('server.key').path}:client_ca={self.dir.child('clients.pem').path}"
+                f":client_cert=required:crl={self.dir.child('clients.crl').path}",
+                "--allow-range", "127.0.0.2/32",
+                "--access-log", self.accessLog.path,
+                "--access-log-format", "json",
+            ]
+        )
+        service = makeService(options)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+
+    def write(self, name: str, data: bytes) -> str:
+        path = self.dir.child(name)
+        path.setContent(data)
+        return path.path
+
+    def request(self, client: tuple[bytes, bytes, int] | None) -> Any:
+        """
+        Send one forwarded request over TLS to the listener.
+
+        @return: a Deferred firing with what came back before the close.
+        """
+        from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+        from .test_integration import _Collect
+
+        certificate = (
+            ssl.PrivateCertificate.loadPEM(client[0] + client[1]) if client is not None else None
+        )
+        options = ssl.optionsForClientTLS(
+            "proxy.test",
+            trustRoot=ssl.Certificate.loadPEM(self.serverCA.pem),
+            clientCertificate=certificate,
+        )
+        collector = _Collect()
+        d = connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", self.port, options), collector)
+
+        def connected(protocol: Any) -> Any:
+            protocol.transport.write(
+                b"GET http://127.0.0.2:%d/who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                % self.originPort
+            )
+            return collector.done
+
+        return d.addCallback(connected)
+
+    @inlineCallbacks
+    def test_clientCertificateRole(self):  # type: ignore[no-untyped-def]
+        """
+        A client with a certificate from the client CA is served, and its
+        CN is logged as the role with its OU.
+        """
+        import json
+
+        data = yield self.request(self.good)
+        self.assertIn(b"200 OK", data)
+        self.assertIn(b"/who ", data)
+        line = json.loads(self.accessLog.getContent().splitlines()[-1])
+        self.assertEqual(
+            (line["role"], line["client_cn"], line["client_ou"]), ("billing", "billing", "payments")
+        )
+
+    @inlineCallbacks
+    def test_noCertificateRefused(self):  # type: ignore[no-untyped-def]
+        """
+        A client without a certificate gets no answer: the handshake fails.
+        """
+        try:
+            data = yield self.request(None)
+        except Exception:
+            data = b""
+        self.assertNotIn(b"HTTP/1.1", data)
+
+    @inlineCallbacks
+    def test_revokedRefused(self):  # type: ignore[no-untyped-def]
+        """
+        A client whose certificate the CRL revokes is refused.
+        """
+        try:
+            data = yield self.request(self.revoked)
+        except Exception:
+            data = b""
+        self.assertNotIn(b"HTTP/1.1", data)
+        self.assertFalse(self.accessLog.exists() and self.accessLog.getContent())
