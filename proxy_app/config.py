@@ -143,6 +143,31 @@ def size(value: Any) -> int:
     return result
 
 
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def headerName(value: Any) -> str:
+    """
+    An HTTP header name.
+    """
+    result = text(value)
+    if not _TOKEN.match(result):
+        raise ValueError("expected an HTTP header name such as Request-ID")
+    return result
+
+
+def optionalEndpoint(value: Any) -> str | None:
+    """
+    A server endpoint description, or C{none} for no listener.
+    """
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    result = endpoint(value)
+    if not isinstance(result, str):
+        raise ValueError("expected an endpoint description such as tcp:2112:interface=127.0.0.1, or none")
+    return result
+
+
 def choice(*choices: str) -> Callable[[Any], str]:
     """
     A parser accepting one of C{choices}, case-insensitively.
@@ -434,6 +459,15 @@ class AccessLog:
         "Access log format: text (key=value) or json (one object a line).",
         metavar="text|json",
     )
+    request_id_header: str = setting(
+        "request-id-header",
+        "Request-ID",
+        headerName,
+        "Header carrying the request id: a well-formed incoming value is "
+        "kept, else one is made; it is passed upstream and returned to the "
+        "client.",
+        metavar="NAME",
+    )
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -506,6 +540,13 @@ class Config:
         "mtls:9443:cert=PATH:key=PATH:client_ca=PATH (see docs/tls.md).",
         repeatable=True,
         metavar="ENDPOINT",
+    )
+    metrics: str | None = setting(
+        "metrics",
+        "tcp:2112:interface=127.0.0.1",
+        optionalEndpoint,
+        "Endpoint serving Prometheus /metrics and /healthcheck, or none.",
+        metavar="ENDPOINT|none",
     )
     timeouts: Timeouts = attr.ib(factory=Timeouts)
     limits: Limits = attr.ib(factory=Limits)

@@ -1,6 +1,6 @@
 """
 What the proxy tells operators: the access log, one line per request or
-tunnel.
+tunnel, and the Prometheus metrics.
 
 The access log is a L{twisted.logger} publisher of its own, so its lines go
 only where the operator sent them (a file or standard output), as text or
@@ -13,7 +13,21 @@ import json
 import sys
 from typing import IO, Any
 
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from twisted.logger import FileLogObserver, Logger, LogPublisher
+from twisted.web.resource import Resource
+
+log = Logger()
 
 # The fields of an access-log line, in the order text lines show them.
 # The first six are webhook-sentry's.
@@ -72,12 +86,18 @@ class AccessLog:
         observers to it.
     """
 
-    def __init__(self, outFile: IO[str] | None, format: str = "text") -> None:
+    def __init__(
+        self, outFile: IO[str] | None, format: str = "text", path: str | None = None
+    ) -> None:
         self.publisher = LogPublisher()
         self._log = Logger(namespace="egressproxy.access", observer=self.publisher)
+        self._formatter = formatJSON if format == "json" else formatText
+        self._path = path
+        self._file = outFile
+        self._observer: FileLogObserver | None = None
         if outFile is not None:
-            formatter = formatJSON if format == "json" else formatText
-            self.publisher.addObserver(FileLogObserver(outFile, formatter))
+            self._observer = FileLogObserver(outFile, self._formatter)
+            self.publisher.addObserver(self._observer)
 
     @classmethod
     def open(cls, path: str, format: str) -> AccessLog:
@@ -87,10 +107,147 @@ class AccessLog:
         """
         if path == "-":
             return cls(sys.stdout, format)
-        return cls(open(path, "a", buffering=1, encoding="utf-8"), format)
+        return cls(open(path, "a", buffering=1, encoding="utf-8"), format, path)
+
+    def reopen(self) -> None:
+        """
+        Reopen the log file (after logrotate moved it); standard output is
+        left alone.
+        """
+        if self._path is None:
+            return
+        try:
+            newFile = open(self._path, "a", buffering=1, encoding="utf-8")
+        except OSError as e:
+            log.error("Cannot reopen access log {path}: {error}", path=self._path, error=e)
+            return
+        if self._observer is not None:
+            self.publisher.removeObserver(self._observer)
+        if self._file is not None:
+            self._file.close()
+        self._file = newFile
+        self._observer = FileLogObserver(newFile, self._formatter)
+        self.publisher.addObserver(self._observer)
+        log.info("Reopened access log {path}", path=self._path)
 
     def record(self, **fields: Any) -> None:
         """
         Write one line with the given L{ACCESS_FIELDS}.
         """
         self._log.info("access", **fields)
+
+
+# Metrics.
+
+# Reason codes that mean the proxy said no, as opposed to a destination
+# that failed.
+DENIAL_CODES = frozenset({1000, 1011, 1012, 1013, 1014})
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class Metrics:
+    """
+    The proxy's Prometheus metrics, in an injected registry.
+
+    Labels are kept low in cardinality: no host names and no client
+    addresses.  Roles are bounded by the ACL file, so they may label.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.requests = Counter(
+            "egressproxy_requests",
+            "Forwarded requests and CONNECT tunnels, by outcome.",
+            ["proxy_type", "decision", "reason_code"],
+            registry=r,
+        )
+        self.connections = Gauge(
+            "egressproxy_active_client_connections",
+            "Open client connections, per listener.",
+            ["listener"],
+            registry=r,
+        )
+        self.tunnels = Gauge(
+            "egressproxy_active_tunnels", "Established CONNECT tunnels.", registry=r
+        )
+        self.bytes = Counter(
+            "egressproxy_bytes",
+            "Payload bytes relayed: up is client to destination, down the reverse.",
+            ["direction"],
+            registry=r,
+        )
+        self.connectTime = Histogram(
+            "egressproxy_upstream_connect_seconds",
+            "Time to connect to the destination (TLS handshake included).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dnsTime = Histogram(
+            "egressproxy_dns_lookup_seconds",
+            "Time to resolve a destination name (IP literals are not counted).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.resolverDenials = Counter(
+            "egressproxy_resolver_denials",
+            "Destination addresses the address policy refused, by rule.",
+            ["rule"],
+            registry=r,
+        )
+        self.tlsFailures = Counter(
+            "egressproxy_tls_origination_failures",
+            "Failed TLS originations, by kind: handshake, certificate, timeout.",
+            ["kind"],
+            registry=r,
+        )
+
+    def requestDone(
+        self, proxyType: str, reasonCode: int | None, bytesUp: int, bytesDown: int
+    ) -> None:
+        """
+        Count one finished request or tunnel.
+        """
+        decision = "deny" if reasonCode in DENIAL_CODES else "allow"
+        self.requests.labels(proxyType, decision, str(reasonCode or "")).inc()
+        if bytesUp:
+            self.bytes.labels("up").inc(bytesUp)
+        if bytesDown:
+            self.bytes.labels("down").inc(bytesDown)
+
+
+class MetricsResource(Resource):
+    """
+    C{/metrics} in Prometheus' text format and C{/healthcheck}, which
+    answers 503 while the proxy drains.
+
+    @ivar healthy: a callable saying whether the proxy accepts connections.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry, healthy: Any) -> None:
+        super().__init__()
+        self.registry = registry
+        self.healthy = healthy
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path == b"/metrics":
+            request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+            return generate_latest(self.registry)
+        if request.path == b"/healthcheck":
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            if self.healthy():
+                return b"ok\n"
+            request.setResponseCode(503)
+            return b"draining\n"
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"not found: try /metrics or /healthcheck\n"

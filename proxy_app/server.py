@@ -16,6 +16,7 @@ connect through the L{Connector} to a vetted address only, then stream.
 from __future__ import annotations
 
 import os
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -30,13 +31,15 @@ from zope.interface import implementer
 
 from proxy_app.config import Config
 from proxy_app.interfaces import IDestinationResolver
-from proxy_app.observe import AccessLog
+from proxy_app.observe import AccessLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
+from proxy_app.resolver import DestinationDenied, VettedDestination
 from proxy_app.target import Target, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import Origination
 from proxy_app.upstream import (
     Connector,
     Timer,
+    TLSHandshakeTimeout,
     TLSSettings,
     UpstreamHTTP,
     UpstreamPool,
@@ -51,10 +54,19 @@ log = Logger()
 _STRIP_REQUEST = frozenset({b"host"})
 _PHRASES = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _DISCARD_LIMIT = 65536
+# What a well-formed incoming request id looks like; anything else is
+# replaced, since it ends up in logs and upstream headers.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
+_TLS_FAILURES = {
+    Reason.TLS_HANDSHAKE_FAILED: "handshake",
+    Reason.CERTIFICATE_INVALID: "certificate",
+}
 
 
 def errorResponse(
-    error: ProxyError, close: bool = False
+    error: ProxyError,
+    close: bool = False,
+    extraHeaders: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[h11.Response, bytes]:
     """
     The response the proxy makes for C{error}: its status, the
@@ -71,6 +83,8 @@ def errorResponse(
         (b"X-WhSentry-Reason", reason),
         (b"X-WhSentry-ReasonCode", str(int(error.reason)).encode("ascii")),
     ]
+    if extraHeaders:
+        headers.extend(extraHeaders)
     if close:
         headers.append((b"Connection", b"close"))
     return (
@@ -106,9 +120,12 @@ class ProxyFactory(Factory):
         connector: Connector,
         accessLog: AccessLog,
         origination: Origination | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.origination = origination
+        self.metrics = metrics if metrics is not None else Metrics(process=False)
+        self.requestIDHeader = config.access_log.request_id_header.lower().encode("ascii")
         self.resolver = resolver
         self.clock = clock
         self.connector = connector
@@ -124,6 +141,22 @@ class ProxyFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> ProxyProtocol:
         return ProxyProtocol(self)
+
+    def forListener(self, name: str) -> Factory:
+        """
+        A factory for one listener, so that connections are counted per
+        listener.
+        """
+        return _ListenerFactory(self, name)
+
+    def acceptRequestID(self, value: str | None) -> str:
+        """
+        The request id to use: the client's, when it is well formed, else a
+        new one.
+        """
+        if value is not None and _REQUEST_ID.match(value):
+            return value
+        return self.newRequestID()
 
     def newRequestID(self) -> str:
         """
@@ -157,6 +190,19 @@ class ProxyFactory(Factory):
             self._drained.callback(None)
 
 
+class _ListenerFactory(Factory):
+    noisy = False
+
+    def __init__(self, proxy: ProxyFactory, name: str) -> None:
+        self.proxy = proxy
+        self.name = name
+
+    def buildProtocol(self, addr: Any) -> ProxyProtocol:
+        protocol = self.proxy.buildProtocol(addr)
+        protocol.listener = self.name
+        return protocol
+
+
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
 class ProxyProtocol(Protocol):
     """
@@ -184,6 +230,7 @@ class ProxyProtocol(Protocol):
         # read and dropped before the next request.
         self._discard: int | None = None
         self.clientAddress = ""
+        self.listener = "default"
         # Who the client is, from a verified TLS client certificate.
         self.role: str | None = None
         self.certificateCN: str | None = None
@@ -193,6 +240,7 @@ class ProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
+        self.factory.metrics.connections.labels(self.listener).inc()
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "")
         self.clientAddress = (
@@ -240,6 +288,7 @@ class ProxyProtocol(Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.clientLost(reason)
+        self.factory.metrics.connections.labels(self.listener).dec()
         self.factory.connectionClosed(self)
 
     # Request parsing.
@@ -369,8 +418,15 @@ class ProxyProtocol(Protocol):
             self.transport.write(data)
         return True
 
-    def sendError(self, error: ProxyError, close: bool = False) -> bool:
-        response, body = errorResponse(error, close or self.factory.draining)
+    def sendError(
+        self, error: ProxyError, close: bool = False, requestID: str | None = None
+    ) -> bool:
+        extra = (
+            [(self.factory.requestIDHeader, requestID.encode("ascii"))]
+            if requestID is not None
+            else None
+        )
+        response, body = errorResponse(error, close or self.factory.draining, extra)
         return self.send(response, h11.Data(data=body), h11.EndOfMessage())
 
     def abort(self) -> None:
@@ -481,8 +537,13 @@ class _Exchange:
         self.factory = protocol.factory
         self.request = request
         self.target = target
-        self.requestID = self.factory.newRequestID()
+        self.requestID = self.factory.acceptRequestID(
+            _header(request.headers, self.factory.requestIDHeader)
+        )
         self.started = self.factory.clock.seconds()
+        self.dnsTime: float | None = None
+        self.connectTime: float | None = None
+        self._connectStarted = 0.0
         self.bytesUp = 0
         self.bytesDown = 0
         self.status: int | None = None
@@ -504,13 +565,34 @@ class _Exchange:
         """
         assert self.target is not None
         d = self.factory.resolver.vet(self.target.host, self.target.port)
+        d.addCallback(self._vetted)
         d.addCallback(connect)
         d.addCallbacks(self._connectedOrStale, self._setupFailed)
         d.addErrback(self._internalError)
         self._pending = d
 
+    def _vetted(self, destination: VettedDestination) -> VettedDestination:
+        metrics = self.factory.metrics
+        self.dnsTime = destination.lookupTime
+        if destination.lookupTime:
+            metrics.dnsTime.observe(destination.lookupTime)
+        for decision in destination.denied:
+            metrics.resolverDenials.labels(decision.label).inc()
+            log.info(
+                "{rq_id}: dropped answer {address} for {host}: {rule}",
+                rq_id=self.requestID,
+                address=decision.address,
+                host=destination.host,
+                rule=decision.rule,
+            )
+        self._connectStarted = self.factory.clock.seconds()
+        return destination
+
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None
+        if not getattr(upstream, "reused", False):
+            self.connectTime = self.factory.clock.seconds() - self._connectStarted
+            self.factory.metrics.connectTime.observe(self.connectTime)
         if self._finished:
             # The client went away while we were connecting.
             upstream.transport.loseConnection()
@@ -524,6 +606,8 @@ class _Exchange:
         self._pending = None
         if failure.check(CancelledError) or self._finished:
             return
+        if isinstance(failure.value, DestinationDenied):
+            self.factory.metrics.resolverDenials.labels(failure.value.decision.label).inc()
         if isinstance(failure.value, ProxyError):
             error = failure.value
         else:
@@ -555,7 +639,7 @@ class _Exchange:
             reason=error.message,
             code=int(error.reason),
         )
-        self.protocol.sendError(error)
+        self.protocol.sendError(error, requestID=self.requestID)
         self.finish()
 
     def finish(self) -> None:
@@ -576,6 +660,15 @@ class _Exchange:
         self._finished = True
         if error is None and self.error is not None:
             error = self.error.message
+        reasonCode = int(self.error.reason) if self.error is not None else None
+        metrics = self.factory.metrics
+        metrics.requestDone(self.proxyType, reasonCode, self.bytesUp, self.bytesDown)
+        if self.error is not None:
+            kind = _TLS_FAILURES.get(self.error.reason)
+            if isinstance(self.error, TLSHandshakeTimeout):
+                kind = "timeout"
+            if kind is not None:
+                metrics.tlsFailures.labels(kind).inc()
         self.factory.accessLog.record(
             rq_id=self.requestID,
             client_addr=self.protocol.clientAddress,
@@ -585,7 +678,7 @@ class _Exchange:
             response_time=round(self.factory.clock.seconds() - self.started, 6),
             bytes_up=self.bytesUp,
             bytes_down=self.bytesDown,
-            reason_code=int(self.error.reason) if self.error is not None else None,
+            reason_code=reasonCode,
             error=error,
             role=self.protocol.role,
             client_cn=self.protocol.certificateCN,
@@ -618,8 +711,8 @@ class _Refused(_Exchange):
 
     def __init__(self, protocol: ProxyProtocol, request: h11.Request, error: ProxyError) -> None:
         super().__init__(protocol, request, None)
+        self.proxyType = "connect" if request.method == b"CONNECT" else "http"
         self._error = error
-        self._bodyDone = False
 
     def start(self) -> None:
         self.fail(self._error)
@@ -670,8 +763,10 @@ class ForwardExchange(_Exchange):
     def _connected(self, upstream: UpstreamHTTP) -> None:
         assert self.target is not None
         self.upstream = upstream
+        idHeader = self.factory.requestIDHeader
         headers = [(b"Host", self.target.hostHeader)]
-        headers += endToEndHeaders(self.request.headers, _STRIP_REQUEST)
+        headers += endToEndHeaders(self.request.headers, _STRIP_REQUEST | {idHeader})
+        headers.append((idHeader, self.requestID.encode("ascii")))
         headers += framingHeaders(self.request.headers)
         try:
             upstream.sendRequest(
@@ -731,7 +826,10 @@ class ForwardExchange(_Exchange):
                     )
                 )
                 return
-        headers = endToEndHeaders(event.headers) + framingHeaders(event.headers)
+        idHeader = self.factory.requestIDHeader
+        headers = endToEndHeaders(event.headers, frozenset({idHeader}))
+        headers.append((idHeader, self.requestID.encode("ascii")))
+        headers += framingHeaders(event.headers)
         self.status = event.status_code
         if not self.protocol.send(
             h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
@@ -839,6 +937,7 @@ class ConnectExchange(_Exchange):
             upstream.transport.loseConnection()
             return
         leftover = self.protocol.becomeTunnel(self)
+        self.factory.metrics.tunnels.inc()
         client = self.protocol.transport
         # Wire the two transports together for flow control, as
         # twisted.protocols.portforward does.
@@ -909,8 +1008,9 @@ class ConnectExchange(_Exchange):
             self.upstream.peer = None
             if self.upstream.transport is not None:
                 self.upstream.transport.loseConnection()
-        if self.status == 200:
+        if self.status == 200 and self.protocol.tunnel is self:
             # The tunnel's line is written when it ends.
+            self.factory.metrics.tunnels.dec()
             self.record()
             return
         super().clientLost(reason)

@@ -14,21 +14,23 @@ This is the only module that imports the global reactor.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from proxy_app import config as configModule
-from proxy_app.addresses import AddressPolicy
+from proxy_app.addresses import AddressPolicy, parseIPLiteral
 from proxy_app.config import Config, ConfigError, TLSListener, splitDescription
-from proxy_app.observe import AccessLog
+from proxy_app.observe import AccessLog, Metrics, MetricsResource
 from proxy_app.resolver import SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
 from proxy_app.tls import (
@@ -128,6 +130,12 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"listen = {listener!r}: not a usable endpoint description ({e})"
             ) from None
+    for host, _port in selfAddresses(config.listen):
+        if host and parseIPLiteral(host) is None:
+            raise ConfigError(
+                f"listen: interface={host!r}: expected an IP address "
+                "(a name would need DNS before the proxy can vet anything)"
+            )
     destinations = config.destinations
     for key, kwarg in (
         ("allow_ranges", "allowRanges"),
@@ -197,9 +205,25 @@ class ProxyService(Service):
     and tunnels finish for up to the drain timeout, then cuts what is left.
     """
 
+    reopenOnSIGUSR1 = False
+
     def __init__(self, factory: ProxyFactory, clock: Any) -> None:
         self.factory = factory
         self.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reopenOnSIGUSR1:
+            # logrotate's postrotate sends SIGUSR1; the reopen runs in the
+            # reactor, not in the signal handler.
+            from twisted.internet import reactor
+
+            signal.signal(
+                signal.SIGUSR1,
+                lambda signum, frame: reactor.callFromThread(  # type: ignore[attr-defined]
+                    self.factory.accessLog.reopen
+                ),
+            )
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -238,7 +262,7 @@ class _Listener(Service):
     instead of a traceback.
     """
 
-    def __init__(self, listener: str | TLSListener, factory: ProxyFactory, reactor: Any) -> None:
+    def __init__(self, listener: str | TLSListener, factory: Any, reactor: Any) -> None:
         self.factory = factory
         self.port: Any = None
         if isinstance(listener, TLSListener):
@@ -283,11 +307,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         denyRanges=destinations.deny_ranges,
         allowAddresses=destinations.allow_addresses,
         denyAddresses=destinations.deny_addresses,
-        selfAddresses=selfAddresses(config.listen),
+        selfAddresses=selfAddresses(config.listen + ((config.metrics,) if config.metrics else ())),
     )
     resolver = SafeResolver(
         policy,
-        makeNameResolver(destinations.nameservers, reactor),
+        makeNameResolver(destinations.nameservers, reactor, timeout=config.timeouts.dns),
         reactor,
         timeout=config.timeouts.dns,
     )
@@ -305,10 +329,49 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except TLSConfigError as e:
         sys.stderr.write(f"egressproxy: tls: {e}\n")
         raise SystemExit(1) from None
-    factory = ProxyFactory(config, resolver, reactor, connector, accessLog, origination)
+    metrics = Metrics()
+    factory = ProxyFactory(
+        config, resolver, reactor, connector, accessLog, origination, metrics
+    )
 
-    top = MultiService()
-    ProxyService(factory, reactor).setServiceParent(top)
+    # Children stop one at a time, last added first: the proxy listeners
+    # stop accepting, then the proxy drains, and the metrics listener goes
+    # last so that /healthcheck can say 503 throughout the drain.
+    top = _SequentialService()
+    if config.metrics is not None:
+        site = Site(MetricsResource(metrics.registry, lambda: not factory.draining))
+        site.noisy = False
+        _Listener(config.metrics, site, reactor).setServiceParent(top)
+    service = ProxyService(factory, reactor)
+    service.reopenOnSIGUSR1 = reactor is _globalReactor()
+    service.setServiceParent(top)
     for listener in config.listen:
-        _Listener(listener, factory, reactor).setServiceParent(top)
+        name = listener.description if isinstance(listener, TLSListener) else listener
+        _Listener(listener, factory.forListener(name), reactor).setServiceParent(top)
     return top
+
+
+def _globalReactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class _SequentialService(MultiService):
+    """
+    A L{MultiService} whose children stop one after another, in reverse
+    order, each waiting for the one before.
+    """
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        children = list(self)
+        children.reverse()
+        done: Deferred[Any] = succeed(None)
+        for child in children:
+            done.addBoth(_stopNext, child)
+        return done
+
+
+def _stopNext(result: object, child: Any) -> Any:
+    return child.stopService()

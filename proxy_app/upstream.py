@@ -158,6 +158,12 @@ def _describe(failure: Failure) -> str:
     return text.rstrip(".").split(": ")[-1] or failure.value.__class__.__name__
 
 
+class TLSHandshakeTimeout(ProxyError):
+    """
+    The TLS handshake with a destination did not finish in time.
+    """
+
+
 class Timer:
     """
     One restartable timeout on an injected clock.
@@ -530,7 +536,7 @@ class UpstreamPool:
 
             def timedOut(result: Any, timeout: float) -> None:
                 connection.abort()
-                raise ProxyError(
+                raise TLSHandshakeTimeout(
                     Reason.UPSTREAM_TIMEOUT,
                     f"TLS handshake with {where} timed out after {timeout:g} s",
                 )

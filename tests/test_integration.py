@@ -241,6 +241,7 @@ class DestinationSafetyTests(TestCase):
                 "--allow-address", f"127.0.0.1:{self.proxyPort}",
                 "--nameserver", f"127.0.0.1:{dns_.getHost().port}",
                 "--access-log", self.mktemp(),
+                "--metrics", "none",
             ]
         )
         service = makeService(options)
@@ -359,6 +360,7 @@ class IPv6Tests(TestCase):
                 "--listen", f"tcp6:{port}:interface=\\:\\:1",
                 "--allow-address", "::1",
                 "--access-log", self.mktemp(),
+                "--metrics", "none",
             ]
         )
         service = makeService(options)

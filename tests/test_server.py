@@ -5,12 +5,12 @@ and malformed input, driven in memory.
 
 from __future__ import annotations
 
-import attr
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from proxy_app.addresses import AddressDecision
 from proxy_app.config import Config, Limits, Timeouts
 from proxy_app.resolver import DestinationDenied, ResolutionFailed
 
@@ -22,12 +22,6 @@ GET = (
     b"User-Agent: test\r\n"
     b"\r\n"
 )
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class _Decision:
-    address: str
-    rule: str
 
 
 class ForwardingTests(SynchronousTestCase):
@@ -308,7 +302,7 @@ class ErrorTests(SynchronousTestCase):
         Smokescreen's wording, and nothing is connected.
         """
         denied = DestinationDenied(
-            "internal.example", 80, _Decision("10.0.0.1", "Deny: Private Range")
+            "internal.example", 80, AddressDecision(False, "10.0.0.1", "Deny: Private Range")
         )
         h = makeHarness({"internal.example": denied})
         h.send(b"GET http://internal.example/ HTTP/1.1\r\nHost: internal.example\r\n\r\n")
@@ -604,7 +598,7 @@ class ConnectTests(SynchronousTestCase):
         """
         A denied CONNECT gets 403/1000 and nothing is connected.
         """
-        denied = DestinationDenied("meta.example", 443, _Decision("169.254.169.254", "Deny: Not Global Unicast"))
+        denied = DestinationDenied("meta.example", 443, AddressDecision(False, "169.254.169.254", "Deny: Not Global Unicast"))
         h = makeHarness({"meta.example": denied})
         h.send(b"CONNECT meta.example:443 HTTP/1.1\r\nHost: meta.example:443\r\n\r\n")
         status, headers, body = parseResponse(h.client.value())

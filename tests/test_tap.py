@@ -49,7 +49,7 @@ class MakeServiceTests(SynchronousTestCase):
         service.privilegedStartService()
         service.startService()
         ports = [(port, interface) for port, _, _, interface in reactor.tcpServers]
-        self.assertEqual(ports, [(9090, "127.0.0.1"), (9091, "")])
+        self.assertEqual(ports, [(2112, "127.0.0.1"), (9090, "127.0.0.1"), (9091, "")])
         service.stopService()
 
 

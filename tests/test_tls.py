@@ -363,6 +363,7 @@ class ListenerTests(TestCase):
                 f":client_cert=required:crl={self.dir.child('clients.crl').path}",
                 "--allow-range", "127.0.0.2/32",
                 "--access-log", self.accessLog.path,
+                "--metrics", "none",
                 "--access-log-format", "json",
             ]
         )

@@ -1,0 +1,243 @@
+"""
+Tests for what operators see: metrics with exact values, the health check
+during a drain, request ids, and JSON access-log lines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
+from twisted.internet.defer import succeed
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy_app.addresses import AddressDecision
+from proxy_app.observe import AccessLog, MetricsResource
+from proxy_app.resolver import DestinationDenied, VettedDestination
+from proxy_app.tap import ProxyService
+
+from .helpers import makeHarness, parseResponse
+
+
+def scrape(resource: MetricsResource) -> dict[tuple[str, tuple], float]:
+    """
+    GET /metrics through treq's in-memory client and parse the samples.
+    """
+    treq = StubTreq(resource)
+    d = treq.get("http://metrics.test/metrics")
+    results: list = []
+    d.addCallback(lambda r: treq.content(r)).addCallback(results.append)
+    treq.flush()
+    samples = {}
+    for family in text_string_to_metric_families(results[0].decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+GET = b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+
+
+class MetricsTests(SynchronousTestCase):
+    """
+    Counters after traffic with known outcomes.
+    """
+
+    def test_countsOutcomes(self) -> None:
+        """
+        One allowed request, one denied by the address policy and one
+        malformed target are counted by type, decision and reason code, with
+        the bytes relayed and the resolver denial by rule.
+        """
+        denied = DestinationDenied(
+            "internal.example", 80, AddressDecision(False, "10.0.0.1", "Deny: Private Range")
+        )
+        h = makeHarness({"origin.example": ["203.0.113.10"], "internal.example": denied})
+        resource = MetricsResource(h.factory.metrics.registry, lambda: True)
+        h.send(GET)
+        up, _ = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        h.send(b"GET http://internal.example/ HTTP/1.1\r\nHost: internal.example\r\n\r\n")
+        h.send(b"GET http://origin.example:0/ HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        samples = scrape(resource)
+        requests = "egressproxy_requests_total"
+        self.assertEqual(
+            samples[(requests, (("decision", "allow"), ("proxy_type", "http"), ("reason_code", "")))], 1
+        )
+        self.assertEqual(
+            samples[(requests, (("decision", "deny"), ("proxy_type", "http"), ("reason_code", "1000")))], 1
+        )
+        self.assertEqual(
+            samples[(requests, (("decision", "allow"), ("proxy_type", "http"), ("reason_code", "1002")))], 1
+        )
+        self.assertEqual(samples[("egressproxy_bytes_total", (("direction", "down"),))], 5)
+        self.assertEqual(
+            samples[("egressproxy_resolver_denials_total", (("rule", "private_range"),))], 1
+        )
+        self.assertEqual(
+            samples[("egressproxy_active_client_connections", (("listener", "default"),))], 1
+        )
+        self.assertEqual(samples[("egressproxy_upstream_connect_seconds_count", ())], 1)
+
+    def test_tunnelGauge(self) -> None:
+        """
+        The active-tunnel gauge rises when a tunnel is established and falls
+        when it closes; the tunnel is then counted as a connect request.
+        """
+        h = makeHarness()
+        resource = MetricsResource(h.factory.metrics.registry, lambda: True)
+        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
+        h.connectUpstream()
+        self.assertEqual(scrape(resource)[("egressproxy_active_tunnels", ())], 1)
+        h.protocol.connectionLost(None)
+        samples = scrape(resource)
+        self.assertEqual(samples[("egressproxy_active_tunnels", ())], 0)
+        self.assertEqual(
+            samples[
+                (
+                    "egressproxy_requests_total",
+                    (("decision", "allow"), ("proxy_type", "connect"), ("reason_code", "")),
+                )
+            ],
+            1,
+        )
+        self.assertEqual(
+            samples[("egressproxy_active_client_connections", (("listener", "default"),))], 0
+        )
+
+    def test_dnsTimeHistogram(self) -> None:
+        """
+        Lookup times of names are observed; mixed answers count the dropped
+        ones by rule.
+        """
+        h = makeHarness()
+        resource = MetricsResource(h.factory.metrics.registry, lambda: True)
+        decision = AddressDecision(False, "127.0.0.1", "Deny: Not Global Unicast")
+        h.factory.resolver.vet = lambda host, port: succeed(  # type: ignore[method-assign]
+            VettedDestination(host, port, ("203.0.113.10",), (decision,), 0.25)
+        )
+        h.send(GET)
+        samples = scrape(resource)
+        self.assertEqual(samples[("egressproxy_dns_lookup_seconds_count", ())], 1)
+        self.assertEqual(samples[("egressproxy_dns_lookup_seconds_sum", ())], 0.25)
+        self.assertEqual(
+            samples[("egressproxy_resolver_denials_total", (("rule", "not_global_unicast"),))], 1
+        )
+
+
+class HealthTests(SynchronousTestCase):
+    """
+    /healthcheck follows the drain.
+    """
+
+    def test_flipsDuringDrain(self) -> None:
+        """
+        /healthcheck answers 200 while the proxy accepts connections and 503
+        once it drains.
+        """
+        h = makeHarness()
+        resource = MetricsResource(h.factory.metrics.registry, lambda: not h.factory.draining)
+        treq = StubTreq(resource)
+
+        def status() -> int:
+            codes: list[int] = []
+            treq.get("http://metrics.test/healthcheck").addCallback(
+                lambda r: codes.append(r.code)
+            )
+            treq.flush()
+            return codes[0]
+
+        self.assertEqual(status(), 200)
+        service = ProxyService(h.factory, h.reactor)
+        service.startService()
+        h.send(GET)
+        service.stopService()
+        self.assertEqual(status(), 503)
+
+
+class RequestIDTests(SynchronousTestCase):
+    """
+    Request ids are honoured, made, passed upstream and returned.
+    """
+
+    def test_honoured(self) -> None:
+        """
+        A well-formed incoming Request-ID is kept, sent upstream once, and
+        returned to the client and logged.
+        """
+        h = makeHarness()
+        h.send(
+            b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n"
+            b"Request-ID: abc-123\r\n\r\n"
+        )
+        up, upTransport = h.connectUpstream()
+        self.assertEqual(upTransport.value().lower().count(b"request-id: abc-123"), 1)
+        up.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        _, headers, _ = parseResponse(h.client.value())
+        self.assertEqual(headers[b"request-id"], b"abc-123")
+        self.assertEqual(h.access[-1]["rq_id"], "abc-123")
+
+    def test_malformedReplaced(self) -> None:
+        """
+        A malformed incoming id is replaced by one of ours, everywhere.
+        """
+        h = makeHarness()
+        h.send(
+            b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n"
+            b"Request-ID: bad id with spaces\r\n\r\n"
+        )
+        _, upTransport = h.connectUpstream()
+        self.assertNotIn(b"bad id", upTransport.value())
+        sent = [line for line in upTransport.value().split(b"\r\n") if line.lower().startswith(b"request-id")]
+        self.assertEqual(len(sent), 1)
+
+    def test_onErrors(self) -> None:
+        """
+        Error responses made by the proxy carry the request id too.
+        """
+        h = makeHarness()
+        h.send(b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\nRequest-ID: e-1\r\n\r\n")
+        _, headers, _ = parseResponse(h.client.value())
+        self.assertEqual(headers[b"request-id"], b"e-1")
+
+
+class AccessLogFileTests(SynchronousTestCase):
+    """
+    The access log file as operators read it.
+    """
+
+    def test_jsonLinesParse(self) -> None:
+        """
+        Each JSON access-log line parses on its own and carries the request
+        id, status and byte counts.
+        """
+        out = io.StringIO()
+        h = makeHarness()
+        h.factory.accessLog = AccessLog(out, "json")
+        h.send(GET)
+        up, _ = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        h.send(b"GET http://origin.example:0/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([line["response_code"] for line in lines], [200, 400])
+        self.assertEqual(lines[0]["bytes_down"], 2)
+        self.assertEqual(lines[1]["reason_code"], 1002)
+        self.assertTrue(all(line["rq_id"] for line in lines))
+
+    def test_reopen(self) -> None:
+        """
+        After the file is moved away (logrotate), reopen() writes to a new
+        file at the same path.
+        """
+        path = FilePath(self.mktemp())
+        log = AccessLog.open(path.path, "text")
+        log.record(rq_id="one")
+        path.moveTo(path.sibling("rotated"))
+        log.reopen()
+        log.record(rq_id="two")
+        self.assertEqual(path.getContent(), b"rq_id=two\n")
+        self.assertEqual(path.sibling("rotated").getContent(), b"rq_id=one\n")
