@@ -439,6 +439,223 @@ class TLS:
     )
 
 
+def boolean(value: Any) -> bool:
+    """
+    A boolean: YAML's true/false, or yes/no/on/off/1/0 as text.
+    """
+    if isinstance(value, bool):
+        return value
+    text_ = str(value).strip().lower()
+    if text_ in ("true", "yes", "on", "1"):
+        return True
+    if text_ in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def count(value: Any) -> int:
+    """
+    A whole number, zero or more.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    try:
+        result = int(str(value).strip())
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if result < 0:
+        raise ValueError("expected a whole number, zero or more")
+    return result
+
+
+def _subkeys(value: Any, known: dict[str, Callable[[Any], Any]], example: str) -> dict[str, Any]:
+    """
+    Parse a small mapping (YAML) or C{key=value,...} text (flag, environment)
+    with a parser per key.
+    """
+    if isinstance(value, str):
+        items: dict[str, Any] = {}
+        for part in value.split(","):
+            key, sep, item = part.strip().partition("=")
+            if not sep:
+                raise ValueError(f"expected {example}")
+            items[key.strip()] = item.strip()
+        value = items
+    if not isinstance(value, dict):
+        raise ValueError(f"expected {example}")
+    result = {}
+    for key, item in value.items():
+        if key not in known:
+            raise ValueError(f"unknown key {key!r}; known: " + ", ".join(known))
+        try:
+            result[key] = known[key](item)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    return result
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Gate:
+    """
+    The access-request gate: C{{enabled, timeout, on_error}}.
+    """
+
+    enabled: bool = False
+    timeout: float = 5.0
+    on_error: str = "accept"
+
+
+def gate(value: Any) -> Gate:
+    """
+    C{{enabled: true, timeout: 5, on_error: reject}} in YAML, or
+    C{enabled=true,timeout=5,on_error=reject}.
+    """
+    return Gate(
+        **_subkeys(
+            value,
+            {"enabled": boolean, "timeout": seconds, "on_error": choice("accept", "reject")},
+            "{enabled: true, timeout: 5, on_error: accept|reject}",
+        )
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Statistics:
+    """
+    smithproxy's statistics feature: C{true}, or C{{enabled, max_bytes}}.
+    """
+
+    enabled: bool = False
+    max_bytes: int = 65536
+
+
+def statistics(value: Any) -> Statistics:
+    """
+    C{true}/C{false}, or C{{enabled: true, max_bytes: 65536}}.
+    """
+    if isinstance(value, bool) or (
+        isinstance(value, str) and "=" not in value
+    ):
+        return Statistics(enabled=boolean(value))
+    return Statistics(
+        **_subkeys(
+            value,
+            {"enabled": boolean, "max_bytes": size},
+            "true, false, or {enabled: true, max_bytes: 65536}",
+        )
+    )
+
+
+_WEBHOOK_ACTIONS = (
+    "ping",
+    "neighbor",
+    "connection-start",
+    "connection-stop",
+    "connection-info",
+    "access-request",
+)
+
+
+def url(value: Any) -> str:
+    """
+    An http:// or https:// URL.
+    """
+    result = text(value)
+    if not re.match(r"^https?://[^/\s]+", result, re.IGNORECASE):
+        raise ValueError("expected an http:// or https:// URL")
+    return result
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Webhook:
+    """
+    The control webhook (smithproxy's protocol): events, and the
+    access-request gate.  See C{docs/webhooks.md}.
+    """
+
+    url: str | None = setting(
+        "webhook-url",
+        None,
+        url,
+        "Control webhook URL; setting it enables the webhook. Its path may "
+        "hold a secret: it is never logged.",
+        metavar="URL",
+    )
+    enabled: bool = setting(
+        "webhook-enabled",
+        True,
+        boolean,
+        "Whether the webhook is used when a URL is set (smithproxy's enabled).",
+        metavar="BOOL",
+    )
+    hostid: str | None = setting(
+        "hostid",
+        None,
+        text,
+        "The source of every webhook message; the host name by default.",
+        metavar="NAME",
+    )
+    tls_verify: bool = setting(
+        "webhook-tls-verify",
+        True,
+        boolean,
+        "Verify an https:// webhook's certificate (against the CA bundle).",
+        metavar="BOOL",
+    )
+    ping_interval: float = setting(
+        "webhook-ping-interval",
+        120.0,
+        seconds,
+        "Seconds between ping messages (the first comes 10 s after start).",
+        metavar="SECONDS",
+    )
+    timeout: float = setting(
+        "webhook-timeout",
+        5.0,
+        seconds,
+        "Timeout of one POST of an event.",
+        metavar="SECONDS",
+    )
+    queue_size: int = setting(
+        "webhook-queue-size",
+        10000,
+        count,
+        "Events held for sending at most; more are dropped and counted.",
+        metavar="N",
+    )
+    retries: int = setting(
+        "webhook-retries",
+        3,
+        count,
+        "Retries of a failed event POST, with exponential backoff.",
+        metavar="N",
+    )
+    events: tuple[str, ...] = setting(
+        "webhook-events",
+        (),
+        choice(*_WEBHOOK_ACTIONS),
+        "Limit the events sent to these actions (repeatable); all by default.",
+        repeatable=True,
+        metavar="ACTION",
+    )
+    access_request: Gate = setting(
+        "webhook-access-request",
+        Gate(),
+        gate,
+        "The access-request gate: {enabled, timeout, on_error: accept|reject}; "
+        "flag enabled=true,timeout=5,on_error=reject.",
+        metavar="SETTINGS",
+    )
+    statistics: Statistics = setting(
+        "webhook-statistics",
+        Statistics(),
+        statistics,
+        "Per-connection statistics in connection-info: true, or "
+        "{enabled: true, max_bytes: 65536}.",
+        metavar="SETTINGS",
+    )
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class AccessLog:
     """
@@ -552,6 +769,7 @@ class Config:
     limits: Limits = attr.ib(factory=Limits)
     destinations: Destinations = attr.ib(factory=Destinations)
     tls: TLS = attr.ib(factory=TLS)
+    webhook: Webhook = attr.ib(factory=Webhook)
     access_log: AccessLog = attr.ib(factory=AccessLog)
 
 
@@ -725,6 +943,8 @@ def referenceTable() -> str:
             shown = "(none)"
         elif isinstance(default, tuple):
             shown = ", ".join(default)
+        elif attr.has(type(default)):
+            shown = ", ".join(f"{k}: {v}" for k, v in attr.asdict(default).items())
         else:
             shown = str(default)
         doc = field.setting.doc.replace("|", "\\|")

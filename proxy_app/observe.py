@@ -24,6 +24,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from twisted.logger import FileLogObserver, Logger, LogPublisher
 from twisted.web.resource import Resource
 
@@ -202,12 +204,30 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        self.gateLatency = Histogram(
+            "egressproxy_access_request_seconds",
+            "Time the access-request gate took to decide.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gateOutcomes = Counter(
+            "egressproxy_access_request_outcomes",
+            "Access-request gate outcomes: accept or reject.",
+            ["outcome"],
+            registry=r,
+        )
         self.tlsFailures = Counter(
             "egressproxy_tls_origination_failures",
             "Failed TLS originations, by kind: handshake, certificate, timeout.",
             ["kind"],
             registry=r,
         )
+
+    def watchWebhook(self, webhook: Any) -> None:
+        """
+        Export the webhook's delivery counters and queue depth.
+        """
+        self.registry.register(_WebhookCollector(webhook))
 
     def requestDone(
         self, proxyType: str, reasonCode: int | None, bytesUp: int, bytesDown: int
@@ -221,6 +241,31 @@ class Metrics:
             self.bytes.labels("up").inc(bytesUp)
         if bytesDown:
             self.bytes.labels("down").inc(bytesDown)
+
+
+class _WebhookCollector(Collector):
+    """
+    Reads the webhook service's counters at scrape time.
+    """
+
+    def __init__(self, webhook: Any) -> None:
+        self.webhook = webhook
+
+    def collect(self) -> Any:
+        events = CounterMetricFamily(
+            "egressproxy_webhook_events",
+            "Control-webhook POSTs by outcome: sent (2xx), failed (given up), "
+            "dropped (queue full or left at shutdown).",
+            labels=["outcome"],
+        )
+        for outcome in ("sent", "failed", "dropped"):
+            events.add_metric([outcome], getattr(self.webhook, outcome))
+        yield events
+        yield GaugeMetricFamily(
+            "egressproxy_webhook_queue_depth",
+            "Events waiting to be sent, being retried or in flight.",
+            value=self.webhook.queueDepth,
+        )
 
 
 class MetricsResource(Resource):

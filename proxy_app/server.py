@@ -48,6 +48,14 @@ from proxy_app.upstream import (
     endToEndHeaders,
     framingHeaders,
 )
+from proxy_app.webhook import (
+    GateResult,
+    TLSSniffer,
+    WebhookService,
+    connectionInfoDetails,
+    connectionStopInfo,
+    sessionLabel,
+)
 
 log = Logger()
 
@@ -121,9 +129,11 @@ class ProxyFactory(Factory):
         accessLog: AccessLog,
         origination: Origination | None = None,
         metrics: Metrics | None = None,
+        webhook: WebhookService | None = None,
     ) -> None:
         self.config = config
         self.origination = origination
+        self.webhook = webhook
         self.metrics = metrics if metrics is not None else Metrics(process=False)
         self.requestIDHeader = config.access_log.request_id_header.lower().encode("ascii")
         self.resolver = resolver
@@ -230,6 +240,9 @@ class ProxyProtocol(Protocol):
         # read and dropped before the next request.
         self._discard: int | None = None
         self.clientAddress = ""
+        self.peerHost = ""
+        self.peerPort = 0
+        self.overTLS = False
         self.listener = "default"
         # Who the client is, from a verified TLS client certificate.
         self.role: str | None = None
@@ -243,9 +256,10 @@ class ProxyProtocol(Protocol):
         self.factory.metrics.connections.labels(self.listener).inc()
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "")
-        self.clientAddress = (
-            f"[{host}]:{peer.port}" if ":" in host else f"{host}:{getattr(peer, 'port', '')}"
-        )
+        self.peerHost, self.peerPort = host, getattr(peer, "port", 0)
+        self.clientAddress = f"[{host}]:{self.peerPort}" if ":" in host else f"{host}:{self.peerPort}"
+        if self.factory.webhook is not None:
+            self.factory.webhook.neighbor(host)
         if self.factory.draining:
             self.transport.loseConnection()
             return
@@ -256,6 +270,7 @@ class ProxyProtocol(Protocol):
         A TLS listener's handshake is done: a verified client certificate's
         subject CN becomes the role, as Smokescreen derives roles.
         """
+        self.overTLS = True
         certificate = self.transport.getPeerCertificate()
         if certificate is None:
             return
@@ -544,6 +559,13 @@ class _Exchange:
         self.dnsTime: float | None = None
         self.connectTime: float | None = None
         self._connectStarted = 0.0
+        # The control webhook's view of this exchange.
+        webhook = self.factory.webhook
+        self.connectionID = webhook.newConnectionID() if webhook is not None else ""
+        self.statistics = webhook.newStatistics() if webhook is not None else None
+        self.session = ""
+        self.gateResult: GateResult | None = None
+        self._webhookStarted = False
         self.bytesUp = 0
         self.bytesDown = 0
         self.status: int | None = None
@@ -566,6 +588,7 @@ class _Exchange:
         assert self.target is not None
         d = self.factory.resolver.vet(self.target.host, self.target.port)
         d.addCallback(self._vetted)
+        d.addCallback(self._askGate)
         d.addCallback(connect)
         d.addCallbacks(self._connectedOrStale, self._setupFailed)
         d.addErrback(self._internalError)
@@ -588,8 +611,61 @@ class _Exchange:
         self._connectStarted = self.factory.clock.seconds()
         return destination
 
+    @property
+    def policy(self) -> str:
+        """
+        What allowed this exchange, for the webhook: the role, else
+        C{default}.
+        """
+        return self.protocol.role or "default"
+
+    @property
+    def originatesTLS(self) -> bool:
+        return False
+
+    def _sessionLabel(self, address: str) -> str:
+        assert self.target is not None
+        return sessionLabel(
+            self.protocol.peerHost,
+            self.protocol.peerPort,
+            address,
+            self.target.port,
+            self.originatesTLS,
+            clientTLS=self.protocol.overTLS,
+        )
+
+    def _askGate(self, destination: VettedDestination) -> Any:
+        """
+        With the access-request gate on, wait for the control webhook's
+        word before connecting.
+        """
+        webhook = self.factory.webhook
+        if webhook is None or not webhook.gateEnabled:
+            return destination
+        session = self._sessionLabel(destination.addresses[0])
+
+        def decided(result: GateResult) -> VettedDestination:
+            self.gateResult = result
+            metrics = self.factory.metrics
+            metrics.gateLatency.observe(result.latency)
+            metrics.gateOutcomes.labels("accept" if result.accepted else "reject").inc()
+            if not result.accepted:
+                raise ProxyError(
+                    Reason.REJECTED_BY_WEBHOOK,
+                    f"Connection to {self.target.authority if self.target else ''} "
+                    f"rejected by the access-request webhook: {result.reason}",
+                )
+            return destination
+
+        return webhook.accessRequest(self.connectionID, self.policy, session).addCallback(decided)
+
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None
+        webhook = self.factory.webhook
+        if webhook is not None and not self._finished:
+            self.session = self._sessionLabel(upstream.transport.getPeer().host)
+            webhook.connectionStarted(self.connectionID, self.session)
+            self._webhookStarted = True
         if not getattr(upstream, "reused", False):
             self.connectTime = self.factory.clock.seconds() - self._connectStarted
             self.factory.metrics.connectTime.observe(self.connectTime)
@@ -661,6 +737,7 @@ class _Exchange:
         if error is None and self.error is not None:
             error = self.error.message
         reasonCode = int(self.error.reason) if self.error is not None else None
+        self._reportToWebhook()
         metrics = self.factory.metrics
         metrics.requestDone(self.proxyType, reasonCode, self.bytesUp, self.bytesDown)
         if self.error is not None:
@@ -684,6 +761,21 @@ class _Exchange:
             client_cn=self.protocol.certificateCN,
             client_ou=self.protocol.certificateOU,
         )
+
+    def _stopInfo(self) -> dict[str, Any]:
+        return connectionStopInfo(
+            self.session, self.policy, self.bytesUp, self.bytesDown, app="http/1.1", details=[self.url]
+        )
+
+    def _reportToWebhook(self) -> None:
+        webhook = self.factory.webhook
+        if webhook is None:
+            return
+        if self._webhookStarted:
+            webhook.connectionStopped(self.connectionID, self._stopInfo())
+        details = connectionInfoDetails(self.statistics if self._webhookStarted else None, self.gateResult)
+        if details:
+            webhook.connectionInfo(self.connectionID, details)
 
     def clientLost(self, reason: Failure | None) -> None:
         """
@@ -733,6 +825,7 @@ class ForwardExchange(_Exchange):
         self.requestComplete = False
         self._bodyProducing = False
         self._responseProducing = False
+        self._tls: TLSSettings | None = None
         self._limit = self.factory.config.limits.max_response_body
 
     def start(self) -> None:
@@ -758,6 +851,7 @@ class ForwardExchange(_Exchange):
                 identity.alias if identity is not None else None,
                 origination.creator(target.host, identity),
             )
+        self._tls = tls
         self._vetAndConnect(lambda destination: self.factory.pool.acquire(destination, tls))
 
     def _connected(self, upstream: UpstreamHTTP) -> None:
@@ -782,10 +876,31 @@ class ForwardExchange(_Exchange):
         self._bodyProducing = True
         self.protocol.resumeRequest()
 
+    @property
+    def originatesTLS(self) -> bool:
+        return self._tls is not None
+
+    def _stopInfo(self) -> dict[str, Any]:
+        assert self.target is not None
+        url = self.url
+        if self._tls is not None and url.startswith("http://"):
+            url = "https://" + url[len("http://") :]
+        return connectionStopInfo(
+            self.session,
+            self.policy,
+            self.bytesUp,
+            self.bytesDown,
+            sni=self._tls.host if self._tls is not None and not self.target.isIP else None,
+            app="http/1.1",
+            details=[url],
+        )
+
     def requestData(self, data: bytes) -> None:
         if self.upstream is None or self._finished:
             return
         self.bytesUp += len(data)
+        if self.statistics is not None:
+            self.statistics.left(data)
         self.upstream.sendData(data)
 
     def requestDone(self) -> None:
@@ -843,6 +958,8 @@ class ForwardExchange(_Exchange):
 
     def upstreamData(self, data: bytes) -> None:
         self.bytesDown += len(data)
+        if self.statistics is not None:
+            self.statistics.right(data)
         if self.bytesDown > self._limit:
             # Too late for an error response: cut the connection so the
             # client cannot take what it got for the whole body.
@@ -919,6 +1036,7 @@ class ConnectExchange(_Exchange):
         self._lifetime = Timer(self.factory.clock, timeouts.lifetime, self._lifetimeExpired)
         self._clientReadOpen = True
         self._upstreamReadOpen = True
+        self._sniffer = TLSSniffer()
 
     def start(self) -> None:
         self._vetAndConnect(
@@ -951,14 +1069,31 @@ class ConnectExchange(_Exchange):
 
     # Bytes each way.
 
+    def _stopInfo(self) -> dict[str, Any]:
+        sniffer = self._sniffer
+        return connectionStopInfo(
+            self.session,
+            self.policy,
+            self.bytesUp,
+            self.bytesDown,
+            sni=sniffer.sni,
+            app="tls" if sniffer.isTLS else None,
+        )
+
     def fromClient(self, data: bytes) -> None:
         self.bytesUp += len(data)
+        if self.factory.webhook is not None:
+            self._sniffer.feed(data)
+            if self.statistics is not None:
+                self.statistics.left(data)
         self._idle.start()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
 
     def upstreamTunnelData(self, data: bytes) -> None:
         self.bytesDown += len(data)
+        if self.statistics is not None:
+            self.statistics.right(data)
         self._idle.start()
         self.protocol.transport.write(data)
 

@@ -41,6 +41,7 @@ from proxy_app.tls import (
     serverOptions,
 )
 from proxy_app.upstream import Connector
+from proxy_app.webhook import AccessRequestSettings, StatisticsSettings, WebhookService
 
 log = Logger()
 
@@ -330,8 +331,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         sys.stderr.write(f"egressproxy: tls: {e}\n")
         raise SystemExit(1) from None
     metrics = Metrics()
+    webhook = buildWebhook(config, reactor)
+    if webhook is not None:
+        metrics.watchWebhook(webhook)
     factory = ProxyFactory(
-        config, resolver, reactor, connector, accessLog, origination, metrics
+        config, resolver, reactor, connector, accessLog, origination, metrics, webhook
     )
 
     # Children stop one at a time, last added first: the proxy listeners
@@ -342,6 +346,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         site = Site(MetricsResource(metrics.registry, lambda: not factory.draining))
         site.noisy = False
         _Listener(config.metrics, site, reactor).setServiceParent(top)
+    if webhook is not None:
+        # Stops after the drain, so the last connection-stop events go out.
+        webhook.setServiceParent(top)
     service = ProxyService(factory, reactor)
     service.reopenOnSIGUSR1 = reactor is _globalReactor()
     service.setServiceParent(top)
@@ -349,6 +356,41 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         name = listener.description if isinstance(listener, TLSListener) else listener
         _Listener(listener, factory.forListener(name), reactor).setServiceParent(top)
     return top
+
+
+def buildWebhook(config: Config, reactor: Any) -> WebhookService | None:
+    """
+    The control webhook service, if a URL is configured and it is enabled.
+    It talks to the operator's URL directly: it is not a proxy client, and
+    the destination policy does not apply to it.
+    """
+    settings = config.webhook
+    if settings.url is None or not settings.enabled:
+        return None
+    trustRoot = None
+    if config.tls.ca_bundle or config.tls.extra_ca:
+        trustRoot = loadTrustRoot(config.tls.ca_bundle, config.tls.extra_ca)
+    return WebhookService(
+        settings.url,
+        clock=reactor,
+        reactor=reactor,
+        hostid=settings.hostid,
+        tlsVerify=settings.tls_verify,
+        trustRoot=trustRoot,
+        pingInterval=settings.ping_interval,
+        timeout=settings.timeout,
+        queueSize=settings.queue_size,
+        retries=settings.retries,
+        events=settings.events or None,
+        accessRequest=AccessRequestSettings(
+            enabled=settings.access_request.enabled,
+            timeout=settings.access_request.timeout,
+            onError=settings.access_request.on_error,
+        ),
+        statistics=StatisticsSettings(
+            enabled=settings.statistics.enabled, maxBytes=settings.statistics.max_bytes
+        ),
+    )
 
 
 def _globalReactor() -> Any:

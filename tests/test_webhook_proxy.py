@@ -1,0 +1,204 @@
+"""
+The control webhook wired into the proxy: the events a proxied request or
+tunnel produces, and the access-request gate in front of the connect.
+Everything runs in memory: the proxy on a memory reactor, the webhook
+client on treq's StubTreq against a fake control server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL import SSL
+from treq.testing import StubTreq
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy_app.webhook import AccessRequestSettings, StatisticsSettings, WebhookService
+
+from .helpers import makeHarness, parseResponse
+from .test_webhook import ControlServer
+
+URL = "http://127.0.0.1:5000/webhook/SECRET"
+GET = b"GET http://origin.example/a?b=1 HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+
+
+def clientHello(serverName: bytes) -> bytes:
+    """
+    A real TLS ClientHello asking for C{serverName}.
+    """
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    connection = SSL.Connection(context, None)
+    connection.set_tlsext_host_name(serverName)
+    connection.set_connect_state()
+    try:
+        connection.do_handshake()
+    except SSL.WantReadError:
+        pass
+    return connection.bio_read(65536)
+
+
+class WebhookProxyTests(SynchronousTestCase):
+    """
+    Events and the gate as a proxied client sees and causes them.
+    """
+
+    def setUpProxy(self, mode: str = "ok", **settings: Any) -> Any:
+        self.server = ControlServer(mode)
+        self.stub = StubTreq(self.server)
+        h = makeHarness()
+        self.webhook = WebhookService(
+            URL, clock=h.reactor, treqClient=self.stub, hostid="proxy-1", **settings
+        )
+        h.factory.webhook = self.webhook
+        # The client connected before the webhook was set: say hello again.
+        h.protocol.connectionMade()
+        return h
+
+    def messages(self, action: str) -> list[dict[str, Any]]:
+        self.stub.flush()
+        return [r.json for r in self.server.requests if r.json["action"] == action]
+
+    def test_forwardedRequestEvents(self) -> None:
+        """
+        A forwarded request produces neighbor, connection-start and
+        connection-stop with the session label, the bytes and the URL.
+        """
+        h = self.setUpProxy()
+        h.send(GET)
+        up, _ = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        (neighbor,) = self.messages("neighbor")
+        self.assertEqual(
+            neighbor,
+            {"type": "proxy", "action": "neighbor", "source": "proxy-1",
+             "address": "127.0.0.1", "addresses": ["127.0.0.1"], "state": "new"},
+        )
+        (start,) = self.messages("connection-start")
+        session = "tcp_127.0.0.1:40000+tcp_203.0.113.10:80"
+        self.assertEqual(start["details"], {"info": {"session": session}})
+        self.assertRegex(start["id"], r"^Proxy-[0-9A-F]{8}-OID-[0-9A-F]{12}$")
+        (stop,) = self.messages("connection-stop")
+        self.assertEqual(stop["id"], start["id"])
+        self.assertEqual(
+            stop["details"]["info"],
+            {
+                "session": session,
+                "policy": "default",
+                "bytes_up": 0,
+                "bytes_down": 5,
+                "l7": {"app": "http/1.1", "details": ["http://origin.example/a?b=1"]},
+            },
+        )
+
+    def test_gateReject(self) -> None:
+        """
+        A webhook that rejects the access request gets the client 403 with
+        reason code 1012, and nothing is connected.
+        """
+        h = self.setUpProxy("reject", accessRequest=AccessRequestSettings(enabled=True))
+        h.send(GET)
+        self.stub.flush()
+        status, headers, body = parseResponse(h.client.value())
+        self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (403, b"1012"))
+        self.assertIn(b"rejected by", body)
+        self.assertEqual(h.reactor.tcpClients, [])
+        (request,) = self.messages("access-request")
+        self.assertEqual(
+            request["details"],
+            {"policy": "default", "session": "tcp_127.0.0.1:40000+tcp_203.0.113.10:80"},
+        )
+        self.assertEqual(self.messages("connection-start"), [])
+
+    def test_gateWaitsThenAccepts(self) -> None:
+        """
+        Nothing is connected until the webhook accepts; its reply is then
+        reported in connection-info.
+        """
+        h = self.setUpProxy("never", accessRequest=AccessRequestSettings(enabled=True, timeout=30))
+        h.send(GET)
+        self.stub.flush()
+        self.assertEqual(h.reactor.tcpClients, [])
+        (pending,) = [r for r in self.server.pending() if r.json["action"] == "access-request"]
+        pending.answer(200, b'{"access-response": "accept", "note": "ok by me"}')
+        self.stub.flush()
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        up, _ = h.connectUpstream()
+        self.server.mode = "ok"
+        up.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        (info,) = self.messages("connection-info")
+        self.assertEqual(
+            info["details"]["access-request"], {"access-response": "accept", "note": "ok by me"}
+        )
+
+    def test_gateTimeoutBothModes(self) -> None:
+        """
+        A webhook that never answers: with on_error accept the connection
+        goes ahead after the gate's timeout; with on_error reject it is
+        refused with 1012.
+        """
+        for onError, connects in (("accept", 1), ("reject", 0)):
+            h = self.setUpProxy(
+                "never", accessRequest=AccessRequestSettings(enabled=True, timeout=2, onError=onError)
+            )
+            h.send(GET)
+            self.stub.flush()
+            h.reactor.advance(2)
+            self.stub.flush()
+            self.assertEqual(len(h.reactor.tcpClients), connects, onError)
+            if not connects:
+                status, headers, _ = parseResponse(h.client.value())
+                self.assertEqual(headers[b"x-whsentry-reasoncode"], b"1012")
+
+    def test_clientLeavesDuringGate(self) -> None:
+        """
+        A client that disconnects while its access request waits cancels
+        the wait, and nothing is ever connected.
+        """
+        h = self.setUpProxy("never", accessRequest=AccessRequestSettings(enabled=True, timeout=30))
+        h.send(GET)
+        self.stub.flush()
+        h.protocol.connectionLost(None)
+        self.stub.flush()
+        (pending,) = [r for r in self.server.requests if r.json["action"] == "access-request"]
+        self.assertTrue(pending.lost)
+        h.reactor.advance(60)
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_deadWebhookTrafficFlows(self) -> None:
+        """
+        A webhook server that never answers changes nothing for traffic
+        when the gate is off.
+        """
+        h = self.setUpProxy("never")
+        h.send(GET)
+        up, _ = h.connectUpstream()
+        for _ in range(3):
+            if h.client.value():
+                # Later requests reuse the pooled upstream connection.
+                h.client.clear()
+                h.send(GET)
+            up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            self.assertTrue(h.client.value().endswith(b"ok"))
+        self.assertEqual([line["response_code"] for line in h.access], [200, 200, 200])
+
+    def test_tunnelSNIAndStatistics(self) -> None:
+        """
+        A tunnel carrying TLS reports the ClientHello's SNI and app tls in
+        connection-stop, and statistics counting exactly the relayed bytes.
+        """
+        h = self.setUpProxy(statistics=StatisticsSettings(enabled=True))
+        hello = clientHello(b"api.example.com")
+        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
+        up, _ = h.connectUpstream()
+        h.send(hello)
+        up.dataReceived(b"\x16\x03\x03server")
+        h.protocol.connectionLost(None)
+        (stop,) = self.messages("connection-stop")
+        info = stop["details"]["info"]
+        self.assertEqual(info["tls"], {"sni": "api.example.com"})
+        self.assertEqual(info["l7"]["app"], "tls")
+        self.assertEqual((info["bytes_up"], info["bytes_down"]), (len(hello), 9))
+        (details,) = self.messages("connection-info")
+        entropy = details["details"]["statistics"]["entropy"]
+        self.assertEqual(entropy["left"]["bytes_accounted"], len(hello))
+        self.assertEqual(entropy["right"]["bytes_accounted"], 9)
