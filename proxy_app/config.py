@@ -676,6 +676,15 @@ class AccessLog:
         "Access log format: text (key=value) or json (one object a line).",
         metavar="text|json",
     )
+    decision_log: str | None = setting(
+        "decision-log",
+        None,
+        text,
+        "Where CANONICAL-PROXY-DECISION and CANONICAL-PROXY-CN-CLOSE lines go "
+        "(a path, or - for standard output), in access_log.format; by "
+        "default, the process log.",
+        metavar="PATH",
+    )
     request_id_header: str = setting(
         "request-id-header",
         "Request-ID",
@@ -741,6 +750,58 @@ class Destinations:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class ACLSettings:
+    """
+    Per-role access control with Smokescreen's v1 ACL files.  See
+    C{docs/access-control.md}.
+    """
+
+    file: str | None = setting(
+        "acl",
+        None,
+        text,
+        "Smokescreen v1 ACL file deciding which hosts each role may reach; "
+        "re-read on SIGHUP. No ACL: every role is allowed (the address "
+        "policy still applies).",
+        metavar="PATH",
+    )
+    allow_missing_role: bool = setting(
+        "allow-missing-role",
+        False,
+        boolean,
+        "Judge requests without a role by the ACL's default rule instead of "
+        "denying them (Smokescreen's --allow-missing-role).",
+        metavar="BOOL",
+    )
+    role_header: str | None = setting(
+        "role-header",
+        None,
+        headerName,
+        "DANGEROUS: trust the role named in this request header (for a "
+        "trusted sidecar in front of the proxy); the header is stripped.",
+        metavar="NAME",
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Auth:
+    """
+    Proxy authentication with Proxy-Authorization: Basic.
+    """
+
+    checkers: tuple[str, ...] = setting(
+        "auth",
+        (),
+        text,
+        "Credentials checker (repeatable): twisted.cred strcred strings "
+        "such as file:PATH or memory:USER:PASS, or htpasswd:PATH for bcrypt "
+        "htpasswd files; files are re-read on SIGHUP. None: no proxy auth.",
+        repeatable=True,
+        metavar="STRCRED",
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class Config:
     """
     The whole configuration.  Fields made by L{setting} are top-level keys;
@@ -769,6 +830,8 @@ class Config:
     limits: Limits = attr.ib(factory=Limits)
     destinations: Destinations = attr.ib(factory=Destinations)
     tls: TLS = attr.ib(factory=TLS)
+    acl: ACLSettings = attr.ib(factory=ACLSettings)
+    auth: Auth = attr.ib(factory=Auth)
     webhook: Webhook = attr.ib(factory=Webhook)
     access_log: AccessLog = attr.ib(factory=AccessLog)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from twisted.logger import FileLogObserver, Logger, LogPublisher
+from twisted.logger import FileLogObserver, ILogObserver, Logger, LogPublisher
 from twisted.web.resource import Resource
 
 log = Logger()
@@ -50,50 +50,95 @@ ACCESS_FIELDS = (
 )
 
 
+# The fields of Smokescreen's canonical decision lines.
+DECISION_FIELDS = (
+    "msg",
+    "id",
+    "proxy_type",
+    "requested_host",
+    "role",
+    "project",
+    "decision_reason",
+    "enforce_would_deny",
+    "allow",
+    "inbound_remote_addr",
+    "outbound_remote_addr",
+    "dns_lookup_time_ms",
+    "conn_establish_time_ms",
+    "status_code",
+    "bytes_in",
+    "bytes_out",
+    "duration",
+    "end_time",
+    "error",
+)
+
+
 def _textValue(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     text = str(value)
     if not text or any(c in text for c in ' "=\\') or not text.isprintable():
         return json.dumps(text)
     return text
 
 
-def formatText(event: dict[str, Any]) -> str:
+def textFormatter(fields: tuple[str, ...]) -> Any:
     """
-    Format an access event as C{key=value} pairs (logfmt), quoting values
-    that need it.
+    A formatter writing C{fields} of an event as C{key=value} pairs
+    (logfmt), quoting values that need it.
     """
-    parts = []
-    for name in ACCESS_FIELDS:
-        value = event.get(name)
-        if value is None:
-            continue
-        parts.append(f"{name}={_textValue(value)}")
-    return " ".join(parts) + "\n"
+
+    def formatText(event: dict[str, Any]) -> str:
+        parts = []
+        for name in fields:
+            value = event.get(name)
+            if value is None:
+                continue
+            parts.append(f"{name}={_textValue(value)}")
+        return " ".join(parts) + "\n"
+
+    return formatText
 
 
-def formatJSON(event: dict[str, Any]) -> str:
+def jsonFormatter(fields: tuple[str, ...]) -> Any:
     """
-    Format an access event as one JSON object.
+    A formatter writing C{fields} of an event as one JSON object, with the
+    event's time.
     """
-    record = {name: event[name] for name in ACCESS_FIELDS if event.get(name) is not None}
-    record["time"] = event.get("log_time")
-    return json.dumps(record, separators=(",", ":")) + "\n"
+
+    def formatJSON(event: dict[str, Any]) -> str:
+        record = {name: event[name] for name in fields if event.get(name) is not None}
+        record["time"] = event.get("log_time")
+        return json.dumps(record, separators=(",", ":")) + "\n"
+
+    return formatJSON
 
 
-class AccessLog:
+formatText = textFormatter(ACCESS_FIELDS)
+formatJSON = jsonFormatter(ACCESS_FIELDS)
+
+
+class LineLog:
     """
-    Writes access-log lines.
+    A log of one line per event, with a fixed set of fields, written to a
+    file or standard output as text or JSON.
 
     @ivar publisher: the L{LogPublisher} lines are emitted to; tests add
         observers to it.
     """
 
+    fields: tuple[str, ...] = ACCESS_FIELDS
+    namespace = "egressproxy.access"
+
     def __init__(
         self, outFile: IO[str] | None, format: str = "text", path: str | None = None
     ) -> None:
         self.publisher = LogPublisher()
-        self._log = Logger(namespace="egressproxy.access", observer=self.publisher)
-        self._formatter = formatJSON if format == "json" else formatText
+        self._log = Logger(namespace=self.namespace, observer=self.publisher)
+        self._formatter = (
+            jsonFormatter(self.fields) if format == "json" else textFormatter(self.fields)
+        )
         self._path = path
         self._file = outFile
         self._observer: FileLogObserver | None = None
@@ -102,10 +147,9 @@ class AccessLog:
             self.publisher.addObserver(self._observer)
 
     @classmethod
-    def open(cls, path: str, format: str) -> AccessLog:
+    def open(cls, path: str, format: str) -> Any:
         """
-        Open the access log at C{path} (C{-} is standard output) for
-        appending.
+        Open the log at C{path} (C{-} is standard output) for appending.
         """
         if path == "-":
             return cls(sys.stdout, format)
@@ -121,7 +165,7 @@ class AccessLog:
         try:
             newFile = open(self._path, "a", buffering=1, encoding="utf-8")
         except OSError as e:
-            log.error("Cannot reopen access log {path}: {error}", path=self._path, error=e)
+            log.error("Cannot reopen log {path}: {error}", path=self._path, error=e)
             return
         if self._observer is not None:
             self.publisher.removeObserver(self._observer)
@@ -130,13 +174,45 @@ class AccessLog:
         self._file = newFile
         self._observer = FileLogObserver(newFile, self._formatter)
         self.publisher.addObserver(self._observer)
-        log.info("Reopened access log {path}", path=self._path)
+        log.info("Reopened log {path}", path=self._path)
 
     def record(self, **fields: Any) -> None:
         """
-        Write one line with the given L{ACCESS_FIELDS}.
+        Write one line with the given fields.
         """
-        self._log.info("access", **fields)
+        self._log.info(self.namespace, **fields)
+
+
+class AccessLog(LineLog):
+    """
+    The access log: one line per request or tunnel, with webhook-sentry's
+    fields.
+    """
+
+
+class DecisionLog(LineLog):
+    """
+    Smokescreen's canonical decision lines: C{CANONICAL-PROXY-DECISION} for
+    each request or tunnel, C{CANONICAL-PROXY-CN-CLOSE} when a tunnel
+    closes.  Without a file of its own (L{toProcessLog}) each line goes to
+    the process log, with its fields as the event's keys.
+    """
+
+    fields = DECISION_FIELDS
+    namespace = "egressproxy.decision"
+
+    @classmethod
+    def toProcessLog(cls) -> DecisionLog:
+        decisions = cls(None)
+        text = textFormatter(DECISION_FIELDS)
+        processLog = Logger(namespace=cls.namespace)
+
+        def forward(event: dict[str, Any]) -> None:
+            fields = {k: event[k] for k in DECISION_FIELDS if k in event}
+            processLog.info("{line}", line=text(event).rstrip("\n"), **fields)
+
+        decisions.publisher.addObserver(cast(ILogObserver, forward))
+        return decisions
 
 
 # Metrics.
@@ -214,6 +290,20 @@ class Metrics:
             "egressproxy_access_request_outcomes",
             "Access-request gate outcomes: accept or reject.",
             ["outcome"],
+            registry=r,
+        )
+        self.authFailures = Counter(
+            "egressproxy_proxy_auth_failures",
+            "Requests with wrong or malformed proxy credentials (missing "
+            "credentials are not counted).",
+            registry=r,
+        )
+        self.aclDecisions = Counter(
+            "egressproxy_acl_decisions",
+            "ACL decisions by the rule that matched (a service name or "
+            "default), its project, and the outcome: allow, report (allowed, "
+            "enforce would deny) or deny.",
+            ["rule", "project", "decision"],
             registry=r,
         )
         self.tlsFailures = Counter(

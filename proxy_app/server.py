@@ -29,11 +29,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from proxy_app.access import AccessControl, AuthFailed
+from proxy_app.acl import ACLDecision
 from proxy_app.config import Config
 from proxy_app.interfaces import IDestinationResolver
-from proxy_app.observe import AccessLog, Metrics
+from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
-from proxy_app.resolver import DestinationDenied, VettedDestination
+from proxy_app.resolver import DestinationDenied, VettedDestination, hostPort
 from proxy_app.target import Target, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import Origination
 from proxy_app.upstream import (
@@ -65,6 +67,21 @@ _DISCARD_LIMIT = 65536
 # What a well-formed incoming request id looks like; anything else is
 # replaced, since it ends up in logs and upstream headers.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
+_DENIALS = frozenset(
+    {
+        Reason.BLOCKED_ADDRESS,
+        Reason.DENIED_BY_ACL,
+        Reason.REJECTED_BY_WEBHOOK,
+        Reason.PROXY_AUTH_REQUIRED,
+        Reason.OVERLOADED,
+    }
+)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
 _TLS_FAILURES = {
     Reason.TLS_HANDSHAKE_FAILED: "handshake",
     Reason.CERTIFICATE_INVALID: "certificate",
@@ -91,6 +108,7 @@ def errorResponse(
         (b"X-WhSentry-Reason", reason),
         (b"X-WhSentry-ReasonCode", str(int(error.reason)).encode("ascii")),
     ]
+    headers.extend(getattr(error, "headers", ()))
     if extraHeaders:
         headers.extend(extraHeaders)
     if close:
@@ -130,10 +148,14 @@ class ProxyFactory(Factory):
         origination: Origination | None = None,
         metrics: Metrics | None = None,
         webhook: WebhookService | None = None,
+        access: AccessControl | None = None,
+        decisionLog: DecisionLog | None = None,
     ) -> None:
         self.config = config
         self.origination = origination
         self.webhook = webhook
+        self.access = access if access is not None else AccessControl()
+        self.decisionLog = decisionLog if decisionLog is not None else DecisionLog(None)
         self.metrics = metrics if metrics is not None else Metrics(process=False)
         self.requestIDHeader = config.access_log.request_id_header.lower().encode("ascii")
         self.resolver = resolver
@@ -566,12 +588,18 @@ class _Exchange:
         self.session = ""
         self.gateResult: GateResult | None = None
         self._webhookStarted = False
+        # Who asked, and what the ACL said.
+        self.role: str | None = protocol.role
+        self.aclDecision: ACLDecision | None = None
+        self.outboundAddress: str | None = None
         self.bytesUp = 0
         self.bytesDown = 0
         self.status: int | None = None
         self.error: ProxyError | None = None
         self._pending: Deferred | None = None
         self._finished = False
+        self._clientGone = False
+        self._decisionLogged = False
 
     @property
     def url(self) -> str:
@@ -586,13 +614,38 @@ class _Exchange:
         L{Deferred} of an upstream protocol; L{_connected} gets that.
         """
         assert self.target is not None
-        d = self.factory.resolver.vet(self.target.host, self.target.port)
+        target = self.target
+        d = self.factory.access.identify(self.protocol.role, self.request.headers)
+        d.addCallback(self._decide)
+        d.addCallback(lambda _: self.factory.resolver.vet(target.host, target.port))
         d.addCallback(self._vetted)
         d.addCallback(self._askGate)
         d.addCallback(connect)
         d.addCallbacks(self._connectedOrStale, self._setupFailed)
         d.addErrback(self._internalError)
         self._pending = d
+
+    def _decide(self, role: str | None) -> None:
+        """
+        The ACL decides on the name; the address policy decides later on
+        the addresses, so neither check can be passed through the other.
+        """
+        assert self.target is not None
+        self.role = role
+        decision = self.aclDecision = self.factory.access.decide(role, self.target.host)
+        if self.factory.access.acl is not None:
+            outcome = "deny"
+            if decision.allow:
+                outcome = "report" if decision.action == "report" and decision.enforceWouldDeny else "allow"
+            self.factory.metrics.aclDecisions.labels(
+                decision.rule or "", decision.project or "", outcome
+            ).inc()
+        if not decision.allow:
+            raise ProxyError(
+                Reason.DENIED_BY_ACL,
+                f"Egress proxying is denied to host '{self.target.authority}': "
+                f"{decision.reason}.",
+            )
 
     def _vetted(self, destination: VettedDestination) -> VettedDestination:
         metrics = self.factory.metrics
@@ -617,7 +670,10 @@ class _Exchange:
         What allowed this exchange, for the webhook: the role, else
         C{default}.
         """
-        return self.protocol.role or "default"
+        decision = self.aclDecision
+        if decision is not None and decision.rule:
+            return decision.rule
+        return self.role or "default"
 
     @property
     def originatesTLS(self) -> bool:
@@ -662,6 +718,9 @@ class _Exchange:
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None
         webhook = self.factory.webhook
+        if not self._finished:
+            peer = upstream.transport.getPeer()
+            self.outboundAddress = hostPort(peer.host, peer.port)
         if webhook is not None and not self._finished:
             self.session = self._sessionLabel(upstream.transport.getPeer().host)
             webhook.connectionStarted(self.connectionID, self.session)
@@ -680,10 +739,17 @@ class _Exchange:
 
     def _setupFailed(self, failure: Failure) -> None:
         self._pending = None
-        if failure.check(CancelledError) or self._finished:
+        if failure.check(CancelledError) or self._finished or self._clientGone:
             return
         if isinstance(failure.value, DestinationDenied):
             self.factory.metrics.resolverDenials.labels(failure.value.decision.label).inc()
+        if isinstance(failure.value, AuthFailed) and not failure.value.missing:
+            self.factory.metrics.authFailures.inc()
+            log.info(
+                "{rq_id}: proxy authentication failed for client {client}",
+                rq_id=self.requestID,
+                client=self.protocol.peerHost,
+            )
         if isinstance(failure.value, ProxyError):
             error = failure.value
         else:
@@ -757,9 +823,40 @@ class _Exchange:
             bytes_down=self.bytesDown,
             reason_code=reasonCode,
             error=error,
-            role=self.protocol.role,
+            role=self.role,
             client_cn=self.protocol.certificateCN,
             client_ou=self.protocol.certificateOU,
+        )
+        if not self._decisionLogged:
+            self.logDecision()
+
+    def logDecision(self) -> None:
+        """
+        Write Smokescreen's C{CANONICAL-PROXY-DECISION} line.
+        """
+        self._decisionLogged = True
+        decision = self.aclDecision
+        error = self.error
+        reason: str | None
+        if error is not None and error.reason is not Reason.DENIED_BY_ACL:
+            reason = error.message
+        else:
+            reason = decision.reason if decision is not None else None
+        self.factory.decisionLog.record(
+            msg="CANONICAL-PROXY-DECISION",
+            id=self.requestID,
+            proxy_type=self.proxyType,
+            requested_host=self.target.authority if self.target is not None else self.url,
+            role=self.role,
+            project=decision.project if decision is not None else None,
+            decision_reason=reason,
+            enforce_would_deny=decision.enforceWouldDeny if decision is not None else False,
+            allow=error is None or error.reason not in _DENIALS,
+            inbound_remote_addr=self.protocol.clientAddress,
+            outbound_remote_addr=self.outboundAddress,
+            dns_lookup_time_ms=_ms(self.dnsTime),
+            conn_establish_time_ms=_ms(self.connectTime),
+            status_code=self.status,
         )
 
     def _stopInfo(self) -> dict[str, Any]:
@@ -781,6 +878,7 @@ class _Exchange:
         """
         The client connection closed before the exchange finished.
         """
+        self._clientGone = True
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
@@ -859,7 +957,10 @@ class ForwardExchange(_Exchange):
         self.upstream = upstream
         idHeader = self.factory.requestIDHeader
         headers = [(b"Host", self.target.hostHeader)]
-        headers += endToEndHeaders(self.request.headers, _STRIP_REQUEST | {idHeader})
+        strip = _STRIP_REQUEST | {idHeader}
+        if self.factory.access.roleHeader is not None:
+            strip |= {self.factory.access.roleHeader}
+        headers += endToEndHeaders(self.request.headers, strip)
         headers.append((idHeader, self.requestID.encode("ascii")))
         headers += framingHeaders(self.request.headers)
         try:
@@ -1056,6 +1157,7 @@ class ConnectExchange(_Exchange):
             return
         leftover = self.protocol.becomeTunnel(self)
         self.factory.metrics.tunnels.inc()
+        self.logDecision()
         client = self.protocol.transport
         # Wire the two transports together for flow control, as
         # twisted.protocols.portforward does.
@@ -1147,6 +1249,21 @@ class ConnectExchange(_Exchange):
             # The tunnel's line is written when it ends.
             self.factory.metrics.tunnels.dec()
             self.record()
+            now = self.factory.clock.seconds()
+            self.factory.decisionLog.record(
+                msg="CANONICAL-PROXY-CN-CLOSE",
+                id=self.requestID,
+                proxy_type=self.proxyType,
+                requested_host=self.target.authority if self.target is not None else self.url,
+                role=self.role,
+                inbound_remote_addr=self.protocol.clientAddress,
+                outbound_remote_addr=self.outboundAddress,
+                bytes_in=self.bytesDown,
+                bytes_out=self.bytesUp,
+                duration=round(now - self.started, 6),
+                end_time=now,
+                error=self.error.message if self.error is not None else "",
+            )
             return
         super().clientLost(reason)
 

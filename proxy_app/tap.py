@@ -28,9 +28,11 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from proxy_app import config as configModule
+from proxy_app.access import AccessControl
+from proxy_app.acl import ACLError, loadACL
 from proxy_app.addresses import AddressPolicy, parseIPLiteral
 from proxy_app.config import Config, ConfigError, TLSListener, splitDescription
-from proxy_app.observe import AccessLog, Metrics, MetricsResource
+from proxy_app.observe import AccessLog, DecisionLog, Metrics, MetricsResource
 from proxy_app.resolver import SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
 from proxy_app.tls import (
@@ -137,6 +139,11 @@ def validate(config: Config) -> None:
                 f"listen: interface={host!r}: expected an IP address "
                 "(a name would need DNS before the proxy can vet anything)"
             )
+    if config.acl.file:
+        try:
+            loadACL(config.acl.file)
+        except ACLError as e:
+            raise ConfigError(f"acl.file: {e}") from None
     destinations = config.destinations
     for key, kwarg in (
         ("allow_ranges", "allowRanges"),
@@ -206,7 +213,7 @@ class ProxyService(Service):
     and tunnels finish for up to the drain timeout, then cuts what is left.
     """
 
-    reopenOnSIGUSR1 = False
+    installSignals = False
 
     def __init__(self, factory: ProxyFactory, clock: Any) -> None:
         self.factory = factory
@@ -214,17 +221,18 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.reopenOnSIGUSR1:
-            # logrotate's postrotate sends SIGUSR1; the reopen runs in the
-            # reactor, not in the signal handler.
+        if self.installSignals:
+            # The work runs in the reactor, not in the signal handler.
             from twisted.internet import reactor
 
-            signal.signal(
-                signal.SIGUSR1,
-                lambda signum, frame: reactor.callFromThread(  # type: ignore[attr-defined]
-                    self.factory.accessLog.reopen
-                ),
-            )
+            call = reactor.callFromThread  # type: ignore[attr-defined]
+            # logrotate's postrotate sends SIGUSR1.
+            signal.signal(signal.SIGUSR1, lambda signum, frame: call(self.reopenLogs))
+            signal.signal(signal.SIGHUP, lambda signum, frame: call(self.factory.access.reload))
+
+    def reopenLogs(self) -> None:
+        self.factory.accessLog.reopen()
+        self.factory.decisionLog.reopen()
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -330,12 +338,44 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except TLSConfigError as e:
         sys.stderr.write(f"egressproxy: tls: {e}\n")
         raise SystemExit(1) from None
+    try:
+        access = AccessControl.fromConfig(config.acl, config.auth, reactor)
+    except ValueError as e:
+        sys.stderr.write(f"egressproxy: {e}\n")
+        raise SystemExit(1) from None
+    if config.acl.role_header:
+        log.warn(
+            "Trusting the role named in the {header} header: only safe behind a "
+            "trusted sidecar that sets it",
+            header=config.acl.role_header,
+        )
+    try:
+        decisionLog = (
+            DecisionLog.open(config.access_log.decision_log, config.access_log.format)
+            if config.access_log.decision_log
+            else DecisionLog.toProcessLog()
+        )
+    except OSError as e:
+        sys.stderr.write(
+            f"egressproxy: access_log.decision_log = {config.access_log.decision_log!r}: "
+            f"cannot open it: {e.strerror}\n"
+        )
+        raise SystemExit(1) from None
     metrics = Metrics()
     webhook = buildWebhook(config, reactor)
     if webhook is not None:
         metrics.watchWebhook(webhook)
     factory = ProxyFactory(
-        config, resolver, reactor, connector, accessLog, origination, metrics, webhook
+        config,
+        resolver,
+        reactor,
+        connector,
+        accessLog,
+        origination,
+        metrics,
+        webhook,
+        access,
+        decisionLog,
     )
 
     # Children stop one at a time, last added first: the proxy listeners
@@ -350,7 +390,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # Stops after the drain, so the last connection-stop events go out.
         webhook.setServiceParent(top)
     service = ProxyService(factory, reactor)
-    service.reopenOnSIGUSR1 = reactor is _globalReactor()
+    service.installSignals = reactor is _globalReactor()
     service.setServiceParent(top)
     for listener in config.listen:
         name = listener.description if isinstance(listener, TLSListener) else listener

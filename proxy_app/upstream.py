@@ -17,7 +17,7 @@ import attr
 import h11
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
@@ -112,9 +112,12 @@ class Connector:
             attempt.addCallbacks(result.callback, failed, errbackArgs=(address,))
 
         def failed(failure: Failure, address: str) -> None:
-            if failure.check(ConnectingCancelledError) and result.called:
+            if failure.check(ConnectingCancelledError):
+                # Our caller cancelled: no error to translate.
+                if not result.called:
+                    result.errback(Failure(CancelledError()))
                 return
-            if addresses and not failure.check(ConnectingCancelledError):
+            if addresses:
                 log.info(
                     "Connecting to {address} for {host} failed ({error}); trying the next address",
                     address=address,

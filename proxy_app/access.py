@@ -1,0 +1,124 @@
+"""
+Who a request comes from and whether its role may reach the host it asks
+for: the live ACL and credentials, swapped whole on reload so that a
+request in progress keeps the decision it was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from proxy_app.acl import ACL, ACLDecision, ACLError, loadACL
+from proxy_app.identity import Authenticator, AuthFailed
+
+log = Logger()
+
+
+class AccessControl:
+    """
+    Identification and the ACL, as configured.
+
+    @ivar acl: the ACL in force, or L{None} for none.
+    @ivar authenticator: the L{Authenticator}, or L{None} when proxy
+        authentication is off.
+    """
+
+    def __init__(
+        self,
+        acl: ACL | None = None,
+        aclPath: str | None = None,
+        authenticator: Authenticator | None = None,
+        allowMissingRole: bool = False,
+        roleHeader: str | None = None,
+    ) -> None:
+        self.acl = acl
+        self.aclPath = aclPath
+        self.authenticator = authenticator
+        self.allowMissingRole = allowMissingRole
+        self.roleHeader = roleHeader.lower().encode("ascii") if roleHeader else None
+
+    @classmethod
+    def fromConfig(cls, settings: Any, auth: Any, reactor: Any) -> AccessControl:
+        """
+        Build from the C{acl} and C{auth} configuration sections.
+
+        @raise ValueError: one line naming the file or spec at fault.
+        """
+        acl = loadACL(settings.file) if settings.file else None
+        authenticator = None
+        if auth.checkers:
+            authenticator = Authenticator.fromStrings(
+                auth.checkers, reactor=reactor, threadpool=reactor.getThreadPool()
+            )
+        return cls(
+            acl, settings.file, authenticator, settings.allow_missing_role, settings.role_header
+        )
+
+    def identify(self, certificateRole: str | None, headers: Any) -> Deferred:
+        """
+        The request's role, highest source first: the verified client
+        certificate's CN, the trusted role header (when configured), the
+        username of C{Proxy-Authorization: Basic}; else L{None}.
+
+        @return: a L{Deferred} firing with the role, or failing with
+            L{AuthFailed} when authentication is configured and the request
+            did not pass it.
+        """
+        if certificateRole:
+            return succeed(certificateRole)
+        if self.roleHeader is not None:
+            for name, value in headers:
+                if name == self.roleHeader and value.strip():
+                    return succeed(value.strip().decode("latin-1"))
+        if self.authenticator is None:
+            return succeed(None)
+        header = None
+        for name, value in headers:
+            if name == b"proxy-authorization":
+                header = value
+                break
+        return self.authenticator.authenticate(header)
+
+    def decide(self, role: str | None, host: str) -> ACLDecision:
+        """
+        The ACL's decision for C{role} and C{host}; everything is allowed
+        without an ACL.
+        """
+        acl = self.acl
+        if acl is None:
+            return ACLDecision.withoutACL(role)
+        return acl.decide(role, host, self.allowMissingRole)
+
+    def reload(self) -> bool:
+        """
+        Re-read the ACL and the password files.  A file that fails to load
+        leaves the old one in force and logs one error line.
+
+        @return: whether everything reloaded.
+        """
+        ok = True
+        if self.aclPath is not None:
+            try:
+                acl = loadACL(self.aclPath)
+            except ACLError as e:
+                log.error("ACL not reloaded, the old one stays in force: {error}", error=str(e))
+                ok = False
+            else:
+                self.acl = acl
+                log.info("ACL reloaded from {path}", path=self.aclPath)
+        if self.authenticator is not None:
+            try:
+                self.authenticator.reload()
+            except ValueError as e:
+                log.error(
+                    "Credentials not reloaded, the old ones stay in force: {error}",
+                    error=str(e),
+                )
+                ok = False
+        return ok
+
+
+__all__ = ["AccessControl", "AuthFailed"]
