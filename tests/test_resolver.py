@@ -20,7 +20,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.names import dns, server
+from twisted.names import dns
 from twisted.names import error as names_error
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -40,7 +40,7 @@ from proxy_app.resolver import (
     parseNameserver,
 )
 
-from .helpers import InMemoryAuthority
+from .helpers import startNameServer
 
 # Loopback addresses stand in for public ones: the policy below allows
 # exactly these, and everything else in 127/8 and 10/8 stays denied by the
@@ -1122,30 +1122,16 @@ class MakeNameResolverTests(SynchronousTestCase):
 ZONE = b"example.test"
 
 
-def makeAuthority() -> InMemoryAuthority:
-    soa = dns.Record_SOA(
-        mname=b"ns." + ZONE,
-        rname=b"hostmaster." + ZONE,
-        serial=1,
-        refresh=60,
-        retry=60,
-        expire=60,
-        minimum=60,
-    )
-    return InMemoryAuthority(
-        (ZONE, soa),
-        {
-            ZONE: [soa],
-            b"www." + ZONE: [
-                dns.Record_A(ALLOWED_V4),
-                dns.Record_A(DENIED_V4_PRIVATE),
-                dns.Record_AAAA(ALLOWED_V6),
-            ],
-            b"alias." + ZONE: [dns.Record_CNAME(b"www." + ZONE)],
-            b"v4only." + ZONE: [dns.Record_A(ALLOWED_V4_OTHER)],
-            b"internal." + ZONE: [dns.Record_A(DENIED_V4)],
-        },
-    )
+RECORDS = {
+    b"www." + ZONE: [
+        dns.Record_A(ALLOWED_V4),
+        dns.Record_A(DENIED_V4_PRIVATE),
+        dns.Record_AAAA(ALLOWED_V6),
+    ],
+    b"alias." + ZONE: [dns.Record_CNAME(b"www." + ZONE)],
+    b"v4only." + ZONE: [dns.Record_A(ALLOWED_V4_OTHER)],
+    b"internal." + ZONE: [dns.Record_A(DENIED_V4)],
+}
 
 
 class NameserverIntegrationTests(TestCase):
@@ -1157,10 +1143,7 @@ class NameserverIntegrationTests(TestCase):
     def setUp(self) -> None:
         from twisted.internet import reactor
 
-        factory = server.DNSServerFactory(authorities=[makeAuthority()])
-        port = reactor.listenUDP(
-            0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1"
-        )
+        port = startNameServer(reactor, ZONE, RECORDS)
         self.addCleanup(port.stopListening)
         names = NameserverResolver(
             [("127.0.0.1", port.getHost().port)], reactor, timeout=5

@@ -9,32 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL import SSL
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.webhook import AccessRequestSettings, StatisticsSettings, WebhookService
 
 from .helpers import makeHarness, parseResponse
-from .test_webhook import ControlServer
+from .test_webhook import ControlServer, clientHello
 
 URL = "http://127.0.0.1:5000/webhook/SECRET"
 GET = b"GET http://origin.example/a?b=1 HTTP/1.1\r\nHost: origin.example\r\n\r\n"
-
-
-def clientHello(serverName: bytes) -> bytes:
-    """
-    A real TLS ClientHello asking for C{serverName}.
-    """
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    connection = SSL.Connection(context, None)
-    connection.set_tlsext_host_name(serverName)
-    connection.set_connect_state()
-    try:
-        connection.do_handshake()
-    except SSL.WantReadError:
-        pass
-    return connection.bio_read(65536)
 
 
 class WebhookProxyTests(SynchronousTestCase):
