@@ -146,6 +146,50 @@ def size(value: Any) -> int:
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
+def boolean(value: Any) -> bool:
+    """
+    A boolean: YAML's true/false, or yes/no/on/off/1/0 as text.
+    """
+    if isinstance(value, bool):
+        return value
+    text_ = str(value).strip().lower()
+    if text_ in ("true", "yes", "on", "1"):
+        return True
+    if text_ in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def count(value: Any) -> int:
+    """
+    A whole number, zero or more.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    try:
+        result = int(str(value).strip())
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if result < 0:
+        raise ValueError("expected a whole number, zero or more")
+    return result
+
+
+def rate(value: Any) -> float:
+    """
+    A rate per second, zero or more.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a number of requests per second")
+    try:
+        result = float(str(value).strip())
+    except ValueError:
+        raise ValueError("expected a number of requests per second") from None
+    if not result >= 0:
+        raise ValueError("expected a rate of zero or more")
+    return result
+
+
 def headerName(value: Any) -> str:
     """
     An HTTP header name.
@@ -363,6 +407,52 @@ class Limits:
         "ones are answered 431.",
         metavar="BYTES",
     )
+    max_uri_length: int = setting(
+        "max-uri-length",
+        8192,
+        size,
+        "Longest request line accepted; longer ones are answered 414.",
+        metavar="BYTES",
+    )
+    max_header_count: int = setting(
+        "max-header-count",
+        100,
+        count,
+        "Most request header lines accepted; more are answered 431.",
+        metavar="N",
+    )
+    max_concurrent_requests: int = setting(
+        "max-concurrent-requests",
+        0,
+        count,
+        "Most forwarded requests in progress at once (0: no limit); past it "
+        "the answer is 503 with Retry-After (reason code 1014).",
+        metavar="N",
+    )
+    max_concurrent_tunnels: int = setting(
+        "max-concurrent-tunnels",
+        0,
+        count,
+        "Most CONNECT tunnels open at once (0: no limit); past it the answer "
+        "is 503 with Retry-After (reason code 1014).",
+        metavar="N",
+    )
+    max_request_rate: float = setting(
+        "max-request-rate",
+        0.0,
+        rate,
+        "Requests and tunnels per second allowed to each role (anonymous "
+        "clients share one budget), as a token bucket (0: no limit); past it "
+        "the answer is 429 with Retry-After (reason code 1014).",
+        metavar="PER_SECOND",
+    )
+    request_burst: int = setting(
+        "request-burst",
+        10,
+        count,
+        "How many requests a role may make at once above its rate.",
+        metavar="N",
+    )
 
 
 def clientCertAliases(value: Any) -> tuple[tuple[str, str, str], ...]:
@@ -437,35 +527,6 @@ class TLS:
         "flag ALIAS=CERT:KEY[,...].",
         metavar="ALIAS=CERT:KEY",
     )
-
-
-def boolean(value: Any) -> bool:
-    """
-    A boolean: YAML's true/false, or yes/no/on/off/1/0 as text.
-    """
-    if isinstance(value, bool):
-        return value
-    text_ = str(value).strip().lower()
-    if text_ in ("true", "yes", "on", "1"):
-        return True
-    if text_ in ("false", "no", "off", "0"):
-        return False
-    raise ValueError("expected true or false")
-
-
-def count(value: Any) -> int:
-    """
-    A whole number, zero or more.
-    """
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number")
-    try:
-        result = int(str(value).strip())
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-    if result < 0:
-        raise ValueError("expected a whole number, zero or more")
-    return result
 
 
 def _subkeys(value: Any, known: dict[str, Callable[[Any], Any]], example: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from proxy_app.access import AccessControl, AuthFailed
 from proxy_app.acl import ACLDecision
 from proxy_app.config import Config
 from proxy_app.interfaces import IDestinationResolver
+from proxy_app.limits import HeadGuard, Overloaded, RateLimiter
 from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import DestinationDenied, VettedDestination, hostPort
@@ -168,6 +169,14 @@ class ProxyFactory(Factory):
         self.connections: set[ProxyProtocol] = set()
         self.draining = False
         self._drained: Deferred | None = None
+        # Exchanges in progress, by proxy type, for the concurrency limits.
+        self.active = {"http": 0, "connect": 0}
+        limits = config.limits
+        self.rateLimiter = (
+            RateLimiter(clock, limits.max_request_rate, limits.request_burst)
+            if limits.max_request_rate
+            else None
+        )
         self._idPrefix = os.urandom(4).hex()
         self._counter = 0
 
@@ -180,6 +189,24 @@ class ProxyFactory(Factory):
         listener.
         """
         return _ListenerFactory(self, name)
+
+    def overloaded(self, exchange: _Exchange) -> Overloaded | None:
+        """
+        The refusal for C{exchange} if a concurrency limit is reached.
+        """
+        limits = self.config.limits
+        limit = (
+            limits.max_concurrent_tunnels
+            if exchange.proxyType == "connect"
+            else limits.max_concurrent_requests
+        )
+        # The exchange itself is already counted.
+        if limit and self.active[exchange.proxyType] > limit:
+            kind = "tunnels" if exchange.proxyType == "connect" else "requests"
+            return Overloaded(
+                f"Too many concurrent {kind} (limit {limit}); try again shortly", 503, 1
+            )
+        return None
 
     def acceptRequestID(self, value: str | None) -> str:
         """
@@ -254,6 +281,10 @@ class ProxyProtocol(Protocol):
         self._headerTimer = Timer(
             factory.clock, config.timeouts.request_header, self._headerTimeout
         )
+        limits = config.limits
+        self._guard = HeadGuard(
+            limits.max_uri_length, limits.max_header_count, limits.max_request_header
+        )
         self.exchange: _Exchange | None = None
         self.tunnel: ConnectExchange | None = None
         self._waiting = False
@@ -306,6 +337,10 @@ class ProxyProtocol(Protocol):
             self.tunnel.fromClient(data)
             return
         self._bytesThisCycle += len(data)
+        error = self._guard.feed(data)
+        if error is not None:
+            self._refuse(error)
+            return
         self._conn.receive_data(data)
         self._process()
 
@@ -426,6 +461,11 @@ class ProxyProtocol(Protocol):
         self.exchange = exchange
         self._waiting = True
         self.transport.pauseProducing()
+        exchange.count()
+        overload = self.factory.overloaded(exchange)
+        if overload is not None:
+            exchange.fail(overload)
+            return
         exchange.start()
 
     def resumeRequest(self) -> None:
@@ -502,6 +542,7 @@ class ProxyProtocol(Protocol):
             and not self.factory.draining
         ):
             conn.start_next_cycle()
+            self._guard.reset()
             self._bytesThisCycle = 0
             self._headerTimer.start()
             self.transport.resumeProducing()
@@ -598,6 +639,7 @@ class _Exchange:
         self.error: ProxyError | None = None
         self._pending: Deferred | None = None
         self._finished = False
+        self._counted = False
         self._clientGone = False
         self._decisionLogged = False
 
@@ -607,6 +649,14 @@ class _Exchange:
 
     def start(self) -> None:
         raise NotImplementedError()
+
+    def count(self) -> None:
+        """
+        Count this exchange against its concurrency limit until it ends.
+        """
+        self._counted = True
+        self.factory.active[self.proxyType] += 1
+
 
     def _vetAndConnect(self, connect: Any) -> None:
         """
@@ -632,6 +682,13 @@ class _Exchange:
         """
         assert self.target is not None
         self.role = role
+        limiter = self.factory.rateLimiter
+        if limiter is not None:
+            wait = limiter.take(role or "")
+            if wait:
+                raise Overloaded(
+                    f"Request rate limit reached for role '{role or 'anonymous'}'", 429, wait
+                )
         decision = self.aclDecision = self.factory.access.decide(role, self.target.host)
         if self.factory.access.acl is not None:
             outcome = "deny"
@@ -800,6 +857,8 @@ class _Exchange:
         if self._finished:
             return
         self._finished = True
+        if self._counted:
+            self.factory.active[self.proxyType] -= 1
         if error is None and self.error is not None:
             error = self.error.message
         reasonCode = int(self.error.reason) if self.error is not None else None
@@ -1022,8 +1081,9 @@ class ForwardExchange(_Exchange):
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.unregisterProducer()
-        if self.protocol.transport is not None:
-            self.protocol.transport.resumeProducing()
+        client = self.protocol.transport
+        if client is not None and not getattr(client, "disconnecting", False):
+            client.resumeProducing()
 
     # Response events from UpstreamHTTP.
 

@@ -391,6 +391,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         webhook.setServiceParent(top)
     service = ProxyService(factory, reactor)
     service.installSignals = reactor is _globalReactor()
+    if service.installSignals:
+        raiseFileLimit()
     service.setServiceParent(top)
     for listener in config.listen:
         name = listener.description if isinstance(listener, TLSListener) else listener
@@ -431,6 +433,28 @@ def buildWebhook(config: Config, reactor: Any) -> WebhookService | None:
             enabled=settings.statistics.enabled, maxBytes=settings.statistics.max_bytes
         ),
     )
+
+
+def raiseFileLimit() -> int:
+    """
+    Raise the soft limit on open files to the hard limit: every client and
+    every upstream connection holds a descriptor.  (When they run out
+    anyway, Twisted's listening ports accept and close the connection with
+    a reserved descriptor instead of spinning.)
+
+    @return: the soft limit now in force.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warn("Could not raise the open-file limit: {error}", error=e)
+    log.info("Open-file limit: {limit}", limit=soft)
+    return soft
 
 
 def _globalReactor() -> Any:

@@ -141,3 +141,24 @@ class AccessLogTests(SynchronousTestCase):
         out = io.StringIO()
         AccessLog(out, "text").record(rq_id="a-1", method="GET", error="it broke", response_code=502)
         self.assertEqual(out.getvalue(), 'rq_id=a-1 method=GET response_code=502 error="it broke"\n')
+
+
+class FileLimitTests(SynchronousTestCase):
+    """
+    The open-file limit at start.
+    """
+
+    def test_raisedToHard(self) -> None:
+        """
+        The soft limit is raised to the hard limit.
+        """
+        import resource
+
+        from proxy_app.tap import raiseFileLimit
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        if soft == hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft // 2, 64), hard))
+        self.assertEqual(raiseFileLimit(), hard)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
