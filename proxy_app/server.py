@@ -158,7 +158,9 @@ class ProxyFactory(Factory):
         self.access = access if access is not None else AccessControl()
         self.decisionLog = decisionLog if decisionLog is not None else DecisionLog(None)
         self.metrics = metrics if metrics is not None else Metrics(process=False)
-        self.requestIDHeader = config.access_log.request_id_header.lower().encode("ascii")
+        # Matched in lower case (as h11 gives names), sent as configured.
+        self.requestIDName = config.access_log.request_id_header.encode("ascii")
+        self.requestIDHeader = self.requestIDName.lower()
         self.resolver = resolver
         self.clock = clock
         self.connector = connector
@@ -499,7 +501,7 @@ class ProxyProtocol(Protocol):
         self, error: ProxyError, close: bool = False, requestID: str | None = None
     ) -> bool:
         extra = (
-            [(self.factory.requestIDHeader, requestID.encode("ascii"))]
+            [(self.factory.requestIDName, requestID.encode("ascii"))]
             if requestID is not None
             else None
         )
@@ -1020,7 +1022,7 @@ class ForwardExchange(_Exchange):
         if self.factory.access.roleHeader is not None:
             strip |= {self.factory.access.roleHeader}
         headers += endToEndHeaders(self.request.headers, strip)
-        headers.append((idHeader, self.requestID.encode("ascii")))
+        headers.append((self.factory.requestIDName, self.requestID.encode("ascii")))
         headers += framingHeaders(self.request.headers)
         try:
             upstream.sendRequest(
@@ -1104,7 +1106,7 @@ class ForwardExchange(_Exchange):
                 return
         idHeader = self.factory.requestIDHeader
         headers = endToEndHeaders(event.headers, frozenset({idHeader}))
-        headers.append((idHeader, self.requestID.encode("ascii")))
+        headers.append((self.factory.requestIDName, self.requestID.encode("ascii")))
         headers += framingHeaders(event.headers)
         self.status = event.status_code
         if not self.protocol.send(
