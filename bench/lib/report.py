@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""
+Turn bench/run's records (one JSON object a line) into results/latest.json
+and results/latest.md: the table, the ratios to the best peer and to direct,
+CPU use and noise, and the machine.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+PROXIES = ["egressproxy", "squid", "tinyproxy", "proxy.py"]
+PEERS = ["squid", "tinyproxy", "proxy.py"]
+COLUMNS = ["direct"] + PROXIES
+
+WRK_ROWS = [
+    ("get_keepalive", "(a) GET /small, keep-alive"),
+    ("post_keepalive", "(a) POST /webhook 2 KiB, keep-alive"),
+    ("get_close", "(b) GET /close/small, Connection: close"),
+    ("post_close", "(b) POST /close/webhook 2 KiB, Connection: close"),
+]
+
+# key, label, record row, value function, "higher" or "lower" is better
+MEASURES: list[tuple[str, str, str, object, str]] = []
+for _row, _label in WRK_ROWS:
+    MEASURES += [
+        (f"{_row}.rps", f"{_label}: req/s", _row, lambda r: r.get("rps"), "higher"),
+        (f"{_row}.p50", f"{_label}: p50 ms", _row, lambda r: r.get("p50_ms"), "lower"),
+        (f"{_row}.p99", f"{_label}: p99 ms", _row, lambda r: r.get("p99_ms"), "lower"),
+    ]
+MEASURES += [
+    ("connect_bulk.mbps", "(c) CONNECT tunnel, /big: MB/s, best of 3", "connect_bulk",
+     lambda r: r.get("mbps"), "higher"),
+    ("tunnels.kib", "(d) idle CONNECT tunnel: KiB of RSS each", "tunnels",
+     lambda r: r.get("kib_per_tunnel"), "lower"),
+    ("tunnels.idle_rss", "(d) idle process, before the tunnels: MiB RSS", "tunnels",
+     lambda r: round(r["rss_before_kib"] / 1024, 1) if r.get("rss_before_kib") else None,
+     "lower"),
+]  # fmt: skip
+
+
+def fmt(key: str, v: float | None) -> str:
+    if v is None:
+        return "–"
+    if key.endswith(".rps") or key.endswith(".mbps"):
+        return f"{v:,.0f}"
+    if key.endswith((".p50", ".p99")):
+        return f"{v:.2f}" if v < 100 else f"{v:,.0f}"
+    return f"{v:.1f}"
+
+
+def table(records: list[dict]) -> dict[str, dict[str, float | None]]:
+    by = {(r["proxy"], r["row"]): r for r in records}
+    out: dict[str, dict[str, float | None]] = {}
+    for key, _label, row, value, _better in MEASURES:
+        out[key] = {}
+        for proxy in COLUMNS:
+            r = by.get((proxy, row))
+            v = None
+            if r is not None and "error" not in r:
+                v = value(r)  # type: ignore[operator]
+            out[key][proxy] = v
+    return out
+
+
+def ratios(t: dict[str, dict[str, float | None]]) -> dict[str, dict[str, dict]]:
+    better = {m[0]: m[4] for m in MEASURES}
+    vs_peer: dict[str, dict] = {}
+    vs_direct: dict[str, dict] = {}
+    for key, vals in t.items():
+        peers = [vals[p] for p in PEERS if vals.get(p)]
+        best = (max if better[key] == "higher" else min)(peers) if peers else None
+        best_name = next(
+            (p for p in PEERS if best is not None and vals.get(p) == best), None
+        )
+        vs_peer[key] = {"best_peer": best_name, "best_value": best}
+        vs_direct[key] = {}
+        for p in PROXIES:
+            v = vals.get(p)
+            vs_peer[key][p] = round(v / best, 3) if v and best else None
+            d = vals.get("direct")
+            vs_direct[key][p] = round(v / d, 3) if v and d else None
+    return {"vs_best_peer": vs_peer, "vs_direct": vs_direct}
+
+
+def markdown(doc: dict) -> str:
+    t, rat = doc["table"], doc["ratios"]
+    cols = [c for c in COLUMNS if any(t[k].get(c) is not None for k in t)]
+    proxies = [c for c in cols if c != "direct"]
+    m, s = doc["machine"], doc["settings"]
+    out = [
+        "# egressproxy benchmark: latest run",
+        "",
+        f"- **Date:** {doc['date']}",
+        f"- **Command:** `{doc['command']}` ({doc['mode']} mode, "
+        + ("pinned: each proxy on core 0, origin and load generators on core 1"
+           if s["pinned"] else "unpinned") + f"; took {doc['elapsed_s']} s)",
+        f"- **Machine:** {m['nproc']} × {m['cpu_model']} ({m.get('cpu_mhz', '?')} MHz), "
+        f"{m['memory_gib']} GiB, "
+        f"Linux {m['kernel']}, {m['os']}; load average at the end {' '.join(m['loadavg'])}",
+        "- **Versions:** " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
+        f"- **Load:** wrk {s['threads']} threads, {s['conns']} connections, {s['duration_s']} s "
+        f"per row; {s['tunnels']} tunnels; /big is {s['big_mib']} MiB",
+    ]  # fmt: skip
+    if doc.get("merged_from"):
+        out.append(
+            "- **Merged:** rows of "
+            + ", ".join(f"{p} from {d}" for p, d in doc["merged_from"].items())
+            + " were kept from an earlier run"
+        )
+    out += ["", "## Results", ""]
+    out.append("| measure | " + " | ".join(cols) + " |")
+    out.append("|---|" + "---:|" * len(cols))
+    by = {(r["proxy"], r["row"]): r for r in doc["records"]}
+
+    def cell(key: str, row: str, proxy: str) -> str:
+        text = fmt(key, t[key].get(proxy))
+        r = by.get((proxy, row))
+        if r and r.get("errors") and r["errors"] > 0.01 * max(r.get("requests", 0), 1):
+            text += " ⚠"
+        return text
+
+    for key, label, row, *_ in MEASURES:
+        out.append(f"| {label} | " + " | ".join(cell(key, row, c) for c in cols) + " |")
+    out.extend(["", "⚠: more than 1% socket errors in that wrk run; see the end."])
+
+    def ratio_table(title: str, which: str, keys: list[str], extra: str) -> None:
+        out.extend(["", f"## {title}", "", extra, ""])
+        head = (
+            "| measure | "
+            + ("best peer | " if which == "vs_best_peer" else "")
+            + " | ".join(proxies)
+            + " |"
+        )
+        out.append(head)
+        out.append(
+            "|---|"
+            + ("---|" if which == "vs_best_peer" else "")
+            + "---:|" * len(proxies)
+        )
+        for key, label, *_ in MEASURES:
+            if key not in keys:
+                continue
+            r = rat[which][key]
+            cells = [f"{r[p]:.2f}" if r.get(p) is not None else "–" for p in proxies]
+            pre = ""
+            if which == "vs_best_peer":
+                pre = f"{r['best_peer'] or '–'} ({fmt(key, r['best_value'])}) | "
+            out.append(f"| {label} | {pre}" + " | ".join(cells) + " |")
+
+    all_keys = [k for k, *_ in MEASURES]
+    ratio_table(
+        "Ratio to the best peer", "vs_best_peer", all_keys,
+        "Each figure divided by the best of squid, tinyproxy and proxy.py on that "
+        "row. For req/s and MB/s above 1 is better; for latency and memory below 1 "
+        "is better.",
+    )  # fmt: skip
+    ratio_table(
+        "Ratio to direct",
+        "vs_direct",
+        [k for k in all_keys if not k.startswith("tunnels")],
+        "Each figure divided by the same load sent straight to the origin (no proxy).",
+    )
+
+    out.extend([
+        "", "## CPU and noise", "",
+        "Per row: the proxy's CPU use (100% = one core saturated) / what else ran "
+        "on the proxy's core meanwhile (other work on the machine; 0 is clean) / "
+        "how busy the load core was (origin, wrk, curl; below 100% means the load "
+        "generator was not the limit) / the hypervisor's steal time.",
+        "",
+        "| row | " + " | ".join(proxies) + " |",
+        "|---|" + "---:|" * len(proxies),
+    ])  # fmt: skip
+    for row, label in WRK_ROWS + [("connect_bulk", "(c) CONNECT /big")]:
+        cells = []
+        for p in proxies:
+            r = by.get((p, row))
+            if not r or r.get("proxy_cpu_pct") is None:
+                cells.append("–")
+                continue
+            other, load = r.get("core_other_pct"), r.get("load_core_busy_pct")
+            cells.append(
+                f"{r['proxy_cpu_pct']:.0f}%"
+                + (f" / {other:.0f}%" if other is not None else "")
+                + (f" / {load:.0f}%" if load is not None else "")
+                + f" / {r.get('steal_pct', 0):.1f}%"
+            )
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    notes = []
+    for r in doc["records"]:
+        where = f"{r['proxy']} {r['row']}"
+        if r.get("error"):
+            notes.append(f"{where}: **error**: {r['error']}")
+        if r.get("warning"):
+            notes.append(f"{where}: {r['warning']}")
+        if r.get("errors"):
+            notes.append(f"{where}: {r['errors']:,} wrk socket errors beside "
+                         f"{r['requests']:,} completed responses "
+                         f"({json.dumps(r.get('error_detail'))})")  # fmt: skip
+        if r.get("kind") == "tunnels":
+            if r.get("failures"):
+                notes.append(f"{where}: tunnel failures {json.dumps(r['failures'])}")
+            if r.get("alive_at_sample", r.get("opened")) != r.get("opened"):
+                notes.append(f"{where}: only {r['alive_at_sample']} of {r['opened']} "
+                             "tunnels still open when RSS was sampled")  # fmt: skip
+            if r.get("checked") and r.get("checked_ok") != r.get("checked"):
+                notes.append(f"{where}: {r['checked_ok']}/{r['checked']} held tunnels "
+                             "carried a request afterwards")  # fmt: skip
+    out.extend(["", "## Errors and warnings", ""])
+    out.extend([f"- {n}" for n in notes] or ["None."])
+    out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", required=True)
+    p.add_argument("--machine", required=True)
+    p.add_argument("--versions", required=True)
+    p.add_argument("--out", required=True, help="path without .json/.md")
+    p.add_argument("--command", required=True)
+    p.add_argument("--mode", required=True)
+    p.add_argument("--pinned", type=int, required=True)
+    p.add_argument("--duration", type=int, required=True)
+    p.add_argument("--tunnels", type=int, required=True)
+    p.add_argument("--big-mib", type=int, required=True)
+    p.add_argument("--elapsed", type=int, required=True)
+    p.add_argument("--merge", action="store_true")
+    a = p.parse_args()
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(a.results) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for r in records:
+        r["measured_at"] = now
+    with open(a.machine) as f:
+        machine = json.load(f)
+    with open(a.versions) as f:
+        versions = json.load(f)
+
+    merged_from: dict[str, str] = {}
+    if a.merge and os.path.exists(a.out + ".json"):
+        with open(a.out + ".json") as f:
+            old = json.load(f)
+        fresh = {r["proxy"] for r in records}
+        for r in old["records"]:
+            if r["proxy"] not in fresh:
+                records.append(r)
+                merged_from[r["proxy"]] = r.get("measured_at", old["date"])
+
+    t = table(records)
+    doc = {
+        "date": now,
+        "command": a.command.strip(),
+        "mode": a.mode,
+        "settings": {
+            "pinned": bool(a.pinned), "threads": 2, "conns": 50,
+            "duration_s": a.duration, "tunnels": a.tunnels, "big_mib": a.big_mib,
+            "post_body_bytes": 2048,
+        },
+        "elapsed_s": a.elapsed,
+        "machine": machine,
+        "versions": versions,
+        "merged_from": merged_from,
+        "table": t,
+        "ratios": ratios(t),
+        "records": records,
+    }  # fmt: skip
+    with open(a.out + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    with open(a.out + ".md", "w") as f:
+        f.write(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
