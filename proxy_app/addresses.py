@@ -90,6 +90,7 @@ same thing everywhere.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -401,6 +402,7 @@ def _inetAton(text: str) -> int:
     return result
 
 
+@functools.lru_cache(maxsize=4096)
 def parseIPLiteral(text: str) -> IPAddress | None:
     """
     Parse C{text} as an IP literal in any form a C library's C{inet_aton} or
@@ -416,6 +418,9 @@ def parseIPLiteral(text: str) -> IPAddress | None:
     Text that is not ASCII is never an IP literal to a C library, so it
     gives L{None}; a caller that maps names through IDNA (full-width digits
     become ASCII ones) must parse the mapped name again.
+
+    Results are cached (the function is pure and runs for every request);
+    rejections are not.
 
     @param text: a host as a client wrote it.
     @return: the address, or L{None} when C{text} is not an IP literal at

@@ -727,7 +727,8 @@ class AccessLog:
         "access-log",
         "-",
         text,
-        "File the access log is appended to; '-' is standard output.",
+        "File the access log is appended to; '-' is standard output, "
+        "'none' turns it off.",
         metavar="PATH",
     )
     format: str = setting(
@@ -742,7 +743,7 @@ class AccessLog:
         None,
         text,
         "Where CANONICAL-PROXY-DECISION and CANONICAL-PROXY-CN-CLOSE lines go "
-        "(a path, or - for standard output), in access_log.format; by "
+        "(a path, - for standard output, or none), in access_log.format; by "
         "default, the process log.",
         metavar="PATH",
     )

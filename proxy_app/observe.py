@@ -149,10 +149,13 @@ class LineLog:
     @classmethod
     def open(cls, path: str, format: str) -> Any:
         """
-        Open the log at C{path} (C{-} is standard output) for appending.
+        Open the log at C{path} (C{-} is standard output, C{none} turns it
+        off) for appending.
         """
         if path == "-":
             return cls(sys.stdout, format)
+        if path.lower() == "none":
+            return cls(None, format)
         return cls(open(path, "a", buffering=1, encoding="utf-8"), format, path)
 
     def reopen(self) -> None:

@@ -500,7 +500,7 @@ class UpstreamPool:
         clock: IReactorTime,
         readTimeout: float,
         lifetime: float,
-        maxIdlePerKey: int = 8,
+        maxIdlePerKey: int = 256,
     ) -> None:
         self.connector = connector
         self.clock = clock
