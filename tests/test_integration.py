@@ -11,7 +11,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.names import dns
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 from twisted.web.client import (
     FileBodyProducer,
@@ -377,3 +379,104 @@ class IPv6Tests(TestCase):
         body = yield readBody(response)
         self.assertEqual(response.code, 200)
         self.assertTrue(body.startswith(b"GET /six "), body)
+
+
+class AccessControlTests(TestCase):
+    """
+    Proxy authentication and the ACL through the proxy as twistd builds
+    it, with an htpasswd file and a real SIGHUP reload.
+    """
+
+    def setUp(self) -> None:
+        import bcrypt
+
+        origin = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.2")
+        self.addCleanup(origin.stopListening)
+        self.originPort = origin.getHost().port
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.acl = directory.child("acl.yaml")
+        self.writeACL(["127.0.0.2"])
+        htpasswd = directory.child("htpasswd")
+        htpasswd.setContent(b"alice:" + bcrypt.hashpw(b"secret", bcrypt.gensalt(4)) + b"\n")
+        self.proxyPort = freePort("127.0.0.1")
+        options = Options(environ={})
+        options.parseOptions(
+            [
+                "--listen", f"tcp:{self.proxyPort}:interface=127.0.0.1",
+                "--allow-range", "127.0.0.2/32",
+                "--acl", self.acl.path,
+                "--auth", f"htpasswd:{htpasswd.path}",
+                "--access-log", "none",
+                "--decision-log", "none",
+                "--metrics", "none",
+            ]
+        )
+        self.service = makeService(options)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    def writeACL(self, domains: list[str]) -> None:
+        self.acl.setContent(
+            (
+                "version: v1\nservices:\n  - name: alice\n    project: p\n"
+                f"    action: enforce\n    allowed_domains: {domains!r}\n"
+            ).encode()
+        )
+
+    @inlineCallbacks
+    def get(self, credentials: bytes | None = None):  # type: ignore[no-untyped-def]
+        import base64
+
+        headers = Headers()
+        if credentials is not None:
+            headers.addRawHeader(b"Proxy-Authorization", b"Basic " + base64.b64encode(credentials))
+        agent = ProxyAgent(TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort), reactor, pool=self.pool)
+        response = yield agent.request(
+            b"GET", f"http://127.0.0.2:{self.originPort}/x".encode(), headers
+        )
+        body = yield readBody(response)
+        return response, body
+
+    @inlineCallbacks
+    def test_authAndACLAndReload(self):  # type: ignore[no-untyped-def]
+        """
+        No credentials: 407 with the realm; good credentials: through; after
+        the ACL file drops the host and SIGHUP arrives: 403/1011; after a
+        broken ACL file and another SIGHUP, the last good ACL stays.
+        """
+        import os
+        import signal
+
+        response, _ = yield self.get()
+        self.assertEqual(response.code, 407)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"proxy-authenticate"), [b'Basic realm="egressproxy"']
+        )
+        response, body = yield self.get(b"alice:secret")
+        self.assertEqual(response.code, 200, body)
+
+        # Install the real handlers as twistd would, and restore ours after.
+        from proxy_app.tap import ProxyService
+
+        proxyService = [s for s in self.service if isinstance(s, ProxyService)][0]
+        previous = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous[0])
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous[1])
+        proxyService.installSignals = True
+        proxyService.startService()
+
+        self.writeACL(["other.example"])
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield deferLater(reactor, 0.05)
+        response, body = yield self.get(b"alice:secret")
+        self.assertEqual(response.code, 403, body)
+        self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1011"])
+
+        self.acl.setContent(b"version: v1\nservices: [[[\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield deferLater(reactor, 0.05)
+        response, _ = yield self.get(b"alice:secret")
+        self.assertEqual(response.code, 403)
