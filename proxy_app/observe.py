@@ -142,9 +142,18 @@ class LineLog:
         self._path = path
         self._file = outFile
         self._observer: FileLogObserver | None = None
+        # Nothing is built per event while nobody listens (logs off).
+        self.enabled = False
         if outFile is not None:
             self._observer = FileLogObserver(outFile, self._formatter)
-            self.publisher.addObserver(self._observer)
+            self.addObserver(self._observer)
+
+    def addObserver(self, observer: Any) -> None:
+        """
+        Send this log's events to C{observer} too.
+        """
+        self.publisher.addObserver(observer)
+        self.enabled = True
 
     @classmethod
     def open(cls, path: str, format: str) -> Any:
@@ -176,14 +185,15 @@ class LineLog:
             self._file.close()
         self._file = newFile
         self._observer = FileLogObserver(newFile, self._formatter)
-        self.publisher.addObserver(self._observer)
+        self.addObserver(self._observer)
         log.info("Reopened log {path}", path=self._path)
 
     def record(self, **fields: Any) -> None:
         """
         Write one line with the given fields.
         """
-        self._log.info(self.namespace, **fields)
+        if self.enabled:
+            self._log.info(self.namespace, **fields)
 
 
 class AccessLog(LineLog):
@@ -214,7 +224,7 @@ class DecisionLog(LineLog):
             fields = {k: event[k] for k in DECISION_FIELDS if k in event}
             processLog.info("{line}", line=text(event).rstrip("\n"), **fields)
 
-        decisions.publisher.addObserver(cast(ILogObserver, forward))
+        decisions.addObserver(cast(ILogObserver, forward))
         return decisions
 
 
@@ -246,7 +256,9 @@ class Metrics:
             GCCollector(registry=r)
         self.requests = Counter(
             "egressproxy_requests",
-            "Forwarded requests and CONNECT tunnels, by outcome.",
+            "Forwarded requests and CONNECT tunnels, by outcome: decision is "
+            "deny (the proxy refused), report (allowed by an ACL rule in "
+            "report mode that enforce would deny) or allow.",
             ["proxy_type", "decision", "reason_code"],
             registry=r,
         )
@@ -323,12 +335,23 @@ class Metrics:
         self.registry.register(_WebhookCollector(webhook))
 
     def requestDone(
-        self, proxyType: str, reasonCode: int | None, bytesUp: int, bytesDown: int
+        self,
+        proxyType: str,
+        reasonCode: int | None,
+        bytesUp: int,
+        bytesDown: int,
+        report: bool = False,
     ) -> None:
         """
         Count one finished request or tunnel.
+
+        @param report: it went through under an ACL rule in report mode
+            that enforce mode would have denied.
         """
-        decision = "deny" if reasonCode in DENIAL_CODES else "allow"
+        if reasonCode in DENIAL_CODES:
+            decision = "deny"
+        else:
+            decision = "report" if report else "allow"
         self.requests.labels(proxyType, decision, str(reasonCode or "")).inc()
         if bytesUp:
             self.bytes.labels("up").inc(bytesUp)

@@ -222,8 +222,12 @@ class ProxyFactory(Factory):
     def newRequestID(self) -> str:
         """
         A request id unique within this process and unlikely to repeat
-        across processes.
+        across processes: the control webhook's connection id
+        (C{Proxy-<8 hex>-OID-<12 hex>}) when there is a webhook, so that
+        logs and webhook events share it.
         """
+        if self.webhook is not None:
+            return self.webhook.newConnectionID()
         self._counter += 1
         return f"{self._idPrefix}-{self._counter:08x}"
 
@@ -617,16 +621,24 @@ class _Exchange:
         self.factory = protocol.factory
         self.request = request
         self.target = target
-        self.requestID = self.factory.acceptRequestID(
-            _header(request.headers, self.factory.requestIDHeader)
-        )
+        incomingID = _header(request.headers, self.factory.requestIDHeader)
+        self.requestID = self.factory.acceptRequestID(incomingID)
         self.started = self.factory.clock.seconds()
         self.dnsTime: float | None = None
         self.connectTime: float | None = None
         self._connectStarted = 0.0
+        self._connect: Any = None
         # The control webhook's view of this exchange.
         webhook = self.factory.webhook
-        self.connectionID = webhook.newConnectionID() if webhook is not None else ""
+        # A request id the proxy made is the webhook's connection id too
+        # (newRequestID makes them in smithproxy's form); a client's own id
+        # is not in that form, so the webhook gets one of its own.
+        if webhook is None:
+            self.connectionID = ""
+        elif self.requestID != incomingID:
+            self.connectionID = self.requestID
+        else:
+            self.connectionID = webhook.newConnectionID()
         self.statistics = webhook.newStatistics() if webhook is not None else None
         self.session = ""
         self.gateResult: GateResult | None = None
@@ -666,16 +678,26 @@ class _Exchange:
         L{Deferred} of an upstream protocol; L{_connected} gets that.
         """
         assert self.target is not None
-        target = self.target
+        self._connect = connect
+        # Few links on purpose: this chain runs for every request.
         d = self.factory.access.identify(self.protocol.role, self.request.headers)
-        d.addCallback(self._decide)
-        d.addCallback(lambda _: self.factory.resolver.vet(target.host, target.port))
-        d.addCallback(self._vetted)
-        d.addCallback(self._askGate)
-        d.addCallback(connect)
+        d.addCallback(self._identified)
+        d.addCallback(self._vettedThenConnect)
         d.addCallbacks(self._connectedOrStale, self._setupFailed)
         d.addErrback(self._internalError)
         self._pending = d
+
+    def _identified(self, role: str | None) -> Deferred:
+        assert self.target is not None
+        self._decide(role)
+        return self.factory.resolver.vet(self.target.host, self.target.port)
+
+    def _vettedThenConnect(self, destination: VettedDestination) -> Any:
+        self._vetted(destination)
+        webhook = self.factory.webhook
+        if webhook is not None and webhook.gateEnabled:
+            return self._askGate(destination).addCallback(self._connect)
+        return self._connect(destination)
 
     def _decide(self, role: str | None) -> None:
         """
@@ -866,13 +888,26 @@ class _Exchange:
         reasonCode = int(self.error.reason) if self.error is not None else None
         self._reportToWebhook()
         metrics = self.factory.metrics
-        metrics.requestDone(self.proxyType, reasonCode, self.bytesUp, self.bytesDown)
+        decision = self.aclDecision
+        report = (
+            decision is not None
+            and decision.action == "report"
+            and decision.enforceWouldDeny
+            and self.error is None
+        )
+        metrics.requestDone(self.proxyType, reasonCode, self.bytesUp, self.bytesDown, report)
         if self.error is not None:
             kind = _TLS_FAILURES.get(self.error.reason)
             if isinstance(self.error, TLSHandshakeTimeout):
                 kind = "timeout"
             if kind is not None:
                 metrics.tlsFailures.labels(kind).inc()
+        if self.factory.accessLog.enabled:
+            self._writeAccessLine(reasonCode, error)
+        if not self._decisionLogged:
+            self.logDecision()
+
+    def _writeAccessLine(self, reasonCode: int | None, error: str | None) -> None:
         self.factory.accessLog.record(
             rq_id=self.requestID,
             client_addr=self.protocol.clientAddress,
@@ -888,14 +923,14 @@ class _Exchange:
             client_cn=self.protocol.certificateCN,
             client_ou=self.protocol.certificateOU,
         )
-        if not self._decisionLogged:
-            self.logDecision()
 
     def logDecision(self) -> None:
         """
         Write Smokescreen's C{CANONICAL-PROXY-DECISION} line.
         """
         self._decisionLogged = True
+        if not self.factory.decisionLog.enabled:
+            return
         decision = self.aclDecision
         error = self.error
         reason: str | None

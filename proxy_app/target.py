@@ -12,6 +12,7 @@ that the address policy judges what would be dialled rather than the text.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import attr
@@ -79,9 +80,12 @@ def _bad(message: str) -> ProxyError:
     return ProxyError(Reason.BAD_TARGET, message)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalizeHost(raw: str) -> str:
     """
-    Normalize a host as the proxy compares and resolves it.
+    Normalize a host as the proxy compares and resolves it.  Results are
+    cached (the function is pure and runs for every request); refusals are
+    not.
 
     @param raw: the host as the client wrote it, IPv6 literals with their
         brackets.

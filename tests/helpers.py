@@ -145,7 +145,7 @@ def makeHarness(
     config = config or Config()
     accessLog = AccessLog(None)
     access: list[dict[str, Any]] = []
-    accessLog.publisher.addObserver(access.append)
+    accessLog.addObserver(access.append)
     factory = ProxyFactory(
         config, resolver, reactor, Connector(reactor, config.timeouts.connect), accessLog
     )

@@ -168,6 +168,8 @@ class AccessProxyTests(SynchronousTestCase):
         self.assertEqual(
             h.factory.metrics.aclDecisions.labels("bob", "search", "report")._value.get(), 1  # type: ignore[attr-defined]
         )
+        requests = h.factory.metrics.requests
+        self.assertEqual(requests.labels("http", "report", "")._value.get(), 1)  # type: ignore[attr-defined]
 
     def test_missingRole(self) -> None:
         """

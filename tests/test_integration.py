@@ -86,7 +86,7 @@ class LoopbackTests(TestCase):
         self.originPort = origin.getHost().port
         self.access: list[dict] = []
         accessLog = AccessLog(None)
-        accessLog.publisher.addObserver(self.access.append)
+        accessLog.addObserver(self.access.append)
         config = Config()
         policy = AddressPolicy(allowRanges=["127.0.0.0/8"])
         resolver = SafeResolver(policy, reactor.nameResolver, reactor, timeout=5)
@@ -176,7 +176,7 @@ class LoopbackTests(TestCase):
             b"GET /tunnelled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
         logged: Deferred = Deferred()
-        self.factory.accessLog.publisher.addObserver(
+        self.factory.accessLog.addObserver(
             lambda event: event["method"] == "CONNECT" and logged.callback(event)
         )
         data = yield client.done

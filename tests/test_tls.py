@@ -104,7 +104,7 @@ class OriginationTests(TestCase):
         resolver = SafeResolver(AddressPolicy(allowRanges=["127.0.0.1/32"]), names, reactor)
         self.access: list[dict] = []
         accessLog = AccessLog(None)
-        accessLog.publisher.addObserver(self.access.append)
+        accessLog.addObserver(self.access.append)
         factory = ProxyFactory(
             config, resolver, reactor, Connector(reactor, 5), accessLog, buildOrigination(tls)
         )

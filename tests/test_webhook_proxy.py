@@ -63,6 +63,8 @@ class WebhookProxyTests(SynchronousTestCase):
         self.assertRegex(start["id"], r"^Proxy-[0-9A-F]{8}-OID-[0-9A-F]{12}$")
         (stop,) = self.messages("connection-stop")
         self.assertEqual(stop["id"], start["id"])
+        # The request id the proxy made is the webhook's id.
+        self.assertEqual(h.access[-1]["rq_id"], start["id"])
         self.assertEqual(
             stop["details"]["info"],
             {
