@@ -175,6 +175,18 @@ def count(value: Any) -> int:
     return result
 
 
+def workers(value: Any) -> int:
+    """
+    A number of processes, or C{auto} for one per CPU.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    result = count(value)
+    if result < 1:
+        raise ValueError("expected at least 1, or auto")
+    return result
+
+
 def rate(value: Any) -> float:
     """
     A rate per second, zero or more.
@@ -880,6 +892,14 @@ class Config:
         "mtls:9443:cert=PATH:key=PATH:client_ca=PATH (see docs/tls.md).",
         repeatable=True,
         metavar="ENDPOINT",
+    )
+    workers: int = setting(
+        "workers",
+        1,
+        workers,
+        "Processes sharing the listening ports (SO_REUSEPORT), or auto for "
+        "one per CPU; each worker N serves metrics on the metrics port + N.",
+        metavar="N|auto",
     )
     metrics: str | None = setting(
         "metrics",

@@ -44,6 +44,7 @@ from proxy_app.tls import (
 )
 from proxy_app.upstream import Connector
 from proxy_app.webhook import AccessRequestSettings, StatisticsSettings, WebhookService
+from proxy_app.workers import WorkerSupervisor, sharedListen
 
 log = Logger()
 
@@ -54,6 +55,16 @@ def _repeatable(field: configModule.Field) -> Any:
 
     opt.__doc__ = field.setting.doc
     return opt
+
+
+# Not a setting: the supervisor of --workers gives it to each worker.
+_WORKER_INDEX: list[Any] = [
+    "worker-index",
+    None,
+    None,
+    "Internal: set by --workers for each worker process.",
+    int,
+]
 
 
 class Options(usage.Options):
@@ -73,6 +84,7 @@ class Options(usage.Options):
     )
     optParameters: list[list[Any]] = [
         ["config", "c", None, "YAML configuration file."],
+        _WORKER_INDEX,
     ] + [
         [f.setting.flag, None, None, f"{f.setting.doc} [default: {f.default}]"]
         for f in configModule.fields()
@@ -92,6 +104,7 @@ class Options(usage.Options):
         Parse, and on any error print one line and stop: a configuration
         mistake is not a crash, and needs no usage dump or traceback.
         """
+        self.argv = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except (usage.UsageError, ConfigError) as e:
@@ -271,22 +284,39 @@ class _Listener(Service):
     instead of a traceback.
     """
 
-    def __init__(self, listener: str | TLSListener, factory: Any, reactor: Any) -> None:
+    def __init__(
+        self, listener: str | TLSListener, factory: Any, reactor: Any, shared: bool = False
+    ) -> None:
         self.factory = factory
         self.port: Any = None
+        self.listener = listener
+        self.reactor = reactor
+        self.shared = shared
+        self.contextFactory: Any = None
         if isinstance(listener, TLSListener):
             self.description = listener.description
+            self.contextFactory = serverOptions(listener)
             self.endpoint: Any = SSL4ServerEndpoint(
-                reactor, listener.port, serverOptions(listener), interface=listener.interface
+                reactor, listener.port, self.contextFactory, interface=listener.interface
             )
         else:
             self.description = listener
             self.endpoint = serverFromString(reactor, listener)
 
+    def _listen(self) -> Deferred:
+        if not self.shared:
+            return self.endpoint.listen(self.factory)
+        # With --workers, every worker listens on the same port.
+        from twisted.internet.defer import maybeDeferred
+
+        return maybeDeferred(
+            sharedListen, self.reactor, self.listener, self.factory, self.contextFactory
+        )
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         results: list[Any] = []
-        self.endpoint.listen(self.factory).addBoth(results.append)
+        self._listen().addBoth(results.append)
         if not results or isinstance(results[0], Failure):
             error = results[0].value if results else "the endpoint did not bind at once"
             reason = getattr(error, "socketError", None) or error
@@ -310,6 +340,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     config = options.config
+    workerIndex = options.get("worker-index")
+    if config.workers > 1 and workerIndex is None:
+        top = MultiService()
+        WorkerSupervisor(reactor, config.workers, options.argv).setServiceParent(top)
+        return top
     destinations = config.destinations
     policy = AddressPolicy(
         allowRanges=destinations.allow_ranges,
@@ -385,7 +420,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if config.metrics is not None:
         site = Site(MetricsResource(metrics.registry, lambda: not factory.draining))
         site.noisy = False
-        _Listener(config.metrics, site, reactor).setServiceParent(top)
+        # Scrapes every few seconds would flood the process log.
+        site.log = lambda request: None  # type: ignore[method-assign]
+        _Listener(workerMetrics(config.metrics, workerIndex), site, reactor).setServiceParent(top)
     if webhook is not None:
         # Stops after the drain, so the last connection-stop events go out.
         webhook.setServiceParent(top)
@@ -396,7 +433,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     service.setServiceParent(top)
     for listener in config.listen:
         name = listener.description if isinstance(listener, TLSListener) else listener
-        _Listener(listener, factory.forListener(name), reactor).setServiceParent(top)
+        _Listener(
+            listener, factory.forListener(name), reactor, shared=workerIndex is not None
+        ).setServiceParent(top)
     return top
 
 
@@ -455,6 +494,24 @@ def raiseFileLimit() -> int:
             log.warn("Could not raise the open-file limit: {error}", error=e)
     log.info("Open-file limit: {limit}", limit=soft)
     return soft
+
+
+def workerMetrics(description: str, index: int | None) -> str:
+    """
+    Worker C{index}'s metrics endpoint: the configured one, its port moved
+    up by C{index} so that each worker is scraped on its own.
+    """
+    if not index:
+        return description
+    positional, keywords = splitDescription(description)
+    if "port" in keywords:
+        port = int(keywords["port"])
+        return description.replace(f"port={port}", f"port={port + index}" if port else "port=0")
+    if len(positional) > 1 and positional[1].isdigit() and int(positional[1]):
+        parts = description.split(":")
+        parts[1] = str(int(parts[1]) + index)
+        return ":".join(parts)
+    return description
 
 
 def _globalReactor() -> Any:

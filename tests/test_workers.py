@@ -1,0 +1,152 @@
+"""
+C{--workers}: several processes sharing the listening port, run for real on
+loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
+from twisted.web.server import Site
+
+from proxy_app.tap import workerMetrics
+from proxy_app.workers import WorkerSupervisor, workerCount
+
+from .test_integration import Echo, freePort
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Exit(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred = Deferred()
+
+    def processEnded(self, reason: object) -> None:
+        self.reason = reason
+        self.ended.callback(None)
+
+
+class WorkersTests(TestCase):
+    """
+    A supervisor with two workers, as twistd runs it.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_twoWorkers(self):  # type: ignore[no-untyped-def]
+        """
+        Both workers serve the shared port, each reports its own metrics on
+        the metrics port plus its index, and SIGTERM to the supervisor stops
+        them all.
+        """
+        origin = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.2")
+        self.addCleanup(origin.stopListening)
+        port, metrics = freePort("127.0.0.1"), freePort("127.0.0.1")
+        while metrics + 1 == port:
+            metrics = freePort("127.0.0.1")
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        exit = _Exit()
+        process = reactor.spawnProcess(
+            exit,
+            sys.executable,
+            [
+                sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "-n", "--pidfile=", "--logfile", self.mktemp(), "egressproxy",
+                "--workers", "2",
+                "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--metrics", f"tcp:{metrics}:interface=127.0.0.1",
+                "--allow-range", "127.0.0.2/32",
+                "--access-log", "none",
+            ],
+            env=env,
+        )
+        self.addCleanup(lambda: exit.ended if exit.ended.called else (process.signalProcess("KILL"), exit.ended)[1])
+
+        agent = Agent(reactor)
+        for metricsPort in (metrics, metrics + 1):
+            for _ in range(100):
+                try:
+                    response = yield agent.request(b"GET", f"http://127.0.0.1:{metricsPort}/healthcheck".encode())
+                    yield readBody(response)
+                    break
+                except Exception:
+                    yield deferLater(reactor, 0.1)
+            else:
+                self.fail(f"worker metrics on {metricsPort} never came up")
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        proxy = ProxyAgent(TCP4ClientEndpoint(reactor, "127.0.0.1", port), reactor, pool=pool)
+        for _ in range(40):
+            response = yield proxy.request(b"GET", f"http://127.0.0.2:{origin.getHost().port}/w".encode())
+            yield readBody(response)
+            self.assertEqual(response.code, 200)
+
+        served = []
+        for metricsPort in (metrics, metrics + 1):
+            response = yield agent.request(b"GET", f"http://127.0.0.1:{metricsPort}/metrics".encode())
+            body = yield readBody(response)
+            line = [
+                text for text in body.decode().splitlines()
+                if text.startswith('egressproxy_requests_total{decision="allow",proxy_type="http"')
+            ]
+            served.append(float(line[0].split()[-1]) if line else 0.0)
+        self.assertEqual(sum(served), 40)
+        self.assertTrue(all(count > 0 for count in served), served)
+
+        process.signalProcess(signal.SIGTERM)
+        yield exit.ended
+        # twistd ends by re-raising the signal it stopped for.
+        self.assertEqual(exit.reason.value.signal, signal.SIGTERM)  # type: ignore[attr-defined]
+        # The supervisor waited for its workers: nothing listens any more.
+        from twisted.internet.endpoints import connectProtocol
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.internet.protocol import Protocol
+
+        yield self.assertFailure(
+            connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol()),
+            ConnectionRefusedError,
+        )
+
+
+class PartsTests(SynchronousTestCase):
+    """
+    The pieces of --workers.
+    """
+
+    def test_workerCount(self) -> None:
+        """
+        auto is one per CPU; numbers below one are refused.
+        """
+        self.assertEqual(workerCount("auto", cpus=4), 4)
+        self.assertEqual(workerCount("3"), 3)
+        self.assertRaises(ValueError, workerCount, "0")
+        self.assertRaises(ValueError, workerCount, "many")
+
+    def test_workerMetrics(self) -> None:
+        """
+        Worker N's metrics endpoint is the configured port plus N.
+        """
+        self.assertEqual(workerMetrics("tcp:2112:interface=127.0.0.1", 0), "tcp:2112:interface=127.0.0.1")
+        self.assertEqual(workerMetrics("tcp:2112:interface=127.0.0.1", 3), "tcp:2115:interface=127.0.0.1")
+        self.assertEqual(workerMetrics("tcp:port=2112", 1), "tcp:port=2113")
+
+    def test_workerCommand(self) -> None:
+        """
+        Each worker runs twistd egressproxy with the supervisor's options
+        and its index, on the same code.
+        """
+        supervisor = WorkerSupervisor(reactor, 2, ["--workers", "2", "--listen", "tcp:9090"])
+        command = supervisor.command(1)
+        self.assertEqual(command[-6:], ["egressproxy", "--workers", "2", "--listen", "tcp:9090", "--worker-index", "1"][-6:])
+        self.assertIn("--worker-index", command)
+        self.assertTrue(supervisor.environment()["PYTHONPATH"].startswith(ROOT))
