@@ -146,6 +146,16 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"listen = {listener!r}: not a usable endpoint description ({e})"
             ) from None
+    if config.workers > 1:
+        for listener in config.listen:
+            if isinstance(listener, str) and splitDescription(listener)[0][0].lower() not in (
+                "tcp",
+                "tcp6",
+            ):
+                raise ConfigError(
+                    f"listen = {listener!r}: only tcp, tcp6 and mtls listeners can be "
+                    "shared between --workers"
+                )
     for host, _port in selfAddresses(config.listen):
         if host and parseIPLiteral(host) is None:
             raise ConfigError(

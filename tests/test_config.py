@@ -229,6 +229,15 @@ class OptionsTests(SynchronousTestCase):
         """
         self.assertOneLineExit(["--deny-range", "10.0.0.0/33"], "destinations.deny_ranges")
 
+    def test_workersNeedSharableListeners(self) -> None:
+        """
+        With --workers, a listener that cannot be shared stops start-up
+        with one line.
+        """
+        self.assertOneLineExit(
+            ["--workers", "2", "--listen", "unix:/tmp/egressproxy.sock"], "shared between --workers"
+        )
+
     def test_selfAddresses(self) -> None:
         """
         The proxy's own listening addresses are derived from its endpoint
