@@ -36,6 +36,14 @@ class TLSConfigError(ValueError):
     """
 
 
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(f"{path!r}: cannot read it: {e.strerror}") from None
+
+
 def loadCertificates(path: str) -> list[ssl.Certificate]:
     """
     Every certificate in a PEM file (a bundle holds many;
@@ -43,12 +51,7 @@ def loadCertificates(path: str) -> list[ssl.Certificate]:
 
     @raise TLSConfigError: if the file cannot be read or holds none.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise TLSConfigError(f"{path!r}: cannot read it: {e.strerror}") from None
-    blocks = _PEM_CERT.findall(data)
+    blocks = _PEM_CERT.findall(_read(path))
     if not blocks:
         raise TLSConfigError(f"{path!r}: holds no PEM certificate")
     try:
@@ -88,16 +91,8 @@ def loadClientIdentity(alias: str, certPath: str, keyPath: str) -> ClientIdentit
 
     @raise TLSConfigError: naming the file and the problem.
     """
-    try:
-        with open(certPath, "rb") as f:
-            certPEM = f.read()
-    except OSError as e:
-        raise TLSConfigError(f"{certPath!r}: cannot read it: {e.strerror}") from None
-    try:
-        with open(keyPath, "rb") as f:
-            keyPEM = f.read()
-    except OSError as e:
-        raise TLSConfigError(f"{keyPath!r}: cannot read it: {e.strerror}") from None
+    certPEM = _read(certPath)
+    keyPEM = _read(keyPath)
     try:
         x509 = crypto.load_certificate(crypto.FILETYPE_PEM, certPEM)
     except crypto.Error:
@@ -337,11 +332,7 @@ def serverOptions(listener: Any) -> ssl.CertificateOptions:
     if listener.crl:
         from cryptography import x509
 
-        try:
-            with open(listener.crl, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise TLSConfigError(f"{listener.crl!r}: cannot read it: {e.strerror}") from None
+        data = _read(listener.crl)
         try:
             crls.append(x509.load_pem_x509_crl(data))
         except ValueError:

@@ -427,27 +427,21 @@ class UpstreamHTTP(Protocol):
             sink.upstreamFailed(error)
 
     def _idleTimeout(self) -> None:
-        if self.sink is None:
-            # Idle in the pool for as long as the read timeout: let it go.
-            self.transport.loseConnection()
-            return
-        self._fail(
-            ProxyError(
-                Reason.UPSTREAM_TIMEOUT,
-                f"{hostPort(self.key.address, self.key.port)} sent nothing for {self._idle.seconds:g} s (read timeout)",
-            )
-        )
+        where = hostPort(self.key.address, self.key.port)
+        self._timedOut(f"{where} sent nothing for {self._idle.seconds:g} s (read timeout)")
 
     def _lifetimeExpired(self) -> None:
+        where = hostPort(self.key.address, self.key.port)
+        self._timedOut(
+            f"The connection to {where} exceeded its lifetime of {self._lifetime.seconds:g} s"
+        )
+
+    def _timedOut(self, message: str) -> None:
         if self.sink is None:
+            # Idle in the pool: let it go quietly.
             self.transport.loseConnection()
             return
-        self._fail(
-            ProxyError(
-                Reason.UPSTREAM_TIMEOUT,
-                f"The connection to {hostPort(self.key.address, self.key.port)} exceeded its lifetime of {self._lifetime.seconds:g} s",
-            )
-        )
+        self._fail(ProxyError(Reason.UPSTREAM_TIMEOUT, message))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._idle.cancel()
