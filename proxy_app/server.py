@@ -1129,8 +1129,10 @@ class ForwardExchange(_Exchange):
             self.protocol.send(event)
 
     def upstreamResponse(self, event: h11.Response) -> None:
+        # A HEAD, 204 or 304 response announces a length it does not send.
+        bodiless = self.request.method == b"HEAD" or event.status_code in (204, 304)
         for name, value in event.headers:
-            if name == b"content-length" and int(value) > self._limit:
+            if name == b"content-length" and not bodiless and int(value) > self._limit:
                 self._dropUpstream()
                 self.fail(
                     ProxyError(

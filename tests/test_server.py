@@ -450,6 +450,19 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(headers[b"x-whsentry-reasoncode"], b"1008")
         self.assertTrue(upTransport.disconnecting)
 
+    def test_headNotLimited(self) -> None:
+        """
+        A HEAD response announcing a large Content-Length is passed on: it
+        has no body to be too large.
+        """
+        h = makeHarness(config=self.config())
+        h.send(b"HEAD http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        up, _ = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n")
+        status, headers, _ = parseResponse(h.client.value())
+        self.assertEqual((status, headers[b"content-length"]), (200, b"5000"))
+        self.assertFalse(h.client.disconnecting)
+
     def test_chunkedOverLimitAborts(self) -> None:
         """
         A chunked response crossing the limit is cut by aborting the client
