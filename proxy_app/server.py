@@ -423,6 +423,8 @@ class ProxyProtocol(Protocol):
         Answer a request that is not going anywhere, then close.
         """
         self.sendError(error, close=True)
+        proxyType = "connect" if method == "CONNECT" else "http"
+        self.factory.metrics.requestDone(proxyType, int(error.reason), 0, 0)
         self.factory.accessLog.record(
             rq_id=self.factory.newRequestID(),
             client_addr=self.clientAddress,
@@ -628,6 +630,7 @@ class _Exchange:
         self.connectTime: float | None = None
         self._connectStarted = 0.0
         self._connect: Any = None
+        self._destination: VettedDestination | None = None
         # The control webhook's view of this exchange.
         webhook = self.factory.webhook
         # A request id the proxy made is the webhook's connection id too
@@ -693,6 +696,7 @@ class _Exchange:
         return self.factory.resolver.vet(self.target.host, self.target.port)
 
     def _vettedThenConnect(self, destination: VettedDestination) -> Any:
+        self._destination = destination
         self._vetted(destination)
         webhook = self.factory.webhook
         if webhook is not None and webhook.gateEnabled:
@@ -1020,6 +1024,7 @@ class ForwardExchange(_Exchange):
         self._bodyProducing = False
         self._responseProducing = False
         self._tls: TLSSettings | None = None
+        self._retried = False
         self._limit = self.factory.config.limits.max_response_body
 
     def start(self) -> None:
@@ -1067,6 +1072,10 @@ class ForwardExchange(_Exchange):
         except h11.LocalProtocolError as e:
             upstream.abort()
             self.fail(ProxyError(Reason.BAD_REQUEST, f"Cannot forward this request: {e}"))
+            return
+        if self.requestComplete:
+            # A retry: the (bodiless) request was read already.
+            upstream.sendEnd()
             return
         # The client's body goes no faster than the origin takes it.
         upstream.transport.registerProducer(self.protocol.transport, True)
@@ -1187,8 +1196,24 @@ class ForwardExchange(_Exchange):
         self.finish()
 
     def upstreamFailed(self, error: ProxyError) -> None:
+        upstream = self.upstream
         self._unhook()
         self.upstream = None
+        if self._canRetry(upstream):
+            # A pooled connection the origin closed just as we reused it:
+            # nothing of this request reached the origin's application, so
+            # send it once more on a fresh connection.
+            self._retried = True
+            log.info(
+                "{rq_id}: reused connection failed ({reason}); retrying on a new one",
+                rq_id=self.requestID,
+                reason=error.message,
+            )
+            d = self.factory.pool.acquire(self._destination, self._tls, reuse=False)
+            d.addCallbacks(self._connectedOrStale, self._setupFailed)
+            d.addErrback(self._internalError)
+            self._pending = d
+            return
         if self.headSent:
             self.error = error
             log.info("{rq_id} {url}: {reason}", rq_id=self.requestID, url=self.url, reason=error.message)
@@ -1196,6 +1221,24 @@ class ForwardExchange(_Exchange):
             self.protocol.abort()
             return
         self.fail(error)
+
+    def _canRetry(self, upstream: UpstreamHTTP | None) -> bool:
+        """
+        Whether a failure can be retried: it happened on a reused pooled
+        connection before any response byte, the request had no body, and
+        it was not retried already.
+        """
+        return (
+            upstream is not None
+            and upstream.reused
+            and not upstream.responseStarted
+            and not self.headSent
+            and not self._retried
+            and self.requestComplete
+            and self.bytesUp == 0
+            and self._destination is not None
+            and not self._finished
+        )
 
     def _unhook(self) -> None:
         """

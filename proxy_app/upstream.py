@@ -313,6 +313,7 @@ class UpstreamHTTP(Protocol):
         self._conn = h11.Connection(h11.CLIENT)
         self.sink: Any = None
         self.reused = False
+        self.created = 0.0
         self.responseStarted = False
         self._idle = Timer(pool.clock, pool.readTimeout, self._idleTimeout)
         self._lifetime = Timer(pool.clock, pool.lifetime, self._lifetimeExpired)
@@ -320,6 +321,10 @@ class UpstreamHTTP(Protocol):
         self.bytesReceived = 0
 
     def connectionMade(self) -> None:
+        self.created = self.pool.clock.seconds()
+        # The lifetime covers the connect (and TLS handshake) and then each
+        # request; an old pooled connection is retired by the pool rather
+        # than cut under a request that just started on it.
         self._lifetime.start()
         if self.tls is None:
             self.ready.callback(self)
@@ -337,6 +342,7 @@ class UpstreamHTTP(Protocol):
         self.sink = sink
         self.responseStarted = False
         self._idle.start()
+        self._lifetime.start()
         self._write(self._conn.send(event))
 
     def sendData(self, data: bytes) -> None:
@@ -404,6 +410,7 @@ class UpstreamHTTP(Protocol):
         """
         self.sink = None
         self._idle.cancel()
+        self._lifetime.cancel()
         if (
             self.transport is not None
             and self._conn.our_state is h11.DONE
@@ -438,7 +445,9 @@ class UpstreamHTTP(Protocol):
 
     def _timedOut(self, message: str) -> None:
         if self.sink is None:
-            # Idle in the pool: let it go quietly.
+            # Idle in the pool: out of it first, so that no request is
+            # given a connection that is closing, then let it go quietly.
+            self.pool.forget(self)
             self.transport.loseConnection()
             return
         self._fail(ProxyError(Reason.UPSTREAM_TIMEOUT, message))
@@ -504,7 +513,10 @@ class UpstreamPool:
         self._idle: dict[PoolKey, list[UpstreamHTTP]] = {}
 
     def acquire(
-        self, destination: VettedDestination, tls: TLSSettings | None = None
+        self,
+        destination: VettedDestination,
+        tls: TLSSettings | None = None,
+        reuse: bool = True,
     ) -> Deferred:
         """
         Get a connection to one of C{destination}'s addresses: an idle one
@@ -514,11 +526,16 @@ class UpstreamPool:
         @return: a L{Deferred} firing with an L{UpstreamHTTP}.
         """
         tlsKey = (tls.host, tls.alias) if tls is not None else None
-        for address in destination.addresses:
+        oldest = self.clock.seconds() - self.lifetime
+        for address in destination.addresses if reuse else ():
             idle = self._idle.get(PoolKey(address, destination.port, tlsKey))
-            if idle:
+            while idle:
                 connection = idle.pop()
                 connection._idle.cancel()
+                if connection.created <= oldest:
+                    # Past its lifetime: retire it instead of reusing it.
+                    connection.transport.loseConnection()
+                    continue
                 return succeed(connection)
         factory = _KeyedFactory(self, destination.port, tls)
         d = self.connector.connect(

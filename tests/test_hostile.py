@@ -31,6 +31,8 @@ class HeadTests(SynchronousTestCase):
         h.send(data)
         got, headers, _ = parseResponse(h.client.value())
         self.assertEqual((got, headers[b"x-whsentry-reasoncode"]), (status, b"1015"), data)
+        counted = h.factory.metrics.requests.labels("http", "allow", "1015")
+        self.assertEqual(counted._value.get(), 1)  # type: ignore[attr-defined]
         self.assertEqual(h.resolver.calls, [])
         self.assertTrue(h.client.disconnecting)
 

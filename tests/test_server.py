@@ -172,6 +172,51 @@ class ForwardingTests(SynchronousTestCase):
         self.assertFalse(h.client.disconnecting)
         self.assertEqual(len(h.access), 2)
 
+    def test_staleReusedConnectionRetried(self) -> None:
+        """
+        A pooled connection that the origin closes just as it is reused is
+        replaced by a new one, once, and the client never sees the failure.
+        """
+        h = makeHarness()
+        h.send(GET)
+        up, _ = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        h.client.clear()
+        h.send(GET)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        up.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+        fresh, freshTransport = h.connectUpstream()
+        self.assertTrue(freshTransport.value().startswith(b"GET /path?q=1 HTTP/1.1\r\n"))
+        fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+        status, _, body = parseResponse(h.client.value())
+        self.assertEqual((status, body), (200, b"b"))
+
+    def test_oldPooledConnectionRetired(self) -> None:
+        """
+        A pooled connection older than the connection lifetime is not
+        reused, and a long-lived pooled connection does not cut a request
+        that just started on it.
+        """
+        h = makeHarness(
+            config=Config(timeouts=Timeouts(read=100, lifetime=30, request_header=100))
+        )
+        h.send(GET)
+        up, upTransport = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        h.reactor.advance(20)
+        h.client.clear()
+        h.send(GET)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        # 25 s into this request, 45 s into the connection's life.
+        h.reactor.advance(25)
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+        self.assertTrue(h.client.value().endswith(b"\r\n\r\nb"))
+        h.client.clear()
+        h.send(GET)
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+        self.assertTrue(upTransport.disconnecting)
+
     def test_pipelinedRequestWaits(self) -> None:
         """
         A second request sent before the first is answered is read only
