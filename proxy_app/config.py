@@ -368,7 +368,8 @@ class Timeouts:
         "connection-lifetime",
         60.0,
         seconds,
-        "Longest time a connection to the destination may live.",
+        "Longest time a request may take from its connect (or a tunnel may "
+        "live); pooled connections older than this are not reused.",
         metavar="SECONDS",
     )
     dns: float = setting(
