@@ -28,3 +28,37 @@ class IDestinationResolver(Interface):
             denied) or L{proxy_app.resolver.ResolutionFailed} (no answer,
             lookup error or timeout).  Cancelling it abandons the lookup.
         """
+
+
+class IResponseSink(Interface):
+    """
+    Where an L{proxy_app.upstream.UpstreamHTTP} reports the response to the
+    request it carries.  Exactly one of L{upstreamDone} and
+    L{upstreamFailed} ends each request.
+    """
+
+    def upstreamInformational(event):
+        """
+        A 1xx response (an C{h11.InformationalResponse}) arrived.
+        """
+
+    def upstreamResponse(event):
+        """
+        The response head (an C{h11.Response}) arrived.
+        """
+
+    def upstreamData(data):
+        """
+        A piece of the response body arrived.
+        """
+
+    def upstreamDone():
+        """
+        The response is complete.
+        """
+
+    def upstreamFailed(error):
+        """
+        The request failed with C{error}, a L{proxy_app.reasons.ProxyError};
+        if the response head was already reported, the response was cut.
+        """

@@ -32,7 +32,7 @@ from zope.interface import implementer
 from proxy_app.access import AccessControl, AuthFailed
 from proxy_app.acl import ACLDecision
 from proxy_app.config import Config
-from proxy_app.interfaces import IDestinationResolver
+from proxy_app.interfaces import IDestinationResolver, IResponseSink
 from proxy_app.limits import HeadGuard, Overloaded, RateLimiter
 from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
@@ -1008,6 +1008,7 @@ class _Refused(_Exchange):
         self.fail(self._error)
 
 
+@implementer(IResponseSink)
 class ForwardExchange(_Exchange):
     """
     One forwarded request: its body streams to the origin and the

@@ -248,19 +248,6 @@ def framingHeaders(headers: h11._headers.Headers) -> list[tuple[bytes, bytes]]:
     return []
 
 
-class IResponseSink:
-    """
-    What an L{UpstreamHTTP} reports a response to (documentation only;
-    implemented by L{proxy_app.server.ForwardExchange}).
-    """
-
-    def upstreamInformational(self, event: h11.InformationalResponse) -> None: ...
-    def upstreamResponse(self, event: h11.Response) -> None: ...
-    def upstreamData(self, data: bytes) -> None: ...
-    def upstreamDone(self) -> None: ...
-    def upstreamFailed(self, error: ProxyError) -> None: ...
-
-
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class PoolKey:
     """

@@ -272,6 +272,24 @@ class ForwardingTests(SynchronousTestCase):
         self.assertTrue(h.client.value().endswith(b"\r\n\r\npartial"))
 
 
+class InterfaceTests(SynchronousTestCase):
+    """
+    The proxy's parts provide the interfaces they claim.
+    """
+
+    def test_forwardExchangeIsResponseSink(self) -> None:
+        """
+        A forwarded request's exchange provides IResponseSink.
+        """
+        from zope.interface.verify import verifyObject
+
+        from proxy_app.interfaces import IResponseSink
+
+        h = makeHarness()
+        h.send(GET)
+        verifyObject(IResponseSink, h.protocol.exchange)
+
+
 class BackpressureTests(SynchronousTestCase):
     """
     Each direction of a forwarded request is flow-controlled.
