@@ -385,8 +385,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         raise SystemExit(1) from None
     try:
         access = AccessControl.fromConfig(config.acl, config.auth, reactor)
+    except ACLError as e:
+        sys.stderr.write(f"egressproxy: acl.file: {e}\n")
+        raise SystemExit(1) from None
     except ValueError as e:
-        sys.stderr.write(f"egressproxy: {e}\n")
+        sys.stderr.write(f"egressproxy: auth.checkers: {e}\n")
         raise SystemExit(1) from None
     if config.acl.role_header:
         log.warn(
