@@ -187,6 +187,15 @@ def workers(value: Any) -> int:
     return result
 
 
+def secondsOrZero(value: Any) -> float:
+    """
+    A duration, or 0 to turn something off.
+    """
+    if not isinstance(value, bool) and str(value).strip() in ("0", "0.0", "0s"):
+        return 0.0
+    return seconds(value)
+
+
 def rate(value: Any) -> float:
     """
     A rate per second, zero or more.
@@ -812,6 +821,15 @@ class Destinations:
         "(repeatable).",
         repeatable=True,
         metavar="IP[:PORT]",
+    )
+    dns_cache_ttl: float = setting(
+        "dns-cache-ttl",
+        30.0,
+        secondsOrZero,
+        "Longest time a vetted DNS answer is reused for the same host and "
+        "port (never longer than the records' TTL when --nameserver gives "
+        "it); 0 resolves for every request.",
+        metavar="SECONDS",
     )
     nameservers: tuple[str, ...] = setting(
         "nameserver",

@@ -12,6 +12,7 @@ L{twisted.names}, A and AAAA only.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Literal, Protocol, cast
@@ -20,7 +21,7 @@ import attr
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address as TwistedIPv4Address
 from twisted.internet.address import IPv6Address as TwistedIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -54,7 +55,11 @@ class VettedDestination:
         order to try them; never empty.
     @ivar denied: the L{proxy_app.addresses.AddressDecision}s of answers
         that were dropped.
-    @ivar lookupTime: seconds spent resolving (0 for IP literals).
+    @ivar lookupTime: seconds spent resolving (0 for IP literals and cached
+        answers).
+    @ivar ttl: the shortest TTL of the DNS records behind the answer, when
+        the resolver knows it (L{NameserverResolver} does; the system's
+        getaddrinfo does not), else L{None}.
     """
 
     host: str
@@ -62,6 +67,7 @@ class VettedDestination:
     addresses: tuple[str, ...]
     denied: tuple = ()
     lookupTime: float = 0.0
+    ttl: float | None = None
 
 
 def hostPort(host: str, port: int) -> str:
@@ -192,7 +198,12 @@ def _twistedAddress(
 class _Sink(Protocol):
     """
     Where a L{_VettingLookup} reports what it found.
+
+    @ivar ttl: the lookup's shortest record TTL, set before L{finished}
+        when the wrapped resolution knows it.
     """
+
+    ttl: float | None
 
     def allowed(self, address: TwistedIPv4Address | TwistedIPv6Address) -> None:
         """
@@ -321,6 +332,7 @@ class _VettingLookup:
         error = None
         if IExplainedHostResolution.providedBy(self._inner):
             error = self._inner.error
+        self._sink.ttl = getattr(self._inner, "ttl", None)
         self._finish(error)
 
     # Internals
@@ -393,6 +405,7 @@ class _ForwardingSink:
     def __init__(self, receiver: IResolutionReceiver, host: str) -> None:
         self._receiver = receiver
         self._host = host
+        self.ttl: float | None = None
 
     def allowed(self, address: TwistedIPv4Address | TwistedIPv6Address) -> None:
         self._receiver.addressResolved(address)
@@ -436,6 +449,7 @@ class _VettingSink:
         self._started = safe._clock.seconds()
         self._allowed: list[str] = []
         self._denied: list[AddressDecision] = []
+        self.ttl: float | None = None
 
     def allowed(self, address: TwistedIPv4Address | TwistedIPv6Address) -> None:
         self._allowed.append(address.host)
@@ -483,6 +497,7 @@ class _VettingSink:
                 addresses=tuple(self._allowed),
                 denied=tuple(self._denied),
                 lookupTime=self._safe._clock.seconds() - self._started,
+                ttl=self.ttl,
             )
         )
 
@@ -680,6 +695,8 @@ class _NameserverResolution:
     ) -> None:
         self.name = name
         self.error: BaseException | None = None
+        # The shortest TTL of the answers used, for caches.
+        self.ttl: float | None = None
         self._receiver = receiver
         self._port = port
         self._transportSemantics = transportSemantics
@@ -729,6 +746,10 @@ class _NameserverResolution:
     ) -> None:
         if self._done:
             return
+        ttls = [record.ttl for record in result[0]]
+        if ttls:
+            least = float(min(ttls))
+            self.ttl = least if self.ttl is None else min(self.ttl, least)
         for ip in _addressesInAnswer(queried, result[0], recordType):
             self._delivered += 1
             self._receiver.addressResolved(
@@ -942,3 +963,66 @@ def makeNameResolver(
             [parseNameserver(n) for n in nameservers], reactor, timeout
         )
     return reactor.nameResolver
+
+
+class _CacheEntry:
+    __slots__ = ("destination", "expires")
+
+    def __init__(self, destination: VettedDestination, expires: float) -> None:
+        self.destination = destination
+        self.expires = expires
+
+
+@implementer(IDestinationResolver)
+class CachingResolver:
+    """
+    Keeps vetted answers for names, so that repeated requests to the same
+    destination skip the lookup.
+
+    Only what the wrapped resolver vetted is kept (the allowed addresses
+    for a host and port), so a cached answer is as safe as a fresh one: the
+    address policy does not change while the proxy runs.  An answer is kept
+    for its DNS TTL when the resolver knows it, never longer than C{maxTTL};
+    IP literals and failures are not cached.  At most C{maxEntries} are
+    kept, the least recently used going first.
+    """
+
+    def __init__(
+        self,
+        resolver: Any,
+        clock: IReactorTime,
+        maxTTL: float,
+        maxEntries: int = 10000,
+    ) -> None:
+        self._resolver = resolver
+        self._clock = clock
+        self.maxTTL = maxTTL
+        self._maxEntries = maxEntries
+        self._entries: OrderedDict[tuple[str, int], _CacheEntry] = OrderedDict()
+
+    def vet(self, host: str, port: int) -> Deferred[VettedDestination]:
+        key = (host, port)
+        entry = self._entries.get(key)
+        now = self._clock.seconds()
+        if entry is not None:
+            if entry.expires > now:
+                self._entries.move_to_end(key)
+                return succeed(entry.destination)
+            del self._entries[key]
+        d = self._resolver.vet(host, port)
+        try:
+            literal = parseIPLiteral(host) is not None
+        except ValueError:
+            literal = True
+        if not literal:
+            d.addCallback(self._store, key)
+        return d
+
+    def _store(self, destination: VettedDestination, key: tuple[str, int]) -> VettedDestination:
+        ttl = self.maxTTL if destination.ttl is None else min(destination.ttl, self.maxTTL)
+        if ttl > 0:
+            cached = attr.evolve(destination, denied=(), lookupTime=0.0)
+            self._entries[key] = _CacheEntry(cached, self._clock.seconds() + ttl)
+            if len(self._entries) > self._maxEntries:
+                self._entries.popitem(last=False)
+        return destination

@@ -33,7 +33,7 @@ from proxy_app.acl import ACLError, loadACL
 from proxy_app.addresses import AddressPolicy, parseIPLiteral
 from proxy_app.config import Config, ConfigError, TLSListener, splitDescription
 from proxy_app.observe import AccessLog, DecisionLog, Metrics, MetricsResource
-from proxy_app.resolver import SafeResolver, makeNameResolver
+from proxy_app.resolver import CachingResolver, SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
 from proxy_app.tls import (
     Origination,
@@ -363,12 +363,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         denyAddresses=destinations.deny_addresses,
         selfAddresses=selfAddresses(config.listen + ((config.metrics,) if config.metrics else ())),
     )
-    resolver = SafeResolver(
+    resolver: Any = SafeResolver(
         policy,
         makeNameResolver(destinations.nameservers, reactor, timeout=config.timeouts.dns),
         reactor,
         timeout=config.timeouts.dns,
     )
+    if destinations.dns_cache_ttl:
+        resolver = CachingResolver(resolver, reactor, destinations.dns_cache_ttl)
     connector = Connector(reactor, config.timeouts.connect)
     try:
         accessLog = AccessLog.open(config.access_log.file, config.access_log.format)

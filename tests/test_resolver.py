@@ -30,6 +30,7 @@ from proxy_app.addresses import AddressPolicy
 from proxy_app.interfaces import IDestinationResolver
 from proxy_app.reasons import Reason
 from proxy_app.resolver import (
+    CachingResolver,
     DestinationDenied,
     IExplainedHostResolution,
     NameserverResolver,
@@ -1131,6 +1132,7 @@ RECORDS = {
     b"alias." + ZONE: [dns.Record_CNAME(b"www." + ZONE)],
     b"v4only." + ZONE: [dns.Record_A(ALLOWED_V4_OTHER)],
     b"internal." + ZONE: [dns.Record_A(DENIED_V4)],
+    b"ttl." + ZONE: [dns.Record_A(ALLOWED_V4, ttl=7)],
 }
 
 
@@ -1198,6 +1200,14 @@ class NameserverIntegrationTests(TestCase):
         self.assertEqual(vetted.addresses, (ALLOWED_V4_OTHER,))
 
     @defer.inlineCallbacks
+    def test_vetCarriesTTL(self):
+        """
+        The records' TTL comes back with the vetted answer, for the cache.
+        """
+        vetted = yield self.safe.vet("ttl.example.test", 443)
+        self.assertEqual(vetted.ttl, 7)
+
+    @defer.inlineCallbacks
     def test_vetDenied(self):
         """
         A name whose only address is denied fails with L{DestinationDenied}.
@@ -1221,4 +1231,98 @@ class NameserverIntegrationTests(TestCase):
         self.assertEqual(
             error.message,
             "DNS lookup of 'missing.example.test' failed: domain name not found",
+        )
+
+
+class _CountingResolver:
+    """
+    Vets from a table, counting lookups; C{answers[host]} is a
+    VettedDestination factory result or an exception.
+    """
+
+    def __init__(self, ttl: float | None = None) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.ttl = ttl
+        self.fail = False
+
+    def vet(self, host: str, port: int) -> Deferred:
+        self.calls.append((host, port))
+        if self.fail:
+            return defer.fail(ResolutionFailed(host, "nope"))
+        return defer.succeed(
+            VettedDestination(host, port, ("203.0.113.9",), lookupTime=0.2, ttl=self.ttl)
+        )
+
+
+class CachingResolverTests(SynchronousTestCase):
+    """
+    L{CachingResolver} reuses vetted answers, within their TTL.
+    """
+
+    def test_hitWithinTTL(self) -> None:
+        """
+        A second vet of the same host and port within the TTL does not look
+        up again, and reports no lookup time; after it, it looks up again.
+        """
+        clock = MemoryReactorClock()
+        inner = _CountingResolver()
+        cache = CachingResolver(inner, clock, maxTTL=30)
+        verifyObject(IDestinationResolver, cache)
+        first = self.successResultOf(cache.vet("hooks.example", 443))
+        clock.advance(29)
+        second = self.successResultOf(cache.vet("hooks.example", 443))
+        self.assertEqual(len(inner.calls), 1)
+        self.assertEqual(second.addresses, first.addresses)
+        self.assertEqual(second.lookupTime, 0.0)
+        clock.advance(2)
+        self.successResultOf(cache.vet("hooks.example", 443))
+        self.assertEqual(len(inner.calls), 2)
+
+    def test_recordTTLShorter(self) -> None:
+        """
+        A DNS TTL shorter than the cap wins.
+        """
+        clock = MemoryReactorClock()
+        inner = _CountingResolver(ttl=5)
+        cache = CachingResolver(inner, clock, maxTTL=30)
+        cache.vet("hooks.example", 443)
+        clock.advance(6)
+        cache.vet("hooks.example", 443)
+        self.assertEqual(len(inner.calls), 2)
+
+    def test_perPort(self) -> None:
+        """
+        Answers are kept per host and port, since port rules may differ.
+        """
+        inner = _CountingResolver()
+        cache = CachingResolver(inner, MemoryReactorClock(), maxTTL=30)
+        cache.vet("hooks.example", 443)
+        cache.vet("hooks.example", 8443)
+        self.assertEqual(len(inner.calls), 2)
+
+    def test_notCached(self) -> None:
+        """
+        Failures and IP literals are not cached.
+        """
+        inner = _CountingResolver()
+        cache = CachingResolver(inner, MemoryReactorClock(), maxTTL=30)
+        inner.fail = True
+        self.failureResultOf(cache.vet("hooks.example", 443), ResolutionFailed)
+        inner.fail = False
+        self.successResultOf(cache.vet("hooks.example", 443))
+        cache.vet("203.0.113.9", 443)
+        cache.vet("203.0.113.9", 443)
+        self.assertEqual(len(inner.calls), 4)
+
+    def test_bounded(self) -> None:
+        """
+        At most maxEntries answers are kept, least recently used out first.
+        """
+        inner = _CountingResolver()
+        cache = CachingResolver(inner, MemoryReactorClock(), maxTTL=30, maxEntries=2)
+        for host in ("a.example", "b.example", "a.example", "c.example", "a.example", "b.example"):
+            cache.vet(host, 443)
+        self.assertEqual(
+            [host for host, _ in inner.calls],
+            ["a.example", "b.example", "c.example", "b.example"],
         )
