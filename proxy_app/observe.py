@@ -26,8 +26,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from twisted.logger import FileLogObserver, ILogObserver, Logger, LogPublisher
+from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 log = Logger()
 
@@ -119,6 +121,25 @@ formatText = textFormatter(ACCESS_FIELDS)
 formatJSON = jsonFormatter(ACCESS_FIELDS)
 
 
+@implementer(ILogObserver)
+class _LineObserver:
+    """
+    Writes formatted lines to a file; flushes after each line unless
+    C{batched}, when the owner flushes on a timer instead (one write system
+    call per batch rather than per request).
+    """
+
+    def __init__(self, outFile: IO[str], formatter: Any) -> None:
+        self.outFile = outFile
+        self._formatter = formatter
+        self.batched = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.outFile.write(self._formatter(event))
+        if not self.batched:
+            self.outFile.flush()
+
+
 class LineLog:
     """
     A log of one line per event, with a fixed set of fields, written to a
@@ -141,12 +162,43 @@ class LineLog:
         )
         self._path = path
         self._file = outFile
-        self._observer: FileLogObserver | None = None
+        self._observer: _LineObserver | None = None
+        self._flusher: LoopingCall | None = None
         # Nothing is built per event while nobody listens (logs off).
         self.enabled = False
         if outFile is not None:
-            self._observer = FileLogObserver(outFile, self._formatter)
+            self._observer = _LineObserver(outFile, self._formatter)
             self.addObserver(self._observer)
+
+    def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
+        """
+        Write lines in batches, flushed every C{interval} seconds on
+        C{clock} (and on L{flush}), instead of one write per line.
+        """
+        if self._observer is None or self._flusher is not None:
+            return
+        self._observer.batched = True
+        self._flusher = LoopingCall(self.flush)
+        self._flusher.clock = clock
+        self._flusher.start(interval, now=False)
+
+    def flush(self) -> None:
+        """
+        Write out what is buffered.
+        """
+        if self._file is not None:
+            try:
+                self._file.flush()
+            except (OSError, ValueError) as e:
+                log.error("Cannot write log {path}: {error}", path=self._path or "-", error=e)
+
+    def stop(self) -> None:
+        """
+        Stop the batching timer and flush.
+        """
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+        self.flush()
 
     def addObserver(self, observer: Any) -> None:
         """
@@ -165,7 +217,7 @@ class LineLog:
             return cls(sys.stdout, format)
         if path.lower() == "none":
             return cls(None, format)
-        return cls(open(path, "a", buffering=1, encoding="utf-8"), format, path)
+        return cls(open(path, "a", encoding="utf-8"), format, path)
 
     def reopen(self) -> None:
         """
@@ -175,16 +227,18 @@ class LineLog:
         if self._path is None:
             return
         try:
-            newFile = open(self._path, "a", buffering=1, encoding="utf-8")
+            newFile = open(self._path, "a", encoding="utf-8")
         except OSError as e:
             log.error("Cannot reopen log {path}: {error}", path=self._path, error=e)
             return
+        batched = self._observer is not None and self._observer.batched
         if self._observer is not None:
             self.publisher.removeObserver(self._observer)
         if self._file is not None:
             self._file.close()
         self._file = newFile
-        self._observer = FileLogObserver(newFile, self._formatter)
+        self._observer = _LineObserver(newFile, self._formatter)
+        self._observer.batched = batched
         self.addObserver(self._observer)
         log.info("Reopened log {path}", path=self._path)
 

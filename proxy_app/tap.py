@@ -262,7 +262,7 @@ class ProxyService(Service):
         factory = self.factory
         drained = factory.drain()
         if drained.called:
-            return drained
+            return drained.addBoth(self._stopLogs)
         log.info(
             "Draining {count} connection(s) for up to {seconds:g} s",
             count=len(factory.connections),
@@ -284,7 +284,12 @@ class ProxyService(Service):
                 deadline.cancel()
             return result
 
-        return drained.addBoth(done)
+        return drained.addBoth(done).addBoth(self._stopLogs)
+
+    def _stopLogs(self, result: object) -> object:
+        self.factory.accessLog.stop()
+        self.factory.decisionLog.stop()
+        return result
 
 
 class _Listener(Service):
@@ -441,6 +446,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if webhook is not None:
         # Stops after the drain, so the last connection-stop events go out.
         webhook.setServiceParent(top)
+    # One write per second of lines rather than one per request.
+    accessLog.batchWrites(reactor)
+    decisionLog.batchWrites(reactor)
     service = ProxyService(factory, reactor)
     service.installSignals = reactor is _globalReactor()
     if service.installSignals:

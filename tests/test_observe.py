@@ -228,6 +228,26 @@ class AccessLogFileTests(SynchronousTestCase):
         self.assertEqual(lines[1]["reason_code"], 1002)
         self.assertTrue(all(line["rq_id"] for line in lines))
 
+    def test_batchedWrites(self) -> None:
+        """
+        With batching on, lines reach the file when the timer flushes (once
+        a second), not one write per line; stop() flushes the rest.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        path = FilePath(self.mktemp())
+        log = AccessLog.open(path.path, "text")
+        log.batchWrites(clock)
+        log.record(rq_id="one")
+        log.record(rq_id="two")
+        self.assertEqual(path.getContent(), b"")
+        clock.advance(1)
+        self.assertEqual(path.getContent(), b"rq_id=one\nrq_id=two\n")
+        log.record(rq_id="three")
+        log.stop()
+        self.assertEqual(path.getContent(), b"rq_id=one\nrq_id=two\nrq_id=three\n")
+
     def test_reopen(self) -> None:
         """
         After the file is moved away (logrotate), reopen() writes to a new

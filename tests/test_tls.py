@@ -367,7 +367,7 @@ class ListenerTests(TestCase):
                 "--access-log-format", "json",
             ]
         )
-        service = makeService(options)
+        service = self.service = makeService(options)
         service.privilegedStartService()
         service.startService()
         self.addCleanup(service.stopService)
@@ -376,6 +376,16 @@ class ListenerTests(TestCase):
         path = self.dir.child(name)
         path.setContent(data)
         return path.path
+
+    def flushAccessLog(self) -> None:
+        """
+        Write out the access log's batch now, as its timer would.
+        """
+        from proxy_app.tap import ProxyService
+
+        for child in self.service:
+            if isinstance(child, ProxyService):
+                child.factory.accessLog.flush()
 
     def request(self, client: tuple[bytes, bytes, int] | None) -> Any:
         """
@@ -418,6 +428,7 @@ class ListenerTests(TestCase):
         data = yield self.request(self.good)
         self.assertIn(b"200 OK", data)
         self.assertIn(b"/who ", data)
+        self.flushAccessLog()
         line = json.loads(self.accessLog.getContent().splitlines()[-1])
         self.assertEqual(
             (line["role"], line["client_cn"], line["client_ou"]), ("billing", "billing", "payments")
@@ -444,4 +455,5 @@ class ListenerTests(TestCase):
         except Exception:
             data = b""
         self.assertNotIn(b"HTTP/1.1", data)
+        self.flushAccessLog()
         self.assertFalse(self.accessLog.exists() and self.accessLog.getContent())
