@@ -1022,6 +1022,10 @@ def loadFile(path: str) -> dict[str, Any]:
     return data
 
 
+# Sections that may be written as their main value alone in YAML.
+_SHORTHAND = {"acl": "file", "auth": "checkers", "webhook": "url"}
+
+
 def _fileValues(data: Mapping[str, Any], path: str) -> dict[str, Any]:
     """
     Flatten a loaded YAML mapping to C{{key: value}}, refusing unknown keys.
@@ -1033,6 +1037,9 @@ def _fileValues(data: Mapping[str, Any], path: str) -> dict[str, Any]:
         if name in sections:
             if value is None:
                 continue
+            if not isinstance(value, dict) and name in _SHORTHAND:
+                # acl: PATH, auth: [SPEC, ...], webhook: URL
+                value = {_SHORTHAND[name]: value}
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} in {path}: expected a mapping of keys, got {value!r}")
             for sub, subValue in value.items():

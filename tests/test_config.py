@@ -84,6 +84,20 @@ class LoadTests(SynchronousTestCase):
         )
         self.assertEqual(config.load({"listen": ["tcp:5"]}, {}, path).listen, ("tcp:5",))
 
+    def test_shorthand(self) -> None:
+        """
+        acl, auth and webhook may be written as their main value alone, as
+        Smokescreen users write their ACL path.
+        """
+        path = self.writeConfig(
+            "acl: /etc/egressproxy/acl.yaml\nauth: [memory:a:b]\n"
+            "webhook: http://127.0.0.1:5000/webhook/x\n"
+        )
+        loaded = config.load({}, {}, path)
+        self.assertEqual(loaded.acl.file, "/etc/egressproxy/acl.yaml")
+        self.assertEqual(loaded.auth.checkers, ("memory:a:b",))
+        self.assertEqual(loaded.webhook.url, "http://127.0.0.1:5000/webhook/x")
+
     def test_units(self) -> None:
         """
         Durations take webhook-sentry's units and sizes take binary and
