@@ -332,6 +332,8 @@ class ListenerTests(TestCase):
     certificate's CN becomes the role.
     """
 
+    clientCertMode = "required"
+
     def setUp(self) -> None:
         self.dir = FilePath(self.mktemp())
         self.dir.makedirs()
@@ -360,7 +362,7 @@ class ListenerTests(TestCase):
                 "--listen",
                 f"mtls:{self.port}:interface=127.0.0.1:cert={self.dir.child('server.pem').path}"
                 f":key={self.dir.child('server.key').path}:client_ca={self.dir.child('clients.pem').path}"
-                f":client_cert=required:crl={self.dir.child('clients.crl').path}",
+                f":client_cert={self.clientCertMode}:crl={self.dir.child('clients.crl').path}",
                 "--allow-range", "127.0.0.2/32",
                 "--access-log", self.accessLog.path,
                 "--metrics", "none",
@@ -435,7 +437,7 @@ class ListenerTests(TestCase):
         )
 
     @inlineCallbacks
-    def test_noCertificateRefused(self):  # type: ignore[no-untyped-def]
+    def test_noCertificate(self):  # type: ignore[no-untyped-def]
         """
         A client without a certificate gets no answer: the handshake fails.
         """
@@ -457,3 +459,26 @@ class ListenerTests(TestCase):
         self.assertNotIn(b"HTTP/1.1", data)
         self.flushAccessLog()
         self.assertFalse(self.accessLog.exists() and self.accessLog.getContent())
+
+
+class OptionalClientCertificateTests(ListenerTests):
+    """
+    A TLS listener that asks for client certificates but does not require
+    them: clients without one are served anonymously, those with one get
+    their role, and revoked ones are still refused.
+    """
+
+    clientCertMode = "optional"
+
+    @inlineCallbacks
+    def test_noCertificate(self):  # type: ignore[no-untyped-def]
+        """
+        Without a certificate the client is served, with no role.
+        """
+        import json
+
+        data = yield self.request(None)
+        self.assertIn(b"200 OK", data)
+        self.flushAccessLog()
+        line = json.loads(self.accessLog.getContent().splitlines()[-1])
+        self.assertNotIn("role", line)
