@@ -1119,8 +1119,10 @@ def referenceTable() -> str:
         else:
             shown = str(default)
         doc = field.setting.doc.replace("|", "\\|")
+        switch = field.setting.parse is boolean and field.default is False
+        flag = f"--{field.setting.flag}" if switch else f"--{field.setting.flag} {field.setting.metavar}"
         lines.append(
-            f"| `{field.key}` | `--{field.setting.flag} {field.setting.metavar}` "
+            f"| `{field.key}` | `{flag}` "
             f"| `{field.setting.envvar}` | `{shown}` | {doc} |"
         )
     return "\n".join(lines) + "\n"

@@ -57,6 +57,10 @@ def _repeatable(field: configModule.Field) -> Any:
     return opt
 
 
+def _isSwitch(field: configModule.Field) -> bool:
+    return field.setting.parse is configModule.boolean and field.default is False
+
+
 # Not a setting: the supervisor of --workers gives it to each worker.
 _WORKER_INDEX: list[Any] = [
     "worker-index",
@@ -88,7 +92,12 @@ class Options(usage.Options):
     ] + [
         [f.setting.flag, None, None, f"{f.setting.doc} [default: {f.default}]"]
         for f in configModule.fields()
-        if not f.setting.repeatable
+        if not f.setting.repeatable and not _isSwitch(f)
+    ]
+    # Booleans that default to off are plain switches, as in Smokescreen
+    # (--allow-missing-role); the environment and YAML still take true/false.
+    optFlags: list[list[Any]] = [
+        [f.setting.flag, None, f.setting.doc] for f in configModule.fields() if _isSwitch(f)
     ]
 
     config: Config
@@ -113,6 +122,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         flags = {f.setting.flag: self.get(f.setting.flag) for f in configModule.fields()}
+        for field in configModule.fields():
+            if _isSwitch(field):
+                flags[field.setting.flag] = "true" if self.get(field.setting.flag) else None
         self.config = configModule.load(flags, self._environ, self["config"])
         validate(self.config)
 

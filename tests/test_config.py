@@ -207,6 +207,17 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.config.limits.max_response_body, 10)
         self.assertEqual(options.config.destinations.allow_ranges, ("127.0.0.2/32",))
 
+    def test_switch(self) -> None:
+        """
+        --allow-missing-role is a switch, as in Smokescreen; the environment
+        still takes true or false.
+        """
+        self.assertTrue(self.parse(["--allow-missing-role"]).config.acl.allow_missing_role)
+        self.assertFalse(self.parse([]).config.acl.allow_missing_role)
+        self.assertTrue(
+            self.parse([], {"EGRESSPROXY_ALLOW_MISSING_ROLE": "true"}).config.acl.allow_missing_role
+        )
+
     def assertOneLineExit(self, argv: list[str], expected: str) -> None:
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
