@@ -187,6 +187,18 @@ def workers(value: Any) -> int:
     return result
 
 
+def ipLiteral(value: Any) -> str:
+    """
+    An IPv4 or IPv6 address, canonical.
+    """
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ValueError("expected an IP address such as 192.0.2.10 or 2001:db8::10") from None
+
+
 def secondsOrZero(value: Any) -> float:
     """
     A duration, or 0 to turn something off.
@@ -821,6 +833,16 @@ class Destinations:
         "(repeatable).",
         repeatable=True,
         metavar="IP[:PORT]",
+    )
+    bind_addresses: tuple[str, ...] = setting(
+        "bind-address",
+        (),
+        ipLiteral,
+        "Local address outbound connections are made from, for a fixed "
+        "egress address (repeatable: one IPv4 and one IPv6); the kernel "
+        "chooses by default.",
+        repeatable=True,
+        metavar="IP",
     )
     dns_cache_ttl: float = setting(
         "dns-cache-ttl",

@@ -388,7 +388,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     if destinations.dns_cache_ttl:
         resolver = CachingResolver(resolver, reactor, destinations.dns_cache_ttl)
-    connector = Connector(reactor, config.timeouts.connect)
+    connector = Connector(reactor, config.timeouts.connect, destinations.bind_addresses)
     try:
         accessLog = AccessLog.open(config.access_log.file, config.access_log.format)
     except OSError as e:

@@ -10,7 +10,7 @@ IP literal, so no host name can reach C{connectTCP} by any path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attr
@@ -60,11 +60,17 @@ class Connector:
         self,
         reactor: Any,
         timeout: float,
-        bindAddress: tuple[str, int] | None = None,
+        bindAddresses: Sequence[str] = (),
     ) -> None:
+        """
+        @param bindAddresses: local addresses to connect from (at most one
+            per family), for a fixed egress address; none lets the kernel
+            choose.
+        """
         self.reactor = reactor
         self.timeout = timeout
-        self.bindAddress = bindAddress
+        self.bind4 = next((a for a in bindAddresses if isIPAddress(a)), None)
+        self.bind6 = next((a for a in bindAddresses if isIPv6Address(a)), None)
 
     def connectAddress(
         self, address: str, port: int, factory: Factory, tls: Any = None
@@ -80,12 +86,18 @@ class Connector:
         """
         if isIPAddress(address):
             endpointType: Any = TCP4ClientEndpoint
+            bind = self.bind4
         elif isIPv6Address(address):
             endpointType = TCP6ClientEndpoint
+            bind = self.bind6
         else:
             raise ValueError(f"refusing to connect to non-address {address!r}")
         endpoint = endpointType(
-            self.reactor, address, port, timeout=self.timeout, bindAddress=self.bindAddress
+            self.reactor,
+            address,
+            port,
+            timeout=self.timeout,
+            bindAddress=(bind, 0) if bind is not None else None,
         )
         if tls is not None:
             endpoint = wrapClientTLS(tls, endpoint)

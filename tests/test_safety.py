@@ -110,3 +110,29 @@ class SafetyTests(SynchronousTestCase):
             ValueError, h.factory.connector.connectAddress, "example.com", 80, None
         )
         self.assertEqual(h.reactor.tcpClients, [])
+
+
+class BindAddressTests(SynchronousTestCase):
+    """
+    Outbound connections can come from a fixed local address.
+    """
+
+    def test_bindPerFamily(self) -> None:
+        """
+        The IPv4 bind address is used for IPv4 destinations, the IPv6 one
+        for IPv6 destinations, and none when that family has none.
+        """
+        from twisted.internet.protocol import Factory
+        from twisted.internet.testing import MemoryReactorClock
+
+        from proxy_app.upstream import Connector
+
+        reactor = MemoryReactorClock()
+        connector = Connector(reactor, 5, ["127.0.0.5"])
+        connector.connectAddress("203.0.113.10", 80, Factory())
+        connector.connectAddress("2001:db8::1", 80, Factory())
+        self.assertEqual(reactor.tcpClients[0][4], ("127.0.0.5", 0))
+        self.assertIsNone(reactor.tcpClients[1][4])
+        both = Connector(reactor, 5, ["::1", "127.0.0.5"])
+        both.connectAddress("2001:db8::1", 80, Factory())
+        self.assertEqual(reactor.tcpClients[2][4], ("::1", 0))
