@@ -174,6 +174,17 @@ def validate(config: Config) -> None:
                 f"listen: interface={host!r}: expected an IP address "
                 "(a name would need DNS before the proxy can vet anything)"
             )
+    for address in config.destinations.bind_addresses:
+        import socket
+
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError as e:
+                raise ConfigError(
+                    f"destinations.bind_addresses = {address!r}: cannot bind: {e.strerror}"
+                ) from None
     if config.acl.file:
         try:
             loadACL(config.acl.file)

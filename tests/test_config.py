@@ -207,6 +207,13 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.config.limits.max_response_body, 10)
         self.assertEqual(options.config.destinations.allow_ranges, ("127.0.0.2/32",))
 
+    def test_badBindAddress(self) -> None:
+        """
+        A bind address this machine does not have stops start-up with one
+        line.
+        """
+        self.assertOneLineExit(["--bind-address", "192.0.2.77"], "cannot bind")
+
     def test_switch(self) -> None:
         """
         --allow-missing-role is a switch, as in Smokescreen; the environment
