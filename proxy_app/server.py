@@ -281,7 +281,8 @@ class ProxyProtocol(Protocol):
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
         config = factory.config
-        self._conn = h11.Connection(
+        # Any: dropped (None) once the connection is a tunnel.
+        self._conn: Any = h11.Connection(
             h11.SERVER, max_incomplete_event_size=config.limits.max_request_header
         )
         self._headerTimer = Timer(
@@ -570,6 +571,10 @@ class ProxyProtocol(Protocol):
         self.tunnel = exchange
         self._headerTimer.cancel()
         leftover, _closed = self._conn.trailing_data
+        # No HTTP on this connection any more: let the parser go, since
+        # idle tunnels are held by the thousand.
+        self._conn = None
+        self._guard = None  # type: ignore[assignment]
         return bytes(leftover)
 
     def drain(self) -> None:

@@ -184,6 +184,8 @@ class Timer:
     One restartable timeout on an injected clock.
     """
 
+    __slots__ = ("_clock", "seconds", "_onTimeout", "_call")
+
     def __init__(self, clock: IReactorTime, seconds: float, onTimeout: Callable[[], None]) -> None:
         self._clock = clock
         self.seconds = seconds
