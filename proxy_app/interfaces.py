@@ -39,12 +39,12 @@ class IResponseSink(Interface):
 
     def upstreamInformational(event):
         """
-        A 1xx response (an C{h11.InformationalResponse}) arrived.
+        A 1xx response (a L{proxy_app.http1.ResponseHead}) arrived.
         """
 
     def upstreamResponse(event):
         """
-        The response head (an C{h11.Response}) arrived.
+        The response head (a L{proxy_app.http1.ResponseHead}) arrived.
         """
 
     def upstreamData(data):

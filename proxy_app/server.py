@@ -3,10 +3,10 @@ The proxy's client side: L{ProxyFactory} and the protocol it builds for
 each client connection, which serves forwarded requests
 (C{GET http://host/path}) and CONNECT tunnels on the same port.
 
-Requests are parsed with h11, a strict HTTP/1.1 parser that owns the whole
-connection: it hands us the bytes that follow a CONNECT head, which is what
-a tunnel needs and what C{twisted.web}'s C{HTTPChannel} does not offer
-without its private attributes (see C{docs/architecture.md}).
+Requests are parsed with llhttp (L{proxy_app.http1}), which hands us the
+bytes that follow a CONNECT head, what a tunnel needs and what
+C{twisted.web}'s C{HTTPChannel} does not offer without its private
+attributes (see C{docs/architecture.md}).
 
 A request's path: parse and normalize the target, vet the destination
 through the L{IDestinationResolver} (no byte goes anywhere before that),
@@ -21,7 +21,6 @@ from http import HTTPStatus
 from typing import Any
 
 import attr
-import h11
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -32,8 +31,20 @@ from zope.interface import implementer
 from proxy_app.access import AccessControl, AuthFailed
 from proxy_app.acl import ACLDecision
 from proxy_app.config import Config
+from proxy_app.http1 import (
+    DATA,
+    END,
+    HEAD,
+    LAST_CHUNK,
+    HeadError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    chunk,
+    responseHead,
+)
 from proxy_app.interfaces import IDestinationResolver, IResponseSink
-from proxy_app.limits import HeadGuard, Overloaded, RateLimiter
+from proxy_app.limits import Overloaded, RateLimiter
 from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import DestinationDenied, VettedDestination, hostPort
@@ -91,20 +102,18 @@ _TLS_FAILURES = {
 
 def errorResponse(
     error: ProxyError,
-    close: bool = False,
     extraHeaders: list[tuple[bytes, bytes]] | None = None,
-) -> tuple[h11.Response, bytes]:
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """
-    The response the proxy makes for C{error}: its status, the
-    C{X-WhSentry-Reason} and C{X-WhSentry-ReasonCode} headers, and a
-    plain-text body.
+    The headers and plain-text body of the response the proxy makes for
+    C{error}: the C{X-WhSentry-Reason} and C{X-WhSentry-ReasonCode} headers
+    and the message.
     """
     body = (error.message + "\n").encode("utf-8")
     reason = error.message.encode("ascii", "backslashreplace")
     reason = reason.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\x00", b" ")
     headers = [
         (b"Content-Type", b"text/plain; charset=utf-8"),
-        (b"Content-Length", str(len(body)).encode("ascii")),
         (b"X-Content-Type-Options", b"nosniff"),
         (b"X-WhSentry-Reason", reason),
         (b"X-WhSentry-ReasonCode", str(int(error.reason)).encode("ascii")),
@@ -112,16 +121,7 @@ def errorResponse(
     headers.extend(getattr(error, "headers", ()))
     if extraHeaders:
         headers.extend(extraHeaders)
-    if close:
-        headers.append((b"Connection", b"close"))
-    return (
-        h11.Response(
-            status_code=error.status,
-            headers=headers,
-            reason=_PHRASES.get(error.status, b""),
-        ),
-        body,
-    )
+    return headers, body
 
 
 class ProxyFactory(Factory):
@@ -158,7 +158,7 @@ class ProxyFactory(Factory):
         self.access = access if access is not None else AccessControl()
         self.decisionLog = decisionLog if decisionLog is not None else DecisionLog(None)
         self.metrics = metrics if metrics is not None else Metrics(process=False)
-        # Matched in lower case (as h11 gives names), sent as configured.
+        # Matched in lower case (as the parser gives names), sent as configured.
         self.requestIDName = config.access_log.request_id_header.encode("ascii")
         self.requestIDHeader = self.requestIDName.lower()
         self.resolver = resolver
@@ -281,21 +281,26 @@ class ProxyProtocol(Protocol):
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
         config = factory.config
-        # Any: dropped (None) once the connection is a tunnel.
-        self._conn: Any = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=config.limits.max_request_header
+        limits = config.limits
+        # None once the connection is a tunnel.
+        self._reader: RequestReader | None = RequestReader(
+            limits.max_uri_length, limits.max_header_count, limits.max_request_header
         )
         self._headerTimer = Timer(
             factory.clock, config.timeouts.request_header, self._headerTimeout
         )
-        limits = config.limits
-        self._guard = HeadGuard(
-            limits.max_uri_length, limits.max_header_count, limits.max_request_header
-        )
         self.exchange: _Exchange | None = None
         self.tunnel: ConnectExchange | None = None
         self._waiting = False
-        self._bytesThisCycle = 0
+        # The current request: its head, and whether its end has been read.
+        self._request: RequestHead | None = None
+        self._requestEnded = False
+        # The response in progress: a head was sent and its end was not;
+        # its body is chunked; the connection closes after it.
+        self._responding = False
+        self._chunked = False
+        self._closeAfter = False
+        self._clientDone = False
         # While not None: bytes of an answered request's body still to be
         # read and dropped before the next request.
         self._discard: int | None = None
@@ -343,20 +348,26 @@ class ProxyProtocol(Protocol):
         if self.tunnel is not None:
             self.tunnel.fromClient(data)
             return
-        self._bytesThisCycle += len(data)
-        error = self._guard.feed(data)
-        if error is not None:
-            self._refuse(error)
-            return
-        self._conn.receive_data(data)
+        reader = self._reader
+        assert reader is not None
+        reader.feed(data)
+        if reader.upgraded and self.exchange is not None:
+            # What follows a CONNECT head waits for the tunnel unread.
+            self.transport.pauseProducing()
         self._process()
 
     def readConnectionLost(self) -> None:
         if self.tunnel is not None:
             self.tunnel.clientReadClosed()
             return
-        self._conn.receive_data(b"")
+        self._clientDone = True
+        reader = self._reader
+        if reader is None:
+            return
+        reader.finish()
         self._process()
+        if self.exchange is None and self.transport is not None and not reader.events:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         if self.tunnel is not None:
@@ -373,51 +384,69 @@ class ProxyProtocol(Protocol):
     # Request parsing.
 
     def _process(self) -> None:
-        while not self._waiting and self.tunnel is None and self.transport is not None:
-            try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as e:
-                self._protocolError(e)
-                return
-            if event is h11.NEED_DATA:
-                return
-            if event is h11.PAUSED:
-                # A pipelined request waits, unread, until this exchange
-                # is over.
-                self.transport.pauseProducing()
-                return
-            if isinstance(event, h11.Request):
+        """
+        Act on parsed request events, as far as the exchange in progress
+        lets us.
+        """
+        reader = self._reader
+        if reader is None:
+            return
+        events = reader.events
+        while events and not self._waiting and self.tunnel is None and self.transport is not None:
+            kind, value = events[0]
+            if kind == HEAD:
+                if self.exchange is not None or self._discard is not None:
+                    # A pipelined request waits, unread, until this
+                    # exchange is over.
+                    self.transport.pauseProducing()
+                    return
+                events.popleft()
                 self._headerTimer.cancel()
-                self._startRequest(event)
-            elif isinstance(event, h11.Data):
+                self._startRequest(value)
+            elif kind == DATA:
+                events.popleft()
                 if self._discard is not None:
-                    self._discard -= len(event.data)
+                    self._discard -= len(value)
                     if self._discard < 0:
                         self.transport.loseConnection()
                         return
                 elif self.exchange is not None:
-                    self.exchange.requestData(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+                    self.exchange.requestData(value)
+            elif kind == END:
+                events.popleft()
+                self._requestEnded = True
                 if self._discard is not None:
-                    self.exchangeDone()
+                    self._discard = None
+                    self._nextCycle()
                     return
                 if self.exchange is not None:
                     self.exchange.requestDone()
-            elif isinstance(event, h11.ConnectionClosed):
-                if self.exchange is None:
-                    self.transport.loseConnection()
+            else:
+                events.popleft()
+                self._malformed(value)
                 return
 
-    def _protocolError(self, error: h11.RemoteProtocolError) -> None:
-        status = error.error_status_hint
-        if status == 431:
-            message = (
-                "Request head larger than "
-                f"{self.factory.config.limits.max_request_header} bytes"
-            )
-        else:
-            message = f"Malformed request: {error}"
-        self._refuse(ProxyError(Reason.BAD_REQUEST, message, status=status))
+    def _malformed(self, error: HeadError) -> None:
+        """
+        The client sent something that is not HTTP/1.1 as the proxy reads
+        it: answer 400 (or the status the error names) if no response is
+        under way, and close.
+        """
+        self._headerTimer.cancel()
+        refusal = ProxyError(Reason.BAD_REQUEST, error.message, status=error.status)
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            self._refuse(refusal)
+            return
+        if self._responding:
+            self.abort()
+            exchange.clientLost(None)
+            return
+        # A request body broke off: the exchange ends with the error, and
+        # nothing more of it goes anywhere.
+        exchange.abandon(refusal)
+        self.sendError(refusal, close=True, requestID=exchange.requestID)
+        self.transport.loseConnection()
 
     def _refuse(self, error: ProxyError, method: str = "", url: str = "") -> None:
         """
@@ -440,22 +469,10 @@ class ProxyProtocol(Protocol):
         )
         self.transport.loseConnection()
 
-    def _startRequest(self, request: h11.Request) -> None:
-        method = request.method.decode("ascii", "replace")
-        url = request.target.decode("utf-8", "replace")
-        names = [name for name, _ in request.headers]
-        if b"transfer-encoding" in names and b"content-length" in names:
-            # RFC 9112 6.1 allows a server to process this; a proxy that
-            # does is how request smuggling starts.
-            self._refuse(
-                ProxyError(
-                    Reason.BAD_REQUEST,
-                    "Request has both Content-Length and Transfer-Encoding",
-                ),
-                method,
-                url,
-            )
-            return
+    def _startRequest(self, request: RequestHead) -> None:
+        self._request = request
+        self._requestEnded = False
+        self._closeAfter = not request.keepAlive
         exchange: ForwardExchange | ConnectExchange
         try:
             if request.method == b"CONNECT":
@@ -487,22 +504,69 @@ class ProxyProtocol(Protocol):
 
     # Responding.
 
-    def send(self, *events: Any) -> bool:
+    def sendInformational(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """
-        Send h11 events to the client.
+        Send a 1xx response ahead of the final one.
+        """
+        if self.transport is not None and not self._responding:
+            self.transport.write(responseHead(status, reason, headers))
 
-        @return: C{False} if the connection's state did not allow it (the
-            client has gone or broke the protocol); it is then aborted.
+    def sendHead(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        bodiless: bool = False,
+    ) -> bool:
         """
-        try:
-            data = b"".join(self._conn.send(event) or b"" for event in events)
-        except h11.LocalProtocolError as e:
-            log.debug("Cannot send to {client}: {error}", client=self.clientAddress, error=e)
+        Send a response head, adding the framing headers for the body that
+        follows: C{length} bytes, or (for L{None}) as many as come before
+        L{sendEnd}: chunked to an HTTP/1.1 client, up to the close to an
+        HTTP/1.0 one.  A C{bodiless} response (to HEAD, or a 204 or 304)
+        gets no framing headers beyond those in C{headers}.
+
+        @return: C{False} if the client has gone or a response was already
+            under way (the connection is then aborted).
+        """
+        if self.transport is None or self._responding:
             self.abort()
             return False
-        if self.transport is not None:
-            self.transport.write(data)
+        self._chunked = False
+        if bodiless:
+            pass
+        elif length is not None:
+            headers.append((b"Content-Length", b"%d" % length))
+        elif self._request is not None and self._request.version == "1.0":
+            self._closeAfter = True
+        else:
+            self._chunked = True
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        if self.factory.draining or self._clientDone:
+            self._closeAfter = True
+        if self._closeAfter:
+            headers.append((b"Connection", b"close"))
+        self._responding = not bodiless
+        self.transport.write(responseHead(status, reason or _PHRASES.get(status, b""), headers))
         return True
+
+    def sendTunnelEstablished(self) -> bool:
+        """
+        Answer a CONNECT: the tunnel is up.
+        """
+        if self.transport is None or self._responding:
+            return False
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        return True
+
+    def sendBody(self, data: bytes) -> None:
+        if self.transport is not None and data:
+            self.transport.write(chunk(data) if self._chunked else data)
+
+    def sendEnd(self) -> None:
+        if self._responding and self.transport is not None and self._chunked:
+            self.transport.write(LAST_CHUNK)
+        self._responding = False
 
     def sendError(
         self, error: ProxyError, close: bool = False, requestID: str | None = None
@@ -512,8 +576,14 @@ class ProxyProtocol(Protocol):
             if requestID is not None
             else None
         )
-        response, body = errorResponse(error, close or self.factory.draining, extra)
-        return self.send(response, h11.Data(data=body), h11.EndOfMessage())
+        headers, body = errorResponse(error, extra)
+        if close:
+            self._closeAfter = True
+        if not self.sendHead(error.status, _PHRASES.get(error.status, b""), headers, len(body)):
+            return False
+        self.sendBody(body)
+        self.sendEnd()
+        return True
 
     def abort(self) -> None:
         """
@@ -531,35 +601,37 @@ class ProxyProtocol(Protocol):
         self._waiting = False
         if self.transport is None:
             return
-        conn = self._conn
-        if (
-            conn.our_state is h11.DONE
-            and conn.their_state is h11.SEND_BODY
-            and not self.factory.draining
-            and self._discard is None
-        ):
+        if self._responding:
+            # The response was not finished: the client must not take it
+            # for a whole one.
+            self.abort()
+            return
+        if self._closeAfter or self.factory.draining or self._clientDone:
+            self.transport.loseConnection()
+            return
+        if not self._requestEnded:
             # Answered before the body was read (an error, or an origin
             # that did not wait): read and drop a small remainder so the
             # connection can go on; a large one is not worth it.
             self._discard = _DISCARD_LIMIT
-            self._process()
-            return
-        self._discard = None
-        if (
-            conn.our_state is h11.DONE
-            and conn.their_state is h11.DONE
-            and not self.factory.draining
-        ):
-            conn.start_next_cycle()
-            self._guard.reset()
-            self._bytesThisCycle = 0
-            self._headerTimer.start()
             self.transport.resumeProducing()
             self._process()
-        elif conn.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
-            self.transport.loseConnection()
-        else:
-            self.abort()
+            return
+        self._nextCycle()
+
+    def _nextCycle(self) -> None:
+        """
+        Wait for the next request on this connection.
+        """
+        assert self._reader is not None
+        self._request = None
+        self._requestEnded = False
+        self._headerTimer.start()
+        # After a refused CONNECT or a forwarded upgrade request, what the
+        # client sent after it is read as the next request.
+        self._reader.resume()
+        self.transport.resumeProducing()
+        self._process()
 
     def becomeTunnel(self, exchange: ConnectExchange) -> bytes:
         """
@@ -570,19 +642,20 @@ class ProxyProtocol(Protocol):
         """
         self.tunnel = exchange
         self._headerTimer.cancel()
-        leftover, _closed = self._conn.trailing_data
+        assert self._reader is not None
+        leftover = self._reader.leftover
         # No HTTP on this connection any more: let the parser go, since
         # idle tunnels are held by the thousand.
-        self._conn = None
-        self._guard = None  # type: ignore[assignment]
-        return bytes(leftover)
+        self._reader = None
+        self._request = None
+        return leftover
 
     def drain(self) -> None:
         if self.exchange is None and self.tunnel is None:
             self.transport.loseConnection()
 
     def _headerTimeout(self) -> None:
-        if self._bytesThisCycle and self._conn.their_state is h11.IDLE:
+        if self._reader is not None and self._reader.inHead:
             self._refuse(
                 ProxyError(
                     Reason.BAD_REQUEST,
@@ -623,7 +696,7 @@ class _Exchange:
 
     proxyType = ""
 
-    def __init__(self, protocol: ProxyProtocol, request: h11.Request, target: Target | None) -> None:
+    def __init__(self, protocol: ProxyProtocol, request: RequestHead, target: Target | None) -> None:
         self.protocol = protocol
         self.factory = protocol.factory
         self.request = request
@@ -983,11 +1056,25 @@ class _Exchange:
         """
         The client connection closed before the exchange finished.
         """
+        self._stop()
+        self.record("client closed the connection")
+
+    def abandon(self, error: ProxyError) -> None:
+        """
+        The client broke the protocol in the request's body: end the
+        exchange with C{error}; the client is answered and cut off by the
+        protocol.
+        """
+        self._stop()
+        self.error = error
+        self.status = error.status
+        self.record()
+
+    def _stop(self) -> None:
         self._clientGone = True
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
-        self.record("client closed the connection")
 
     # Request body events; a tunnel has none.
 
@@ -1004,7 +1091,7 @@ class _Refused(_Exchange):
     Its body, if any, is read and dropped so that the connection can go on.
     """
 
-    def __init__(self, protocol: ProxyProtocol, request: h11.Request, error: ProxyError) -> None:
+    def __init__(self, protocol: ProxyProtocol, request: RequestHead, error: ProxyError) -> None:
         super().__init__(protocol, request, None)
         self.proxyType = "connect" if request.method == b"CONNECT" else "http"
         self._error = error
@@ -1022,7 +1109,7 @@ class ForwardExchange(_Exchange):
 
     proxyType = "http"
 
-    def __init__(self, protocol: ProxyProtocol, request: h11.Request, target: Target) -> None:
+    def __init__(self, protocol: ProxyProtocol, request: RequestHead, target: Target) -> None:
         super().__init__(protocol, request, target)
         self.upstream: UpstreamHTTP | None = None
         self.headSent = False
@@ -1032,6 +1119,7 @@ class ForwardExchange(_Exchange):
         self._tls: TLSSettings | None = None
         self._retried = False
         self._limit = self.factory.config.limits.max_response_body
+        self._dropResponse = frozenset({self.factory.requestIDHeader})
 
     def start(self) -> None:
         target = self.target
@@ -1067,18 +1155,12 @@ class ForwardExchange(_Exchange):
         strip = _STRIP_REQUEST | {idHeader}
         if self.factory.access.roleHeader is not None:
             strip |= {self.factory.access.roleHeader}
-        headers += endToEndHeaders(self.request.headers, strip)
+        headers += endToEndHeaders(self.request, strip)
         headers.append((self.factory.requestIDName, self.requestID.encode("ascii")))
-        headers += framingHeaders(self.request.headers)
-        try:
-            upstream.sendRequest(
-                self,
-                h11.Request(method=self.request.method, target=self.target.path, headers=headers),
-            )
-        except h11.LocalProtocolError as e:
-            upstream.abort()
-            self.fail(ProxyError(Reason.BAD_REQUEST, f"Cannot forward this request: {e}"))
-            return
+        headers += framingHeaders(self.request)
+        upstream.sendRequest(
+            self, self.request.method, self.target.path, headers, self.request.chunked
+        )
         if self.requestComplete:
             # A retry: the (bodiless) request was read already.
             upstream.sendEnd()
@@ -1139,30 +1221,30 @@ class ForwardExchange(_Exchange):
 
     # Response events from UpstreamHTTP.
 
-    def upstreamInformational(self, event: h11.InformationalResponse) -> None:
-        if event.status_code != 101:
-            self.protocol.send(event)
+    def upstreamInformational(self, head: ResponseHead) -> None:
+        if head.status != 101 and self.request.version != "1.0":
+            self.protocol.sendInformational(head.status, head.reason, endToEndHeaders(head))
 
-    def upstreamResponse(self, event: h11.Response) -> None:
+    def upstreamResponse(self, head: ResponseHead) -> None:
         # A HEAD, 204 or 304 response announces a length it does not send.
-        bodiless = self.request.method == b"HEAD" or event.status_code in (204, 304)
-        for name, value in event.headers:
-            if name == b"content-length" and not bodiless and int(value) > self._limit:
-                self._dropUpstream()
-                self.fail(
-                    ProxyError(
-                        Reason.RESPONSE_TOO_LARGE,
-                        f"Response body of {int(value)} bytes exceeds the limit of {self._limit} bytes",
-                    )
+        bodiless = self.request.method == b"HEAD" or head.status in (204, 304)
+        length = head.contentLength
+        if length is not None and not bodiless and length > self._limit:
+            self._dropUpstream()
+            self.fail(
+                ProxyError(
+                    Reason.RESPONSE_TOO_LARGE,
+                    f"Response body of {length} bytes exceeds the limit of {self._limit} bytes",
                 )
-                return
-        idHeader = self.factory.requestIDHeader
-        headers = endToEndHeaders(event.headers, frozenset({idHeader}))
+            )
+            return
+        headers = endToEndHeaders(head, self._dropResponse)
         headers.append((self.factory.requestIDName, self.requestID.encode("ascii")))
-        headers += framingHeaders(event.headers)
-        self.status = event.status_code
-        if not self.protocol.send(
-            h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
+        if bodiless and length is not None:
+            headers.append((b"Content-Length", b"%d" % length))
+        self.status = head.status
+        if not self.protocol.sendHead(
+            head.status, head.reason, headers, None if bodiless else length, bodiless
         ):
             return
         self.headSent = True
@@ -1187,11 +1269,11 @@ class ForwardExchange(_Exchange):
             self.record()
             self.protocol.abort()
             return
-        self.protocol.send(h11.Data(data=data))
+        self.protocol.sendBody(data)
 
     def upstreamDone(self) -> None:
         upstream = self.upstream
-        self.protocol.send(h11.EndOfMessage())
+        self.protocol.sendEnd()
         self._unhook()
         if upstream is not None:
             if self.requestComplete:
@@ -1267,6 +1349,10 @@ class ForwardExchange(_Exchange):
         self._dropUpstream()
         super().clientLost(reason)
 
+    def abandon(self, error: ProxyError) -> None:
+        self._dropUpstream()
+        super().abandon(error)
+
 
 class ConnectExchange(_Exchange):
     """
@@ -1277,7 +1363,7 @@ class ConnectExchange(_Exchange):
 
     proxyType = "connect"
 
-    def __init__(self, protocol: ProxyProtocol, request: h11.Request, target: Target) -> None:
+    def __init__(self, protocol: ProxyProtocol, request: RequestHead, target: Target) -> None:
         super().__init__(protocol, request, target)
         self.upstream: UpstreamTunnel | None = None
         timeouts = self.factory.config.timeouts
@@ -1298,9 +1384,7 @@ class ConnectExchange(_Exchange):
         self.upstream = upstream
         upstream.peer = self
         self.status = 200
-        if not self.protocol.send(
-            h11.Response(status_code=200, headers=[], reason=b"Connection established")
-        ):
+        if not self.protocol.sendTunnelEstablished():
             upstream.transport.loseConnection()
             return
         leftover = self.protocol.becomeTunnel(self)

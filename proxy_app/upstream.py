@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attr
-import h11
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
@@ -40,6 +39,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from proxy_app.http1 import (
+    LAST_CHUNK,
+    HeadError,
+    ResponseHead,
+    ResponseReader,
+    chunk,
+    requestHead,
+)
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination, hostPort
 from proxy_app.tls import tlsError
@@ -228,37 +235,37 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def endToEndHeaders(
-    headers: h11._headers.Headers, extraDrop: frozenset[bytes] = frozenset()
-) -> list[tuple[bytes, bytes]]:
+# Framing is re-created for the next hop (see framingHeaders).
+_NOT_PASSED = HOP_BY_HOP | {b"content-length"}
+
+
+def endToEndHeaders(head: Any, extraDrop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
     """
-    The headers of a message less the hop-by-hop ones, C{Connection}'s
-    named ones and C{extraDrop}, keeping the sender's casing and order.
+    The headers of a message (a L{proxy_app.http1.RequestHead} or
+    L{ResponseHead}) less the hop-by-hop ones, C{Connection}'s named ones,
+    C{Content-Length} and C{extraDrop}, keeping the sender's casing and
+    order.
     """
-    drop = set(HOP_BY_HOP)
-    drop.update(extraDrop)
-    for name, value in headers:
+    drop = _NOT_PASSED | extraDrop
+    for name, value in head.headers:
         if name == b"connection":
-            drop.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    result = []
-    for raw, value in headers.raw_items():
-        name = raw.lower()
-        if name not in drop and not name.startswith(b"x-whsentry-"):
-            result.append((raw, value))
-    return result
+            drop = drop | {t.strip().lower() for t in value.split(b",") if t.strip()}
+    return [
+        raw
+        for (name, _), raw in zip(head.headers, head.raw, strict=True)
+        if name not in drop and not name.startswith(b"x-whsentry-")
+    ]
 
 
-def framingHeaders(headers: h11._headers.Headers) -> list[tuple[bytes, bytes]]:
+def framingHeaders(head: Any) -> list[tuple[bytes, bytes]]:
     """
     The framing the sender used, to be repeated on the next hop: its
     C{Content-Length}, or C{Transfer-Encoding: chunked}.
     """
-    for name, _value in headers:
-        if name == b"transfer-encoding":
-            return [(b"Transfer-Encoding", b"chunked")]
-    for name, value in headers:
-        if name == b"content-length":
-            return [(b"Content-Length", value)]
+    if head.chunked:
+        return [(b"Transfer-Encoding", b"chunked")]
+    if head.contentLength is not None:
+        return [(b"Content-Length", b"%d" % head.contentLength)]
     return []
 
 
@@ -310,8 +317,9 @@ class UpstreamHTTP(Protocol):
         self.tls = tls
         self.ready: Deferred = Deferred()
         self.closed: Deferred = Deferred()
-        self._eof = False
-        self._conn = h11.Connection(h11.CLIENT)
+        self._reader = ResponseReader(self)
+        self._chunked = False
+        self._requestSent = False
         self.sink: Any = None
         self.reused = False
         self.created = 0.0
@@ -336,26 +344,39 @@ class UpstreamHTTP(Protocol):
 
     # Sending the request.
 
-    def sendRequest(self, sink: Any, event: h11.Request) -> None:
+    def sendRequest(
+        self,
+        sink: Any,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        chunked: bool = False,
+    ) -> None:
         """
-        Send a request head; the response is reported to C{sink}.
+        Send a request head whose headers already say how the body is
+        framed (C{chunked}, or a length, or none); the response is
+        reported to C{sink}, an L{IResponseSink}.
         """
         self.sink = sink
         self.responseStarted = False
+        self._chunked = chunked
+        self._requestSent = False
+        self._reader.expect(bodiless=method == b"HEAD")
         self._idle.start()
         self._lifetime.start()
-        self._write(self._conn.send(event))
+        self._write(requestHead(method, target, headers))
 
     def sendData(self, data: bytes) -> None:
-        self._write(self._conn.send(h11.Data(data=data)))
+        self._write(chunk(data) if self._chunked else data)
 
     def sendEnd(self) -> None:
-        self._write(self._conn.send(h11.EndOfMessage()))
+        self._requestSent = True
+        if self._chunked:
+            self._write(LAST_CHUNK)
 
-    def _write(self, data: bytes | None) -> None:
-        if data:
-            self.bytesSent += len(data)
-            self.transport.write(data)
+    def _write(self, data: bytes) -> None:
+        self.bytesSent += len(data)
+        self.transport.write(data)
 
     # Receiving the response.
 
@@ -367,42 +388,42 @@ class UpstreamHTTP(Protocol):
             self.transport.loseConnection()
             return
         self._idle.start()
-        self._conn.receive_data(data)
-        self._process()
+        try:
+            self._reader.feed(data)
+        except HeadError as e:
+            self._fail(
+                ProxyError(
+                    Reason.CONNECT_FAILED,
+                    f"{e.message} from {hostPort(self.key.address, self.key.port)}",
+                )
+            )
+            return
+        if self._reader.complete:
+            self._complete()
 
-    def _process(self) -> None:
-        while self.sink is not None:
-            try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as e:
-                if self._eof:
-                    self._fail(self._cutShort())
-                else:
-                    self._fail(
-                        ProxyError(
-                            Reason.CONNECT_FAILED,
-                            "Invalid HTTP response from "
-                            f"{hostPort(self.key.address, self.key.port)}: {e}",
-                        )
-                    )
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            sink = self.sink
-            if isinstance(event, h11.InformationalResponse):
-                sink.upstreamInformational(event)
-            elif isinstance(event, h11.Response):
-                self.responseStarted = True
-                sink.upstreamResponse(event)
-            elif isinstance(event, h11.Data):
-                sink.upstreamData(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self._idle.cancel()
-                self.sink = None
-                sink.upstreamDone()
-                return
-            elif isinstance(event, h11.ConnectionClosed):
-                return
+    # The ResponseReader's sink.
+
+    def informational(self, head: ResponseHead) -> None:
+        if self.sink is not None:
+            self.sink.upstreamInformational(head)
+
+    def head(self, head: ResponseHead) -> None:
+        if self.sink is not None:
+            self.responseStarted = True
+            self.sink.upstreamResponse(head)
+
+    def body(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.upstreamData(data)
+
+    def complete(self) -> None:
+        # Reported once the read that completed it has been parsed.
+        self._idle.cancel()
+
+    def _complete(self) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.upstreamDone()
 
     def finished(self) -> None:
         """
@@ -412,12 +433,13 @@ class UpstreamHTTP(Protocol):
         self.sink = None
         self._idle.cancel()
         self._lifetime.cancel()
+        reader = self._reader
         if (
             self.transport is not None
-            and self._conn.our_state is h11.DONE
-            and self._conn.their_state is h11.DONE
+            and self._requestSent
+            and reader.complete
+            and reader.reusable
         ):
-            self._conn.start_next_cycle()
             self.reused = True
             self.pool.release(self)
         else:
@@ -474,11 +496,10 @@ class UpstreamHTTP(Protocol):
             sink.upstreamFailed(tlsError(reason, self.tls.host, where, self.transport))
             return
         # A close is how a close-delimited response ends; anything else
-        # cuts the response short, which _process reports.
-        self._eof = True
-        self._conn.receive_data(b"")
-        self._process()
-        if self.sink is not None:
+        # cuts the response short.
+        if self._reader.finish():
+            self._complete()
+        else:
             self._fail(self._cutShort())
 
     def _cutShort(self) -> ProxyError:
