@@ -153,6 +153,7 @@ class RequestReader:
         "_lastHead",
         "_inHead",
         "_headBytes",
+        "_headSize",
         "_failed",
     )
 
@@ -168,6 +169,7 @@ class RequestReader:
         # Between messages or inside a head: bytes count against maxHead.
         self._inHead = True
         self._headBytes = 0
+        self._headSize = 0
         self._failed = False
         self._lastHead: RequestHead | None = None
 
@@ -252,6 +254,8 @@ class RequestReader:
 
     def on_message_begin(self) -> None:
         self._head = RequestHead()
+        # The request line's method, spaces, version and CRLF.
+        self._headSize = 20
 
     def on_url(self, url: bytes) -> None:
         head = self._head
@@ -259,6 +263,7 @@ class RequestReader:
         head.target += url
         if len(head.target) > self.maxTarget:
             raise HeadError(f"Request line longer than {self.maxTarget} bytes", 414)
+        self._grow(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
@@ -270,6 +275,14 @@ class RequestReader:
         head.headers.append((name.lower(), value))
         if len(head.headers) > self.maxHeaders:
             raise HeadError(f"More than {self.maxHeaders} request header lines", 431)
+        self._grow(len(name) + len(value) + 4)
+
+    def _grow(self, size: int) -> None:
+        # The head as parsed so far; a head still incomplete at the end of a
+        # read is also measured in bytes received (see feed).
+        self._headSize += size
+        if self._headSize > self.maxHead:
+            raise HeadError(f"Request head larger than {self.maxHead} bytes", 431)
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -322,6 +335,7 @@ class ResponseReader:
         "_head",
         "_inHead",
         "_headBytes",
+        "_headSize",
         "_afterBody",
     )
 
@@ -345,6 +359,7 @@ class ResponseReader:
         self._head: ResponseHead | None = None
         self._inHead = True
         self._headBytes = 0
+        self._headSize = 0
         self._afterBody = False
 
     @property
@@ -405,11 +420,14 @@ class ResponseReader:
         if self._afterBody:
             return
         self._head = ResponseHead()
+        # The status line's version, code, spaces and CRLF.
+        self._headSize = 15
 
     def on_status(self, reason: bytes) -> None:
         head = self._head
         if head is not None and not self._afterBody:
             head.reason += reason
+            self._grow(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
@@ -418,6 +436,12 @@ class ResponseReader:
         value = value.rstrip(b" \t")
         head.raw.append((name, value))
         head.headers.append((name.lower(), value))
+        self._grow(len(name) + len(value) + 4)
+
+    def _grow(self, size: int) -> None:
+        self._headSize += size
+        if self._headSize > self.maxHead:
+            raise HeadError(f"Response head larger than {self.maxHead} bytes")
 
     def on_headers_complete(self) -> None:
         head = self._head

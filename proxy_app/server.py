@@ -422,6 +422,11 @@ class ProxyProtocol(Protocol):
                 if self.exchange is not None:
                     self.exchange.requestDone()
             else:
+                if self._requestEnded and self.exchange is not None:
+                    # A malformed request behind a whole one: answered
+                    # once that one has been.
+                    self.transport.pauseProducing()
+                    return
                 events.popleft()
                 self._malformed(value)
                 return

@@ -367,7 +367,9 @@ class UpstreamHTTP(Protocol):
         self._write(requestHead(method, target, headers))
 
     def sendData(self, data: bytes) -> None:
-        self._write(chunk(data) if self._chunked else data)
+        if data:
+            # (An empty chunk would end a chunked body.)
+            self._write(chunk(data) if self._chunked else data)
 
     def sendEnd(self) -> None:
         self._requestSent = True
