@@ -292,6 +292,8 @@ class ProxyProtocol(Protocol):
         self.exchange: _Exchange | None = None
         self.tunnel: ConnectExchange | None = None
         self._waiting = False
+        # Whether we stopped reading the client (flow control aside).
+        self._paused = False
         # The current request: its head, and whether its end has been read.
         self._request: RequestHead | None = None
         self._requestEnded = False
@@ -351,9 +353,12 @@ class ProxyProtocol(Protocol):
         reader = self._reader
         assert reader is not None
         reader.feed(data)
-        if reader.upgraded and self.exchange is not None:
-            # What follows a CONNECT head waits for the tunnel unread.
-            self.transport.pauseProducing()
+        if self.exchange is not None and (
+            self._waiting or self._requestEnded or reader.upgraded
+        ):
+            # Whatever follows a request read whole (a pipelined request,
+            # or what follows a CONNECT head) waits, and no more is read.
+            self._pause()
         self._process()
 
     def readConnectionLost(self) -> None:
@@ -398,7 +403,7 @@ class ProxyProtocol(Protocol):
                 if self.exchange is not None or self._discard is not None:
                     # A pipelined request waits, unread, until this
                     # exchange is over.
-                    self.transport.pauseProducing()
+                    self._pause()
                     return
                 events.popleft()
                 self._headerTimer.cancel()
@@ -425,7 +430,7 @@ class ProxyProtocol(Protocol):
                 if self._requestEnded and self.exchange is not None:
                     # A malformed request behind a whole one: answered
                     # once that one has been.
-                    self.transport.pauseProducing()
+                    self._pause()
                     return
                 events.popleft()
                 self._malformed(value)
@@ -491,7 +496,13 @@ class ProxyProtocol(Protocol):
             return
         self.exchange = exchange
         self._waiting = True
-        self.transport.pauseProducing()
+        if not self._requestQueued():
+            # Until the destination is vetted and connected, the client is
+            # not read, so that no body piles up meanwhile.  (A request
+            # already read whole needs no pause: anything after it waits in
+            # the queue, and a pipelined head pauses reading when it gets
+            # there.)
+            self._pause()
         exchange.count()
         overload = self.factory.overloaded(exchange)
         if overload is not None:
@@ -499,12 +510,33 @@ class ProxyProtocol(Protocol):
             return
         exchange.start()
 
+    def _requestQueued(self) -> bool:
+        """
+        Whether the end of the current request is already in the queue.
+        """
+        assert self._reader is not None
+        for kind, _ in self._reader.events:
+            if kind == END:
+                return True
+            if kind != DATA:
+                return False
+        return False
+
+    def _pause(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
     def resumeRequest(self) -> None:
         """
         The exchange can take the request body now.
         """
         self._waiting = False
-        self.transport.resumeProducing()
+        self._resume()
         self._process()
 
     # Responding.
@@ -619,7 +651,7 @@ class ProxyProtocol(Protocol):
             # that did not wait): read and drop a small remainder so the
             # connection can go on; a large one is not worth it.
             self._discard = _DISCARD_LIMIT
-            self.transport.resumeProducing()
+            self._resume()
             self._process()
             return
         self._nextCycle()
@@ -635,7 +667,7 @@ class ProxyProtocol(Protocol):
         # After a refused CONNECT or a forwarded upgrade request, what the
         # client sent after it is read as the next request.
         self._reader.resume()
-        self.transport.resumeProducing()
+        self._resume()
         self._process()
 
     def becomeTunnel(self, exchange: ConnectExchange) -> bytes:
@@ -1404,7 +1436,7 @@ class ConnectExchange(_Exchange):
         self._lifetime.start()
         if leftover:
             self.fromClient(leftover)
-        client.resumeProducing()
+        self.protocol._resume()
 
     # Bytes each way.
 

@@ -343,6 +343,24 @@ class BackpressureTests(SynchronousTestCase):
         )
         self.assertEqual(h.client.producerState, "paused")
 
+    def test_wholeRequestNotPaused(self) -> None:
+        """
+        A request read whole needs no pause while it is vetted (each pause
+        and resume costs two system calls); a request pipelined behind it
+        pauses reading, and reading resumes when it is its turn.
+        """
+        h = makeHarness(answers={"slow.example": ["203.0.113.9"]})
+        request = b"GET http://slow.example/ HTTP/1.1\r\nHost: slow.example\r\n\r\n"
+        h.send(request)
+        self.assertEqual(h.client.producerState, "producing")
+        h.send(request)
+        self.assertEqual(h.client.producerState, "paused")
+        up, upTransport = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(h.client.producerState, "producing")
+        self.assertEqual(h.client.value().count(b"HTTP/1.1 200 OK"), 1)
+        self.assertEqual(upTransport.value().count(b"GET / HTTP/1.1"), 2)
+
 
 class ErrorTests(SynchronousTestCase):
     """
