@@ -654,6 +654,11 @@ _DENY_SELF = (False, RULE_SELF_CONNECTION)
 _DENY_EMBEDDING = (False, RULE_IPV6_EMBEDDING)
 
 
+# How many (address, port) decisions an AddressPolicy remembers before it
+# starts over.
+DECISION_CACHE_SIZE = 4096
+
+
 class AddressPolicy:
     """
     Decides which addresses the proxy may connect to; see the module
@@ -736,6 +741,7 @@ class AddressPolicy:
                 bits, ((network, True) for network in ranges[version, False])
             )
         self._wildcardPorts = frozenset(wildcardPorts)
+        self._decisions: dict[tuple[str | IPAddress, int], AddressDecision] = {}
 
     def _family(self, version: int) -> _FamilyRules:
         return self._v4 if version == 4 else self._v6
@@ -744,6 +750,9 @@ class AddressPolicy:
         """
         Classify a connection to C{address} on C{port}.
 
+        Decisions are remembered (the policy does not change once built, and
+        a decision is a value), up to L{DECISION_CACHE_SIZE} of them.
+
         @param address: an address object, or its text as
             L{ipaddress.ip_address} reads it (no brackets, no C{inet_aton}
             spellings: canonicalize those with L{parseIPLiteral} first).
@@ -751,6 +760,16 @@ class AddressPolicy:
         @param port: the destination port.
         @return: the L{AddressDecision}.
         """
+        key = (address, port)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decide(address, port)
+            if len(self._decisions) >= DECISION_CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+    def _decide(self, address: str | IPAddress, port: int) -> AddressDecision:
         if isinstance(address, str):
             try:
                 ip = ipaddress.ip_address(address)

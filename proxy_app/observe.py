@@ -331,6 +331,9 @@ class Metrics:
             ["direction"],
             registry=r,
         )
+        self._bytesUp = self.bytes.labels("up")
+        self._bytesDown = self.bytes.labels("down")
+        self._requestChildren: dict[tuple[str, int | None, bool], Any] = {}
         self.connectTime = Histogram(
             "egressproxy_upstream_connect_seconds",
             "Time to connect to the destination (TLS handshake included).",
@@ -402,15 +405,23 @@ class Metrics:
         @param report: it went through under an ACL rule in report mode
             that enforce mode would have denied.
         """
-        if reasonCode in DENIAL_CODES:
-            decision = "deny"
-        else:
-            decision = "report" if report else "allow"
-        self.requests.labels(proxyType, decision, str(reasonCode or "")).inc()
+        key = (proxyType, reasonCode, report)
+        child = self._requestChildren.get(key)
+        if child is None:
+            if reasonCode in DENIAL_CODES:
+                decision = "deny"
+            else:
+                decision = "report" if report else "allow"
+            # A handful of label sets, looked up once each: labels() takes
+            # a lock and validates every time.
+            child = self._requestChildren[key] = self.requests.labels(
+                proxyType, decision, str(reasonCode or "")
+            )
+        child.inc()
         if bytesUp:
-            self.bytes.labels("up").inc(bytesUp)
+            self._bytesUp.inc(bytesUp)
         if bytesDown:
-            self.bytes.labels("down").inc(bytesDown)
+            self._bytesDown.inc(bytesDown)
 
 
 class _WebhookCollector(Collector):

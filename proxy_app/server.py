@@ -406,7 +406,9 @@ class ProxyProtocol(Protocol):
                     self._pause()
                     return
                 events.popleft()
-                self._headerTimer.cancel()
+                # The header timer is left running (restarting it for the
+                # next request is cheaper than cancelling it); it ignores
+                # a request in progress.
                 self._startRequest(value)
             elif kind == DATA:
                 events.popleft()
@@ -692,6 +694,8 @@ class ProxyProtocol(Protocol):
             self.transport.loseConnection()
 
     def _headerTimeout(self) -> None:
+        if self.exchange is not None or self.tunnel is not None or self._discard is not None:
+            return
         if self._reader is not None and self._reader.inHead:
             self._refuse(
                 ProxyError(

@@ -201,21 +201,35 @@ def parseAbsoluteTarget(raw: bytes) -> Target:
             "when talking to a proxy"
         )
     scheme, sep, rest = raw.partition(b"://")
-    if not sep or not re.fullmatch(rb"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+    if not sep or not _SCHEME.fullmatch(scheme):
         raise _bad(f"The request target {_decode(raw)[:200]!r} is not an absolute URI")
-    schemeText = scheme.decode("ascii").lower()
-    if schemeText not in DEFAULT_PORTS:
-        raise ProxyError(Reason.BAD_SCHEME, f"URL scheme '{schemeText}' is not supported; use http or https")
     end = len(rest)
     for delimiter in (b"/", b"?", b"#"):
         index = rest.find(delimiter)
         if 0 <= index < end:
             end = index
-    authority = _decode(rest[:end])
     path = rest[end:].split(b"#", 1)[0]
     if not path.startswith(b"/"):
         path = b"/" + path
+    schemeText, host, portNumber, explicit = _origin(scheme, rest[:end])
+    return Target(host, portNumber, schemeText, path, explicit)
+
+
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+@functools.lru_cache(maxsize=4096)
+def _origin(scheme: bytes, rawAuthority: bytes) -> tuple[str, str, int, bool]:
+    """
+    The scheme, normalized host, port and whether the port was explicit, of
+    an absolute URI's scheme and authority; cached like L{normalizeHost}
+    (refusals are not).
+    """
+    schemeText = scheme.decode("ascii").lower()
+    if schemeText not in DEFAULT_PORTS:
+        raise ProxyError(Reason.BAD_SCHEME, f"URL scheme '{schemeText}' is not supported; use http or https")
+    authority = _decode(rawAuthority)
     host, port = _splitHostPort(authority)
     explicit = port is not None
     portNumber = _parsePort(port, authority) if explicit else DEFAULT_PORTS[schemeText]
-    return Target(normalizeHost(host), portNumber, schemeText, path, explicit)
+    return schemeText, normalizeHost(host), portNumber, explicit

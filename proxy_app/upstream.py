@@ -419,8 +419,9 @@ class UpstreamHTTP(Protocol):
             self.sink.upstreamData(data)
 
     def complete(self) -> None:
-        # Reported once the read that completed it has been parsed.
-        self._idle.cancel()
+        # Reported once the read that completed it has been parsed; the
+        # read timer goes on, as the idle timer of a pooled connection.
+        pass
 
     def _complete(self) -> None:
         sink, self.sink = self.sink, None
@@ -433,8 +434,6 @@ class UpstreamHTTP(Protocol):
         sides left it reusable, else close it.
         """
         self.sink = None
-        self._idle.cancel()
-        self._lifetime.cancel()
         reader = self._reader
         if (
             self.transport is not None
@@ -443,6 +442,8 @@ class UpstreamHTTP(Protocol):
             and reader.reusable
         ):
             self.reused = True
+            # Its timers go on: the read timer restarts as the idle timer,
+            # and the lifetime runs until the next request restarts it.
             self.pool.release(self)
         else:
             self.abort()
@@ -555,7 +556,6 @@ class UpstreamPool:
             idle = self._idle.get(PoolKey(address, destination.port, tlsKey))
             while idle:
                 connection = idle.pop()
-                connection._idle.cancel()
                 if connection.created <= oldest:
                     # Past its lifetime: retire it instead of reusing it.
                     connection.transport.loseConnection()

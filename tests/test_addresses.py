@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import (
+    DECISION_CACHE_SIZE,
     GLOBAL,
     IPV4_SPECIAL_PURPOSE,
     IPV6_SPECIAL_PURPOSE,
@@ -1266,3 +1267,33 @@ class PropertyTests(SynchronousTestCase):
             )
         )
         self.assertFalse(AddressPolicy().decide(v6, 443).allowed)
+
+
+class DecisionCacheTests(SynchronousTestCase):
+    """
+    Decisions are remembered per address and port, within a bound.
+    """
+
+    def test_sameDecision(self) -> None:
+        """
+        Asking twice gives the same decision, for text and address objects,
+        and each port is decided on its own.
+        """
+        policy = AddressPolicy(allowRanges=["127.0.0.0/8"], denyAddresses=["127.0.0.1:8443"])
+        first = policy.decide("127.0.0.1", 80)
+        self.assertIs(policy.decide("127.0.0.1", 80), first)
+        self.assertTrue(first.allowed)
+        self.assertFalse(policy.decide("127.0.0.1", 8443).allowed)
+        self.assertFalse(policy.decide(ipaddress.ip_address("127.0.0.1"), 8443).allowed)
+        self.assertTrue(policy.decide(ipaddress.ip_address("127.0.0.1"), 80).allowed)
+
+    def test_bounded(self) -> None:
+        """
+        The cache never holds more than L{DECISION_CACHE_SIZE} decisions,
+        and decisions stay right when it starts over.
+        """
+        policy = AddressPolicy()
+        for i in range(DECISION_CACHE_SIZE + 10):
+            self.assertTrue(policy.decide(f"8.8.{i // 256 % 256}.{i % 256}", 443).allowed)
+        self.assertLessEqual(len(policy._decisions), DECISION_CACHE_SIZE)
+        self.assertFalse(policy.decide("10.0.0.1", 443).allowed)

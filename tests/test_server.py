@@ -620,6 +620,42 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(status, 408)
         self.assertTrue(h.client.disconnecting)
 
+    def test_headerTimerSparesSlowExchange(self) -> None:
+        """
+        The request-header timer does not cut a request whose answer takes
+        longer than it; once the answer is sent, it runs again for the next
+        request, and an idle keep-alive connection is closed quietly.
+        """
+        h = makeHarness(config=Config(timeouts=Timeouts(request_header=10, read=60)))
+        h.send(b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        up, _ = h.connectUpstream()
+        h.reactor.advance(25)
+        self.assertFalse(h.client.disconnecting)
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(h.client.value().endswith(b"\r\n\r\nok"))
+        h.reactor.advance(9)
+        self.assertFalse(h.client.disconnecting)
+        h.reactor.advance(1)
+        self.assertTrue(h.client.disconnecting)
+        self.assertEqual(h.client.value().count(b"HTTP/1.1 "), 1)
+
+    def test_pooledConnectionIdleTimeout(self) -> None:
+        """
+        A connection back in the pool is closed after the read timeout with
+        nothing to do, and is no longer offered.
+        """
+        h = makeHarness(config=Config(timeouts=Timeouts(read=30)))
+        h.send(b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        up, upTransport = h.connectUpstream()
+        h.reactor.advance(20)
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(h.factory.pool.idleCount(), 1)
+        h.reactor.advance(29)
+        self.assertFalse(upTransport.disconnecting)
+        h.reactor.advance(1)
+        self.assertTrue(upTransport.disconnecting)
+        self.assertEqual(h.factory.pool.idleCount(), 0)
+
     def test_dnsPendingClientGone(self) -> None:
         """
         A client that disconnects while its destination is being vetted
