@@ -76,6 +76,9 @@ log = Logger()
 _STRIP_REQUEST = frozenset({b"host"})
 _PHRASES = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _DISCARD_LIMIT = 65536
+# The read size and write-buffer threshold of an established tunnel's two
+# connections.
+TUNNEL_BUFFER = 262144
 # What a well-formed incoming request id looks like; anything else is
 # replaced, since it ends up in logs and upstream headers.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
@@ -1432,6 +1435,9 @@ class ConnectExchange(_Exchange):
         self.factory.metrics.tunnels.inc()
         self.logDecision()
         client = self.protocol.transport
+        # Bulk data moves in larger reads (and is let pile up as far before
+        # the other side is paused) than a request's 64 KiB.
+        client.bufferSize = upstream.transport.bufferSize = TUNNEL_BUFFER
         # Wire the two transports together for flow control, as
         # twisted.protocols.portforward does.
         client.registerProducer(upstream.transport, True)

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from proxy_app.addresses import AddressDecision
 from proxy_app.config import Config, Limits, Timeouts
 from proxy_app.resolver import DestinationDenied, ResolutionFailed
+from proxy_app.server import TUNNEL_BUFFER
 
 from .helpers import makeHarness, parseResponse
 
@@ -694,6 +695,19 @@ class ConnectTests(SynchronousTestCase):
         h.client.clear()
         up.dataReceived(b"server hello")
         self.assertEqual(h.client.value(), b"server hello")
+
+    def test_tunnelBuffers(self) -> None:
+        """
+        An established tunnel's two connections read, and buffer before
+        pausing the other side, in pieces of L{TUNNEL_BUFFER} bytes.
+        """
+        h = makeHarness()
+        h.send(CONNECT)
+        _, upTransport = h.connectUpstream()
+        self.assertEqual(
+            (h.client.bufferSize, upTransport.bufferSize),  # type: ignore[attr-defined]
+            (TUNNEL_BUFFER, TUNNEL_BUFFER),
+        )
 
     def test_tunnelBackpressure(self) -> None:
         """
