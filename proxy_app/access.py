@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from proxy_app.acl import ACL, ACLDecision, ACLError, loadACL
@@ -57,24 +57,24 @@ class AccessControl:
             acl, settings.file, authenticator, settings.allow_missing_role, settings.role_header
         )
 
-    def identify(self, certificateRole: str | None, headers: Any) -> Deferred:
+    def identify(self, certificateRole: str | None, headers: Any) -> str | None | Deferred:
         """
         The request's role, highest source first: the verified client
         certificate's CN, the trusted role header (when configured), the
         username of C{Proxy-Authorization: Basic}; else L{None}.
 
-        @return: a L{Deferred} firing with the role, or failing with
-            L{AuthFailed} when authentication is configured and the request
-            did not pass it.
+        @return: the role when it is known at once (no password to check),
+            else a L{Deferred} firing with the role, or failing with
+            L{AuthFailed} when the request did not pass authentication.
         """
         if certificateRole:
-            return succeed(certificateRole)
+            return certificateRole
         if self.roleHeader is not None:
             for name, value in headers:
                 if name == self.roleHeader and value.strip():
-                    return succeed(value.strip().decode("latin-1"))
+                    return value.strip().decode("latin-1")
         if self.authenticator is None:
-            return succeed(None)
+            return None
         header = None
         for name, value in headers:
             if name == b"proxy-authorization":

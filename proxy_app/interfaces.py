@@ -30,6 +30,17 @@ class IDestinationResolver(Interface):
         """
 
 
+    def vetNow(host, port):
+        """
+        The answer to L{vet} when it needs no waiting: for an IP literal, or
+        a name whose vetted answer is cached.
+
+        @return: the L{proxy_app.resolver.VettedDestination}, or L{None} when
+            only L{vet} can answer.
+        @raise proxy_app.resolver.DestinationDenied: the literal is denied.
+        """
+
+
 class IResponseSink(Interface):
     """
     Where an L{proxy_app.upstream.UpstreamHTTP} reports the response to the

@@ -581,6 +581,24 @@ class SafeResolver:
         lookup.start()
         return resolution
 
+    def vetNow(self, host: str, port: int) -> VettedDestination | None:
+        """
+        See L{IDestinationResolver.vetNow}: an IP literal is classified as it
+        is; a name needs a lookup.
+        """
+        try:
+            ip = parseIPLiteral(host)
+        except ValueError:
+            # Numeric-looking garbage: no lookup, lest a resolver read it as
+            # a name; the policy denies text that is not an address.
+            raise DestinationDenied(host, port, self._policy.decide(host, port)) from None
+        if ip is None:
+            return None
+        decision = self._policy.decide(ip, port)
+        if not decision.allowed:
+            raise DestinationDenied(host, port, decision)
+        return VettedDestination(host=host, port=port, addresses=(decision.address,))
+
     def vet(self, host: str, port: int) -> Deferred[VettedDestination]:
         """
         See L{IDestinationResolver.vet}.
@@ -592,20 +610,11 @@ class SafeResolver:
         answers were allowed, those are used.
         """
         try:
-            ip = parseIPLiteral(host)
-        except ValueError:
-            # Numeric-looking garbage: no lookup, lest a resolver read it as
-            # a name; the policy denies text that is not an address.
-            return defer.fail(
-                DestinationDenied(host, port, self._policy.decide(host, port))
-            )
-        if ip is not None:
-            decision = self._policy.decide(ip, port)
-            if not decision.allowed:
-                return defer.fail(DestinationDenied(host, port, decision))
-            return defer.succeed(
-                VettedDestination(host=host, port=port, addresses=(str(ip),))
-            )
+            destination = self.vetNow(host, port)
+        except DestinationDenied:
+            return defer.fail()
+        if destination is not None:
+            return defer.succeed(destination)
 
         lookup: _VettingLookup | None = None
 
@@ -1000,15 +1009,24 @@ class CachingResolver:
         self._maxEntries = maxEntries
         self._entries: OrderedDict[tuple[str, int], _CacheEntry] = OrderedDict()
 
-    def vet(self, host: str, port: int) -> Deferred[VettedDestination]:
+    def vetNow(self, host: str, port: int) -> VettedDestination | None:
         key = (host, port)
         entry = self._entries.get(key)
-        now = self._clock.seconds()
         if entry is not None:
-            if entry.expires > now:
+            if entry.expires > self._clock.seconds():
                 self._entries.move_to_end(key)
-                return succeed(entry.destination)
+                return entry.destination
             del self._entries[key]
+        return self._resolver.vetNow(host, port)
+
+    def vet(self, host: str, port: int) -> Deferred[VettedDestination]:
+        try:
+            destination = self.vetNow(host, port)
+        except DestinationDenied:
+            return defer.fail()
+        if destination is not None:
+            return succeed(destination)
+        key = (host, port)
         d = self._resolver.vet(host, port)
         try:
             literal = parseIPLiteral(host) is not None

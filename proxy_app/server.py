@@ -799,23 +799,64 @@ class _Exchange:
 
     def _vetAndConnect(self, connect: Any) -> None:
         """
-        Vet the target, then call C{connect(destination)}, which returns a
-        L{Deferred} of an upstream protocol; L{_connected} gets that.
+        Identify the client, decide, vet the target, then call
+        C{connect(destination)}, which returns an upstream protocol or a
+        L{Deferred} of one; L{_connected} gets it.
+
+        Each step answers at once when it can (no password to check, an IP
+        literal or a cached name, an idle pooled connection, no gate), and
+        the request then goes through without a single L{Deferred}: most
+        requests do.  A step that has to wait makes the rest a callback
+        chain.
         """
-        assert self.target is not None
+        target = self.target
+        assert target is not None
         self._connect = connect
-        # Few links on purpose: this chain runs for every request.
-        d = self.factory.access.identify(self.protocol.role, self.request.headers)
-        d.addCallback(self._identified)
-        d.addCallback(self._vettedThenConnect)
+        factory = self.factory
+        role = factory.access.identify(self.protocol.role, self.request.headers)
+        if isinstance(role, Deferred):
+            role.addCallback(self._identified)
+            self._wait(role)
+            return
+        try:
+            self._decide(role)
+            destination = factory.resolver.vetNow(target.host, target.port)
+        except Exception:
+            self._setupFailed(Failure())
+            return
+        if destination is None:
+            d = factory.resolver.vet(target.host, target.port)
+            self._wait(d.addCallback(self._vettedThenConnect))
+            return
+        self._whenConnected(self._vettedThenConnect(destination))
+
+    def _wait(self, d: Deferred) -> None:
+        """
+        The rest of the setup happens when C{d} fires with the upstream
+        protocol.
+        """
         d.addCallbacks(self._connectedOrStale, self._setupFailed)
         d.addErrback(self._internalError)
         self._pending = d
 
-    def _identified(self, role: str | None) -> Deferred:
+    def _whenConnected(self, upstream: Any) -> None:
+        """
+        Go on with C{upstream}, a protocol or a L{Deferred} of one.
+        """
+        if isinstance(upstream, Deferred):
+            self._wait(upstream)
+            return
+        try:
+            self._connectedOrStale(upstream)
+        except Exception:
+            self._internalError(Failure())
+
+    def _identified(self, role: str | None) -> Any:
         assert self.target is not None
         self._decide(role)
-        return self.factory.resolver.vet(self.target.host, self.target.port)
+        return self.factory.resolver.vet(self.target.host, self.target.port).addCallback(
+            self._vettedThenConnect
+        )
 
     def _vettedThenConnect(self, destination: VettedDestination) -> Any:
         self._destination = destination
@@ -1341,10 +1382,9 @@ class ForwardExchange(_Exchange):
                 rq_id=self.requestID,
                 reason=error.message,
             )
-            d = self.factory.pool.acquire(self._destination, self._tls, reuse=False)
-            d.addCallbacks(self._connectedOrStale, self._setupFailed)
-            d.addErrback(self._internalError)
-            self._pending = d
+            self._whenConnected(
+                self.factory.pool.acquire(self._destination, self._tls, reuse=False)
+            )
             return
         if self.headSent:
             self.error = error

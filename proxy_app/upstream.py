@@ -16,7 +16,7 @@ from typing import Any
 import attr
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
@@ -542,13 +542,14 @@ class UpstreamPool:
         destination: VettedDestination,
         tls: TLSSettings | None = None,
         reuse: bool = True,
-    ) -> Deferred:
+    ) -> UpstreamHTTP | Deferred:
         """
         Get a connection to one of C{destination}'s addresses: an idle one
         from the pool if there is one, else a new one (its TLS handshake
         done, if any).
 
-        @return: a L{Deferred} firing with an L{UpstreamHTTP}.
+        @return: an idle L{UpstreamHTTP}, or a L{Deferred} firing with a new
+            one.
         """
         tlsKey = (tls.host, tls.alias) if tls is not None else None
         oldest = self.clock.seconds() - self.lifetime
@@ -560,7 +561,7 @@ class UpstreamPool:
                     # Past its lifetime: retire it instead of reusing it.
                     connection.transport.loseConnection()
                     continue
-                return succeed(connection)
+                return connection
         factory = _KeyedFactory(self, destination.port, tls)
         d = self.connector.connect(
             destination, factory, tls.creator if tls is not None else None

@@ -34,6 +34,20 @@ class FakeDestinationResolver:
         self.calls: list[tuple[str, int]] = []
         self.pending: list[Deferred] = []
         self.cancelled: list[tuple[str, int]] = []
+        # Whether vetNow answers (else every answer goes through vet's
+        # Deferred, as a lookup would).
+        self.immediate = True
+
+    def vetNow(self, host: str, port: int) -> VettedDestination | None:
+        """
+        Answers from the table at once, as the real resolver does for
+        literals and cached names; a missing answer needs L{vet}.
+        """
+        answer = self.answers.get(host)
+        if answer is None or isinstance(answer, Exception) or not self.immediate:
+            return None
+        self.calls.append((host, port))
+        return VettedDestination(host, port, tuple(answer))
 
     def vet(self, host: str, port: int) -> Deferred:
         self.calls.append((host, port))

@@ -115,6 +115,7 @@ class MetricsTests(SynchronousTestCase):
         ones by rule.
         """
         h = makeHarness()
+        h.resolver.immediate = False
         resource = MetricsResource(h.factory.metrics.registry, lambda: True)
         decision = AddressDecision(False, "127.0.0.1", "Deny: Not Global Unicast")
         h.factory.resolver.vet = lambda host, port: succeed(  # type: ignore[method-assign]

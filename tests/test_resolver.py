@@ -543,6 +543,23 @@ class SafeResolverVetTests(SynchronousTestCase):
         self.assertIn("host '[0:0:0:0:0:0:0:1]:443'", error.message)
         self.assertEqual(self.names.calls, [])
 
+    def test_vetNow(self) -> None:
+        """
+        C{vetNow} answers IP literals at once, as C{vet} does, raises for a
+        denied or malformed one, and leaves names (None) to C{vet}.
+        """
+        self.assertEqual(
+            self.resolver.vetNow(ALLOWED_V4, 80),
+            VettedDestination(ALLOWED_V4, 80, (ALLOWED_V4,), (), 0),
+        )
+        self.assertEqual(self.resolver.vetNow(f"[{ALLOWED_V6}]", 443).addresses, (ALLOWED_V6,))  # type: ignore[union-attr]
+        with self.assertRaises(DestinationDenied) as caught:
+            self.resolver.vetNow(DENIED_V4, 80)
+        self.assertEqual(caught.exception.message, deniedMessage(DENIED_V4, 80, DENIED_V4))
+        self.assertRaises(DestinationDenied, self.resolver.vetNow, "1.2.3.999", 80)
+        self.assertIsNone(self.resolver.vetNow("www.example", 443))
+        self.assertEqual(self.names.calls, [])
+
     def test_malformedLiteral(self) -> None:
         """
         Numeric-looking garbage is denied without a lookup, rather than
@@ -1245,6 +1262,10 @@ class _CountingResolver:
         self.ttl = ttl
         self.fail = False
 
+    def vetNow(self, host: str, port: int) -> VettedDestination | None:
+        # Names only: every answer takes a lookup.
+        return None
+
     def vet(self, host: str, port: int) -> Deferred:
         self.calls.append((host, port))
         if self.fail:
@@ -1277,6 +1298,23 @@ class CachingResolverTests(SynchronousTestCase):
         clock.advance(2)
         self.successResultOf(cache.vet("hooks.example", 443))
         self.assertEqual(len(inner.calls), 2)
+
+    def test_vetNow(self) -> None:
+        """
+        C{vetNow} gives a cached answer within its TTL and nothing after it
+        (or before the first lookup), without looking anything up.
+        """
+        clock = MemoryReactorClock()
+        inner = _CountingResolver()
+        cache = CachingResolver(inner, clock, maxTTL=30)
+        self.assertIsNone(cache.vetNow("hooks.example", 443))
+        first = self.successResultOf(cache.vet("hooks.example", 443))
+        clock.advance(29)
+        self.assertEqual(cache.vetNow("hooks.example", 443).addresses, first.addresses)  # type: ignore[union-attr]
+        self.assertIsNone(cache.vetNow("hooks.example", 80))
+        clock.advance(2)
+        self.assertIsNone(cache.vetNow("hooks.example", 443))
+        self.assertEqual(len(inner.calls), 1)
 
     def test_recordTTLShorter(self) -> None:
         """

@@ -344,6 +344,39 @@ class BackpressureTests(SynchronousTestCase):
         )
         self.assertEqual(h.client.producerState, "paused")
 
+    def test_waitingPath(self) -> None:
+        """
+        When vetting has to wait (a name not in the cache), the request goes
+        through the same steps later: the origin gets the request and the
+        client the response.
+        """
+        h = makeHarness()
+        h.resolver.immediate = False
+        h.send(b"GET http://origin.example/x HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        self.assertEqual(h.resolver.calls, [("origin.example", 80)])
+        up, upTransport = h.connectUpstream()
+        self.assertTrue(upTransport.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(h.client.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertEqual(h.access[0]["response_code"], 200)
+
+    def test_immediatePathReusesWithoutDeferred(self) -> None:
+        """
+        A second request to the same vetted address, answered at once by
+        the resolver, is written to the idle pooled connection within the
+        call that delivered it.
+        """
+        h = makeHarness()
+        request = b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+        h.send(request)
+        up, upTransport = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        upTransport.clear()
+        h.send(request)
+        self.assertTrue(upTransport.value().startswith(b"GET / HTTP/1.1\r\n"))
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertIsNone(h.protocol.exchange._pending)  # type: ignore[union-attr]
+
     def test_wholeRequestNotPaused(self) -> None:
         """
         A request read whole needs no pause while it is vetted (each pause
