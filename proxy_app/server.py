@@ -51,6 +51,7 @@ from proxy_app.resolver import DestinationDenied, VettedDestination, hostPort
 from proxy_app.target import Target, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import Origination
 from proxy_app.upstream import (
+    NOT_PASSED,
     Connector,
     Timer,
     TLSHandshakeTimeout,
@@ -73,7 +74,6 @@ from proxy_app.webhook import (
 
 log = Logger()
 
-_STRIP_REQUEST = frozenset({b"host"})
 _PHRASES = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _DISCARD_LIMIT = 65536
 # The read size and write-buffer threshold of an established tunnel's two
@@ -164,6 +164,10 @@ class ProxyFactory(Factory):
         # Matched in lower case (as the parser gives names), sent as configured.
         self.requestIDName = config.access_log.request_id_header.encode("ascii")
         self.requestIDHeader = self.requestIDName.lower()
+        # What is not passed on of a request's and a response's headers
+        # (Host is re-made from the URI; the request id is the proxy's).
+        self.responseDrop = NOT_PASSED | {self.requestIDHeader}
+        self.requestDrop = self.responseDrop | {b"host"}
         self.resolver = resolver
         self.clock = clock
         self.connector = connector
@@ -1204,7 +1208,6 @@ class ForwardExchange(_Exchange):
         self._tls: TLSSettings | None = None
         self._retried = False
         self._limit = self.factory.config.limits.max_response_body
-        self._dropResponse = frozenset({self.factory.requestIDHeader})
 
     def start(self) -> None:
         target = self.target
@@ -1235,12 +1238,13 @@ class ForwardExchange(_Exchange):
     def _connected(self, upstream: UpstreamHTTP) -> None:
         assert self.target is not None
         self.upstream = upstream
-        idHeader = self.factory.requestIDHeader
         headers = [(b"Host", self.target.hostHeader)]
-        strip = _STRIP_REQUEST | {idHeader}
-        if self.factory.access.roleHeader is not None:
-            strip |= {self.factory.access.roleHeader}
-        headers += endToEndHeaders(self.request, strip)
+        drop = self.factory.requestDrop
+        roleHeader = self.factory.access.roleHeader
+        if roleHeader is not None:
+            # A trusted role header is for the proxy only.
+            drop = drop | {roleHeader}
+        headers += endToEndHeaders(self.request, drop)
         headers.append((self.factory.requestIDName, self.requestID.encode("ascii")))
         headers += framingHeaders(self.request)
         upstream.sendRequest(
@@ -1323,7 +1327,7 @@ class ForwardExchange(_Exchange):
                 )
             )
             return
-        headers = endToEndHeaders(head, self._dropResponse)
+        headers = endToEndHeaders(head, self.factory.responseDrop)
         headers.append((self.factory.requestIDName, self.requestID.encode("ascii")))
         if bodiless and length is not None:
             headers.append((b"Content-Length", b"%d" % length))

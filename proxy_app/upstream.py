@@ -235,18 +235,19 @@ HOP_BY_HOP = frozenset(
 )
 
 
-# Framing is re-created for the next hop (see framingHeaders).
-_NOT_PASSED = HOP_BY_HOP | {b"content-length"}
+# Never passed on: the hop-by-hop headers, and Content-Length, since framing
+# is re-created for the next hop (see framingHeaders).
+NOT_PASSED = HOP_BY_HOP | {b"content-length"}
 
 
-def endToEndHeaders(head: Any, extraDrop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+def endToEndHeaders(head: Any, drop: frozenset[bytes] = NOT_PASSED) -> list[tuple[bytes, bytes]]:
     """
     The headers of a message (a L{proxy_app.http1.RequestHead} or
-    L{ResponseHead}) less the hop-by-hop ones, C{Connection}'s named ones,
-    C{Content-Length} and C{extraDrop}, keeping the sender's casing and
-    order.
+    L{ResponseHead}) less those named in C{drop} (lower case; by default
+    L{NOT_PASSED}, and callers that add names should start from it),
+    C{Connection}'s named ones and C{X-WhSentry-*}, keeping the sender's
+    casing and order.
     """
-    drop = _NOT_PASSED | extraDrop
     for name, value in head.headers:
         if name == b"connection":
             drop = drop | {t.strip().lower() for t in value.split(b",") if t.strip()}
