@@ -744,6 +744,39 @@ class _Exchange:
 
     proxyType = ""
 
+    # Slots: idle tunnels are held by the thousand, and an instance dict
+    # this size is not shared between instances.
+    __slots__ = (
+        "protocol",
+        "factory",
+        "request",
+        "target",
+        "requestID",
+        "started",
+        "dnsTime",
+        "connectTime",
+        "_connectStarted",
+        "_connect",
+        "_destination",
+        "connectionID",
+        "statistics",
+        "session",
+        "gateResult",
+        "_webhookStarted",
+        "role",
+        "aclDecision",
+        "outboundAddress",
+        "bytesUp",
+        "bytesDown",
+        "status",
+        "error",
+        "_pending",
+        "_finished",
+        "_counted",
+        "_clientGone",
+        "_decisionLogged",
+    )
+
     def __init__(self, protocol: ProxyProtocol, request: RequestHead, target: Target | None) -> None:
         self.protocol = protocol
         self.factory = protocol.factory
@@ -1180,6 +1213,8 @@ class _Refused(_Exchange):
     Its body, if any, is read and dropped so that the connection can go on.
     """
 
+    __slots__ = ("proxyType", "_error")
+
     def __init__(self, protocol: ProxyProtocol, request: RequestHead, error: ProxyError) -> None:
         super().__init__(protocol, request, None)
         self.proxyType = "connect" if request.method == b"CONNECT" else "http"
@@ -1197,6 +1232,16 @@ class ForwardExchange(_Exchange):
     """
 
     proxyType = "http"
+    __slots__ = (
+        "upstream",
+        "headSent",
+        "requestComplete",
+        "_bodyProducing",
+        "_responseProducing",
+        "_tls",
+        "_retried",
+        "_limit",
+    )
 
     def __init__(self, protocol: ProxyProtocol, request: RequestHead, target: Target) -> None:
         super().__init__(protocol, request, target)
@@ -1450,16 +1495,29 @@ class ConnectExchange(_Exchange):
     """
 
     proxyType = "connect"
+    __slots__ = (
+        "upstream",
+        "_timer",
+        "_expires",
+        "_final",
+        "_clientReadOpen",
+        "_upstreamReadOpen",
+        "_sniffer",
+    )
 
     def __init__(self, protocol: ProxyProtocol, request: RequestHead, target: Target) -> None:
         super().__init__(protocol, request, target)
         self.upstream: UpstreamTunnel | None = None
-        timeouts = self.factory.config.timeouts
-        self._idle = Timer(self.factory.clock, timeouts.read, self._idleTimeout)
-        self._lifetime = Timer(self.factory.clock, timeouts.lifetime, self._lifetimeExpired)
+        # One timer for both limits of an established tunnel: the read
+        # (idle) timeout, restarted by every byte, until the lifetime's end
+        # is nearer; then the lifetime's end.
+        self._timer = Timer(self.factory.clock, self.factory.config.timeouts.read, self._timedOut)
+        self._expires = 0.0
+        self._final = False
         self._clientReadOpen = True
         self._upstreamReadOpen = True
-        self._sniffer = TLSSniffer()
+        # Only the control webhook wants the SNI.
+        self._sniffer = TLSSniffer() if self.factory.webhook is not None else None
 
     def start(self) -> None:
         self._vetAndConnect(
@@ -1486,8 +1544,12 @@ class ConnectExchange(_Exchange):
         # twisted.protocols.portforward does.
         client.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(client, True)
-        self._idle.start()
-        self._lifetime.start()
+        self._expires = self.factory.clock.seconds() + self.factory.config.timeouts.lifetime
+        self._touch()
+        # What set the tunnel up is not needed any more (idle tunnels are
+        # held by the thousand): the head's header lines, the connect step.
+        self.request.headers = self.request.raw = []
+        self._connect = self._destination = None
         if leftover:
             self.fromClient(leftover)
         self.protocol._resume()
@@ -1501,17 +1563,32 @@ class ConnectExchange(_Exchange):
             self.policy,
             self.bytesUp,
             self.bytesDown,
-            sni=sniffer.sni,
-            app="tls" if sniffer.isTLS else None,
+            sni=sniffer.sni if sniffer is not None else None,
+            app="tls" if sniffer is not None and sniffer.isTLS else None,
         )
+
+    def _touch(self) -> None:
+        """
+        Bytes moved: restart the idle timeout, unless the lifetime ends
+        first.
+        """
+        if self._final:
+            return
+        timer = self._timer
+        left = self._expires - self.factory.clock.seconds()
+        if left <= timer.seconds:
+            self._final = True
+            timer.start(max(left, 0))
+        else:
+            timer.start()
 
     def fromClient(self, data: bytes) -> None:
         self.bytesUp += len(data)
-        if self.factory.webhook is not None:
+        if self._sniffer is not None:
             self._sniffer.feed(data)
             if self.statistics is not None:
                 self.statistics.left(data)
-        self._idle.start()
+        self._touch()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
 
@@ -1519,7 +1596,7 @@ class ConnectExchange(_Exchange):
         self.bytesDown += len(data)
         if self.statistics is not None:
             self.statistics.right(data)
-        self._idle.start()
+        self._touch()
         self.protocol.transport.write(data)
 
     # Closing, one direction at a time.
@@ -1543,8 +1620,7 @@ class ConnectExchange(_Exchange):
             self._close()
 
     def _close(self, abort: bool = False) -> None:
-        self._idle.cancel()
-        self._lifetime.cancel()
+        self._timer.cancel()
         for transport in (
             self.protocol.transport,
             self.upstream.transport if self.upstream is not None else None,
@@ -1556,14 +1632,12 @@ class ConnectExchange(_Exchange):
                     transport.loseConnection()
 
     def upstreamTunnelLost(self, reason: Failure | None) -> None:
-        self._idle.cancel()
-        self._lifetime.cancel()
+        self._timer.cancel()
         if self.protocol.transport is not None:
             self.protocol.transport.loseConnection()
 
     def clientLost(self, reason: Failure | None) -> None:
-        self._idle.cancel()
-        self._lifetime.cancel()
+        self._timer.cancel()
         if self.upstream is not None:
             self.upstream.peer = None
             if self.upstream.transport is not None:
@@ -1590,16 +1664,11 @@ class ConnectExchange(_Exchange):
             return
         super().clientLost(reason)
 
-    def _idleTimeout(self) -> None:
-        self.error = ProxyError(
-            Reason.UPSTREAM_TIMEOUT,
-            f"Tunnel idle for {self._idle.seconds:g} s (read timeout)",
-        )
-        self._close()
-
-    def _lifetimeExpired(self) -> None:
-        self.error = ProxyError(
-            Reason.UPSTREAM_TIMEOUT,
-            f"Tunnel exceeded its lifetime of {self._lifetime.seconds:g} s",
-        )
+    def _timedOut(self) -> None:
+        timeouts = self.factory.config.timeouts
+        if self._final:
+            message = f"Tunnel exceeded its lifetime of {timeouts.lifetime:g} s"
+        else:
+            message = f"Tunnel idle for {timeouts.read:g} s (read timeout)"
+        self.error = ProxyError(Reason.UPSTREAM_TIMEOUT, message)
         self._close()

@@ -199,14 +199,16 @@ class Timer:
         self._onTimeout = onTimeout
         self._call: IDelayedCall | None = None
 
-    def start(self) -> None:
+    def start(self, seconds: float | None = None) -> None:
         """
-        Start the timer, or restart it from now if it is running.
+        Start the timer, or restart it from now if it is running, to fire
+        after its C{seconds} (or the C{seconds} given).
         """
+        delay = self.seconds if seconds is None else seconds
         if self._call is not None and self._call.active():
-            self._call.reset(self.seconds)
+            self._call.reset(delay)
         else:
-            self._call = self._clock.callLater(self.seconds, self._fire)
+            self._call = self._clock.callLater(delay, self._fire)
 
     def cancel(self) -> None:
         if self._call is not None and self._call.active():

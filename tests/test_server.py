@@ -820,3 +820,40 @@ class ConnectTests(SynchronousTestCase):
         line = h.access[-1]
         self.assertEqual((line["method"], line["bytes_up"], line["bytes_down"]), ("CONNECT", 3, 5))
         self.assertEqual(line["url"], "origin.example:443")
+
+    def test_tunnelIdleTimeout(self) -> None:
+        """
+        An established tunnel with no bytes either way for the read timeout
+        is closed, and its line says why; every byte restarts the wait.
+        """
+        h = makeHarness(config=Config(timeouts=Timeouts(read=10, lifetime=3600)))
+        h.send(CONNECT)
+        up, upTransport = h.connectUpstream()
+        h.reactor.advance(9)
+        h.send(b"ping")
+        h.reactor.advance(9)
+        up.dataReceived(b"pong")
+        h.reactor.advance(9)
+        self.assertFalse(h.client.disconnecting)
+        h.reactor.advance(1)
+        self.assertTrue(h.client.disconnecting)
+        self.assertTrue(upTransport.disconnecting)
+        h.protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(h.access[-1]["error"], "Tunnel idle for 10 s (read timeout)")
+
+    def test_tunnelLifetime(self) -> None:
+        """
+        A busy tunnel is closed at the end of its lifetime all the same.
+        """
+        h = makeHarness(config=Config(timeouts=Timeouts(read=10, lifetime=25)))
+        h.send(CONNECT)
+        up, upTransport = h.connectUpstream()
+        for _ in range(4):
+            h.reactor.advance(6)
+            h.send(b"data")
+            self.assertFalse(h.client.disconnecting)
+        h.reactor.advance(1)
+        self.assertTrue(h.client.disconnecting)
+        self.assertTrue(upTransport.disconnecting)
+        h.protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(h.access[-1]["error"], "Tunnel exceeded its lifetime of 25 s")
