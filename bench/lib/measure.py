@@ -462,7 +462,7 @@ def _short(frame: str) -> str:
 
 # Top-level names that are not the standard library, in egressproxy's venv.
 _THIRD_PARTY = {
-    "proxy_app", "twisted", "h11", "attr", "attrs", "zope", "OpenSSL", "treq",
+    "proxy_app", "twisted", "httptools", "h11", "attr", "attrs", "zope", "OpenSSL", "treq",
     "prometheus_client", "yaml", "hyperlink", "idna", "incremental", "automat",
     "constantly", "service_identity", "certifi", "cryptography", "typing_extensions",
 }  # fmt: skip

@@ -122,7 +122,9 @@ def markdown(doc: dict) -> str:
         f"{m['memory_gib']} GiB, Linux {m['kernel']}, {m['os']}; load average at the end "
         f"{' '.join(m['loadavg'])}",
         f"- **egressproxy:** {v['egressproxy']} at commit {v['commit']}; Python "
-        f"{v['python']}, Twisted {v['twisted']}, h11 {v['h11']}; origin nginx {v['nginx']}; "
+        f"{v['python']}, Twisted {v['twisted']}, "
+        + (f"httptools {v['httptools']}" if "httptools" in v else f"h11 {v['h11']}")
+        + f"; origin nginx {v['nginx']}; "
         f"clients and fault origin: Python {v['client python (stdlib asyncio)']} asyncio",
         "- **Proxies:** " + vd["proxy"],
         "",
