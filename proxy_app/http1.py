@@ -494,7 +494,7 @@ class ResponseReader:
 
 
 def _headerLines(headers: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+    return b"".join([b"%s: %s\r\n" % field for field in headers])
 
 
 def requestHead(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -322,6 +322,7 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self._listenerConnections: dict[str, Any] = {}
         self.tunnels = Gauge(
             "egressproxy_active_tunnels", "Established CONNECT tunnels.", registry=r
         )
@@ -390,6 +391,15 @@ class Metrics:
         Export the webhook's delivery counters and queue depth.
         """
         self.registry.register(_WebhookCollector(webhook))
+
+    def listenerConnections(self, listener: str) -> Any:
+        """
+        The gauge of open client connections on C{listener}, looked up once.
+        """
+        gauge = self._listenerConnections.get(listener)
+        if gauge is None:
+            gauge = self._listenerConnections[listener] = self.connections.labels(listener)
+        return gauge
 
     def requestDone(
         self,

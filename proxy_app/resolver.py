@@ -37,7 +37,12 @@ from twisted.names import error as names_error
 from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
-from proxy_app.addresses import AddressDecision, AddressPolicy, parseIPLiteral
+from proxy_app.addresses import (
+    DECISION_CACHE_SIZE,
+    AddressDecision,
+    AddressPolicy,
+    parseIPLiteral,
+)
 from proxy_app.interfaces import IDestinationResolver
 from proxy_app.reasons import ProxyError, Reason
 
@@ -532,6 +537,8 @@ class SafeResolver:
         @param timeout: seconds a lookup may take before it is abandoned.
         """
         self._policy = policy
+        # Vetted IP literals: values, as the policy is fixed.
+        self._literals: dict[tuple[str, int], VettedDestination] = {}
         self._nameResolver = nameResolver
         self._clock = clock
         self._timeout = timeout
@@ -586,6 +593,9 @@ class SafeResolver:
         See L{IDestinationResolver.vetNow}: an IP literal is classified as it
         is; a name needs a lookup.
         """
+        vetted = self._literals.get((host, port))
+        if vetted is not None:
+            return vetted
         try:
             ip = parseIPLiteral(host)
         except ValueError:
@@ -597,7 +607,11 @@ class SafeResolver:
         decision = self._policy.decide(ip, port)
         if not decision.allowed:
             raise DestinationDenied(host, port, decision)
-        return VettedDestination(host=host, port=port, addresses=(decision.address,))
+        vetted = VettedDestination(host=host, port=port, addresses=(decision.address,))
+        if len(self._literals) >= DECISION_CACHE_SIZE:
+            self._literals.clear()
+        self._literals[host, port] = vetted
+        return vetted
 
     def vet(self, host: str, port: int) -> Deferred[VettedDestination]:
         """

@@ -327,7 +327,7 @@ class ProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
-        self.factory.metrics.connections.labels(self.listener).inc()
+        self.factory.metrics.listenerConnections(self.listener).inc()
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "")
         self.peerHost, self.peerPort = host, getattr(peer, "port", 0)
@@ -390,7 +390,7 @@ class ProxyProtocol(Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.clientLost(reason)
-        self.factory.metrics.connections.labels(self.listener).dec()
+        self.factory.metrics.listenerConnections(self.listener).dec()
         self.factory.connectionClosed(self)
 
     # Request parsing.

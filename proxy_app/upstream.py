@@ -11,7 +11,7 @@ IP literal, so no host name can reach C{connectTCP} by any path.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attr
 from OpenSSL import SSL
@@ -272,12 +272,11 @@ def framingHeaders(head: Any) -> list[tuple[bytes, bytes]]:
     return []
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class PoolKey:
+class PoolKey(NamedTuple):
     """
     What two requests must share to share an upstream connection: the
     vetted address and port, and (for TLS) the server name and client
-    identity.
+    identity.  (A named tuple: one is made for every request.)
     """
 
     address: str

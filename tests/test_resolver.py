@@ -559,6 +559,9 @@ class SafeResolverVetTests(SynchronousTestCase):
         self.assertRaises(DestinationDenied, self.resolver.vetNow, "1.2.3.999", 80)
         self.assertIsNone(self.resolver.vetNow("www.example", 443))
         self.assertEqual(self.names.calls, [])
+        # An allowed literal is a value: vetted once, then remembered.
+        self.assertIs(self.resolver.vetNow(ALLOWED_V4, 80), self.resolver.vetNow(ALLOWED_V4, 80))
+        self.assertRaises(DestinationDenied, self.resolver.vetNow, DENIED_V4, 80)
 
     def test_malformedLiteral(self) -> None:
         """
