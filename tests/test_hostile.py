@@ -10,6 +10,8 @@ import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import AddressDecision
@@ -283,3 +285,48 @@ class FuzzTests(SynchronousTestCase):
         if answered:
             status = int(out.split(b" ", 2)[1])
             self.assertTrue(100 <= status < 600)
+
+    @settings(
+        max_examples=int(os.environ.get("EGRESSPROXY_FUZZ_EXAMPLES", "150")),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(
+        status=st.sampled_from([b"200 OK", b"204 No", b"304 NM", b"100 Continue", b"101 S", b"999 X", b"abc"]),
+        headers=_HEADERS,
+        body=st.binary(max_size=40),
+        head=st.booleans(),
+        flip=st.integers(min_value=0, max_value=150),
+        splits=st.lists(st.integers(min_value=1, max_value=150), max_size=3),
+        close=st.booleans(),
+    )
+    def test_fuzzResponses(self, status, headers, body, head, flip, splits, close) -> None:  # type: ignore[no-untyped-def]
+        """
+        Whatever an origin answers, in whatever pieces, and whether it then
+        closes: the client gets a well-formed response head or a cut
+        connection, the exchange is accounted for once, and nothing raises.
+        """
+        response = b"HTTP/1.1 " + status + b"\r\n"
+        response += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        data = bytearray(response + b"\r\n" + body)
+        if flip < len(data):
+            data[flip] ^= 0x20
+        h = makeHarness()
+        method = b"HEAD" if head else b"GET"
+        h.send(method + b" http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        up, upTransport = h.connectUpstream()
+        start = 0
+        for at in sorted(splits) + [len(data)]:
+            if upTransport.disconnecting:
+                break
+            up.dataReceived(bytes(data[start:at]))
+            start = max(start, at)
+        if close and not upTransport.disconnecting:
+            up.connectionLost(Failure(ConnectionDone()))
+        h.reactor.advance(h.factory.config.timeouts.read + 1)
+        out = h.client.value()
+        if out:
+            self.assertTrue(out.startswith(b"HTTP/1.1 "), (bytes(data), out))
+        if h.access:
+            self.assertEqual(len(h.access), 1, (bytes(data), h.access))
+        self.assertTrue(out or h.client.disconnecting, (bytes(data), out))
