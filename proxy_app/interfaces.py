@@ -63,6 +63,12 @@ class IResponseSink(Interface):
         A piece of the response body arrived.
         """
 
+    def upstreamReadDone():
+        """
+        Everything parsed from one read of the connection has been reported,
+        and the response is not complete yet.
+        """
+
     def upstreamDone():
         """
         The response is complete.

@@ -1299,9 +1299,11 @@ class ForwardExchange(_Exchange):
             # A retry: the (bodiless) request was read already.
             upstream.sendEnd()
             return
-        # The client's body goes no faster than the origin takes it.
-        upstream.transport.registerProducer(self.protocol.transport, True)
-        self._bodyProducing = True
+        if not self.protocol._requestQueued():
+            # The client's body goes no faster than the origin takes it.
+            # (A request already read whole has nothing left to hold back.)
+            upstream.transport.registerProducer(self.protocol.transport, True)
+            self._bodyProducing = True
         self.protocol.resumeRequest()
 
     @property
@@ -1382,10 +1384,14 @@ class ForwardExchange(_Exchange):
         ):
             return
         self.headSent = True
-        # A slow client slows the origin instead of growing a buffer here.
-        assert self.upstream is not None
-        self.protocol.transport.registerProducer(self.upstream.transport, True)
-        self._responseProducing = True
+
+    def upstreamReadDone(self) -> None:
+        if self.headSent and not self._responseProducing and self.upstream is not None:
+            # More of the body is to come: a slow client slows the origin
+            # instead of growing a buffer here.  (A response that came whole
+            # in one read needs no such link.)
+            self.protocol.transport.registerProducer(self.upstream.transport, True)
+            self._responseProducing = True
 
     def upstreamData(self, data: bytes) -> None:
         self.bytesDown += len(data)

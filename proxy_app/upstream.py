@@ -404,6 +404,8 @@ class UpstreamHTTP(Protocol):
             return
         if self._reader.complete:
             self._complete()
+        elif self.sink is not None:
+            self.sink.upstreamReadDone()
 
     # The ResponseReader's sink.
 

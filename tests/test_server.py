@@ -15,7 +15,7 @@ from proxy_app.config import Config, Limits, Timeouts
 from proxy_app.resolver import DestinationDenied, ResolutionFailed
 from proxy_app.server import TUNNEL_BUFFER
 
-from .helpers import makeHarness, parseResponse
+from .helpers import HalfCloseStringTransport, makeHarness, parseResponse
 
 GET = (
     b"GET http://origin.example/path?q=1 HTTP/1.1\r\n"
@@ -312,6 +312,33 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(upTransport.producerState, "paused")
         up.dataReceived(b"56789")
         self.assertIsNone(h.client.producer)
+
+    def test_wholeMessagesNotLinked(self) -> None:
+        """
+        A request read whole and a response that arrives whole in one read
+        have nothing to hold back: neither transport becomes the other's
+        producer for them.
+        """
+        registered: list[object] = []
+        self.patch(
+            HalfCloseStringTransport,
+            "registerProducer",
+            lambda transport, producer, streaming: registered.append(producer),
+        )
+        h = makeHarness()
+        h.send(
+            b"POST http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n"
+            b"Content-Length: 4\r\n\r\nabcd"
+        )
+        up, upTransport = h.connectUpstream()
+        self.assertTrue(upTransport.value().endswith(b"\r\n\r\nabcd"))
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(h.client.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual(registered, [])
+        # A response in two reads is linked after the first.
+        h.send(GET)
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no")
+        self.assertEqual(registered, [upTransport])
 
     def test_requestBodyBackpressure(self) -> None:
         """
