@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 
 from twisted.application.service import IServiceCollection, IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
@@ -162,3 +163,38 @@ class FileLimitTests(SynchronousTestCase):
             resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft // 2, 64), hard))
         self.assertEqual(raiseFileLimit(), hard)
         self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
+
+
+class AllocatorTests(SynchronousTestCase):
+    """
+    Running as the process, the proxy tunes glibc's allocator for large
+    reads.
+    """
+
+    def test_tuned(self) -> None:
+        """
+        On glibc, L{tuneAllocator} sets its thresholds (mallopt says so);
+        elsewhere it does nothing and says so.
+        """
+        from proxy_app.tap import tuneAllocator
+
+        self.assertEqual(tuneAllocator(), platform.libc_ver()[0] == "glibc")
+
+    def test_calledAsTheProcess(self) -> None:
+        """
+        makeService tunes the allocator (and raises the file limit) only when
+        it runs on the global reactor, as under twistd, not in tests.
+        """
+        import proxy_app.tap as tap
+
+        calls: list[str] = []
+        self.patch(tap, "tuneAllocator", lambda: calls.append("allocator"))
+        self.patch(tap, "raiseFileLimit", lambda: calls.append("files"))
+        options = Options(environ={})
+        options.parseOptions(["--metrics", "none", "--access-log", "none"])
+        reactor = MemoryReactorClock()
+        tap.makeService(options, reactor=reactor)
+        self.assertEqual(calls, [])
+        self.patch(tap, "_globalReactor", lambda: reactor)
+        tap.makeService(options, reactor=reactor)
+        self.assertEqual(calls, ["files", "allocator"])
