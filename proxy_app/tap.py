@@ -560,7 +560,7 @@ def tuneAllocator() -> bool:
     Keep glibc's malloc from mapping and unmapping memory for each large
     read.
 
-    A tunnel reads up to 256 KiB at a time into a new bytes object.  Above
+    A tunnel reads up to 512 KiB at a time into a new bytes object.  Above
     glibc's threshold for it (128 KiB at first, moving with use) each such
     allocation is a fresh C{mmap}, its pages faulted in and zeroed, and an
     C{munmap} when it is freed; below it, heap memory freed at the top is
