@@ -239,7 +239,14 @@ class RequestReader:
             head.chunked or head.contentLength
         ):
             # llhttp skips the body of an upgrade request; reading it as the
-            # next request would let a body smuggle a request in.
+            # next request would let a body smuggle a request in.  The
+            # request itself is refused too: it must not go on without the
+            # body its head announces.
+            events = self.events
+            while events and events[-1][1] is not head:
+                events.pop()
+            if events:
+                events.pop()
             self._fail(HeadError("A protocol upgrade request cannot have a body"))
             return
         self.upgraded = True

@@ -72,6 +72,16 @@ class HeadTests(SynchronousTestCase):
             b"GET http://origin.example/ HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431
         )
 
+    def test_upgradeWithBody(self) -> None:
+        """
+        A protocol upgrade request with a body is refused, and nothing of it
+        (not even its head) goes anywhere.
+        """
+        self.assertRefused(
+            b"POST http://origin.example/ws HTTP/1.1\r\nHost: origin.example\r\n"
+            b"Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello"
+        )
+
     def test_splitAcrossReads(self) -> None:
         """
         The guard sees a head that arrives a byte at a time.
