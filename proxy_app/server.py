@@ -307,6 +307,9 @@ class ProxyProtocol(Protocol):
         # The current request: its head, and whether its end has been read.
         self._request: RequestHead | None = None
         self._requestEnded = False
+        # Whether the request's end had been read when it started (its
+        # whole body in the queue): nothing of it to hold back.
+        self.requestReadWhole = False
         # The response in progress: a head was sent and its end was not;
         # its body is chunked; the connection closes after it.
         self._responding = False
@@ -508,7 +511,8 @@ class ProxyProtocol(Protocol):
             return
         self.exchange = exchange
         self._waiting = True
-        if not self._requestQueued():
+        self.requestReadWhole = self._requestQueued()
+        if not self.requestReadWhole:
             # Until the destination is vetted and connected, the client is
             # not read, so that no body piles up meanwhile.  (A request
             # already read whole needs no pause: anything after it waits in
@@ -628,7 +632,7 @@ class ProxyProtocol(Protocol):
         headers, body = errorResponse(error, extra)
         if close:
             self._closeAfter = True
-        if not self.sendHead(error.status, _PHRASES.get(error.status, b""), headers, len(body)):
+        if not self.sendHead(error.status, b"", headers, len(body)):
             return False
         self.sendBody(body)
         self.sendEnd()
@@ -1302,7 +1306,7 @@ class ForwardExchange(_Exchange):
             # A retry: the (bodiless) request was read already.
             upstream.sendEnd()
             return
-        if not self.protocol._requestQueued():
+        if not self.protocol.requestReadWhole:
             # The client's body goes no faster than the origin takes it.
             # (A request already read whole has nothing left to hold back.)
             upstream.transport.registerProducer(self.protocol.transport, True)
