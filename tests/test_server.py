@@ -5,6 +5,7 @@ and malformed input, driven in memory.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.python.failure import Failure
@@ -399,6 +400,10 @@ class BackpressureTests(SynchronousTestCase):
         up, upTransport = h.connectUpstream()
         up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         upTransport.clear()
+        # No step may take the Deferred-returning way: not the lookup, not
+        # a callback chain.
+        self.patch(h.resolver, "vet", lambda host, port: self.fail("vet() called"))
+        self.patch(Deferred, "addCallbacks", lambda *a, **k: self.fail("callback chain"))
         h.send(request)
         self.assertTrue(upTransport.value().startswith(b"GET / HTTP/1.1\r\n"))
         self.assertEqual(len(h.reactor.tcpClients), 1)
