@@ -30,6 +30,11 @@ ERROR = 3
 
 _CHUNKED = b"chunked"
 
+# The interim (1xx) responses read from origins and relayed to clients:
+# 100 Continue, 102 Processing, 103 Early Hints.  101 is a protocol switch,
+# which the proxy never asks for.
+INTERIM_STATUSES = frozenset({100, 102, 103})
+
 
 class HeadError(Exception):
     """
@@ -235,19 +240,19 @@ class RequestReader:
 
     def _upgrade(self, leftover: bytes) -> None:
         head = self._lastHead
-        if head is not None and head.method != b"CONNECT" and (
-            head.chunked or head.contentLength
-        ):
-            # llhttp skips the body of an upgrade request; reading it as the
-            # next request would let a body smuggle a request in.  The
-            # request itself is refused too: it must not go on without the
-            # body its head announces.
+        if head is not None and (head.chunked or head.contentLength):
+            # llhttp skips the body of an upgrade request or a CONNECT;
+            # reading it as the next request (after a refused CONNECT, say)
+            # would let a body smuggle a request in.  The request itself is
+            # refused too: it must not go on without the body its head
+            # announces, and a CONNECT has no content (RFC 9110, 9.3.6).
             events = self.events
             while events and events[-1][1] is not head:
                 events.pop()
             if events:
                 events.pop()
-            self._fail(HeadError("A protocol upgrade request cannot have a body"))
+            what = "A CONNECT request" if head.method == b"CONNECT" else "A protocol upgrade request"
+            self._fail(HeadError(f"{what} cannot have a body"))
             return
         self.upgraded = True
         self.leftover = leftover
@@ -298,6 +303,10 @@ class RequestReader:
         head.method = parser.get_method()
         head.version = parser.get_http_version()
         if head.version not in ("1.1", "1.0"):
+            if head.version == "0.9":
+                # llhttp's reading of a request line without a version:
+                # malformed (RFC 9112, section 3), not a version we lack.
+                raise HeadError("Malformed request: the request line has no HTTP version")
             raise HeadError(f"HTTP version {head.version} is not supported", 505)
         # HTTP/1.0 keep-alive is not offered: such a client gets one request.
         head.keepAlive = head.version == "1.1" and parser.should_keep_alive()
@@ -354,8 +363,10 @@ class ResponseReader:
 
     def expect(self, bodiless: bool) -> None:
         """
-        A request has been sent: read its response.
+        A request has been sent: read its response, with a fresh parser, so
+        that no parser state crosses from one exchange to the next.
         """
+        self._parser = httptools.HttpResponseParser(self)
         self._reset(bodiless)
 
     def _reset(self, bodiless: bool) -> None:
@@ -425,6 +436,9 @@ class ResponseReader:
 
     def on_message_begin(self) -> None:
         if self._afterBody:
+            # The origin sent more than the response it owed, in the same
+            # read: the connection cannot be trusted with another request.
+            self.reusable = False
             return
         self._head = ResponseHead()
         # The status line's version, code, spaces and CRLF.
@@ -463,8 +477,20 @@ class ResponseReader:
         if refused is not None:
             raise HeadError(f"Invalid HTTP response: {refused}")
         head.keepAlive = head.version == "1.1" and parser.should_keep_alive()
-        if head.status < 200:
-            # Informational: the final response follows.
+        status = head.status
+        if not 100 <= status <= 599:
+            raise HeadError(f"Invalid HTTP response: status code {status}")
+        if status < 200:
+            # Informational: the final response follows.  Only those a
+            # client can act on are read; any other is refused, since
+            # llhttp would read a body for some, which no reader after us
+            # would expect.
+            if status == 101:
+                raise HeadError("Invalid HTTP response: unrequested protocol switch")
+            if status not in INTERIM_STATUSES:
+                raise HeadError(f"Invalid HTTP response: unexpected interim status {status}")
+            if head.chunked or head.contentLength is not None:
+                raise HeadError(f"Invalid HTTP response: interim response {status} with a body")
             self._headBytes = 0
             self.sink.informational(head)
             return
@@ -482,8 +508,12 @@ class ResponseReader:
             self._done()
 
     def on_body(self, data: bytes) -> None:
-        if not self._afterBody:
-            self.sink.body(data)
+        if self._afterBody:
+            return
+        if self._inHead:
+            # Body bytes with no final head before them: never passed on.
+            raise HeadError("Invalid HTTP response: body without a final response head")
+        self.sink.body(data)
 
     def on_message_complete(self) -> None:
         head = self._head

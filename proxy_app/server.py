@@ -613,8 +613,24 @@ class ProxyProtocol(Protocol):
         return True
 
     def sendBody(self, data: bytes) -> None:
-        if self.transport is not None and data:
-            self.transport.write(chunk(data) if self._chunked else data)
+        """
+        Send part of the body of the response whose head L{sendHead} sent.
+        A body byte with no such head before it would be read by the client
+        as a response of its own (to this request or the next): rather than
+        ever write one, the connection is cut.
+        """
+        if self.transport is None or not data:
+            return
+        if not self._responding:
+            log.error(
+                "Refused to write {size} body bytes to {client} without a response head; "
+                "connection aborted",
+                size=len(data),
+                client=self.clientAddress,
+            )
+            self.abort()
+            return
+        self.transport.write(chunk(data) if self._chunked else data)
 
     def sendEnd(self) -> None:
         if self._responding and self.transport is not None and self._chunked:

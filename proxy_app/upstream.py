@@ -388,8 +388,10 @@ class UpstreamHTTP(Protocol):
         self.bytesReceived += len(data)
         if self.sink is None:
             # An idle pooled connection has nothing to say; whatever it
-            # sends makes it unusable.
-            self.transport.loseConnection()
+            # sends makes it unusable: out of the pool at once, so that no
+            # request is given it before it has closed.
+            self.pool.forget(self)
+            self.abort()
             return
         self._idle.start()
         try:
