@@ -85,6 +85,9 @@ TUNNEL_BUFFER = 524288
 # What a well-formed incoming request id looks like; anything else is
 # replaced, since it ends up in logs and upstream headers.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
+# The methods RFC 9110 (9.2.2) calls idempotent: a request with one of them
+# may be sent again when a reused connection closed before answering.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _DENIALS = frozenset(
     {
         Reason.BLOCKED_ADDRESS,
@@ -365,14 +368,41 @@ class ProxyProtocol(Protocol):
             return
         reader = self._reader
         assert reader is not None
-        reader.feed(data)
-        if self.exchange is not None and (
-            self._waiting or self._requestEnded or reader.upgraded
-        ):
-            # Whatever follows a request read whole (a pipelined request,
-            # or what follows a CONNECT head) waits, and no more is read.
-            self._pause()
-        self._process()
+        try:
+            reader.feed(data)
+            if self.exchange is not None and (
+                self._waiting or self._requestEnded or reader.upgraded
+            ):
+                # Whatever follows a request read whole (a pipelined
+                # request, or what follows a CONNECT head) waits, and no
+                # more is read.
+                self._pause()
+            self._process()
+        except Exception:
+            # The safety net under every step a request takes from here,
+            # the Deferred-free path included: a bug is answered, never a
+            # silent close.
+            self.internalError(Failure())
+
+    def internalError(self, failure: Failure) -> None:
+        """
+        A bug surfaced while handling this connection: the exchange in
+        progress answers 500 (1009), or is cut off if its response has
+        begun; the connection then closes.
+        """
+        self._closeAfter = True
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.internalError(failure)
+            return
+        log.failure("Internal error on the connection from {client}", failure, client=self.clientAddress)
+        if self.transport is None:
+            return
+        if self._responding:
+            self.abort()
+            return
+        self.sendError(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
+        self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
         if self.tunnel is not None:
@@ -881,14 +911,17 @@ class _Exchange:
         try:
             self._decide(role)
             destination = factory.resolver.vetNow(target.host, target.port)
+            if destination is None:
+                d = factory.resolver.vet(target.host, target.port)
+                self._wait(d.addCallback(self._vettedThenConnect))
+                return
+            upstream = self._vettedThenConnect(destination)
         except Exception:
+            # The same answer as on the callback path: a ProxyError is
+            # answered as it is, anything else is a 500 and a traceback.
             self._setupFailed(Failure())
             return
-        if destination is None:
-            d = factory.resolver.vet(target.host, target.port)
-            self._wait(d.addCallback(self._vettedThenConnect))
-            return
-        self._whenConnected(self._vettedThenConnect(destination))
+        self._whenConnected(upstream)
 
     def _wait(self, d: Deferred) -> None:
         """
@@ -896,7 +929,7 @@ class _Exchange:
         protocol.
         """
         d.addCallbacks(self._connectedOrStale, self._setupFailed)
-        d.addErrback(self._internalError)
+        d.addErrback(self.internalError)
         self._pending = d
 
     def _whenConnected(self, upstream: Any) -> None:
@@ -909,7 +942,7 @@ class _Exchange:
         try:
             self._connectedOrStale(upstream)
         except Exception:
-            self._internalError(Failure())
+            self.internalError(Failure())
 
     def _identified(self, role: str | None) -> Any:
         assert self.target is not None
@@ -1059,25 +1092,34 @@ class _Exchange:
                 client=self.protocol.peerHost,
             )
         if isinstance(failure.value, ProxyError):
-            error = failure.value
-        else:
-            log.failure("Unexpected error setting up {url}", failure, url=self.url)
-            error = ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy")
-        self.fail(error)
+            self.fail(failure.value)
+            return
+        log.failure("Unexpected error setting up {url}", failure, url=self.url)
+        self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
 
-    def _internalError(self, failure: Failure) -> None:
+    def internalError(self, failure: Failure) -> None:
+        """
+        A bug surfaced while setting up or running this exchange: log the
+        traceback, and answer 500 (1009) if no response head has gone to the
+        client, else cut the client off.  Either way the client connection
+        does not carry another request, since its state is not trusted.
+        """
         log.failure("Internal error handling {url}", failure, url=self.url)
         if self._finished:
             return
         if self.status is None:
-            self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"))
+            self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
         else:
+            self.error = ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy")
+            self.record()
             self.protocol.abort()
 
-    def fail(self, error: ProxyError) -> None:
+
+    def fail(self, error: ProxyError, close: bool = False) -> None:
         """
         The exchange failed before a response head went to the client:
-        answer with C{error}.
+        answer with C{error}, and close the client connection after it if
+        C{close}.
         """
         self.error = error
         self.status = error.status
@@ -1089,7 +1131,10 @@ class _Exchange:
             reason=error.message,
             code=int(error.reason),
         )
-        self.protocol.sendError(error, requestID=self.requestID)
+        # After a bug the connection's state is not trusted with another
+        # request.
+        close = close or error.reason is Reason.INTERNAL_ERROR
+        self.protocol.sendError(error, close=close, requestID=self.requestID)
         self.finish()
 
     def finish(self) -> None:
@@ -1295,10 +1340,20 @@ class ForwardExchange(_Exchange):
             except ProxyError as error:
                 self.fail(error)
                 return
+            try:
+                creator = origination.creator(target.host, identity)
+            except UnicodeError as e:
+                # idna's errors: a name IDNA 2008 refuses (an underscore, an
+                # emoji label) cannot be sent as SNI or verified.
+                self.fail(
+                    ProxyError(
+                        Reason.BAD_TARGET,
+                        f"Host name {target.host!r} cannot be used for TLS: {e}",
+                    )
+                )
+                return
             tls = TLSSettings(
-                target.host,
-                identity.alias if identity is not None else None,
-                origination.creator(target.host, identity),
+                target.host, identity.alias if identity is not None else None, creator
             )
         self._tls = tls
         self._vetAndConnect(lambda destination: self.factory.pool.acquire(destination, tls))
@@ -1399,7 +1454,9 @@ class ForwardExchange(_Exchange):
             return
         headers = endToEndHeaders(head, self.factory.responseDrop)
         headers.append((self.factory.requestIDName, self.requestID.encode("ascii")))
-        if bodiless and length is not None:
+        if bodiless and length is not None and head.status != 204:
+            # A 304's (or a HEAD response's) length describes the
+            # representation; a 204 has none (RFC 9110, 8.6).
             headers.append((b"Content-Length", b"%d" % length))
         self.status = head.status
         if not self.protocol.sendHead(
@@ -1475,13 +1532,16 @@ class ForwardExchange(_Exchange):
     def _canRetry(self, upstream: UpstreamHTTP | None) -> bool:
         """
         Whether a failure can be retried: it happened on a reused pooled
-        connection before any response byte, the request had no body, and
-        it was not retried already.
+        connection that closed before sending a byte of the response, the
+        request's method is idempotent (RFC 9110, 9.2.2: a POST may have
+        been acted on before the close, and must not be sent twice), it had
+        no body, and it was not retried already.
         """
         return (
             upstream is not None
             and upstream.reused
-            and not upstream.responseStarted
+            and upstream.closedUnanswered
+            and self.request.method in IDEMPOTENT_METHODS
             and not self.headSent
             and not self._retried
             and self.requestComplete

@@ -326,6 +326,11 @@ class UpstreamHTTP(Protocol):
         self.reused = False
         self.created = 0.0
         self.responseStarted = False
+        # Whether the origin sent anything for the request in progress, and
+        # whether it closed the connection without having done so (the one
+        # failure a retry may follow).
+        self._answered = False
+        self.closedUnanswered = False
         self._idle = Timer(pool.clock, pool.readTimeout, self._idleTimeout)
         self._lifetime = Timer(pool.clock, pool.lifetime, self._lifetimeExpired)
         self.bytesSent = 0
@@ -361,10 +366,11 @@ class UpstreamHTTP(Protocol):
         """
         self.sink = sink
         self.responseStarted = False
+        self.closedUnanswered = False
+        self._answered = False
         self._chunked = chunked
         self._requestSent = False
         self._reader.expect(bodiless=method == b"HEAD")
-        self._idle.start()
         self._lifetime.start()
         self._write(requestHead(method, target, headers))
 
@@ -380,6 +386,11 @@ class UpstreamHTTP(Protocol):
 
     def _write(self, data: bytes) -> None:
         self.bytesSent += len(data)
+        # The read timeout is for a connection on which nothing moves: an
+        # upload in progress is not idle, however slow the origin's answer.
+        # (An origin that stops reading stops the upload too, by
+        # backpressure, and the timer then runs out.)
+        self._idle.start()
         self.transport.write(data)
 
     # Receiving the response.
@@ -394,6 +405,7 @@ class UpstreamHTTP(Protocol):
             self.abort()
             return
         self._idle.start()
+        self._answered = True
         try:
             self._reader.feed(data)
         except HeadError as e:
@@ -403,6 +415,13 @@ class UpstreamHTTP(Protocol):
                     f"{e.message} from {hostPort(self.key.address, self.key.port)}",
                 )
             )
+            return
+        except Exception:
+            # A bug in the exchange's handling of the response: the
+            # exchange answers 500 (or cuts the client off), not Twisted's
+            # "Unhandled Error" and a silent close.
+            log.failure("Internal error reading the response from {where}", where=hostPort(self.key.address, self.key.port))
+            self._fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"))
             return
         if self._reader.complete:
             self._complete()
@@ -506,6 +525,7 @@ class UpstreamHTTP(Protocol):
             return
         # A close is how a close-delimited response ends; anything else
         # cuts the response short.
+        self.closedUnanswered = not self._answered
         if self._reader.finish():
             self._complete()
         else:
