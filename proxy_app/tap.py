@@ -255,6 +255,36 @@ def selfAddresses(listeners: Sequence[str | TLSListener]) -> list[tuple[str, int
     return result
 
 
+def proxySelfAddresses(config: Config) -> list[tuple[str, int]]:
+    """
+    The C{(host, port)} pairs that every process of the proxy listens on:
+    the listeners, which all workers share, and the metrics endpoint of
+    every worker (see L{workerMetrics}).  Each worker must refuse all of
+    them, not only its own: worker 0's port reaches worker 1 as easily as
+    it reaches worker 0.  (The supervisor of C{--workers} listens on
+    nothing.)
+    """
+    metrics: tuple[str, ...] = ()
+    if config.metrics:
+        metrics = tuple(workerMetrics(config.metrics, index) for index in range(config.workers))
+    return selfAddresses(config.listen + metrics)
+
+
+def buildPolicy(config: Config) -> AddressPolicy:
+    """
+    The address policy of C{config}'s destinations, with every address the
+    proxy itself listens on denied as a self-connection.
+    """
+    destinations = config.destinations
+    return AddressPolicy(
+        allowRanges=destinations.allow_ranges,
+        denyRanges=destinations.deny_ranges,
+        allowAddresses=destinations.allow_addresses,
+        denyAddresses=destinations.deny_addresses,
+        selfAddresses=proxySelfAddresses(config),
+    )
+
+
 class ProxyService(Service):
     """
     Owns the L{ProxyFactory}: on stop it drains, letting in-flight requests
@@ -391,15 +421,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         WorkerSupervisor(reactor, config.workers, options.argv).setServiceParent(top)
         return top
     destinations = config.destinations
-    policy = AddressPolicy(
-        allowRanges=destinations.allow_ranges,
-        denyRanges=destinations.deny_ranges,
-        allowAddresses=destinations.allow_addresses,
-        denyAddresses=destinations.deny_addresses,
-        selfAddresses=selfAddresses(config.listen + ((config.metrics,) if config.metrics else ())),
-    )
     resolver: Any = SafeResolver(
-        policy,
+        buildPolicy(config),
         makeNameResolver(destinations.nameservers, reactor, timeout=config.timeouts.dns),
         reactor,
         timeout=config.timeouts.dns,

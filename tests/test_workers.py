@@ -10,17 +10,25 @@ import signal
 import sys
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.server import Site
 
-from proxy_app.tap import workerMetrics
+from proxy_app.addresses import RULE_SELF_CONNECTION
+from proxy_app.observe import AccessLog
+from proxy_app.resolver import SafeResolver
+from proxy_app.server import ProxyFactory
+from proxy_app.tap import Options, buildPolicy, proxySelfAddresses, workerMetrics
+from proxy_app.upstream import Connector
 from proxy_app.workers import WorkerSupervisor, workerCount
 
+from .helpers import ScriptedNameResolver, parseResponse
 from .test_integration import Echo, freePort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,3 +158,87 @@ class PartsTests(SynchronousTestCase):
         self.assertEqual(command[-6:], ["egressproxy", "--workers", "2", "--listen", "tcp:9090", "--worker-index", "1"][-6:])
         self.assertIn("--worker-index", command)
         self.assertTrue(supervisor.environment()["PYTHONPATH"].startswith(ROOT))
+
+
+def _workerOptions(*argv: str) -> Options:
+    """
+    The options of worker 1 of a C{--workers} proxy, as the supervisor
+    starts it, with loopback allowed so that only self-connection denies.
+    """
+    options = Options(environ={})
+    options.parseOptions(
+        [
+            "--listen", "tcp:9090:interface=127.0.0.1",
+            "--metrics", "tcp:2112:interface=127.0.0.1",
+            "--allow-range", "127.0.0.0/8",
+            *argv,
+            "--worker-index", "1",
+        ]
+    )
+    return options
+
+
+class SelfConnectionTests(SynchronousTestCase):
+    """
+    Every port any worker listens on is a self-connection for every worker,
+    not only that worker's own.
+    """
+
+    def test_everyWorkersMetrics(self) -> None:
+        """
+        The self addresses of a worker of three are the shared listener and
+        the metrics ports of all three workers (the configured port plus 0,
+        1 and 2), and the address policy denies each as a self-connection.
+        """
+        config = _workerOptions("--workers", "3").config
+        self.assertEqual(
+            sorted(proxySelfAddresses(config)),
+            [("127.0.0.1", 2112), ("127.0.0.1", 2113), ("127.0.0.1", 2114), ("127.0.0.1", 9090)],
+        )
+        policy = buildPolicy(config)
+        for port in (9090, 2112, 2113, 2114):
+            self.assertEqual(policy.decide("127.0.0.1", port).rule, RULE_SELF_CONNECTION, port)
+        self.assertTrue(policy.decide("127.0.0.1", 2115).allowed)
+
+    def test_singleProcess(self) -> None:
+        """
+        Without --workers, the self addresses are the listeners and the
+        configured metrics endpoint, and nothing else.
+        """
+        options = Options(environ={})
+        options.parseOptions(["--listen", "tcp:9090", "--metrics", "tcp:2112:interface=127.0.0.1"])
+        self.assertEqual(
+            sorted(proxySelfAddresses(options.config)), [("", 9090), ("127.0.0.1", 2112)]
+        )
+        options = Options(environ={})
+        options.parseOptions(["--listen", "tcp:9090", "--metrics", "none"])
+        self.assertEqual(proxySelfAddresses(options.config), [("", 9090)])
+
+    def test_otherWorkersMetricsRefused(self) -> None:
+        """
+        Worker 1 of two refuses a request for worker 0's and its own
+        C{/metrics} with 403 and reason code 1000 (self-connection) before
+        any connection is attempted, while another port on the same allowed
+        address is connected to.
+        """
+        config = _workerOptions("--workers", "2").config
+        reactor = MemoryReactorClock()
+        resolver = SafeResolver(buildPolicy(config), ScriptedNameResolver({}), reactor)
+        factory = ProxyFactory(
+            config, resolver, reactor, Connector(reactor, config.timeouts.connect), AccessLog(None)
+        )
+        for port in (2112, 2113):
+            client = StringTransport()
+            protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+            protocol.makeConnection(client)
+            protocol.dataReceived(
+                b"GET http://127.0.0.1:%d/metrics HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (port, port)
+            )
+            self.assertEqual(reactor.tcpClients, [], port)
+            status, headers, _ = parseResponse(client.value())
+            self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (403, b"1000"), port)
+            self.assertIn(b"Self Connection", headers[b"x-whsentry-reason"])
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"GET http://127.0.0.1:2114/ HTTP/1.1\r\nHost: 127.0.0.1:2114\r\n\r\n")
+        self.assertEqual([(host, port) for host, port, *_ in reactor.tcpClients], [("127.0.0.1", 2114)])
