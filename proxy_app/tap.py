@@ -129,6 +129,12 @@ class Options(usage.Options):
                 flags[field.setting.flag] = "true" if self.get(field.setting.flag) else None
         self.config = configModule.load(flags, self._environ, self["config"])
         validate(self.config)
+        index = self["worker-index"]
+        if index is not None and not 0 <= index < self.config.workers:
+            raise ConfigError(
+                f"worker-index = {index}: expected 0 to {self.config.workers - 1} "
+                f"(workers = {self.config.workers})"
+            )
 
 
 for _field in configModule.fields():
@@ -175,6 +181,19 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"listen: interface={host!r}: expected an IP address "
                 "(a name would need DNS before the proxy can vet anything)"
+            )
+    for host, port in selfAddresses((config.metrics,) if config.metrics else ()):
+        # Every worker's metrics endpoint is a self address of every worker.
+        if host and parseIPLiteral(host) is None:
+            raise ConfigError(
+                f"metrics = {config.metrics!r}: interface={host!r}: expected an IP address "
+                "(the proxy must know the address to refuse connections to itself)"
+            )
+        last = port + config.workers - 1
+        if last > 65535:
+            raise ConfigError(
+                f"metrics = {config.metrics!r}: with --workers {config.workers}, the last "
+                f"worker would serve metrics on port {last}, above 65535"
             )
     for address in config.destinations.bind_addresses:
         import socket

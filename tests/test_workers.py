@@ -155,9 +155,23 @@ class PartsTests(SynchronousTestCase):
         """
         supervisor = WorkerSupervisor(reactor, 2, ["--workers", "2", "--listen", "tcp:9090"])
         command = supervisor.command(1)
-        self.assertEqual(command[-6:], ["egressproxy", "--workers", "2", "--listen", "tcp:9090", "--worker-index", "1"][-6:])
-        self.assertIn("--worker-index", command)
+        self.assertEqual(
+            command[command.index("egressproxy"):],
+            ["egressproxy", "--workers", "2", "--listen", "tcp:9090", "--workers", "2", "--worker-index", "1"],
+        )
         self.assertTrue(supervisor.environment()["PYTHONPATH"].startswith(ROOT))
+
+    def test_workerLearnsCount(self) -> None:
+        """
+        A worker reads the number of workers the supervisor runs from its
+        command line, whatever the supervisor's own options say (C{auto}
+        is not counted again), and its own index.
+        """
+        supervisor = WorkerSupervisor(reactor, 3, ["--workers", "auto", "--listen", "tcp:9090"])
+        command = supervisor.command(2)
+        options = Options(environ={"EGRESSPROXY_WORKERS": "5"})
+        options.parseOptions(command[command.index("egressproxy") + 1:])
+        self.assertEqual((options.config.workers, options["worker-index"]), (3, 2))
 
 
 def _workerOptions(*argv: str) -> Options:
