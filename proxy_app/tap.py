@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import attr
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
@@ -34,6 +35,7 @@ from proxy_app.access import AccessControl
 from proxy_app.acl import ACLError, loadACL
 from proxy_app.addresses import AddressPolicy, parseIPLiteral
 from proxy_app.config import Config, ConfigError, TLSListener, splitDescription
+from proxy_app.limits import workerLimits
 from proxy_app.observe import AccessLog, DecisionLog, Metrics, MetricsResource
 from proxy_app.resolver import CachingResolver, SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
@@ -439,6 +441,20 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         top = MultiService()
         WorkerSupervisor(reactor, config.workers, options.argv).setServiceParent(top)
         return top
+    if workerIndex is not None:
+        # The configured limits are the proxy's: each worker enforces its
+        # share of them.
+        config = attr.evolve(config, limits=workerLimits(config.limits, config.workers, workerIndex))
+        log.info(
+            "Worker {index} of {count}: its share of the limits is {rate:g} requests/s per "
+            "role (burst {burst}), {requests} concurrent requests, {tunnels} tunnels (0: no limit)",
+            index=workerIndex,
+            count=config.workers,
+            rate=config.limits.max_request_rate,
+            burst=config.limits.request_burst,
+            requests=config.limits.max_concurrent_requests,
+            tunnels=config.limits.max_concurrent_tunnels,
+        )
     destinations = config.destinations
     resolver: Any = SafeResolver(
         buildPolicy(config),
