@@ -459,16 +459,18 @@ class Limits:
         "max-concurrent-requests",
         0,
         count,
-        "Most forwarded requests in progress at once (0: no limit); past it "
-        "the answer is 503 with Retry-After (reason code 1014).",
+        "Most forwarded requests in progress at once in the whole proxy (0: "
+        "no limit; with --workers, each worker has its share); past it the "
+        "answer is 503 with Retry-After (reason code 1014).",
         metavar="N",
     )
     max_concurrent_tunnels: int = setting(
         "max-concurrent-tunnels",
         0,
         count,
-        "Most CONNECT tunnels open at once (0: no limit); past it the answer "
-        "is 503 with Retry-After (reason code 1014).",
+        "Most CONNECT tunnels open at once in the whole proxy (0: no limit; "
+        "with --workers, each worker has its share); past it the answer is "
+        "503 with Retry-After (reason code 1014).",
         metavar="N",
     )
     max_request_rate: float = setting(
@@ -476,15 +478,17 @@ class Limits:
         0.0,
         rate,
         "Requests and tunnels per second allowed to each role (anonymous "
-        "clients share one budget), as a token bucket (0: no limit); past it "
-        "the answer is 429 with Retry-After (reason code 1014).",
+        "clients share one budget) by the whole proxy, as a token bucket (0: "
+        "no limit; with --workers, each worker allows its share); past it the "
+        "answer is 429 with Retry-After (reason code 1014).",
         metavar="PER_SECOND",
     )
     request_burst: int = setting(
         "request-burst",
         10,
         count,
-        "How many requests a role may make at once above its rate.",
+        "How many requests a role may make at once above its rate (with "
+        "--workers, each worker has its share, at least 1).",
         metavar="N",
     )
 
@@ -939,7 +943,8 @@ class Config:
         1,
         workers,
         "Processes sharing the listening ports (SO_REUSEPORT), or auto for "
-        "one per CPU; each worker N serves metrics on the metrics port + N.",
+        "one per CPU; each worker N serves metrics on the metrics port + N, "
+        "and enforces its share of the rate and concurrency limits.",
         metavar="N|auto",
     )
     metrics: str | None = setting(

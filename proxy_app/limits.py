@@ -1,17 +1,67 @@
 """
 Limits that keep greedy clients from hurting everyone else: the per-role
-request rate as token buckets on the injected clock, and the refusal made
-when a concurrency limit is reached.  (Limits on request heads are enforced
-while parsing, in L{proxy_app.http1}.)
+request rate as token buckets on the injected clock, the refusal made
+when a concurrency limit is reached, and each worker's share of those
+limits under C{--workers}.  (Limits on request heads are enforced while
+parsing, in L{proxy_app.http1}.)
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import attr
 from twisted.internet.interfaces import IReactorTime
 
+from proxy_app.config import Limits
 from proxy_app.reasons import ProxyError, Reason
+
+# The limits in the C{limits} section that count what the whole proxy
+# does, and that the workers of C{--workers} therefore divide between them;
+# and those that bound one request, which every worker applies whole.  A
+# new limit goes in one or the other (a test checks).
+PROXY_WIDE = frozenset(
+    ["max_request_rate", "request_burst", "max_concurrent_requests", "max_concurrent_tunnels"]
+)
+PER_REQUEST = frozenset(
+    ["max_response_body", "max_request_header", "max_uri_length", "max_header_count"]
+)
+
+
+def workerShare(total: int, workers: int, index: int) -> int:
+    """
+    Worker C{index}'s share of a whole-number limit that C{workers} workers
+    divide between them.
+
+    The shares differ by at most one and add up to C{total}, the first
+    workers taking the remainder.  A share is never 0, which would mean no
+    limit (or no burst) at all: below one per worker every worker gets 1,
+    and the proxy as a whole then allows C{workers}, more than C{total}.
+
+    @param total: the configured limit; 0 (no limit) stays 0.
+    """
+    if total <= 0:
+        return total
+    share, remainder = divmod(total, workers)
+    return max(1, share + (1 if index < remainder else 0))
+
+
+def workerLimits(limits: Limits, workers: int, index: int) -> Limits:
+    """
+    The limits that worker C{index} of C{workers} enforces, so that the
+    configured values hold for the proxy as a whole: the request rate is
+    divided evenly, the burst and the concurrency limits by
+    L{workerShare}; the limits of one request are kept whole.
+    """
+    if workers <= 1:
+        return limits
+    return attr.evolve(
+        limits,
+        max_request_rate=limits.max_request_rate / workers,
+        request_burst=workerShare(limits.request_burst, workers, index),
+        max_concurrent_requests=workerShare(limits.max_concurrent_requests, workers, index),
+        max_concurrent_tunnels=workerShare(limits.max_concurrent_tunnels, workers, index),
+    )
 
 
 class RateLimiter:

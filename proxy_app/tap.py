@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import attr
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
@@ -34,6 +35,7 @@ from proxy_app.access import AccessControl
 from proxy_app.acl import ACLError, loadACL
 from proxy_app.addresses import AddressPolicy, parseIPLiteral
 from proxy_app.config import Config, ConfigError, TLSListener, splitDescription
+from proxy_app.limits import workerLimits
 from proxy_app.observe import AccessLog, DecisionLog, Metrics, MetricsResource
 from proxy_app.resolver import CachingResolver, SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
@@ -129,6 +131,12 @@ class Options(usage.Options):
                 flags[field.setting.flag] = "true" if self.get(field.setting.flag) else None
         self.config = configModule.load(flags, self._environ, self["config"])
         validate(self.config)
+        index = self["worker-index"]
+        if index is not None and not 0 <= index < self.config.workers:
+            raise ConfigError(
+                f"worker-index = {index}: expected 0 to {self.config.workers - 1} "
+                f"(workers = {self.config.workers})"
+            )
 
 
 for _field in configModule.fields():
@@ -175,6 +183,19 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"listen: interface={host!r}: expected an IP address "
                 "(a name would need DNS before the proxy can vet anything)"
+            )
+    for host, port in selfAddresses((config.metrics,) if config.metrics else ()):
+        # Every worker's metrics endpoint is a self address of every worker.
+        if host and parseIPLiteral(host) is None:
+            raise ConfigError(
+                f"metrics = {config.metrics!r}: interface={host!r}: expected an IP address "
+                "(the proxy must know the address to refuse connections to itself)"
+            )
+        last = port + config.workers - 1
+        if last > 65535:
+            raise ConfigError(
+                f"metrics = {config.metrics!r}: with --workers {config.workers}, the last "
+                f"worker would serve metrics on port {last}, above 65535"
             )
     for address in config.destinations.bind_addresses:
         import socket
@@ -253,6 +274,36 @@ def selfAddresses(listeners: Sequence[str | TLSListener]) -> list[tuple[str, int
             continue
         result.append((host, int(port)))
     return result
+
+
+def proxySelfAddresses(config: Config) -> list[tuple[str, int]]:
+    """
+    The C{(host, port)} pairs that every process of the proxy listens on:
+    the listeners, which all workers share, and the metrics endpoint of
+    every worker (see L{workerMetrics}).  Each worker must refuse all of
+    them, not only its own: worker 0's port reaches worker 1 as easily as
+    it reaches worker 0.  (The supervisor of C{--workers} listens on
+    nothing.)
+    """
+    metrics: tuple[str, ...] = ()
+    if config.metrics:
+        metrics = tuple(workerMetrics(config.metrics, index) for index in range(config.workers))
+    return selfAddresses(config.listen + metrics)
+
+
+def buildPolicy(config: Config) -> AddressPolicy:
+    """
+    The address policy of C{config}'s destinations, with every address the
+    proxy itself listens on denied as a self-connection.
+    """
+    destinations = config.destinations
+    return AddressPolicy(
+        allowRanges=destinations.allow_ranges,
+        denyRanges=destinations.deny_ranges,
+        allowAddresses=destinations.allow_addresses,
+        denyAddresses=destinations.deny_addresses,
+        selfAddresses=proxySelfAddresses(config),
+    )
 
 
 class ProxyService(Service):
@@ -390,16 +441,23 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         top = MultiService()
         WorkerSupervisor(reactor, config.workers, options.argv).setServiceParent(top)
         return top
+    if workerIndex is not None:
+        # The configured limits are the proxy's: each worker enforces its
+        # share of them.
+        config = attr.evolve(config, limits=workerLimits(config.limits, config.workers, workerIndex))
+        log.info(
+            "Worker {index} of {count}: its share of the limits is {rate:g} requests/s per "
+            "role (burst {burst}), {requests} concurrent requests, {tunnels} tunnels (0: no limit)",
+            index=workerIndex,
+            count=config.workers,
+            rate=config.limits.max_request_rate,
+            burst=config.limits.request_burst,
+            requests=config.limits.max_concurrent_requests,
+            tunnels=config.limits.max_concurrent_tunnels,
+        )
     destinations = config.destinations
-    policy = AddressPolicy(
-        allowRanges=destinations.allow_ranges,
-        denyRanges=destinations.deny_ranges,
-        allowAddresses=destinations.allow_addresses,
-        denyAddresses=destinations.deny_addresses,
-        selfAddresses=selfAddresses(config.listen + ((config.metrics,) if config.metrics else ())),
-    )
     resolver: Any = SafeResolver(
-        policy,
+        buildPolicy(config),
         makeNameResolver(destinations.nameservers, reactor, timeout=config.timeouts.dns),
         reactor,
         timeout=config.timeouts.dns,

@@ -101,8 +101,8 @@ class WorkerSupervisor(Service):
     """
     Runs and watches the worker processes.
 
-    @ivar argv: the C{egressproxy} options the workers get, without
-        C{--workers}.
+    @ivar argv: the supervisor's own C{egressproxy} options, which the
+        workers get too.
     """
 
     restartDelay = 1.0
@@ -117,7 +117,12 @@ class WorkerSupervisor(Service):
     def command(self, index: int) -> list[str]:
         """
         The command line of worker C{index}: twistd in the foreground, with
-        the supervisor's options.
+        the supervisor's options, then the number of workers and its index.
+
+        The number is given as a number, after the supervisor's options so
+        that it wins over them: a worker divides the limits and derives
+        every worker's metrics port from it, so it must not count the CPUs
+        (C{auto}) again and come to another answer.
         """
         return [
             sys.executable,
@@ -127,6 +132,8 @@ class WorkerSupervisor(Service):
             "--pidfile=",
             "egressproxy",
             *self.argv,
+            "--workers",
+            str(self.count),
             "--worker-index",
             str(index),
         ]

@@ -270,6 +270,37 @@ class OptionsTests(SynchronousTestCase):
             ["--workers", "2", "--listen", "unix:/tmp/egressproxy.sock"], "shared between --workers"
         )
 
+    def test_metricsPortsOfEveryWorker(self) -> None:
+        """
+        With --workers, a metrics port whose last worker's port (the port
+        plus the number of workers less one) would pass 65535 stops start-up
+        with one line naming the key, instead of a traceback in every
+        worker.
+        """
+        self.assertOneLineExit(
+            ["--workers", "2", "--metrics", "tcp:65535:interface=127.0.0.1"],
+            "metrics = 'tcp:65535:interface=127.0.0.1': with --workers 2",
+        )
+        self.parse(["--workers", "2", "--metrics", "tcp:65534:interface=127.0.0.1"])
+
+    def test_metricsInterfaceName(self) -> None:
+        """
+        A metrics endpoint on a host name, which the address policy could
+        not refuse as the proxy itself, stops start-up with one line.
+        """
+        self.assertOneLineExit(
+            ["--metrics", "tcp:2112:interface=localhost"], "interface='localhost': expected an IP address"
+        )
+
+    def test_workerIndexInRange(self) -> None:
+        """
+        A worker index outside 0 to workers - 1 stops with one line.
+        """
+        self.assertOneLineExit(["--workers", "2", "--worker-index", "2"], "worker-index = 2: expected 0 to 1")
+        self.assertOneLineExit(["--worker-index", "1"], "worker-index = 1: expected 0 to 0")
+        self.assertOneLineExit(["--workers", "2", "--worker-index", "-1"], "worker-index = -1")
+        self.assertEqual(self.parse(["--workers", "2", "--worker-index", "1"])["worker-index"], 1)
+
     def test_selfAddresses(self) -> None:
         """
         The proxy's own listening addresses are derived from its endpoint
