@@ -92,6 +92,7 @@ _DENIALS = frozenset(
         Reason.REJECTED_BY_WEBHOOK,
         Reason.PROXY_AUTH_REQUIRED,
         Reason.OVERLOADED,
+        Reason.CLIENT_CERT_NOT_PERMITTED,
     }
 )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import sys
 from typing import Any
 
@@ -24,7 +25,7 @@ from proxy_app.access import AccessControl
 from proxy_app.addresses import AddressPolicy
 from proxy_app.config import TLS, ClientCertAlias, Config, ConfigError
 from proxy_app.identity import Authenticator
-from proxy_app.observe import AccessLog
+from proxy_app.observe import AccessLog, DecisionLog
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import SafeResolver
 from proxy_app.server import ProxyFactory
@@ -127,6 +128,21 @@ class AliasRoleTests(SynchronousTestCase):
         h.send(tlsRequest("tenant-b", b"X-Tenant: role-a\r\n"))
         self.assertRefused(h, "tenant-b", "role 'role-a'")
         self.assertEqual(h.resolver.calls, [])
+
+    def test_decisionLogged(self) -> None:
+        """
+        The decision log records a refused alias as a denial, with the
+        refusal as its reason, though the ACL allowed the host.
+        """
+        h = self.harness()
+        lines = io.StringIO()
+        h.factory.decisionLog = DecisionLog(lines, "json")
+        h.send(tlsRequest("tenant-b", b"X-Tenant: role-a\r\n"))
+        (line,) = [json.loads(text) for text in lines.getvalue().splitlines()]
+        self.assertEqual(
+            (line["allow"], line["role"], line["status_code"], line["decision_reason"]),
+            (False, "role-a", 403, "Client certificate alias 'tenant-b' is not permitted for role 'role-a'"),
+        )
 
     def test_anonymousBoundAliasRefused(self) -> None:
         """
