@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attr
 import yaml
@@ -493,28 +493,84 @@ class Limits:
     )
 
 
-def clientCertAliases(value: Any) -> tuple[tuple[str, str, str], ...]:
+class ClientCertAlias(NamedTuple):
     """
-    Named client certificates: in YAML a mapping C{{ALIAS: {cert: PATH,
-    key: PATH}}}; on the command line or in the environment
-    C{ALIAS=CERT:KEY}, several separated by commas.
+    One named client certificate (C{tls.client_certs}).
+
+    @ivar roles: the roles that may present it, or L{None} when it is bound
+        to none (then, in a deployment with roles, no client may present
+        it; without roles, every client may: webhook-sentry's behaviour).
     """
-    expected = "expected {ALIAS: {cert: PATH, key: PATH}} or ALIAS=CERT:KEY[,...]"
+
+    alias: str
+    cert: str
+    key: str
+    roles: tuple[str, ...] | None = None
+
+
+# webhook-sentry keeps its clientCertFile under this alias, so
+# "X-WhSentry-ClientCert: default" means --client-cert; a configured alias
+# of the same name would be a second certificate behind one name.
+RESERVED_ALIAS = "default"
+
+
+def _aliasRoles(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("roles: expected a list of one or more roles")
+    return tuple(text(role) for role in value)
+
+
+def clientCertAliases(value: Any) -> tuple[ClientCertAlias, ...]:
+    """
+    Named client certificates, each optionally bound to the roles that may
+    present it: in YAML a mapping C{{ALIAS: {cert: PATH, key: PATH[, roles:
+    [ROLE, ...]]}}}; on the command line or in the environment
+    C{ALIAS=CERT:KEY[:ROLE+ROLE...]}, several separated by commas.  The
+    alias C{default} is reserved for C{--client-cert}.
+    """
+    expected = (
+        "expected {ALIAS: {cert: PATH, key: PATH, roles: [ROLE, ...]}} "
+        "or ALIAS=CERT:KEY[:ROLE+ROLE...][,...]"
+    )
     result = []
     if isinstance(value, dict):
-        for alias, paths in value.items():
-            if not isinstance(paths, dict) or set(paths) != {"cert", "key"}:
+        for alias, fields in value.items():
+            if (
+                not isinstance(fields, dict)
+                or not {"cert", "key"} <= set(fields)
+                or set(fields) - {"cert", "key", "roles"}
+            ):
                 raise ValueError(expected)
-            result.append((str(alias), text(paths["cert"]), text(paths["key"])))
+            roles = fields.get("roles")
+            result.append(
+                ClientCertAlias(
+                    str(alias),
+                    text(fields["cert"]),
+                    text(fields["key"]),
+                    None if roles is None else _aliasRoles(roles),
+                )
+            )
     elif isinstance(value, str):
         for item in value.split(","):
             alias, sep, paths = item.strip().partition("=")
-            cert, sep2, key = paths.partition(":")
-            if not (sep and sep2 and alias and cert and key):
+            parts = paths.split(":", 2)
+            if not (sep and alias and len(parts) >= 2 and all(parts)):
                 raise ValueError(expected)
-            result.append((alias, cert, key))
+            roles = _aliasRoles(parts[2].split("+")) if len(parts) == 3 else None
+            result.append(ClientCertAlias(alias, parts[0], parts[1], roles))
     else:
         raise ValueError(expected)
+    seen = set()
+    for entry in result:
+        if entry.alias == RESERVED_ALIAS:
+            raise ValueError(
+                f"the alias {RESERVED_ALIAS!r} is reserved: "
+                f"X-WhSentry-ClientCert: {RESERVED_ALIAS} selects tls.client_cert "
+                "(--client-cert), as in webhook-sentry; rename this alias"
+            )
+        if entry.alias in seen:
+            raise ValueError(f"the alias {entry.alias!r} is given twice")
+        seen.add(entry.alias)
     return tuple(result)
 
 
@@ -546,7 +602,9 @@ class TLS:
         None,
         text,
         "Client certificate (PEM) presented to every destination that asks "
-        "for one, unless X-WhSentry-ClientCert names another.",
+        "for one, unless X-WhSentry-ClientCert names another; "
+        "X-WhSentry-ClientCert: default names it. Any client may use it, "
+        "roles or not.",
         metavar="PATH",
     )
     client_key: str | None = setting(
@@ -556,14 +614,18 @@ class TLS:
         "Private key (PEM, unencrypted) of --client-cert.",
         metavar="PATH",
     )
-    client_certs: tuple[tuple[str, str, str], ...] = setting(
+    client_certs: tuple[ClientCertAlias, ...] = setting(
         "client-cert-alias",
         (),
         clientCertAliases,
         "Named client certificates, chosen per request with "
-        "X-WhSentry-ClientCert: ALIAS; YAML {ALIAS: {cert: PATH, key: PATH}}, "
-        "flag ALIAS=CERT:KEY[,...].",
-        metavar="ALIAS=CERT:KEY",
+        "X-WhSentry-ClientCert: ALIAS, each presented only to the roles it "
+        "lists; YAML {ALIAS: {cert: PATH, key: PATH, roles: [ROLE, ...]}}, "
+        "flag ALIAS=CERT:KEY[:ROLE+ROLE...][,...]. With roles in the "
+        "deployment, an alias without roles is refused (403, reason code "
+        "1016); without roles, any client may name any alias. The alias "
+        "default is reserved for --client-cert.",
+        metavar="ALIAS=CERT:KEY[:ROLE+ROLE]",
     )
 
 

@@ -43,6 +43,9 @@ class Reason(enum.IntEnum):
     # smuggling attempts, oversized heads.  webhook-sentry has no code for
     # these; they share 1002's family of client errors.
     BAD_REQUEST = (1015, 400)
+    # A configured alias this client's role may not present: with roles in
+    # the deployment, tenant A must not present tenant B's certificate.
+    CLIENT_CERT_NOT_PERMITTED = (1016, 403)
 
 
 class ProxyError(Exception):

@@ -95,6 +95,7 @@ _DENIALS = frozenset(
         Reason.REJECTED_BY_WEBHOOK,
         Reason.PROXY_AUTH_REQUIRED,
         Reason.OVERLOADED,
+        Reason.CLIENT_CERT_NOT_PERMITTED,
     }
 )
 
@@ -1357,6 +1358,18 @@ class ForwardExchange(_Exchange):
             )
         self._tls = tls
         self._vetAndConnect(lambda destination: self.factory.pool.acquire(destination, tls))
+
+    def _decide(self, role: str | None) -> None:
+        """
+        Also check that the role may present the client certificate it
+        named: the role is known only now, and nothing has been connected
+        yet (nor taken from the pool).
+        """
+        super()._decide(role)
+        tls = self._tls
+        origination = self.factory.origination
+        if tls is not None and tls.alias is not None and origination is not None:
+            origination.permit(origination.identity(tls.alias), role)
 
     def _connected(self, upstream: UpstreamHTTP) -> None:
         assert self.target is not None

@@ -208,6 +208,14 @@ def validate(config: Config) -> None:
                 raise ConfigError(
                     f"destinations.bind_addresses = {address!r}: cannot bind: {e.strerror}"
                 ) from None
+    if not hasRoles(config):
+        for entry in config.tls.client_certs:
+            if entry.roles is not None:
+                raise ConfigError(
+                    f"tls.client_certs.{entry.alias}.roles = {list(entry.roles)!r}: "
+                    "no client can have a role in this configuration (roles come "
+                    "from auth, acl.role_header or a TLS listener with client_ca)"
+                )
     if config.acl.file:
         try:
             loadACL(config.acl.file)
@@ -226,10 +234,29 @@ def validate(config: Config) -> None:
             raise ConfigError(f"destinations.{key}: {e}") from None
 
 
-def buildOrigination(tls: configModule.TLS) -> Origination:
+def hasRoles(config: Config) -> bool:
+    """
+    Whether clients of this configuration can have roles: proxy
+    authentication, a trusted role header, a TLS listener asking for client
+    certificates, or an ACL.  Client-certificate aliases are then presented
+    only to the roles bound to them.
+    """
+    return bool(
+        config.auth.checkers
+        or config.acl.role_header
+        or config.acl.file
+        or any(
+            isinstance(listener, TLSListener) and listener.clientCert != "none"
+            for listener in config.listen
+        )
+    )
+
+
+def buildOrigination(tls: configModule.TLS, rolesInUse: bool = False) -> Origination:
     """
     Load the trust root and client identities for TLS origination.
 
+    @param rolesInUse: whether clients can have roles (L{hasRoles}).
     @raise TLSConfigError: naming the key and file at fault.
     """
     if (tls.client_cert is None) != (tls.client_key is None):
@@ -245,12 +272,17 @@ def buildOrigination(tls: configModule.TLS) -> Origination:
         except TLSConfigError as e:
             raise TLSConfigError(f"client_cert: {e}") from None
     aliases = {}
-    for alias, cert, key in tls.client_certs:
+    for entry in tls.client_certs:
+        alias, cert, key, roles = configModule.ClientCertAlias(*entry)
+        if alias == configModule.RESERVED_ALIAS:
+            raise TLSConfigError(
+                f"client_certs.{alias}: the alias {alias!r} is reserved for client_cert"
+            )
         try:
-            aliases[alias] = loadClientIdentity(alias, cert, key)
+            aliases[alias] = loadClientIdentity(alias, cert, key, roles)
         except TLSConfigError as e:
             raise TLSConfigError(f"client_certs.{alias}: {e}") from None
-    return Origination(trustRoot, default, aliases)
+    return Origination(trustRoot, default, aliases, rolesInUse)
 
 
 def selfAddresses(listeners: Sequence[str | TLSListener]) -> list[tuple[str, int]]:
@@ -474,7 +506,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         )
         raise SystemExit(1) from None
     try:
-        origination = buildOrigination(config.tls)
+        origination = buildOrigination(config.tls, hasRoles(config))
     except TLSConfigError as e:
         sys.stderr.write(f"egressproxy: tls: {e}\n")
         raise SystemExit(1) from None

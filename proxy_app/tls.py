@@ -12,7 +12,7 @@ service-identity, sending the host name as SNI, TLS 1.2 at least.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attr
@@ -78,16 +78,23 @@ class ClientIdentity:
 
     @ivar alias: its name (C{"default"} for C{--client-cert}).
     @ivar certificate: the certificate with its private key.
+    @ivar roles: the roles that may present it, or L{None} for no binding
+        (see L{Origination.permit}).
     """
 
     alias: str
     certificate: ssl.PrivateCertificate = attr.ib(eq=False, repr=False)
+    roles: frozenset[str] | None = None
 
 
-def loadClientIdentity(alias: str, certPath: str, keyPath: str) -> ClientIdentity:
+def loadClientIdentity(
+    alias: str, certPath: str, keyPath: str, roles: Iterable[str] | None = None
+) -> ClientIdentity:
     """
     Load a client certificate and its key, and check that they belong
     together.
+
+    @param roles: the roles bound to it, or L{None} for none.
 
     @raise TLSConfigError: naming the file and the problem.
     """
@@ -113,7 +120,10 @@ def loadClientIdentity(alias: str, certPath: str, keyPath: str) -> ClientIdentit
     certificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
         ssl.Certificate(x509), ssl.KeyPair(key)
     )
-    return ClientIdentity(alias, certificate)
+    return ClientIdentity(alias, certificate, None if roles is None else frozenset(roles))
+
+
+DEFAULT_ALIAS = "default"
 
 
 class Origination:
@@ -121,6 +131,12 @@ class Origination:
     Everything needed to originate TLS: the trust root and the client
     identities.  Connection creators are cached per (host, identity), since
     building one costs more than a handshake's worth of Python.
+
+    @ivar rolesInUse: whether clients of this deployment can have roles
+        (proxy authentication, a trusted role header, a TLS listener asking
+        for client certificates, or an ACL).  Then an alias is presented
+        only to the roles bound to it; without roles, to every client, as
+        webhook-sentry does.
     """
 
     def __init__(
@@ -128,19 +144,28 @@ class Origination:
         trustRoot: Any,
         default: ClientIdentity | None = None,
         aliases: Mapping[str, ClientIdentity] | None = None,
+        rolesInUse: bool = False,
     ) -> None:
         self.trustRoot = trustRoot
         self.default = default
         self.aliases = dict(aliases or {})
+        if DEFAULT_ALIAS in self.aliases:
+            # Two certificates behind one name would share a connection
+            # creator and pooled connections: the wrong one gets presented.
+            raise ValueError(f"the alias {DEFAULT_ALIAS!r} is reserved for the default identity")
+        self.rolesInUse = rolesInUse
         self._creators: dict[tuple[str, str | None], IOpenSSLClientConnectionCreator] = {}
 
     def identity(self, alias: str | None) -> ClientIdentity | None:
         """
-        The identity to present: the named one, or the default.
+        The identity to present: the named one, or the default (also named
+        C{default}, as in webhook-sentry).
 
         @raise ProxyError: (1010) for an unknown alias.
         """
         if alias is None:
+            return self.default
+        if alias == DEFAULT_ALIAS and self.default is not None:
             return self.default
         try:
             return self.aliases[alias]
@@ -149,6 +174,29 @@ class Origination:
                 Reason.UNKNOWN_CLIENT_CERT,
                 f"Client certificate alias {alias!r} is not configured",
             ) from None
+
+    def permit(self, identity: ClientIdentity | None, role: str | None) -> None:
+        """
+        Check that a client of C{role} may present C{identity}: the default
+        identity is the proxy's own and any client may present it; an
+        alias bound to roles only those roles may; an alias bound to none
+        any client may only in a deployment without roles.  A client
+        without a role gets no alias once roles exist.
+
+        @raise ProxyError: (1016) when it may not.
+        """
+        if identity is None or identity is self.default:
+            return
+        if identity.roles is None:
+            if not self.rolesInUse:
+                return
+        elif role and role in identity.roles:
+            return
+        who = f"role {role!r}" if role else "a client without a role"
+        raise ProxyError(
+            Reason.CLIENT_CERT_NOT_PERMITTED,
+            f"Client certificate alias {identity.alias!r} is not permitted for {who}",
+        )
 
     def creator(self, host: str, identity: ClientIdentity | None) -> IOpenSSLClientConnectionCreator:
         """
