@@ -856,6 +856,16 @@ class AccessLog:
         "client.",
         metavar="NAME",
     )
+    log_query_values: bool = setting(
+        "log-query-values",
+        False,
+        boolean,
+        "Write query-string values and fragments of request targets as the "
+        "client sent them in the logs and the webhook's connection-stop "
+        "details; by default each value is written as … and names are "
+        "kept (see docs/observability.md). Userinfo is never written.",
+        metavar="BOOL",
+    )
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

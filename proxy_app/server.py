@@ -47,6 +47,7 @@ from proxy_app.interfaces import IDestinationResolver, IResponseSink
 from proxy_app.limits import Overloaded, RateLimiter
 from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
+from proxy_app.redact import loggedTarget
 from proxy_app.resolver import DestinationDenied, VettedDestination, hostPort
 from proxy_app.target import Target, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import Origination
@@ -829,6 +830,7 @@ class _Exchange:
         "_counted",
         "_clientGone",
         "_decisionLogged",
+        "_url",
     )
 
     def __init__(self, protocol: ProxyProtocol, request: RequestHead, target: Target | None) -> None:
@@ -872,10 +874,21 @@ class _Exchange:
         self._counted = False
         self._clientGone = False
         self._decisionLogged = False
+        self._url: str | None = None
 
     @property
     def url(self) -> str:
-        return self.request.target.decode("utf-8", "replace")
+        """
+        The request target as every log line and webhook event shows it:
+        without userinfo, query values redacted unless configured (see
+        L{loggedTarget}); made once per exchange.
+        """
+        url = self._url
+        if url is None:
+            url = self._url = loggedTarget(
+                self.request.target, self.factory.config.access_log.log_query_values
+            )
+        return url
 
     def start(self) -> None:
         raise NotImplementedError()

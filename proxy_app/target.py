@@ -20,6 +20,7 @@ import idna
 
 from proxy_app.addresses import parseIPLiteral
 from proxy_app.reasons import ProxyError, Reason
+from proxy_app.redact import loggedTarget
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -78,6 +79,18 @@ class Target:
 
 def _bad(message: str) -> ProxyError:
     return ProxyError(Reason.BAD_TARGET, message)
+
+
+def _credentials(where: str, instead: str) -> ProxyError:
+    """
+    The refusal of a target with userinfo (C{user:password@host}).  It
+    quotes nothing of the target: the text before the C{@} is a password
+    more often than not.
+    """
+    return _bad(
+        f"Credentials in the {where} (user:password@host) are not accepted: "
+        f"the proxy neither uses nor forwards them; {instead}"
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -181,6 +194,10 @@ def parseConnectTarget(raw: bytes) -> Target:
     @raise ProxyError: (1002) for a malformed target or port.
     """
     authority = _decode(raw)
+    if "@" in authority:
+        raise _credentials(
+            "CONNECT target", "authenticate to the proxy with Proxy-Authorization"
+        )
     host, port = _splitHostPort(authority)
     if port is None:
         raise _bad(f"CONNECT target {authority!r} must be host:port")
@@ -202,7 +219,8 @@ def parseAbsoluteTarget(raw: bytes) -> Target:
         )
     scheme, sep, rest = raw.partition(b"://")
     if not sep or not _SCHEME.fullmatch(scheme):
-        raise _bad(f"The request target {_decode(raw)[:200]!r} is not an absolute URI")
+        # Quoted as logs show it: no userinfo, no query values.
+        raise _bad(f"The request target {loggedTarget(raw)[:200]!r} is not an absolute URI")
     end = len(rest)
     for delimiter in (b"/", b"?", b"#"):
         index = rest.find(delimiter)
@@ -226,6 +244,12 @@ def _origin(scheme: bytes, rawAuthority: bytes) -> tuple[str, str, int, bool]:
     (refusals are not).
     """
     schemeText = scheme.decode("ascii").lower()
+    if b"@" in rawAuthority:
+        raise _credentials(
+            "URL",
+            "send them in a header (Authorization for the origin, "
+            "Proxy-Authorization for the proxy)",
+        )
     if schemeText not in DEFAULT_PORTS:
         raise ProxyError(Reason.BAD_SCHEME, f"URL scheme '{schemeText}' is not supported; use http or https")
     authority = _decode(rawAuthority)
