@@ -11,14 +11,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.error import getConnectError
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy_app.config import Config, ConfigError, load
 from proxy_app.reasons import ProxyError, Reason
@@ -355,3 +355,32 @@ class ProxyConnectTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as raised:
             load({"max-connect-attempts": "0"}, {})
         self.assertIn("max-connect-attempts", str(raised.exception))
+
+
+class RealSocketTests(TestCase):
+    """
+    The race over real loopback sockets.
+    """
+
+    @inlineCallbacks
+    def test_refusedFamilyFallsBack(self) -> Any:
+        """
+        With an origin on [::1] only, an IPv4 loopback address tried first
+        is refused and the IPv6 one connects, well before the attempt delay
+        would have started it, and the protocol is connected to [::1].
+        """
+        from twisted.internet import reactor
+
+        factory = Factory.forProtocol(Protocol)
+        port = reactor.listenTCP(0, factory, interface="::1")
+        self.addCleanup(port.stopListening)
+        connector = Connector(reactor, 5, attemptDelay=2)
+        started = reactor.seconds()
+        protocol = yield connector.connect(
+            VettedDestination("origin.example", port.getHost().port, ("127.0.0.1", "::1")),
+            Factory.forProtocol(Protocol),
+        )
+        elapsed = reactor.seconds() - started
+        self.assertEqual(protocol.transport.getPeer().host, "::1")
+        self.assertLess(elapsed, 2)
+        protocol.transport.loseConnection()
