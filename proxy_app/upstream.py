@@ -67,8 +67,9 @@ def attemptOrder(addresses: Sequence[str], limit: int) -> tuple[str, ...]:
     The cap applies after interleaving, so with both families present and
     C{limit >= 2} both are tried.
     """
-    if not addresses:
-        return ()
+    if len(addresses) <= 1:
+        # The common case, on every request: nothing to order.
+        return tuple(addresses[:limit])
     first = isIPv6Address(addresses[0])
     same = [a for a in addresses if isIPv6Address(a) == first]
     other = [a for a in addresses if isIPv6Address(a) != first]
