@@ -258,6 +258,18 @@ class HappyEyeballsTests(SynchronousTestCase):
         self.assertEqual(wire.value()[:1], b"\x16")
         self.assertEqual(race.stopped(), [True, False])
 
+    def test_nameNeverDialled(self) -> None:
+        """
+        A host name among the addresses (which vetting never lets through)
+        is refused by C{connectAddress} and counted as a failed attempt:
+        only the IP literal reaches C{connectTCP}.
+        """
+        race = Race(["evil.example", v4(1)])
+        self.assertEqual(race.attempted(), [v4(1)])
+        race.refuse(0)
+        error = self.failureResultOf(race.result, ProxyError).value
+        self.assertIn("failed on all 2 addresses tried (evil.example, 203.0.113.1)", error.message)
+
     def test_cancel(self) -> None:
         """
         Cancelling the connect (the client left) stops every pending
