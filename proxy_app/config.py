@@ -175,6 +175,16 @@ def count(value: Any) -> int:
     return result
 
 
+def positive(value: Any) -> int:
+    """
+    A whole number, one or more.
+    """
+    result = count(value)
+    if result < 1:
+        raise ValueError("expected a whole number, one or more")
+    return result
+
+
 def workers(value: Any) -> int:
     """
     A number of processes, or C{auto} for one per CPU.
@@ -375,7 +385,8 @@ class Timeouts:
         "connect-timeout",
         10.0,
         seconds,
-        "Timeout for the TCP connection to the destination.",
+        "Timeout for the TCP connection to the destination: a bound on the "
+        "whole connect phase, however many of its addresses are tried.",
         metavar="SECONDS",
     )
     read: float = setting(
@@ -453,6 +464,16 @@ class Limits:
         100,
         count,
         "Most request header lines accepted; more are answered 431.",
+        metavar="N",
+    )
+    max_connect_attempts: int = setting(
+        "max-connect-attempts",
+        4,
+        positive,
+        "Most of a destination's vetted addresses tried for one connection, "
+        "IPv6 and IPv4 interleaved before the cap (so both families are "
+        "tried when both answered); the access-request gate is asked about "
+        "exactly these.",
         metavar="N",
     )
     max_concurrent_requests: int = setting(

@@ -24,7 +24,13 @@ PROXY_WIDE = frozenset(
     ["max_request_rate", "request_burst", "max_concurrent_requests", "max_concurrent_tunnels"]
 )
 PER_REQUEST = frozenset(
-    ["max_response_body", "max_request_header", "max_uri_length", "max_header_count"]
+    [
+        "max_response_body",
+        "max_request_header",
+        "max_uri_length",
+        "max_header_count",
+        "max_connect_attempts",
+    ]
 )
 
 

@@ -68,6 +68,7 @@ from proxy_app.webhook import (
     GateResult,
     TLSSniffer,
     WebhookService,
+    approvedAddresses,
     connectionInfoDetails,
     connectionStopInfo,
     sessionLabel,
@@ -966,11 +967,19 @@ class _Exchange:
         )
 
     def _vettedThenConnect(self, destination: VettedDestination) -> Any:
-        self._destination = destination
         self._vetted(destination)
+        # The addresses that may be tried (capped, in connect order) are
+        # fixed here, before the gate is asked: the gate judges exactly
+        # these, and the connector, the pool and a retry get only what it
+        # approved, as one object.
+        destination = self.factory.connector.candidates(destination)
         webhook = self.factory.webhook
         if webhook is not None and webhook.gateEnabled:
-            return self._askGate(destination).addCallback(self._connect)
+            return self._askGate(destination).addCallback(self._approved)
+        return self._approved(destination)
+
+    def _approved(self, destination: VettedDestination) -> Any:
+        self._destination = destination
         return self._connect(destination)
 
     def _decide(self, role: str | None) -> None:
@@ -1048,7 +1057,11 @@ class _Exchange:
     def _askGate(self, destination: VettedDestination) -> Any:
         """
         With the access-request gate on, wait for the control webhook's
-        word before connecting.
+        word before connecting.  The request names every address that may
+        be tried; the webhook may accept only some of them.
+
+        @return: a L{Deferred} firing with C{destination} narrowed to the
+            addresses the webhook approved.
         """
         webhook = self.factory.webhook
         if webhook is None or not webhook.gateEnabled:
@@ -1066,9 +1079,21 @@ class _Exchange:
                     f"Connection to {self.target.authority if self.target else ''} "
                     f"rejected by the access-request webhook: {result.reason}",
                 )
-            return destination
+            approved = approvedAddresses(result.reply, destination.addresses)
+            if not approved:
+                raise ProxyError(
+                    Reason.REJECTED_BY_WEBHOOK,
+                    f"Connection to {self.target.authority if self.target else ''} "
+                    "rejected by the access-request webhook: it approved none of "
+                    f"the addresses {', '.join(destination.addresses)}",
+                )
+            if approved == destination.addresses:
+                return destination
+            return attr.evolve(destination, addresses=approved)
 
-        return webhook.accessRequest(self.connectionID, self.policy, session).addCallback(decided)
+        return webhook.accessRequest(
+            self.connectionID, self.policy, session, addresses=destination.addresses
+        ).addCallback(decided)
 
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None

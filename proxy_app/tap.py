@@ -496,7 +496,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     if destinations.dns_cache_ttl:
         resolver = CachingResolver(resolver, reactor, destinations.dns_cache_ttl)
-    connector = Connector(reactor, config.timeouts.connect, destinations.bind_addresses)
+    connector = Connector(
+        reactor,
+        config.timeouts.connect,
+        destinations.bind_addresses,
+        maxAttempts=config.limits.max_connect_attempts,
+    )
     try:
         accessLog = AccessLog.open(config.access_log.file, config.access_log.format)
     except OSError as e:

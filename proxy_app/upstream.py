@@ -11,19 +11,17 @@ IP literal, so no host name can reach C{connectTCP} by any path.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import zip_longest
 from typing import Any, NamedTuple
 
 import attr
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
-)
-from twisted.internet.error import (
-    ConnectingCancelledError,
 )
 from twisted.internet.error import (
     TimeoutError as ConnectTimeoutError,
@@ -54,13 +52,41 @@ from proxy_app.tls import tlsError
 log = Logger()
 
 
+# The delay before the next address is tried while earlier attempts are
+# still pending: RFC 8305's recommended Connection Attempt Delay.
+ATTEMPT_DELAY = 0.25
+
+
+def attemptOrder(addresses: Sequence[str], limit: int) -> tuple[str, ...]:
+    """
+    The addresses to try, in the order to try them, at most C{limit}: the
+    two families interleaved (RFC 8305 section 4), starting with the family
+    of the first address (the resolver's preference), each family in the
+    order it came.
+
+    The cap applies after interleaving, so with both families present and
+    C{limit >= 2} both are tried.
+    """
+    if len(addresses) <= 1:
+        # The common case, on every request: nothing to order.
+        return tuple(addresses[:limit])
+    first = isIPv6Address(addresses[0])
+    same = [a for a in addresses if isIPv6Address(a) == first]
+    other = [a for a in addresses if isIPv6Address(a) != first]
+    ordered = [a for pair in zip_longest(same, other) for a in pair if a is not None]
+    return tuple(ordered[:limit])
+
+
 class Connector:
     """
     Opens TCP connections to vetted addresses.
 
     @ivar reactor: provides C{IReactorTCP} and C{IReactorTime}.
-    @ivar timeout: the connect timeout in seconds.
-    @ivar bindAddress: an optional local C{(host, port)} to connect from.
+    @ivar timeout: the connect timeout in seconds: a bound on the whole
+        connect phase, however many addresses are tried.
+    @ivar maxAttempts: the most addresses tried for one connection.
+    @ivar attemptDelay: seconds between starting one attempt and the next
+        while it is pending.
     """
 
     def __init__(
@@ -68,6 +94,8 @@ class Connector:
         reactor: Any,
         timeout: float,
         bindAddresses: Sequence[str] = (),
+        maxAttempts: int = 4,
+        attemptDelay: float = ATTEMPT_DELAY,
     ) -> None:
         """
         @param bindAddresses: local addresses to connect from (at most one
@@ -78,6 +106,20 @@ class Connector:
         self.timeout = timeout
         self.bind4 = next((a for a in bindAddresses if isIPAddress(a)), None)
         self.bind6 = next((a for a in bindAddresses if isIPv6Address(a)), None)
+        self.maxAttempts = maxAttempts
+        self.attemptDelay = attemptDelay
+
+    def candidates(self, destination: VettedDestination) -> VettedDestination:
+        """
+        Narrow C{destination} to the addresses that L{connect} may try, in
+        the order it tries them (L{attemptOrder}).  The proxy does this once,
+        before the access-request gate is asked, so that the gate, the pool
+        and every connect see the same addresses.
+        """
+        addresses = attemptOrder(destination.addresses, self.maxAttempts)
+        if addresses == destination.addresses:
+            return destination
+        return attr.evolve(destination, addresses=addresses)
 
     def connectAddress(
         self, address: str, port: int, factory: Factory, tls: Any = None
@@ -114,41 +156,167 @@ class Connector:
         self, destination: VettedDestination, factory: Factory, tls: Any = None
     ) -> Deferred:
         """
-        Connect to the first of C{destination}'s vetted addresses that
-        accepts, in order.
+        Connect to one of C{destination}'s vetted addresses, racing them as
+        RFC 8305 (happy eyeballs) does: the first address at once, the next
+        when the previous fails or after C{attemptDelay}, the first to
+        connect wins and the others are cancelled.  At most C{maxAttempts}
+        addresses are tried, in the order of L{attemptOrder} (which keeps
+        the order of addresses L{candidates} gave), and the whole phase ends
+        after C{timeout} seconds.
+
+        With C{tls}, each attempt is wrapped in TLS, which starts only once
+        its TCP connection is made: only the winner's ever is.
 
         @return: a L{Deferred} firing with the connected protocol, or failing
             with a L{ProxyError}: 1004 for a timeout, 1006 otherwise.
+
+        @raise ValueError: if C{destination} has no address.
         """
-        addresses = list(destination.addresses)
-        result: Deferred = Deferred(lambda d: attempt.cancel())
-        attempt: Deferred
+        if not destination.addresses:
+            raise ValueError(f"no address to connect to for {destination.host!r}")
+        return _Race(self, destination, factory, tls).result
 
-        def tryNext(failure: Failure | None) -> None:
-            nonlocal attempt
-            address = addresses.pop(0)
-            attempt = self.connectAddress(address, destination.port, factory, tls)
-            attempt.addCallbacks(result.callback, failed, errbackArgs=(address,))
 
-        def failed(failure: Failure, address: str) -> None:
-            if failure.check(ConnectingCancelledError):
-                # Our caller cancelled: no error to translate.
-                if not result.called:
-                    result.errback(Failure(CancelledError()))
-                return
-            if addresses:
-                log.info(
-                    "Connecting to {address} for {host} failed ({error}); trying the next address",
-                    address=address,
-                    host=destination.host,
-                    error=failure.getErrorMessage(),
-                )
-                tryNext(failure)
-                return
-            result.errback(connectError(failure, destination.host, address, destination.port, self.timeout))
+class _Race:
+    """
+    One happy-eyeballs connect for L{Connector.connect}.
 
-        tryNext(None)
-        return result
+    Twisted's C{HostnameEndpoint} races addresses too, but it starts the
+    next attempt only on its timer, never when an attempt fails, and learns
+    that the last one failed only on its next tick: a refused address costs
+    a full attempt delay.  It has no bound on the whole phase (its timeout
+    is per attempt), one bind address for both families, and it takes a
+    host name that it IDNA-encodes (refusing names such as C{foo_bar}), to
+    be resolved again through the reactor.  Here the addresses are already
+    vetted and each attempt is Twisted's own TCP endpoint; only the
+    scheduling is ours.
+
+    @ivar result: the L{Deferred} L{Connector.connect} returns.
+    """
+
+    def __init__(
+        self, connector: Connector, destination: VettedDestination, factory: Factory, tls: Any
+    ) -> None:
+        self._connector = connector
+        self._destination = destination
+        self._factory = factory
+        self._tls = tls
+        self._waiting = list(attemptOrder(destination.addresses, connector.maxAttempts))
+        self._tried: list[str] = []
+        self._pending: list[tuple[str, Deferred]] = []
+        self._done = False
+        self._nextCall: IDelayedCall | None = None
+        self.result: Deferred = Deferred(self._cancel)
+        clock = connector.reactor
+        self._deadline: IDelayedCall | None = clock.callLater(connector.timeout, self._timedOut)
+        self._start()
+
+    def _start(self) -> None:
+        """
+        Start an attempt on the next address, and plan the one after.
+        """
+        if self._nextCall is not None and self._nextCall.active():
+            self._nextCall.cancel()
+        self._nextCall = None
+        address = self._waiting.pop(0)
+        self._tried.append(address)
+        if self._waiting:
+            self._nextCall = self._connector.reactor.callLater(
+                self._connector.attemptDelay, self._start
+            )
+        try:
+            attempt = self._connector.connectAddress(
+                address, self._destination.port, self._factory, self._tls
+            )
+        except Exception:
+            self._failed(Failure(), address)
+            return
+        self._pending.append((address, attempt))
+        attempt.addCallbacks(
+            self._succeeded, self._failed, callbackArgs=(address,), errbackArgs=(address,)
+        )
+
+    def _forget(self, address: str) -> None:
+        self._pending = [(a, d) for a, d in self._pending if a != address]
+
+    def _succeeded(self, protocol: Any, address: str) -> None:
+        self._forget(address)
+        if self._done:
+            # Cannot happen, as a loser is cancelled before it connects;
+            # if it did, it must not live on unseen.
+            protocol.transport.abortConnection()
+            return
+        self._stop()
+        self.result.callback(protocol)
+
+    def _failed(self, failure: Failure, address: str) -> None:
+        self._forget(address)
+        if self._done:
+            # A loser, cancelled.
+            return
+        if failure.check(ConnectTimeoutError):
+            # An attempt's own timeout is the whole phase's at the earliest.
+            self._timedOut()
+            return
+        if self._waiting or self._pending:
+            log.info(
+                "Connecting to {address} for {host} failed ({error}); trying the other addresses",
+                address=address,
+                host=self._destination.host,
+                error=failure.getErrorMessage(),
+            )
+        if self._waiting:
+            self._start()
+            return
+        if not self._pending:
+            self._stop()
+            self.result.errback(self._error(failure, address))
+
+    def _error(self, failure: Failure, address: str) -> Failure:
+        destination = self._destination
+        if len(self._tried) == 1 or failure.check(ProxyError):
+            return connectError(failure, destination.host, address, destination.port, self._connector.timeout)
+        return Failure(
+            ProxyError(
+                Reason.CONNECT_FAILED,
+                f"TCP connection to {hostPort(destination.host, destination.port)} failed "
+                f"on all {len(self._tried)} addresses tried ({', '.join(self._tried)}), "
+                f"the last: {_describe(failure)}",
+            )
+        )
+
+    def _timedOut(self) -> None:
+        self._deadline = None
+        self._stop()
+        destination = self._destination
+        where = hostPort(destination.host, destination.port)
+        timeout = self._connector.timeout
+        if len(self._tried) == 1:
+            message = f"Connecting to {where} ({self._tried[0]}) timed out after {timeout:g} s"
+        else:
+            message = (
+                f"Connecting to {where} timed out after {timeout:g} s trying "
+                f"{len(self._tried)} addresses ({', '.join(self._tried)})"
+            )
+        self.result.errback(Failure(ProxyError(Reason.UPSTREAM_TIMEOUT, message)))
+
+    def _stop(self) -> None:
+        """
+        No more attempts: cancel the timers and every pending attempt.
+        """
+        self._done = True
+        for call in (self._nextCall, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._nextCall = self._deadline = None
+        pending, self._pending = self._pending, []
+        for _, attempt in pending:
+            attempt.cancel()
+
+    def _cancel(self, result: Deferred) -> None:
+        # Our caller gave up (the client went away); the Deferred then
+        # fails with CancelledError by itself.
+        self._stop()
 
 
 def connectError(failure: Failure, host: str, address: str, port: int, timeout: float) -> Failure:

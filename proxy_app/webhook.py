@@ -23,11 +23,12 @@ delivery guarantees.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -183,6 +184,31 @@ def sessionLabel(
     left = "ssli" if clientTLS else "tcp"
     right = "ssli" if originatedTLS else "tcp"
     return f"{left}_{_hostPort(clientHost, clientPort)}+{right}_{_hostPort(destHost, destPort)}"
+
+
+def approvedAddresses(reply: Any, addresses: Sequence[str]) -> tuple[str, ...]:
+    """
+    Which of C{addresses} (those an access request named) a reply that
+    accepted approves: all of them, unless the reply is a JSON object with
+    an C{addresses} member, which then lists the approved ones.  Only
+    C{addresses} can come out, in their order; an entry the proxy did not
+    ask about, or one that is not an IP address, approves nothing, and an
+    C{addresses} member that is not a list approves nothing at all.
+    """
+    if not isinstance(reply, dict) or "addresses" not in reply:
+        return tuple(addresses)
+    listed = reply["addresses"]
+    if not isinstance(listed, list):
+        return ()
+    approved = set()
+    for entry in listed:
+        if not isinstance(entry, str):
+            continue
+        try:
+            approved.add(str(ipaddress.ip_address(entry.strip())))
+        except ValueError:
+            continue
+    return tuple(a for a in addresses if a in approved)
 
 
 def _hostPort(host: str, port: int) -> str:
@@ -1053,9 +1079,19 @@ class WebhookService(Service):
 
     # The access-request gate.
 
-    def accessRequest(self, connectionID: str, policy: Any, session: str) -> Deferred[GateResult]:
+    def accessRequest(
+        self,
+        connectionID: str,
+        policy: Any,
+        session: str,
+        addresses: Sequence[str] | None = None,
+    ) -> Deferred[GateResult]:
         """
         Ask the webhook whether a connection may exchange data.
+
+        C{addresses}, if given, are every address the connection may be made
+        to (the session names only the first), sent as C{details.addresses};
+        a reply that accepts may narrow them (see L{approvedAddresses}).
 
         The request is sent at once (not through the event queue) and waits
         for the reply for at most the gate's timeout.  A 2xx reply whose
@@ -1072,9 +1108,10 @@ class WebhookService(Service):
         if not settings.enabled:
             return succeed(GateResult(True, "access-request gate is off"))
         started = self._clock.seconds()
-        message = self._message(
-            ACCESS_REQUEST, connectionID, details={"policy": policy, "session": session}
-        )
+        details: dict[str, Any] = {"policy": policy, "session": session}
+        if addresses is not None:
+            details["addresses"] = list(addresses)
+        message = self._message(ACCESS_REQUEST, connectionID, details=details)
         body = _serialize(message)
         post = _Post(self, body, settings.timeout)
 

@@ -37,6 +37,7 @@ from proxy_app.webhook import (
     StatisticsSettings,
     TLSSniffer,
     WebhookService,
+    approvedAddresses,
     connectionInfoDetails,
     connectionStopInfo,
     redactURL,
@@ -366,6 +367,41 @@ class MessageTests(ServiceMixin, SynchronousTestCase):
                 "details": {"policy": 3, "session": "tcp_10.0.0.1:5000+tcp_1.2.3.4:80"},
             },
         )
+
+    def test_accessRequestAddresses(self) -> None:
+        """
+        Given the addresses a connection may be made to, the access request
+        lists them as C{details.addresses}, after smithproxy's fields, which
+        stay as they were.
+        """
+        service, server, _ = self.makeService(accessRequest=self.gate())
+        service.accessRequest(
+            "id", 3, "tcp_10.0.0.1:5000+tcp_1.2.3.4:80", addresses=("1.2.3.4", "2001:db8::1")
+        )
+        self.assertEqual(
+            server.requests[0].json["details"],
+            {
+                "policy": 3,
+                "session": "tcp_10.0.0.1:5000+tcp_1.2.3.4:80",
+                "addresses": ["1.2.3.4", "2001:db8::1"],
+            },
+        )
+
+    def test_approvedAddresses(self) -> None:
+        """
+        A reply approves all the addresses asked about unless it lists some
+        in C{addresses}; it can only narrow them, never add one, and a list
+        it cannot read approves nothing.
+        """
+        asked = ("1.2.3.4", "2001:db8::1", "5.6.7.8")
+        self.assertEqual(approvedAddresses({"access-response": "accept"}, asked), asked)
+        self.assertEqual(approvedAddresses("not json", asked), asked)
+        self.assertEqual(
+            approvedAddresses({"addresses": ["5.6.7.8", "2001:DB8:0::1", "9.9.9.9"]}, asked),
+            ("2001:db8::1", "5.6.7.8"),
+        )
+        for listed in ([], ["example.com"], "1.2.3.4", [16909060], None):
+            self.assertEqual(approvedAddresses({"addresses": listed}, asked), (), listed)
 
     def test_postedAsJSON(self) -> None:
         """

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.webhook import AccessRequestSettings, StatisticsSettings, WebhookService
 
-from .helpers import makeHarness, parseResponse
+from .helpers import Harness, makeHarness, parseResponse
 from .test_webhook import ControlServer, clientHello
 
 URL = "http://127.0.0.1:5000/webhook/SECRET"
@@ -26,10 +28,10 @@ class WebhookProxyTests(SynchronousTestCase):
     Events and the gate as a proxied client sees and causes them.
     """
 
-    def setUpProxy(self, mode: str = "ok", **settings: Any) -> Any:
+    def setUpProxy(self, mode: str = "ok", answers: Any = None, **settings: Any) -> Any:
         self.server = ControlServer(mode)
         self.stub = StubTreq(self.server)
-        h = makeHarness()
+        h = makeHarness(answers)
         self.webhook = WebhookService(
             URL, clock=h.reactor, treqClient=self.stub, hostid="proxy-1", **settings
         )
@@ -92,7 +94,11 @@ class WebhookProxyTests(SynchronousTestCase):
         (request,) = self.messages("access-request")
         self.assertEqual(
             request["details"],
-            {"policy": "default", "session": "tcp_127.0.0.1:40000+tcp_203.0.113.10:80"},
+            {
+                "policy": "default",
+                "session": "tcp_127.0.0.1:40000+tcp_203.0.113.10:80",
+                "addresses": ["203.0.113.10"],
+            },
         )
         self.assertEqual(self.messages("connection-start"), [])
 
@@ -189,3 +195,156 @@ class WebhookProxyTests(SynchronousTestCase):
         entropy = details["details"]["statistics"]["entropy"]
         self.assertEqual(entropy["left"]["bytes_accounted"], len(hello))
         self.assertEqual(entropy["right"]["bytes_accounted"], 9)
+
+
+A, B, C = "203.0.113.10", "203.0.113.11", "2001:db8::10"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class GateAddressTests(SynchronousTestCase):
+    """
+    The proxy connects only to addresses the access-request gate approved:
+    the request names every address that may be tried, a reply may narrow
+    them, and new, pooled and retried connections keep to that set.
+    """
+
+    def setUp(self) -> None:
+        self.server = ControlServer("never")
+        self.stub = StubTreq(self.server)
+        self.h = makeHarness({"origin.example": [A, B, C]})
+        self.webhook = WebhookService(
+            URL,
+            clock=self.h.reactor,
+            treqClient=self.stub,
+            hostid="proxy-1",
+            accessRequest=AccessRequestSettings(enabled=True, timeout=30),
+        )
+        self.h.factory.webhook = self.webhook
+
+    def ask(self, reply: bytes) -> dict[str, Any]:
+        """
+        Send a request, answer its access request with C{reply}, and return
+        the access request.
+        """
+        self.h.send(GET)
+        self.stub.flush()
+        (pending,) = [r for r in self.server.pending() if r.json["action"] == "access-request"]
+        pending.answer(200, reply)
+        self.stub.flush()
+        return pending.json
+
+    def attempted(self) -> list[str]:
+        return [client[0] for client in self.h.reactor.tcpClients]
+
+    def test_requestNamesEveryAddress(self) -> None:
+        """
+        The access request lists every address that may be tried, in the
+        order they would be (families interleaved), and its session names
+        the first of them, as before.
+        """
+        request = self.ask(b'{"access-response": "accept"}')
+        self.assertEqual(request["details"]["addresses"], [A, C, B])
+        self.assertEqual(
+            request["details"]["session"], f"tcp_127.0.0.1:40000+tcp_{A}:80"
+        )
+
+    def test_capBeforeGate(self) -> None:
+        """
+        With sixty vetted addresses the gate is asked about the capped set
+        only, and an accept without C{addresses} lets exactly that set be
+        tried.
+        """
+        many = [f"203.0.113.{n}" for n in range(1, 61)]
+        self.h.resolver.answers["origin.example"] = many
+        request = self.ask(b'{"access-response": "accept"}')
+        self.assertEqual(request["details"]["addresses"], many[:4])
+        self.h.reactor.pump([0.25] * 40)
+        self.assertEqual(self.attempted(), many[:4])
+
+    def test_refusedFirstTriesOnlyApproved(self) -> None:
+        """
+        A gate that approves the first address only: when it refuses, the
+        proxy answers 502 and never tries the other vetted addresses.
+        """
+        self.ask(b'{"access-response": "accept", "addresses": ["203.0.113.10"]}')
+        self.assertEqual(self.attempted(), [A])
+        self.h.failUpstream(ConnectionRefusedError())
+        self.h.reactor.advance(30)
+        self.assertEqual(self.attempted(), [A])
+        status, headers, _ = parseResponse(self.h.client.value())
+        self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (502, b"1006"))
+
+    def test_refusedFirstTriesNextApproved(self) -> None:
+        """
+        A gate that approves two of three addresses: when the first
+        refuses, the other approved one is tried, and the unapproved one
+        never is.
+        """
+        self.ask(b'{"access-response": "accept", "addresses": ["203.0.113.11", "203.0.113.10"]}')
+        self.assertEqual(self.attempted(), [A])
+        self.h.failUpstream(ConnectionRefusedError())
+        self.assertEqual(self.attempted(), [A, B])
+        self.h.reactor.advance(30)
+        self.assertEqual(self.attempted(), [A, B])
+
+    def test_approvesNone(self) -> None:
+        """
+        An accept whose C{addresses} names none of the vetted addresses (or
+        is not a list) rejects the request with 403/1012, and nothing is
+        connected.
+        """
+        for reply in (
+            b'{"access-response": "accept", "addresses": ["198.51.100.1"]}',
+            b'{"access-response": "accept", "addresses": "203.0.113.10"}',
+            b'{"access-response": "accept", "addresses": [3405803786]}',
+        ):
+            self.setUp()
+            self.ask(reply)
+            self.assertEqual(self.h.reactor.tcpClients, [], reply)
+            status, headers, body = parseResponse(self.h.client.value())
+            self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (403, b"1012"), reply)
+            self.assertIn(b"approved none of the addresses", body)
+
+    def poolConnectionTo(self, address: str) -> Harness:
+        """
+        Leave an idle pooled connection to C{address} behind one request
+        whose gate approved it alone.
+        """
+        self.ask(b'{"access-response": "accept", "addresses": ["%s"]}' % address.encode())
+        self.assertEqual(self.attempted()[-1], address)
+        up, _ = self.h.connectUpstream()
+        up.dataReceived(OK)
+        self.assertEqual(self.h.factory.pool.idleCount(), 1)
+        self.h.client.clear()
+        return up
+
+    def test_pooledOutsideApprovedUnused(self) -> None:
+        """
+        An idle pooled connection to a vetted address the gate did not
+        approve for this request is not used: a new connection is made to
+        the approved address.
+        """
+        self.poolConnectionTo(B)
+        self.ask(b'{"access-response": "accept", "addresses": ["203.0.113.10"]}')
+        self.assertEqual(self.attempted(), [B, A])
+        self.assertEqual(self.h.factory.pool.idleCount(), 1)
+
+    def test_retryStaysInApprovedSet(self) -> None:
+        """
+        The stale-connection retry reconnects only within the set approved
+        for this request: when a reused connection to the approved address
+        fails and the new connection to it is refused, the other vetted
+        addresses are never tried.
+        """
+        up = self.poolConnectionTo(A)
+        self.ask(b'{"access-response": "accept", "addresses": ["203.0.113.10"]}')
+        self.assertEqual(self.h.factory.pool.idleCount(), 0)
+        # The origin had closed the pooled connection: the request is
+        # retried on a new one.
+        up.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.attempted(), [A, A])
+        self.h.failUpstream(ConnectionRefusedError())
+        self.h.reactor.advance(30)
+        self.assertEqual(self.attempted(), [A, A])
+        status, _, _ = parseResponse(self.h.client.value())
+        self.assertEqual(status, 502)
