@@ -918,12 +918,12 @@ class _Exchange:
         assert target is not None
         self._connect = connect
         factory = self.factory
-        role = factory.access.identify(self.protocol.role, self.request.headers)
-        if isinstance(role, Deferred):
-            role.addCallback(self._identified)
-            self._wait(role)
-            return
         try:
+            role = factory.access.identify(self.protocol.role, self.request.headers)
+            if isinstance(role, Deferred):
+                role.addCallback(self._identified)
+                self._wait(role)
+                return
             self._decide(role)
             destination = factory.resolver.vetNow(target.host, target.port)
             if destination is None:
