@@ -234,12 +234,13 @@ class HtpasswdChecker:
         self.path = path
         self._reactor = reactor
         self._threadpool = threadpool
-        self._users: dict[bytes, bytes] = self._read()
+        self._users: dict[bytes, bytes] = self.read()
 
-    def _read(self) -> dict[bytes, bytes]:
+    def read(self) -> dict[bytes, bytes]:
         """
         Parse the file.
 
+        @return: the hash of each user.
         @raise ValueError: naming the file and line of the first problem;
             the message never contains a password or hash.
         """
@@ -279,9 +280,12 @@ class HtpasswdChecker:
 
         @raise ValueError: naming the file and line.
         """
-        self._install(self._read())
+        self.install(self.read())
 
-    def _install(self, users: dict[bytes, bytes]) -> None:
+    def install(self, users: dict[bytes, bytes]) -> None:
+        """
+        Put users that L{read} returned in force.
+        """
         self._users = users
 
     @property
@@ -336,9 +340,15 @@ class _PasswordFileChecker:
         self._ufield = db.ufield
         self._pfield = db.pfield
         self._caseSensitive = db.caseSensitive
-        self._users = self._read()
+        self._users = self.read()
 
-    def _read(self) -> dict[bytes, bytes]:
+    def read(self) -> dict[bytes, bytes]:
+        """
+        Parse the file.
+
+        @return: the password of each user.
+        @raise ValueError: the file cannot be read.
+        """
         users: dict[bytes, bytes] = {}
         for line in _readLines(self.path, "password file"):
             parts = line.rstrip().split(self._delim)
@@ -352,11 +362,14 @@ class _PasswordFileChecker:
             users.setdefault(username, parts[self._pfield])
         return users
 
-    def reload(self) -> None:
-        self._install(self._read())
-
-    def _install(self, users: dict[bytes, bytes]) -> None:
+    def install(self, users: dict[bytes, bytes]) -> None:
+        """
+        Put users that L{read} returned in force.
+        """
         self._users = users
+
+    def reload(self) -> None:
+        self.install(self.read())
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
         username = credentials.username
@@ -466,6 +479,8 @@ class Authenticator:
     L{twisted.cred} portal whose avatar is the role (the username).
 
     @ivar checkers: the credentials checkers, asked in order.
+    @ivar generation: incremented by each L{reload}; a check that began in
+        an earlier generation is not remembered.
     """
 
     def __init__(
@@ -494,6 +509,7 @@ class Authenticator:
         # hash, so that the cache holds nothing worth brute-forcing.
         self._cacheKey = os.urandom(32)
         self._cache: dict[tuple[bytes, bytes], tuple[float, str]] = {}
+        self.generation = 0
 
     @classmethod
     def fromStrings(
@@ -566,11 +582,16 @@ class Authenticator:
         if cached is not None:
             return succeed(cached)
         username = credentials.username.decode("utf-8", "replace")
+        generation = self.generation
 
         def loggedIn(result: tuple[Any, str, Callable[[], None]]) -> str:
             _, role, logout = result
             logout()
-            self._remember(key, role)
+            # A check that began before a reload was made against the old
+            # users: good for this request, which began then too, but not
+            # to be remembered past the reload.
+            if generation == self.generation:
+                self._remember(key, role)
             return role
 
         def failed(reason: Failure) -> Failure:
@@ -589,18 +610,20 @@ class Authenticator:
         """
         Re-read every file-based checker.  All files are read before any is
         replaced, so on error every checker keeps its old data.  Remembered
-        successes are forgotten, so removed users and changed passwords
+        successes are forgotten, and checks still running are not
+        remembered when they end, so removed users and changed passwords
         take effect at once.
 
         @raise ValueError: naming the file and line of the first problem.
         """
         staged = [
-            (checker, checker._read())
+            (checker, checker.read())
             for checker in self.checkers
             if isinstance(checker, (HtpasswdChecker, _PasswordFileChecker))
         ]
         for checker, users in staged:
-            checker._install(users)
+            checker.install(users)
+        self.generation += 1
         self._cache.clear()
 
 

@@ -747,3 +747,49 @@ class UnauthorizedLoginIsAFailureTests(SynchronousTestCase):
         self.failureResultOf(
             checker.requestAvatarId(UsernamePassword(b"bob", b"pw")), UnauthorizedLogin
         )
+
+
+class ReloadInFlightTests(SynchronousTestCase):
+    """
+    A reload while a password check is running: the check's result must
+    not outlive the users it was checked against.
+    """
+
+    def setUp(self) -> None:
+        self.path = FilePath(self.mktemp())
+        self.path.setContent(b"alice:" + bcryptHash(b"pw") + b"\n" + b"bob:" + bcryptHash(b"pw2") + b"\n")
+        self.pool = QueuedThreadPool()
+        self.auth = Authenticator.fromStrings(
+            [f"htpasswd:{self.path.path}"], reactor=FakeThreadReactor(), threadpool=self.pool,
+            clock=Clock(),
+        )
+
+    def test_removedUserRefusedAfterReload(self) -> None:
+        """
+        A check of a user's password that began before a reload removed
+        the user is not remembered when it ends after it: the user's next
+        request is checked against the new file and refused.
+        """
+        header = basic(b"alice", b"pw")
+        inFlight = self.auth.authenticate(header)
+        self.assertNoResult(inFlight)
+        self.path.setContent(b"bob:" + bcryptHash(b"pw2") + b"\n")
+        self.auth.reload()
+        self.pool.runAll()
+        # The request that began before the reload keeps its answer.
+        self.assertEqual(self.successResultOf(inFlight), "alice")
+        after = self.auth.authenticate(header)
+        self.pool.runAll()
+        self.failureResultOf(after, AuthFailed)
+
+    def test_checkAfterReloadRemembered(self) -> None:
+        """
+        A check that began after the last reload is remembered as before.
+        """
+        self.auth.reload()
+        first = self.auth.authenticate(basic(b"bob", b"pw2"))
+        self.pool.runAll()
+        self.assertEqual(self.successResultOf(first), "bob")
+        self.assertEqual(self.successResultOf(self.auth.authenticate(basic(b"bob", b"pw2"))), "bob")
+        self.assertEqual(self.pool.pending, [])
+
