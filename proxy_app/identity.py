@@ -56,6 +56,7 @@ _MAX_HEADER = 4096
 # there too; pyca/bcrypt 5 raises instead, so we truncate as Apache does.
 _BCRYPT_MAX = 72
 _BCRYPT_HASH = re.compile(rb"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+_BCRYPT_ALPHABET = b"./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 DEFAULT_CACHE_TTL = 60.0
@@ -210,6 +211,24 @@ def _checkBcrypt(password: bytes, hashed: bytes) -> bool:
         return False
 
 
+def bcryptCost(hashed: bytes) -> int:
+    """
+    The cost (log2 of the rounds) of a well-formed bcrypt hash.
+    """
+    return int(hashed[4:6])
+
+
+def decoyHash(cost: int) -> bytes:
+    """
+    A bcrypt hash at C{cost} that no password matches, made without
+    hashing anything: a fresh salt and a random digest.  Checking a
+    password against it costs what checking one against any hash of that
+    cost does, since bcrypt runs in full before comparing the digests.
+    """
+    digest = bytes(_BCRYPT_ALPHABET[b % 64] for b in os.urandom(31))
+    return bcrypt.gensalt(rounds=cost, prefix=b"2b") + digest
+
+
 @implementer(ICredentialsChecker)
 class HtpasswdChecker:
     """
@@ -224,8 +243,10 @@ class HtpasswdChecker:
     when both are given; without them it runs inline, which blocks the
     caller and is meant for tools and tests only.
 
-    An unknown user costs a bcrypt check too (against another user's hash),
-    so that response times do not tell which usernames exist.
+    An unknown user costs a bcrypt check too, against a decoy hash at the
+    highest cost in the file, so that it costs what the dearest known user
+    costs.  Users whose own hashes are cheaper can still be told apart by
+    timing, so a file whose costs differ is warned about when loaded.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -234,7 +255,9 @@ class HtpasswdChecker:
         self.path = path
         self._reactor = reactor
         self._threadpool = threadpool
-        self._users: dict[bytes, bytes] = self.read()
+        self._users: dict[bytes, bytes] = {}
+        self.decoy: bytes | None = None
+        self.install(self.read())
 
     def read(self) -> dict[bytes, bytes]:
         """
@@ -274,6 +297,28 @@ class HtpasswdChecker:
             firstLine[username] = number
         return users
 
+    def install(self, users: dict[bytes, bytes]) -> None:
+        """
+        Put users that L{read} returned in force, with a new decoy hash at
+        their highest cost, and warn when their costs differ.
+        """
+        costs = {u: bcryptCost(h) for u, h in users.items()}
+        highest = max(costs.values(), default=None)
+        if highest is not None and min(costs.values()) < highest:
+            cheaper = sorted(u.decode("utf-8") for u, c in costs.items() if c < highest)
+            log.warn(
+                "{path}: bcrypt costs differ ({lowest} to {highest}); response times "
+                "tell the {count} user(s) below cost {highest} ({users}) from others: "
+                "hash every entry at the same cost",
+                path=self.path,
+                lowest=min(costs.values()),
+                highest=highest,
+                count=len(cheaper),
+                users=", ".join(cheaper[:5]) + (", ..." if len(cheaper) > 5 else ""),
+            )
+        self._users = users
+        self.decoy = None if highest is None else decoyHash(highest)
+
     def reload(self) -> None:
         """
         Re-read the file.  On error the old entries stay in force.
@@ -281,12 +326,6 @@ class HtpasswdChecker:
         @raise ValueError: naming the file and line.
         """
         self.install(self.read())
-
-    def install(self, users: dict[bytes, bytes]) -> None:
-        """
-        Put users that L{read} returned in force.
-        """
-        self._users = users
 
     @property
     def usernames(self) -> frozenset[str]:
@@ -307,12 +346,11 @@ class HtpasswdChecker:
             username = username.encode("utf-8")
         if isinstance(password, str):
             password = password.encode("utf-8")
-        users = self._users
-        stored = users.get(username)
+        stored = self._users.get(username)
         if stored is None:
-            if not users:
+            decoy = self.decoy
+            if decoy is None:
                 return fail(credError.UnauthorizedLogin())
-            decoy = next(iter(users.values()))
             return self._inThread(_checkBcrypt, password, decoy).addCallback(
                 lambda _: Failure(credError.UnauthorizedLogin())
             )

@@ -22,12 +22,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from proxy_app import identity
 from proxy_app.identity import (
     PROXY_AUTHENTICATE,
     REALM,
     Authenticator,
     AuthFailed,
     HtpasswdChecker,
+    bcryptCost,
     parseBasic,
 )
 from proxy_app.reasons import ProxyError, Reason
@@ -37,12 +39,12 @@ def basic(username: bytes, password: bytes) -> bytes:
     return b"Basic " + base64.b64encode(username + b":" + password)
 
 
-def bcryptHash(password: bytes, prefix: bytes = b"$2b$") -> bytes:
+def bcryptHash(password: bytes, prefix: bytes = b"$2b$", cost: int = 4) -> bytes:
     """
-    A cheap bcrypt hash (cost 4) with the given prefix, as htpasswd (2y),
-    OpenBSD (2b) or older libraries (2a) write it.
+    A cheap bcrypt hash (cost 4 unless told) with the given prefix, as
+    htpasswd (2y), OpenBSD (2b) or older libraries (2a) write it.
     """
-    hashed = bcrypt.hashpw(password, bcrypt.gensalt(rounds=4))
+    hashed = bcrypt.hashpw(password, bcrypt.gensalt(rounds=cost))
     return prefix + hashed[4:]
 
 
@@ -62,11 +64,13 @@ class SyncThreadPool:
 
     def __init__(self) -> None:
         self.calls: list[Any] = []
+        self.args: list[tuple[Any, ...]] = []
 
     def callInThreadWithCallback(
         self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *a: Any, **kw: Any
     ) -> None:
         self.calls.append(f)
+        self.args.append(a)
         try:
             result = f(*a, **kw)
         except BaseException:
@@ -529,6 +533,65 @@ class HtpasswdTests(SynchronousTestCase):
         auth = self.authenticator()
         self.failureResultOf(auth.authenticate(basic(b"mallory", b"pw")), AuthFailed)
         self.assertEqual(len(self.pool.calls), 1)
+
+    def test_unknownUserCheckedAtHighestCost(self) -> None:
+        """
+        An unknown user is checked against a decoy hash at the highest
+        bcrypt cost in the file, whichever entry comes first, and not
+        against any user's own hash; a reload that raises the highest cost
+        raises the decoy's with it.
+        """
+        cheap, dear = bcryptHash(b"pw", cost=4), bcryptHash(b"pw", cost=6)
+        self.write(b"alice:" + cheap, b"bob:" + dear)
+        auth = self.authenticator()
+        self.failureResultOf(auth.authenticate(basic(b"mallory", b"pw")), AuthFailed)
+        ((password, checkedAgainst),) = self.pool.args
+        self.assertEqual(password, b"pw")
+        self.assertEqual(bcryptCost(checkedAgainst), 6)
+        self.assertNotIn(checkedAgainst, (cheap, dear))
+        self.failureResultOf(auth.authenticate(basic(b"bob", b"wrong")), AuthFailed)
+        self.assertEqual(bcryptCost(self.pool.args[-1][1]), bcryptCost(checkedAgainst))
+
+        self.write(b"alice:" + cheap, b"carol:" + bcryptHash(b"pw", cost=7))
+        auth.reload()
+        self.failureResultOf(auth.authenticate(basic(b"bob", b"pw")), AuthFailed)
+        self.assertEqual(bcryptCost(self.pool.args[-1][1]), 7)
+
+    def test_decoyMatchesNoPassword(self) -> None:
+        """
+        The decoy hash is a well-formed bcrypt hash that the checker really
+        computes bcrypt for, and that no password matches: not even the
+        password of the user whose cost it copies.
+        """
+        self.write(b"alice:" + bcryptHash(b"pw", cost=5))
+        checker = HtpasswdChecker(self.path.path)
+        assert checker.decoy is not None
+        self.assertRegex(checker.decoy, rb"^\$2b\$05\$[./A-Za-z0-9]{53}$")
+        self.assertFalse(identity._checkBcrypt(b"pw", checker.decoy))
+        self.assertFalse(identity._checkBcrypt(b"", checker.decoy))
+
+    def test_differentCostsWarned(self) -> None:
+        """
+        A file whose entries have different bcrypt costs loads with a
+        warning naming the file, the costs and the cheaper users, since
+        timing still tells those users from the others; no hash is logged.
+        A file of one cost loads without it.
+        """
+        cheap = bcryptHash(b"pw", cost=4)
+        self.write(b"alice:" + cheap, b"bob:" + bcryptHash(b"pw", cost=5))
+        with capturedLogs() as events:
+            HtpasswdChecker(self.path.path)
+        (warning,) = [e for e in events if e["log_level"].name == "warn"]
+        text = formatEvent(warning)
+        self.assertIn(self.path.path, text)
+        self.assertIn("(4 to 5)", text)
+        self.assertIn("alice", text)
+        self.assertNotIn("bob", text)
+        self.assertNotIn(cheap.decode(), text)
+        self.write(b"alice:" + cheap, b"bob:" + bcryptHash(b"pw", cost=4))
+        with capturedLogs() as events:
+            HtpasswdChecker(self.path.path)
+        self.assertEqual([e for e in events if e["log_level"].name == "warn"], [])
 
     def test_emptyFile(self) -> None:
         """
