@@ -175,6 +175,16 @@ def count(value: Any) -> int:
     return result
 
 
+def positiveCount(value: Any) -> int:
+    """
+    A whole number, one or more.
+    """
+    result = count(value)
+    if result < 1:
+        raise ValueError("expected a whole number, one or more")
+    return result
+
+
 def workers(value: Any) -> int:
     """
     A number of processes, or C{auto} for one per CPU.
@@ -913,6 +923,24 @@ class Auth:
         "htpasswd files; files are re-read on SIGHUP. None: no proxy auth.",
         repeatable=True,
         metavar="STRCRED",
+    )
+    failures_per_minute: int = setting(
+        "auth-failures-per-minute",
+        10,
+        count,
+        "Failed password checks allowed per client address (per /64 for "
+        "IPv6) at once and then per minute; beyond them its attempts get 429 "
+        "without a check, except credentials that recently succeeded. 0: no "
+        "limit.",
+        metavar="N",
+    )
+    check_threads: int = setting(
+        "auth-check-threads",
+        2,
+        positiveCount,
+        "Threads that check passwords (bcrypt), apart from the threads "
+        "resolving names; 8 checks per thread may wait, more get 503.",
+        metavar="N",
     )
 
 

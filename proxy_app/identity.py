@@ -8,10 +8,13 @@ C{Proxy-Authorization: Basic} header checked here, else it has none.
 Checkers come from C{--auth} strings in L{twisted.cred.strcred} syntax
 (C{memory:user:pass:...}, C{file:PATH} and any other installed checker
 factory that checks usernames and passwords), plus C{htpasswd:PATH}: an
-Apache-style file of bcrypt hashes, checked in a thread pool so that the
-50-250 ms a bcrypt check costs never stalls the reactor.  Successful checks
-are remembered for a short while, so that a keep-alive client sending its
-credentials on every request pays for bcrypt about once a minute.
+Apache-style file of bcrypt hashes, checked in a L{PasswordCheckPool} so
+that the 50-250 ms a bcrypt check costs never stalls the reactor nor the
+reactor's own thread pool, which resolves names.  Successful checks are
+remembered for a short while, so that a keep-alive client sending its
+credentials on every request pays for bcrypt about once a minute; failed
+ones are counted per client address, and an address with too many is
+refused before any check.
 
 Passwords are never logged and never put in a message; password
 comparisons are constant-time.
@@ -29,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import bcrypt
+from twisted.application.service import Service
 from twisted.cred import error as credError
 from twisted.cred.checkers import (
     FilePasswordDB,
@@ -43,8 +47,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
+from proxy_app.limits import Overloaded, RateLimiter, clientKey
 from proxy_app.reasons import ProxyError, Reason
 
 REALM = "egressproxy"
@@ -61,6 +67,11 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 DEFAULT_CACHE_TTL = 60.0
 DEFAULT_CACHE_SIZE = 4096
+DEFAULT_FAILURES_PER_MINUTE = 10
+DEFAULT_CHECK_THREADS = 2
+# Checks that may wait per checking thread before more are refused: with
+# bcrypt at cost 12 (about 250 ms) a check waits 2 s at worst.
+BACKLOG_PER_THREAD = 8
 
 log = Logger()
 
@@ -229,6 +240,85 @@ def decoyHash(cost: int) -> bytes:
     return bcrypt.gensalt(rounds=cost, prefix=b"2b") + digest
 
 
+class PasswordCheckPool(Service):
+    """
+    The threads that password checks run in: a few of their own, apart
+    from the reactor's thread pool, so that a flood of checks cannot delay
+    the system resolver (C{getaddrinfo} runs in the reactor's pool).
+
+    At most C{threads + backlog} checks are running or waiting at once; a
+    check beyond that is refused at once with L{Overloaded} (503, reason
+    1014, C{Retry-After}) rather than queued.  The threads run while the
+    service runs; a check asked for before it starts waits for the start,
+    and one asked for after it stopped is refused.
+
+    @ivar threads: the number of checking threads.
+    @ivar backlog: how many checks may wait for a thread.
+    @ivar pending: the checks running or waiting now.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        threads: int = DEFAULT_CHECK_THREADS,
+        backlog: int | None = None,
+        threadpool: Any = None,
+    ) -> None:
+        """
+        @param reactor: the reactor results are delivered to.
+        @param backlog: by default L{BACKLOG_PER_THREAD} per thread.
+        @param threadpool: the pool to run in, for tests; by default a new
+            L{ThreadPool} of exactly C{threads} threads.
+        """
+        self._reactor = reactor
+        self.threads = threads
+        self.backlog = BACKLOG_PER_THREAD * threads if backlog is None else backlog
+        self._pool = (
+            ThreadPool(threads, threads, name="egressproxy-password-checks")
+            if threadpool is None
+            else threadpool
+        )
+        self.pending = 0
+        self._stopped = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopped = False
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stopped = True
+        # Waits for a check in progress (a fraction of a second) to end.
+        self._pool.stop()
+
+    def run(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """
+        Call C{f(*args)} in a checking thread.
+
+        @return: a L{Deferred} firing with its result on the reactor
+            thread, or failing with L{Overloaded} when too many checks are
+            running or waiting, or the service has stopped.
+        """
+        if self._stopped:
+            return fail(Overloaded("The proxy is shutting down", 503, 1))
+        if self.pending >= self.threads + self.backlog:
+            log.warn(
+                "Password check refused: {pending} checks already running or waiting",
+                pending=self.pending,
+            )
+            return fail(
+                Overloaded("Too many password checks in progress; try again shortly", 503, 1)
+            )
+        self.pending += 1
+
+        def done(result: Any) -> Any:
+            self.pending -= 1
+            return result
+
+        return deferToThreadPool(self._reactor, self._pool, f, *args).addBoth(done)
+
+
 @implementer(ICredentialsChecker)
 class HtpasswdChecker:
     """
@@ -239,9 +329,10 @@ class HtpasswdChecker:
     load time.
 
     The file is read when the checker is made and on L{reload}, never while
-    checking.  bcrypt runs through C{deferToThreadPool(reactor, threadpool)}
-    when both are given; without them it runs inline, which blocks the
-    caller and is meant for tools and tests only.
+    checking.  bcrypt runs in C{threadpool}: through its C{run} when it is
+    a L{PasswordCheckPool}, else through C{deferToThreadPool(reactor,
+    threadpool)} when both are given; without them it runs inline, which
+    blocks the caller and is meant for tools and tests only.
 
     An unknown user costs a bcrypt check too, against a decoy hash at the
     highest cost in the file, so that it costs what the dearest known user
@@ -335,6 +426,8 @@ class HtpasswdChecker:
         return frozenset(u.decode("utf-8") for u in self._users)
 
     def _inThread(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        if isinstance(self._threadpool, PasswordCheckPool):
+            return self._threadpool.run(f, *args)
         if self._reactor is not None and self._threadpool is not None:
             return deferToThreadPool(self._reactor, self._threadpool, f, *args)
         return maybeDeferred(f, *args)
@@ -441,6 +534,9 @@ class _FirstMatch:
         checker = self.checkers[index]
 
         def refused(reason: Failure) -> Deferred[Any] | Failure:
+            if reason.check(Overloaded):
+                # No check was made: the answer is "not now", not "no".
+                return reason
             if not reason.check(credError.UnauthorizedLogin, credError.UnhandledCredentials):
                 # A broken checker must not decide for the others; it is
                 # logged and treated as a refusal.
@@ -516,6 +612,12 @@ class Authenticator:
     Checks C{Proxy-Authorization: Basic} credentials through a
     L{twisted.cred} portal whose avatar is the role (the username).
 
+    Successes are remembered for C{cacheTTL} seconds.  Failures are counted
+    per client address (see L{clientKey}) in a token bucket of
+    C{failuresPerMinute} tokens refilled at as many a minute: an address
+    whose bucket is empty is refused with L{Overloaded} (429) before any
+    check is made, except for credentials remembered as good.
+
     @ivar checkers: the credentials checkers, asked in order.
     @ivar generation: incremented by each L{reload}; a check that began in
         an earlier generation is not remembered.
@@ -527,14 +629,17 @@ class Authenticator:
         clock: IReactorTime | None = None,
         cacheTTL: float = DEFAULT_CACHE_TTL,
         cacheSize: int = DEFAULT_CACHE_SIZE,
+        failuresPerMinute: int = DEFAULT_FAILURES_PER_MINUTE,
     ) -> None:
         """
         @param checkers: at least one checker of L{IUsernamePassword}.
-        @param clock: the clock for the cache of successful checks; without
-            one nothing is cached.
+        @param clock: the clock for the cache of successful checks and the
+            count of failures; without one nothing is cached or counted.
         @param cacheTTL: how long, in seconds, a successful check is
             remembered.
         @param cacheSize: at most this many are remembered.
+        @param failuresPerMinute: failed checks allowed per client address,
+            at once and then per minute; 0 for no limit.
         """
         if not checkers:
             raise ValueError("an Authenticator needs at least one checker")
@@ -548,6 +653,11 @@ class Authenticator:
         self._cacheKey = os.urandom(32)
         self._cache: dict[tuple[bytes, bytes], tuple[float, str]] = {}
         self.generation = 0
+        self._failures = (
+            RateLimiter(clock, failuresPerMinute / 60.0, failuresPerMinute)
+            if clock is not None and failuresPerMinute > 0
+            else None
+        )
 
     @classmethod
     def fromStrings(
@@ -557,6 +667,7 @@ class Authenticator:
         threadpool: Any = None,
         clock: IReactorTime | None = None,
         cacheTTL: float = DEFAULT_CACHE_TTL,
+        failuresPerMinute: int = DEFAULT_FAILURES_PER_MINUTE,
     ) -> Authenticator:
         """
         Build from C{--auth} strings: C{htpasswd:PATH}, or anything
@@ -565,14 +676,20 @@ class Authenticator:
 
         @param reactor: the reactor bcrypt results are delivered to, and
             the default C{clock}.
-        @param threadpool: the pool bcrypt runs in, e.g.
-            C{reactor.getThreadPool()}.  Required with C{htpasswd:}.
+        @param threadpool: the pool bcrypt runs in: a L{PasswordCheckPool},
+            never the reactor's own pool, which resolves names.  Required
+            with C{htpasswd:}.
         @raise ValueError: one line naming the bad spec or file.
         """
         if not specs:
             raise ValueError("no --auth checkers given")
         checkers = [_checkerFromString(spec, reactor, threadpool) for spec in specs]
-        return cls(checkers, clock=clock if clock is not None else reactor, cacheTTL=cacheTTL)
+        return cls(
+            checkers,
+            clock=clock if clock is not None else reactor,
+            cacheTTL=cacheTTL,
+            failuresPerMinute=failuresPerMinute,
+        )
 
     def _cacheKeyFor(self, credentials: UsernamePassword) -> tuple[bytes, bytes]:
         digest = hmac.new(self._cacheKey, credentials.password, hashlib.sha256).digest()
@@ -601,13 +718,17 @@ class Authenticator:
             return None
         return role
 
-    def authenticate(self, headerValue: bytes | None) -> Deferred[str]:
+    def authenticate(self, headerValue: bytes | None, client: str | None = None) -> Deferred[str]:
         """
         Check a request's C{Proxy-Authorization} value.
 
+        @param client: the client's address, whose failures are counted;
+            L{None} counts nothing.
         @return: a L{Deferred} firing with the role (the username), or
             failing with L{AuthFailed}: missing, malformed or wrong
-            credentials, or a checker that broke (logged).
+            credentials, or a checker that broke (logged); or with
+            L{Overloaded}: 429 when C{client} has failed too often, 503
+            when too many password checks are waiting.
         """
         if headerValue is None or not headerValue.strip():
             return fail(AuthFailed.noCredentials())
@@ -619,6 +740,24 @@ class Authenticator:
         cached = self._recall(key)
         if cached is not None:
             return succeed(cached)
+        failures = self._failures
+        counted = None
+        if failures is not None and client is not None:
+            counted = clientKey(client)
+            wait = failures.wait(counted)
+            if wait:
+                log.info(
+                    "Proxy authentication from {client} refused unchecked: too many failures",
+                    client=counted,
+                )
+                return fail(
+                    Overloaded(
+                        "Too many failed proxy authentications from this address; "
+                        "try again later",
+                        429,
+                        wait,
+                    )
+                )
         username = credentials.username.decode("utf-8", "replace")
         generation = self.generation
 
@@ -633,7 +772,11 @@ class Authenticator:
             return role
 
         def failed(reason: Failure) -> Failure:
+            if reason.check(Overloaded):
+                return reason
             if reason.check(credError.LoginFailed):
+                if failures is not None and counted is not None:
+                    failures.take(counted)
                 log.info("Proxy authentication failed for {username}", username=username)
             else:
                 log.failure(
@@ -670,6 +813,7 @@ __all__ = [
     "Authenticator",
     "HtpasswdChecker",
     "PROXY_AUTHENTICATE",
+    "PasswordCheckPool",
     "REALM",
     "parseBasic",
 ]

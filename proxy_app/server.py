@@ -857,7 +857,9 @@ class _Exchange:
         assert target is not None
         self._connect = connect
         factory = self.factory
-        role = factory.access.identify(self.protocol.role, self.request.headers)
+        role = factory.access.identify(
+            self.protocol.role, self.request.headers, self.protocol.peerHost
+        )
         if isinstance(role, Deferred):
             role.addCallback(self._identified)
             self._wait(role)
