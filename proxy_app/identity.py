@@ -303,10 +303,8 @@ class PasswordCheckPool(Service):
         if self._stopped:
             return fail(Overloaded("The proxy is shutting down", 503, 1))
         if self.pending >= self.threads + self.backlog:
-            log.warn(
-                "Password check refused: {pending} checks already running or waiting",
-                pending=self.pending,
-            )
+            # Not logged here: the refused request's own line says it, and
+            # a flood would otherwise log everything twice.
             return fail(
                 Overloaded("Too many password checks in progress; try again shortly", 503, 1)
             )
