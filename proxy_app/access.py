@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from proxy_app.acl import ACL, ACLDecision, ACLError, loadACL
-from proxy_app.identity import Authenticator, AuthFailed
+from proxy_app.identity import Authenticator, AuthFailed, PasswordCheckPool
 
 log = Logger()
 
@@ -24,6 +24,9 @@ class AccessControl:
     @ivar acl: the ACL in force, or L{None} for none.
     @ivar authenticator: the L{Authenticator}, or L{None} when proxy
         authentication is off.
+    @ivar passwordChecks: the L{PasswordCheckPool} the authenticator's
+        password checks run in, or L{None}; a service its owner starts and
+        stops.
     """
 
     def __init__(
@@ -33,8 +36,10 @@ class AccessControl:
         authenticator: Authenticator | None = None,
         allowMissingRole: bool = False,
         roleHeader: str | None = None,
+        passwordChecks: PasswordCheckPool | None = None,
     ) -> None:
         self.acl = acl
+        self.passwordChecks = passwordChecks
         self.aclPath = aclPath
         self.authenticator = authenticator
         self.allowMissingRole = allowMissingRole
@@ -48,24 +53,41 @@ class AccessControl:
         @raise ValueError: one line naming the file or spec at fault.
         """
         acl = loadACL(settings.file) if settings.file else None
-        authenticator = None
+        authenticator = passwordChecks = None
         if auth.checkers:
+            # Not the reactor's pool: the system resolver runs there, and
+            # bad passwords must never make lookups wait.
+            passwordChecks = PasswordCheckPool(reactor, threads=auth.check_threads)
             authenticator = Authenticator.fromStrings(
-                auth.checkers, reactor=reactor, threadpool=reactor.getThreadPool()
+                auth.checkers,
+                reactor=reactor,
+                threadpool=passwordChecks,
+                failuresPerMinute=auth.failures_per_minute,
             )
         return cls(
-            acl, settings.file, authenticator, settings.allow_missing_role, settings.role_header
+            acl,
+            settings.file,
+            authenticator,
+            settings.allow_missing_role,
+            settings.role_header,
+            passwordChecks,
         )
 
-    def identify(self, certificateRole: str | None, headers: Any) -> str | None | Deferred:
+    def identify(
+        self, certificateRole: str | None, headers: Any, client: str | None = None
+    ) -> str | None | Deferred:
         """
         The request's role, highest source first: the verified client
         certificate's CN, the trusted role header (when configured), the
         username of C{Proxy-Authorization: Basic}; else L{None}.
 
+        @param client: the client's address, whose failed authentications
+            are counted and limited.
         @return: the role when it is known at once (no password to check),
             else a L{Deferred} firing with the role, or failing with
-            L{AuthFailed} when the request did not pass authentication.
+            L{AuthFailed} when the request did not pass authentication, or
+            with L{proxy_app.limits.Overloaded} when it was not checked (too many failures
+            from C{client}, or too many checks waiting).
         """
         if certificateRole:
             return certificateRole
@@ -80,7 +102,7 @@ class AccessControl:
             if name == b"proxy-authorization":
                 header = value
                 break
-        return self.authenticator.authenticate(header)
+        return self.authenticator.authenticate(header, client)
 
     def decide(self, role: str | None, host: str) -> ACLDecision:
         """

@@ -1011,6 +1011,24 @@ class Auth:
         repeatable=True,
         metavar="STRCRED",
     )
+    failures_per_minute: int = setting(
+        "auth-failures-per-minute",
+        10,
+        count,
+        "Failed password checks allowed per client address (per /64 for "
+        "IPv6) at once and then per minute; beyond them its attempts get 429 "
+        "without a check, except credentials that recently succeeded. 0: no "
+        "limit.",
+        metavar="N",
+    )
+    check_threads: int = setting(
+        "auth-check-threads",
+        2,
+        positive,
+        "Threads that check passwords (bcrypt), apart from the threads "
+        "resolving names; 8 checks per thread may wait, more get 503.",
+        metavar="N",
+    )
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

@@ -8,10 +8,13 @@ C{Proxy-Authorization: Basic} header checked here, else it has none.
 Checkers come from C{--auth} strings in L{twisted.cred.strcred} syntax
 (C{memory:user:pass:...}, C{file:PATH} and any other installed checker
 factory that checks usernames and passwords), plus C{htpasswd:PATH}: an
-Apache-style file of bcrypt hashes, checked in a thread pool so that the
-50-250 ms a bcrypt check costs never stalls the reactor.  Successful checks
-are remembered for a short while, so that a keep-alive client sending its
-credentials on every request pays for bcrypt about once a minute.
+Apache-style file of bcrypt hashes, checked in a L{PasswordCheckPool} so
+that the 50-250 ms a bcrypt check costs never stalls the reactor nor the
+reactor's own thread pool, which resolves names.  Successful checks are
+remembered for a short while, so that a keep-alive client sending its
+credentials on every request pays for bcrypt about once a minute; failed
+ones are counted per client address, and an address with too many is
+refused before any check.
 
 Passwords are never logged and never put in a message; password
 comparisons are constant-time.
@@ -29,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import bcrypt
+from twisted.application.service import Service
 from twisted.cred import error as credError
 from twisted.cred.checkers import (
     FilePasswordDB,
@@ -43,8 +47,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
+from proxy_app.limits import Overloaded, RateLimiter, clientKey
 from proxy_app.reasons import ProxyError, Reason
 
 REALM = "egressproxy"
@@ -56,10 +62,16 @@ _MAX_HEADER = 4096
 # there too; pyca/bcrypt 5 raises instead, so we truncate as Apache does.
 _BCRYPT_MAX = 72
 _BCRYPT_HASH = re.compile(rb"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+_BCRYPT_ALPHABET = b"./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 DEFAULT_CACHE_TTL = 60.0
 DEFAULT_CACHE_SIZE = 4096
+DEFAULT_FAILURES_PER_MINUTE = 10
+DEFAULT_CHECK_THREADS = 2
+# Checks that may wait per checking thread before more are refused: with
+# bcrypt at cost 12 (about 250 ms) a check waits 2 s at worst.
+BACKLOG_PER_THREAD = 8
 
 log = Logger()
 
@@ -210,6 +222,101 @@ def _checkBcrypt(password: bytes, hashed: bytes) -> bool:
         return False
 
 
+def bcryptCost(hashed: bytes) -> int:
+    """
+    The cost (log2 of the rounds) of a well-formed bcrypt hash.
+    """
+    return int(hashed[4:6])
+
+
+def decoyHash(cost: int) -> bytes:
+    """
+    A bcrypt hash at C{cost} that no password matches, made without
+    hashing anything: a fresh salt and a random digest.  Checking a
+    password against it costs what checking one against any hash of that
+    cost does, since bcrypt runs in full before comparing the digests.
+    """
+    digest = bytes(_BCRYPT_ALPHABET[b % 64] for b in os.urandom(31))
+    return bcrypt.gensalt(rounds=cost, prefix=b"2b") + digest
+
+
+class PasswordCheckPool(Service):
+    """
+    The threads that password checks run in: a few of their own, apart
+    from the reactor's thread pool, so that a flood of checks cannot delay
+    the system resolver (C{getaddrinfo} runs in the reactor's pool).
+
+    At most C{threads + backlog} checks are running or waiting at once; a
+    check beyond that is refused at once with L{Overloaded} (503, reason
+    1014, C{Retry-After}) rather than queued.  The threads run while the
+    service runs; a check asked for before it starts waits for the start,
+    and one asked for after it stopped is refused.
+
+    @ivar threads: the number of checking threads.
+    @ivar backlog: how many checks may wait for a thread.
+    @ivar pending: the checks running or waiting now.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        threads: int = DEFAULT_CHECK_THREADS,
+        backlog: int | None = None,
+        threadpool: Any = None,
+    ) -> None:
+        """
+        @param reactor: the reactor results are delivered to.
+        @param backlog: by default L{BACKLOG_PER_THREAD} per thread.
+        @param threadpool: the pool to run in, for tests; by default a new
+            L{ThreadPool} of exactly C{threads} threads.
+        """
+        self._reactor = reactor
+        self.threads = threads
+        self.backlog = BACKLOG_PER_THREAD * threads if backlog is None else backlog
+        self._pool = (
+            ThreadPool(threads, threads, name="egressproxy-password-checks")
+            if threadpool is None
+            else threadpool
+        )
+        self.pending = 0
+        self._stopped = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopped = False
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stopped = True
+        # Waits for a check in progress (a fraction of a second) to end.
+        self._pool.stop()
+
+    def run(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """
+        Call C{f(*args)} in a checking thread.
+
+        @return: a L{Deferred} firing with its result on the reactor
+            thread, or failing with L{Overloaded} when too many checks are
+            running or waiting, or the service has stopped.
+        """
+        if self._stopped:
+            return fail(Overloaded("The proxy is shutting down", 503, 1))
+        if self.pending >= self.threads + self.backlog:
+            # Not logged here: the refused request's own line says it, and
+            # a flood would otherwise log everything twice.
+            return fail(
+                Overloaded("Too many password checks in progress; try again shortly", 503, 1)
+            )
+        self.pending += 1
+
+        def done(result: Any) -> Any:
+            self.pending -= 1
+            return result
+
+        return deferToThreadPool(self._reactor, self._pool, f, *args).addBoth(done)
+
+
 @implementer(ICredentialsChecker)
 class HtpasswdChecker:
     """
@@ -220,12 +327,15 @@ class HtpasswdChecker:
     load time.
 
     The file is read when the checker is made and on L{reload}, never while
-    checking.  bcrypt runs through C{deferToThreadPool(reactor, threadpool)}
-    when both are given; without them it runs inline, which blocks the
-    caller and is meant for tools and tests only.
+    checking.  bcrypt runs in C{threadpool}: through its C{run} when it is
+    a L{PasswordCheckPool}, else through C{deferToThreadPool(reactor,
+    threadpool)} when both are given; without them it runs inline, which
+    blocks the caller and is meant for tools and tests only.
 
-    An unknown user costs a bcrypt check too (against another user's hash),
-    so that response times do not tell which usernames exist.
+    An unknown user costs a bcrypt check too, against a decoy hash at the
+    highest cost in the file, so that it costs what the dearest known user
+    costs.  Users whose own hashes are cheaper can still be told apart by
+    timing, so a file whose costs differ is warned about when loaded.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -234,12 +344,15 @@ class HtpasswdChecker:
         self.path = path
         self._reactor = reactor
         self._threadpool = threadpool
-        self._users: dict[bytes, bytes] = self._read()
+        self._users: dict[bytes, bytes] = {}
+        self.decoy: bytes | None = None
+        self.install(self.read())
 
-    def _read(self) -> dict[bytes, bytes]:
+    def read(self) -> dict[bytes, bytes]:
         """
         Parse the file.
 
+        @return: the hash of each user.
         @raise ValueError: naming the file and line of the first problem;
             the message never contains a password or hash.
         """
@@ -273,16 +386,35 @@ class HtpasswdChecker:
             firstLine[username] = number
         return users
 
+    def install(self, users: dict[bytes, bytes]) -> None:
+        """
+        Put users that L{read} returned in force, with a new decoy hash at
+        their highest cost, and warn when their costs differ.
+        """
+        costs = {u: bcryptCost(h) for u, h in users.items()}
+        highest = max(costs.values(), default=None)
+        if highest is not None and min(costs.values()) < highest:
+            cheaper = sorted(u.decode("utf-8") for u, c in costs.items() if c < highest)
+            log.warn(
+                "{path}: bcrypt costs differ ({lowest} to {highest}); response times "
+                "tell the {count} user(s) below cost {highest} ({users}) from others: "
+                "hash every entry at the same cost",
+                path=self.path,
+                lowest=min(costs.values()),
+                highest=highest,
+                count=len(cheaper),
+                users=", ".join(cheaper[:5]) + (", ..." if len(cheaper) > 5 else ""),
+            )
+        self._users = users
+        self.decoy = None if highest is None else decoyHash(highest)
+
     def reload(self) -> None:
         """
         Re-read the file.  On error the old entries stay in force.
 
         @raise ValueError: naming the file and line.
         """
-        self._install(self._read())
-
-    def _install(self, users: dict[bytes, bytes]) -> None:
-        self._users = users
+        self.install(self.read())
 
     @property
     def usernames(self) -> frozenset[str]:
@@ -292,6 +424,8 @@ class HtpasswdChecker:
         return frozenset(u.decode("utf-8") for u in self._users)
 
     def _inThread(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        if isinstance(self._threadpool, PasswordCheckPool):
+            return self._threadpool.run(f, *args)
         if self._reactor is not None and self._threadpool is not None:
             return deferToThreadPool(self._reactor, self._threadpool, f, *args)
         return maybeDeferred(f, *args)
@@ -303,12 +437,11 @@ class HtpasswdChecker:
             username = username.encode("utf-8")
         if isinstance(password, str):
             password = password.encode("utf-8")
-        users = self._users
-        stored = users.get(username)
+        stored = self._users.get(username)
         if stored is None:
-            if not users:
+            decoy = self.decoy
+            if decoy is None:
                 return fail(credError.UnauthorizedLogin())
-            decoy = next(iter(users.values()))
             return self._inThread(_checkBcrypt, password, decoy).addCallback(
                 lambda _: Failure(credError.UnauthorizedLogin())
             )
@@ -336,9 +469,15 @@ class _PasswordFileChecker:
         self._ufield = db.ufield
         self._pfield = db.pfield
         self._caseSensitive = db.caseSensitive
-        self._users = self._read()
+        self._users = self.read()
 
-    def _read(self) -> dict[bytes, bytes]:
+    def read(self) -> dict[bytes, bytes]:
+        """
+        Parse the file.
+
+        @return: the password of each user.
+        @raise ValueError: the file cannot be read.
+        """
         users: dict[bytes, bytes] = {}
         for line in _readLines(self.path, "password file"):
             parts = line.rstrip().split(self._delim)
@@ -352,11 +491,14 @@ class _PasswordFileChecker:
             users.setdefault(username, parts[self._pfield])
         return users
 
-    def reload(self) -> None:
-        self._install(self._read())
-
-    def _install(self, users: dict[bytes, bytes]) -> None:
+    def install(self, users: dict[bytes, bytes]) -> None:
+        """
+        Put users that L{read} returned in force.
+        """
         self._users = users
+
+    def reload(self) -> None:
+        self.install(self.read())
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
         username = credentials.username
@@ -390,6 +532,9 @@ class _FirstMatch:
         checker = self.checkers[index]
 
         def refused(reason: Failure) -> Deferred[Any] | Failure:
+            if reason.check(Overloaded):
+                # No check was made: the answer is "not now", not "no".
+                return reason
             if not reason.check(credError.UnauthorizedLogin, credError.UnhandledCredentials):
                 # A broken checker must not decide for the others; it is
                 # logged and treated as a refusal.
@@ -465,7 +610,15 @@ class Authenticator:
     Checks C{Proxy-Authorization: Basic} credentials through a
     L{twisted.cred} portal whose avatar is the role (the username).
 
+    Successes are remembered for C{cacheTTL} seconds.  Failures are counted
+    per client address (see L{clientKey}) in a token bucket of
+    C{failuresPerMinute} tokens refilled at as many a minute: an address
+    whose bucket is empty is refused with L{Overloaded} (429) before any
+    check is made, except for credentials remembered as good.
+
     @ivar checkers: the credentials checkers, asked in order.
+    @ivar generation: incremented by each L{reload}; a check that began in
+        an earlier generation is not remembered.
     """
 
     def __init__(
@@ -474,14 +627,17 @@ class Authenticator:
         clock: IReactorTime | None = None,
         cacheTTL: float = DEFAULT_CACHE_TTL,
         cacheSize: int = DEFAULT_CACHE_SIZE,
+        failuresPerMinute: int = DEFAULT_FAILURES_PER_MINUTE,
     ) -> None:
         """
         @param checkers: at least one checker of L{IUsernamePassword}.
-        @param clock: the clock for the cache of successful checks; without
-            one nothing is cached.
+        @param clock: the clock for the cache of successful checks and the
+            count of failures; without one nothing is cached or counted.
         @param cacheTTL: how long, in seconds, a successful check is
             remembered.
         @param cacheSize: at most this many are remembered.
+        @param failuresPerMinute: failed checks allowed per client address,
+            at once and then per minute; 0 for no limit.
         """
         if not checkers:
             raise ValueError("an Authenticator needs at least one checker")
@@ -494,6 +650,12 @@ class Authenticator:
         # hash, so that the cache holds nothing worth brute-forcing.
         self._cacheKey = os.urandom(32)
         self._cache: dict[tuple[bytes, bytes], tuple[float, str]] = {}
+        self.generation = 0
+        self._failures = (
+            RateLimiter(clock, failuresPerMinute / 60.0, failuresPerMinute)
+            if clock is not None and failuresPerMinute > 0
+            else None
+        )
 
     @classmethod
     def fromStrings(
@@ -503,6 +665,7 @@ class Authenticator:
         threadpool: Any = None,
         clock: IReactorTime | None = None,
         cacheTTL: float = DEFAULT_CACHE_TTL,
+        failuresPerMinute: int = DEFAULT_FAILURES_PER_MINUTE,
     ) -> Authenticator:
         """
         Build from C{--auth} strings: C{htpasswd:PATH}, or anything
@@ -511,14 +674,20 @@ class Authenticator:
 
         @param reactor: the reactor bcrypt results are delivered to, and
             the default C{clock}.
-        @param threadpool: the pool bcrypt runs in, e.g.
-            C{reactor.getThreadPool()}.  Required with C{htpasswd:}.
+        @param threadpool: the pool bcrypt runs in: a L{PasswordCheckPool},
+            never the reactor's own pool, which resolves names.  Required
+            with C{htpasswd:}.
         @raise ValueError: one line naming the bad spec or file.
         """
         if not specs:
             raise ValueError("no --auth checkers given")
         checkers = [_checkerFromString(spec, reactor, threadpool) for spec in specs]
-        return cls(checkers, clock=clock if clock is not None else reactor, cacheTTL=cacheTTL)
+        return cls(
+            checkers,
+            clock=clock if clock is not None else reactor,
+            cacheTTL=cacheTTL,
+            failuresPerMinute=failuresPerMinute,
+        )
 
     def _cacheKeyFor(self, credentials: UsernamePassword) -> tuple[bytes, bytes]:
         digest = hmac.new(self._cacheKey, credentials.password, hashlib.sha256).digest()
@@ -547,13 +716,17 @@ class Authenticator:
             return None
         return role
 
-    def authenticate(self, headerValue: bytes | None) -> Deferred[str]:
+    def authenticate(self, headerValue: bytes | None, client: str | None = None) -> Deferred[str]:
         """
         Check a request's C{Proxy-Authorization} value.
 
+        @param client: the client's address, whose failures are counted;
+            L{None} counts nothing.
         @return: a L{Deferred} firing with the role (the username), or
             failing with L{AuthFailed}: missing, malformed or wrong
-            credentials, or a checker that broke (logged).
+            credentials, or a checker that broke (logged); or with
+            L{Overloaded}: 429 when C{client} has failed too often, 503
+            when too many password checks are waiting.
         """
         if headerValue is None or not headerValue.strip():
             return fail(AuthFailed.noCredentials())
@@ -565,16 +738,43 @@ class Authenticator:
         cached = self._recall(key)
         if cached is not None:
             return succeed(cached)
+        failures = self._failures
+        counted = None
+        if failures is not None and client is not None:
+            counted = clientKey(client)
+            wait = failures.wait(counted)
+            if wait:
+                log.info(
+                    "Proxy authentication from {client} refused unchecked: too many failures",
+                    client=counted,
+                )
+                return fail(
+                    Overloaded(
+                        "Too many failed proxy authentications from this address; "
+                        "try again later",
+                        429,
+                        wait,
+                    )
+                )
         username = credentials.username.decode("utf-8", "replace")
+        generation = self.generation
 
         def loggedIn(result: tuple[Any, str, Callable[[], None]]) -> str:
             _, role, logout = result
             logout()
-            self._remember(key, role)
+            # A check that began before a reload was made against the old
+            # users: good for this request, which began then too, but not
+            # to be remembered past the reload.
+            if generation == self.generation:
+                self._remember(key, role)
             return role
 
         def failed(reason: Failure) -> Failure:
+            if reason.check(Overloaded):
+                return reason
             if reason.check(credError.LoginFailed):
+                if failures is not None and counted is not None:
+                    failures.take(counted)
                 log.info("Proxy authentication failed for {username}", username=username)
             else:
                 log.failure(
@@ -589,18 +789,20 @@ class Authenticator:
         """
         Re-read every file-based checker.  All files are read before any is
         replaced, so on error every checker keeps its old data.  Remembered
-        successes are forgotten, so removed users and changed passwords
+        successes are forgotten, and checks still running are not
+        remembered when they end, so removed users and changed passwords
         take effect at once.
 
         @raise ValueError: naming the file and line of the first problem.
         """
         staged = [
-            (checker, checker._read())
+            (checker, checker.read())
             for checker in self.checkers
             if isinstance(checker, (HtpasswdChecker, _PasswordFileChecker))
         ]
         for checker, users in staged:
-            checker._install(users)
+            checker.install(users)
+        self.generation += 1
         self._cache.clear()
 
 
@@ -609,6 +811,7 @@ __all__ = [
     "Authenticator",
     "HtpasswdChecker",
     "PROXY_AUTHENTICATE",
+    "PasswordCheckPool",
     "REALM",
     "parseBasic",
 ]

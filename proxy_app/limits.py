@@ -8,6 +8,7 @@ parsing, in L{proxy_app.http1}.)
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 
 import attr
@@ -102,6 +103,37 @@ class RateLimiter:
         if len(self._buckets) > self._maxKeys:
             self._buckets.popitem(last=False)
         return wait
+
+    def wait(self, key: str) -> float:
+        """
+        How long until C{key} has a token, without taking one.
+
+        @return: 0 if it has one now; else the seconds until it will.
+        """
+        entry = self._buckets.get(key)
+        if entry is None:
+            return 0.0
+        tokens, last = entry
+        tokens = min(float(self.burst), tokens + (self._clock.seconds() - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+
+def clientKey(host: str) -> str:
+    """
+    The key a per-client limit counts C{host} (a peer address) under: the
+    address itself for IPv4 (an IPv4-mapped IPv6 address counts as its IPv4
+    address), its /64 for IPv6, since one host commonly holds a whole /64;
+    anything else (a UNIX socket's empty host) as it is.
+    """
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class Overloaded(ProxyError):

@@ -919,7 +919,9 @@ class _Exchange:
         self._connect = connect
         factory = self.factory
         try:
-            role = factory.access.identify(self.protocol.role, self.request.headers)
+            role = factory.access.identify(
+                self.protocol.role, self.request.headers, self.protocol.peerHost
+            )
             if isinstance(role, Deferred):
                 role.addCallback(self._identified)
                 self._wait(role)

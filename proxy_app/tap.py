@@ -574,6 +574,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # One write per second of lines rather than one per request.
     accessLog.batchWrites(reactor)
     decisionLog.batchWrites(reactor)
+    if access.passwordChecks is not None:
+        # Starts before the listeners, and stops only once the drain is
+        # over, so that requests in flight can still have passwords checked.
+        access.passwordChecks.setServiceParent(top)
     service = ProxyService(factory, reactor)
     service.installSignals = reactor is _globalReactor()
     if service.installSignals:

@@ -99,6 +99,29 @@ class AccessProxyTests(SynchronousTestCase):
             h.factory.metrics.authFailures._value.get(), 1  # type: ignore[attr-defined]
         )
 
+    def test_failedAuthenticationsLimitedPerClient(self) -> None:
+        """
+        After too many failed authentications from the client's address, its
+        next request is answered 429 with reason code 1014, Retry-After and
+        a plain-text body, without checking the password or looking
+        anything up.
+        """
+        h = self.harness()
+        checkers = h.factory.access.authenticator.checkers  # type: ignore[union-attr]
+        h.factory.access.authenticator = Authenticator(checkers, clock=h.reactor, failuresPerMinute=2)
+        for _ in range(2):
+            h.client.clear()
+            h.send(request(auth=basic("alice", "wrong")))
+            self.assertEqual(parseResponse(h.client.value())[0], 407)
+        h.client.clear()
+        h.send(request(auth=basic("alice", "secret")))
+        status, headers, body = parseResponse(h.client.value())
+        self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (429, b"1014"))
+        self.assertEqual(headers[b"retry-after"], b"30")
+        self.assertEqual(headers[b"content-type"], b"text/plain; charset=utf-8")
+        self.assertIn(b"Too many failed proxy authentications", body)
+        self.assertEqual(h.resolver.calls, [])
+
     def test_goodCredentialsRole(self) -> None:
         """
         Good credentials make the username the role; Proxy-Authorization is

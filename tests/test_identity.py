@@ -6,6 +6,7 @@ twisted.cred portal, bcrypt htpasswd files, and the cache of good checks.
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,23 +14,30 @@ import bcrypt
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from proxy_app import identity
+from proxy_app.access import AccessControl
+from proxy_app.config import ACLSettings, Auth
 from proxy_app.identity import (
     PROXY_AUTHENTICATE,
     REALM,
     Authenticator,
     AuthFailed,
     HtpasswdChecker,
+    PasswordCheckPool,
+    bcryptCost,
     parseBasic,
 )
+from proxy_app.limits import Overloaded, clientKey
 from proxy_app.reasons import ProxyError, Reason
 
 
@@ -37,12 +45,12 @@ def basic(username: bytes, password: bytes) -> bytes:
     return b"Basic " + base64.b64encode(username + b":" + password)
 
 
-def bcryptHash(password: bytes, prefix: bytes = b"$2b$") -> bytes:
+def bcryptHash(password: bytes, prefix: bytes = b"$2b$", cost: int = 4) -> bytes:
     """
-    A cheap bcrypt hash (cost 4) with the given prefix, as htpasswd (2y),
-    OpenBSD (2b) or older libraries (2a) write it.
+    A cheap bcrypt hash (cost 4 unless told) with the given prefix, as
+    htpasswd (2y), OpenBSD (2b) or older libraries (2a) write it.
     """
-    hashed = bcrypt.hashpw(password, bcrypt.gensalt(rounds=4))
+    hashed = bcrypt.hashpw(password, bcrypt.gensalt(rounds=cost))
     return prefix + hashed[4:]
 
 
@@ -62,11 +70,20 @@ class SyncThreadPool:
 
     def __init__(self) -> None:
         self.calls: list[Any] = []
+        self.args: list[tuple[Any, ...]] = []
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
 
     def callInThreadWithCallback(
         self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *a: Any, **kw: Any
     ) -> None:
         self.calls.append(f)
+        self.args.append(a)
         try:
             result = f(*a, **kw)
         except BaseException:
@@ -530,6 +547,65 @@ class HtpasswdTests(SynchronousTestCase):
         self.failureResultOf(auth.authenticate(basic(b"mallory", b"pw")), AuthFailed)
         self.assertEqual(len(self.pool.calls), 1)
 
+    def test_unknownUserCheckedAtHighestCost(self) -> None:
+        """
+        An unknown user is checked against a decoy hash at the highest
+        bcrypt cost in the file, whichever entry comes first, and not
+        against any user's own hash; a reload that raises the highest cost
+        raises the decoy's with it.
+        """
+        cheap, dear = bcryptHash(b"pw", cost=4), bcryptHash(b"pw", cost=6)
+        self.write(b"alice:" + cheap, b"bob:" + dear)
+        auth = self.authenticator()
+        self.failureResultOf(auth.authenticate(basic(b"mallory", b"pw")), AuthFailed)
+        ((password, checkedAgainst),) = self.pool.args
+        self.assertEqual(password, b"pw")
+        self.assertEqual(bcryptCost(checkedAgainst), 6)
+        self.assertNotIn(checkedAgainst, (cheap, dear))
+        self.failureResultOf(auth.authenticate(basic(b"bob", b"wrong")), AuthFailed)
+        self.assertEqual(bcryptCost(self.pool.args[-1][1]), bcryptCost(checkedAgainst))
+
+        self.write(b"alice:" + cheap, b"carol:" + bcryptHash(b"pw", cost=7))
+        auth.reload()
+        self.failureResultOf(auth.authenticate(basic(b"bob", b"pw")), AuthFailed)
+        self.assertEqual(bcryptCost(self.pool.args[-1][1]), 7)
+
+    def test_decoyMatchesNoPassword(self) -> None:
+        """
+        The decoy hash is a well-formed bcrypt hash that the checker really
+        computes bcrypt for, and that no password matches: not even the
+        password of the user whose cost it copies.
+        """
+        self.write(b"alice:" + bcryptHash(b"pw", cost=5))
+        checker = HtpasswdChecker(self.path.path)
+        assert checker.decoy is not None
+        self.assertRegex(checker.decoy, rb"^\$2b\$05\$[./A-Za-z0-9]{53}$")
+        self.assertFalse(identity._checkBcrypt(b"pw", checker.decoy))
+        self.assertFalse(identity._checkBcrypt(b"", checker.decoy))
+
+    def test_differentCostsWarned(self) -> None:
+        """
+        A file whose entries have different bcrypt costs loads with a
+        warning naming the file, the costs and the cheaper users, since
+        timing still tells those users from the others; no hash is logged.
+        A file of one cost loads without it.
+        """
+        cheap = bcryptHash(b"pw", cost=4)
+        self.write(b"alice:" + cheap, b"bob:" + bcryptHash(b"pw", cost=5))
+        with capturedLogs() as events:
+            HtpasswdChecker(self.path.path)
+        (warning,) = [e for e in events if e["log_level"].name == "warn"]
+        text = formatEvent(warning)
+        self.assertIn(self.path.path, text)
+        self.assertIn("(4 to 5)", text)
+        self.assertIn("alice", text)
+        self.assertNotIn("bob", text)
+        self.assertNotIn(cheap.decode(), text)
+        self.write(b"alice:" + cheap, b"bob:" + bcryptHash(b"pw", cost=4))
+        with capturedLogs() as events:
+            HtpasswdChecker(self.path.path)
+        self.assertEqual([e for e in events if e["log_level"].name == "warn"], [])
+
     def test_emptyFile(self) -> None:
         """
         A file with no users loads and refuses everyone.
@@ -747,3 +823,318 @@ class UnauthorizedLoginIsAFailureTests(SynchronousTestCase):
         self.failureResultOf(
             checker.requestAvatarId(UsernamePassword(b"bob", b"pw")), UnauthorizedLogin
         )
+
+
+class ReloadInFlightTests(SynchronousTestCase):
+    """
+    A reload while a password check is running: the check's result must
+    not outlive the users it was checked against.
+    """
+
+    def setUp(self) -> None:
+        self.path = FilePath(self.mktemp())
+        self.path.setContent(b"alice:" + bcryptHash(b"pw") + b"\n" + b"bob:" + bcryptHash(b"pw2") + b"\n")
+        self.pool = QueuedThreadPool()
+        self.auth = Authenticator.fromStrings(
+            [f"htpasswd:{self.path.path}"], reactor=FakeThreadReactor(), threadpool=self.pool,
+            clock=Clock(),
+        )
+
+    def test_removedUserRefusedAfterReload(self) -> None:
+        """
+        A check of a user's password that began before a reload removed
+        the user is not remembered when it ends after it: the user's next
+        request is checked against the new file and refused.
+        """
+        header = basic(b"alice", b"pw")
+        inFlight = self.auth.authenticate(header)
+        self.assertNoResult(inFlight)
+        self.path.setContent(b"bob:" + bcryptHash(b"pw2") + b"\n")
+        self.auth.reload()
+        self.pool.runAll()
+        # The request that began before the reload keeps its answer.
+        self.assertEqual(self.successResultOf(inFlight), "alice")
+        after = self.auth.authenticate(header)
+        self.pool.runAll()
+        self.failureResultOf(after, AuthFailed)
+
+    def test_checkAfterReloadRemembered(self) -> None:
+        """
+        A check that began after the last reload is remembered as before.
+        """
+        self.auth.reload()
+        first = self.auth.authenticate(basic(b"bob", b"pw2"))
+        self.pool.runAll()
+        self.assertEqual(self.successResultOf(first), "bob")
+        self.assertEqual(self.successResultOf(self.auth.authenticate(basic(b"bob", b"pw2"))), "bob")
+        self.assertEqual(self.pool.pending, [])
+
+
+class PasswordCheckPoolTests(SynchronousTestCase):
+    """
+    L{PasswordCheckPool} runs checks in a thread pool of its own, with a
+    bounded backlog.
+    """
+
+    def setUp(self) -> None:
+        self.threads = QueuedThreadPool()
+        self.pool = PasswordCheckPool(FakeThreadReactor(), threads=2, backlog=3, threadpool=self.threads)
+        self.pool.startService()
+
+    def test_backlogBounded(self) -> None:
+        """
+        With C{threads + backlog} checks running or waiting, the next is
+        refused at once with 503, reason code 1014 and C{Retry-After}, and
+        never reaches the threads; once checks end, new ones are taken.
+        """
+        waiting = [self.pool.run(lambda i=i: i) for i in range(5)]
+        self.assertEqual(self.pool.pending, 5)
+        refused = self.failureResultOf(self.pool.run(lambda: 99), Overloaded).value
+        self.assertEqual((refused.status, int(refused.reason)), (503, 1014))
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"1")
+        self.assertEqual(len(self.threads.pending), 5)
+        self.threads.runAll()
+        self.assertEqual([self.successResultOf(d) for d in waiting], [0, 1, 2, 3, 4])
+        self.assertEqual(self.pool.pending, 0)
+        self.assertEqual(self.successResultOf(self._runNow(lambda: 7)), 7)
+
+    def _runNow(self, f: Callable[[], Any]) -> Deferred[Any]:
+        d = self.pool.run(f)
+        self.threads.runAll()
+        return d
+
+    def test_failuresFreeTheirPlace(self) -> None:
+        """
+        A check that raises frees its place in the backlog too.
+        """
+        def broken() -> None:
+            raise RuntimeError("boom")
+
+        for _ in range(5):
+            self.pool.run(broken).addErrback(lambda f: f.trap(RuntimeError))
+        self.threads.runAll()
+        self.assertEqual(self.pool.pending, 0)
+
+    def test_serviceStartsAndStopsThreads(self) -> None:
+        """
+        The threads run while the service does; after it stops, a check is
+        refused (503) instead of being queued where nothing will run it.
+        """
+        self.assertTrue(self.threads.running)
+        self.pool.stopService()
+        self.assertFalse(self.threads.running)
+        refused = self.failureResultOf(self.pool.run(lambda: 1), Overloaded).value
+        self.assertEqual(refused.status, 503)
+        self.assertEqual(self.threads.pending, [])
+
+    def test_fullPoolIsNotAFailedLogin(self) -> None:
+        """
+        A check refused by a full pool fails authentication with
+        L{Overloaded} (503), not L{AuthFailed}, and does not count as a
+        failure of the client's address.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b"alice:" + bcryptHash(b"pw") + b"\n")
+        auth = Authenticator.fromStrings(
+            [f"htpasswd:{path.path}"], reactor=FakeThreadReactor(), threadpool=self.pool,
+            clock=Clock(), failuresPerMinute=1,
+        )
+        for _ in range(5):
+            auth.authenticate(basic(b"alice", b"pw"), "192.0.2.1")
+        refused = self.failureResultOf(auth.authenticate(basic(b"alice", b"no"), "192.0.2.9"), Overloaded)
+        self.assertEqual(refused.value.status, 503)
+        self.threads.runAll()
+        # The refusal did not use up 192.0.2.9's only allowed failure.
+        d = auth.authenticate(basic(b"alice", b"no"), "192.0.2.9")
+        self.threads.runAll()
+        self.failureResultOf(d, AuthFailed)
+
+
+class FailureLimitTests(SynchronousTestCase):
+    """
+    Failed authentications are counted per client address, and an address
+    with too many is refused before any password is checked.
+    """
+
+    def setUp(self) -> None:
+        path = FilePath(self.mktemp())
+        path.setContent(b"alice:" + bcryptHash(b"pw") + b"\n")
+        self.pool = SyncThreadPool()
+        self.clock = Clock()
+        self.auth = Authenticator.fromStrings(
+            [f"htpasswd:{path.path}"], reactor=FakeThreadReactor(), threadpool=self.pool,
+            clock=self.clock, failuresPerMinute=3,
+        )
+
+    def attempt(self, password: bytes, client: str = "192.0.2.1", user: bytes = b"alice") -> Deferred[str]:
+        return self.auth.authenticate(basic(user, password), client)
+
+    def accepted(self, client: str = "192.0.2.1") -> str:
+        return self.successResultOf(self.attempt(b"pw", client))
+
+    def test_refusedUncheckedAfterFailures(self) -> None:
+        """
+        After C{failuresPerMinute} failures from one address, its next
+        attempt, even with the right password, is refused with 429, reason
+        code 1014 and C{Retry-After} without a bcrypt check; another
+        address is still checked; the budget refills at the configured rate.
+        """
+        for password in (b"a", b"b"):
+            self.failureResultOf(self.attempt(password), AuthFailed)
+        # Unknown users count as known ones do.
+        self.failureResultOf(self.attempt(b"c", user=b"mallory"), AuthFailed)
+        self.assertEqual(len(self.pool.calls), 3)
+        for password in (b"d", b"pw"):
+            refused = self.failureResultOf(self.attempt(password), Overloaded).value
+            self.assertEqual((refused.status, int(refused.reason)), (429, 1014))
+            self.assertEqual(dict(refused.headers)[b"Retry-After"], b"20")
+        self.assertEqual(len(self.pool.calls), 3)
+        self.clock.advance(19)
+        self.failureResultOf(self.attempt(b"pw"), Overloaded)
+        self.assertEqual(self.accepted("192.0.2.2"), "alice")
+        self.assertEqual(len(self.pool.calls), 4)
+        self.clock.advance(1)
+        # One failure's worth has come back: the next attempt is checked.
+        self.failureResultOf(self.attempt(b"e"), AuthFailed)
+        self.failureResultOf(self.attempt(b"f"), Overloaded)
+        self.assertEqual(len(self.pool.calls), 5)
+
+    def test_cachedCredentialsStillPass(self) -> None:
+        """
+        Credentials remembered as good are accepted from a refused address,
+        since they cost no check.
+        """
+        self.assertEqual(self.accepted(), "alice")
+        for password in (b"a", b"b", b"c"):
+            self.failureResultOf(self.attempt(password), AuthFailed)
+        self.failureResultOf(self.attempt(b"d"), Overloaded)
+        self.assertEqual(self.accepted(), "alice")
+        self.assertEqual(len(self.pool.calls), 4)
+
+    def test_missingAndMalformedNotCounted(self) -> None:
+        """
+        Missing and malformed credentials cost no check and are not
+        counted: a client's first, credential-less request never uses up
+        its budget.
+        """
+        for _ in range(5):
+            self.failureResultOf(self.auth.authenticate(None, "192.0.2.1"), AuthFailed)
+            self.failureResultOf(self.auth.authenticate(b"Basic !!", "192.0.2.1"), AuthFailed)
+        self.assertEqual(self.accepted(), "alice")
+
+    def test_counterPerAddressAndPrefix(self) -> None:
+        """
+        IPv6 clients are counted per /64, and an IPv4-mapped address as its
+        IPv4 address.
+        """
+        for client in ("2001:db8::1", "2001:db8::2", "2001:db8::3"):
+            self.failureResultOf(self.attempt(b"x", client=client), AuthFailed)
+        self.failureResultOf(self.attempt(b"pw", client="2001:db8::ffff"), Overloaded)
+        self.assertEqual(self.accepted("2001:db8:0:1::1"), "alice")
+        for client in ("192.0.2.7", "::ffff:192.0.2.7", "192.0.2.7"):
+            self.failureResultOf(self.attempt(b"x", client=client), AuthFailed)
+        self.failureResultOf(self.attempt(b"y", client="192.0.2.7"), Overloaded)
+
+    def test_clientKey(self) -> None:
+        """
+        L{clientKey} gives the IPv4 address, the IPv6 /64, or the host as
+        it is when it is not an address.
+        """
+        self.assertEqual(clientKey("192.0.2.1"), "192.0.2.1")
+        self.assertEqual(clientKey("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(clientKey("fe80::1%eth0"), "fe80::/64")
+        self.assertEqual(clientKey("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(clientKey(""), "")
+
+    def test_zeroTurnsItOff(self) -> None:
+        """
+        C{failuresPerMinute=0} counts nothing.
+        """
+        auth = Authenticator(self.auth.checkers, clock=self.clock, failuresPerMinute=0)
+        for _ in range(10):
+            self.failureResultOf(auth.authenticate(basic(b"alice", b"x"), "192.0.2.1"), AuthFailed)
+        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"pw"), "192.0.2.1")), "alice")
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """
+    An L{IResolutionReceiver} collecting addresses, firing C{done} at the
+    end.
+    """
+
+    def __init__(self) -> None:
+        self.addresses: list[Any] = []
+        self.done: Deferred[list[Any]] = Deferred()
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        self.addresses.append(address)
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.addresses)
+
+
+class ResolutionNotStarvedTests(TestCase):
+    """
+    Password checks cannot make name resolution wait: with the real
+    reactor and real threads.
+    """
+
+    def test_resolutionServedWhileChecksWait(self) -> None:
+        """
+        With the proxy's password checks as built by
+        L{AccessControl.fromConfig}, every checking thread stuck in a slow
+        check and the backlog full, a name is still resolved by the
+        reactor's resolver (C{getaddrinfo} in the reactor's thread pool),
+        and checks beyond the backlog are refused at once with 503.
+        """
+        from twisted.internet import reactor
+
+        release = threading.Event()
+
+        def slowCheck(password: bytes, hashed: bytes) -> bool:
+            release.wait(30)
+            return False
+
+        self.patch(identity, "_checkBcrypt", slowCheck)
+        path = FilePath(self.mktemp())
+        path.setContent(b"alice:" + bcryptHash(b"pw") + b"\n")
+        access = AccessControl.fromConfig(
+            ACLSettings(), Auth(checkers=(f"htpasswd:{path.path}",)), reactor
+        )
+        checks = access.passwordChecks
+        assert checks is not None
+        checks.startService()
+        self.addCleanup(checks.stopService)
+        capacity = checks.threads + checks.backlog
+        # Enough to hold every thread of the reactor's pool as well, were
+        # the checks run there.
+        count = max(capacity, reactor.getThreadPool().max) + 2  # type: ignore[attr-defined]
+        outcomes = []
+        for i in range(count):
+            header = basic(f"user{i}".encode(), b"wrong")
+            d = access.identify(None, [(b"proxy-authorization", header)], f"192.0.2.{i}")
+            outcomes.append(d.addErrback(lambda f: f.trap(AuthFailed, Overloaded) and f.value))
+        refused = [self.successResultOf(d) for d in outcomes[capacity:]]
+        self.assertEqual({e.status for e in refused}, {503})
+        for d in outcomes[:capacity]:
+            self.assertNoResult(d)
+        # Cleanups run last first: release the checks, wait for them to
+        # end, then stop the threads.
+        self.addCleanup(gatherResults, outcomes[:capacity])
+        self.addCleanup(release.set)
+
+        receiver = _Addresses()
+        reactor.nameResolver.resolveHostName(receiver, "localhost", 0)  # type: ignore[attr-defined]
+        done = receiver.done.addTimeout(10, reactor)
+
+        def resolved(addresses: list[Any]) -> None:
+            self.assertTrue(addresses)
+            self.assertFalse(release.is_set())
+            for d in outcomes[:capacity]:
+                self.assertNoResult(d)
+
+        return done.addCallback(resolved)  # type: ignore[return-value]

@@ -8,13 +8,17 @@ from __future__ import annotations
 import io
 import json
 import platform
+import threading
 
+import bcrypt
 from twisted.application.service import IServiceCollection, IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.config import Config, Timeouts
+from proxy_app.identity import PasswordCheckPool
 from proxy_app.observe import AccessLog
 from proxy_app.tap import Options, ProxyService, makeService
 
@@ -52,6 +56,38 @@ class MakeServiceTests(SynchronousTestCase):
         ports = [(port, interface) for port, _, _, interface in reactor.tcpServers]
         self.assertEqual(ports, [(2112, "127.0.0.1"), (9090, "127.0.0.1"), (9091, "")])
         service.stopService()
+
+
+    def test_passwordCheckThreads(self) -> None:
+        """
+        With --auth, password checks get threads of their own, which start
+        with the service and stop with it, after the drain.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b"alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)) + b"\n")
+        options = Options(environ={})
+        options.parseOptions(
+            ["--auth", f"htpasswd:{path.path}", "--auth-check-threads", "3", "--access-log", "none"]
+        )
+        service = makeService(options, reactor=MemoryReactorClock())
+        (checks,) = [s for s in service if isinstance(s, PasswordCheckPool)]
+        (proxy,) = [s for s in service if isinstance(s, ProxyService)]
+        self.assertIs(proxy.factory.access.passwordChecks, checks)
+        children = list(service)
+        self.assertLess(children.index(checks), children.index(proxy))
+        self.assertEqual(checks.threads, 3)
+
+        def checkThreads() -> list[threading.Thread]:
+            return [t for t in threading.enumerate() if "egressproxy-password-checks" in t.name]
+
+        before = len(checkThreads())
+        service.privilegedStartService()
+        service.startService()
+        try:
+            self.assertEqual(len(checkThreads()) - before, 3)
+        finally:
+            self.successResultOf(service.stopService())
+        self.assertEqual(len(checkThreads()), before)
 
 
 class DrainTests(SynchronousTestCase):
