@@ -33,6 +33,13 @@ def _pooled() -> Any:
     return h, up, upTransport
 
 
+def _broken(*args: Any, **kwargs: Any) -> Any:
+    """
+    Stands in for a step of the proxy that has a bug.
+    """
+    raise RuntimeError("bug")
+
+
 class RetryTests(SynchronousTestCase):
     """
     A request is sent again on a new connection only when its method is
@@ -190,10 +197,7 @@ class SafetyNetTests(SynchronousTestCase):
         """
         h = makeHarness()
 
-        def broken(*args: Any) -> Any:
-            raise RuntimeError("bug")
-
-        h.factory.access.decide = broken  # type: ignore[method-assign]
+        h.factory.access.decide = _broken  # type: ignore[method-assign]
         h.send(GET)
         self.assertInternalError(h)
 
@@ -205,10 +209,7 @@ class SafetyNetTests(SynchronousTestCase):
         h = makeHarness()
         h.resolver.immediate = False
 
-        def broken(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("bug")
-
-        h.factory.pool.acquire = broken  # type: ignore[method-assign]
+        h.factory.pool.acquire = _broken  # type: ignore[method-assign]
         h.send(GET)
         self.assertInternalError(h)
 
@@ -219,10 +220,7 @@ class SafetyNetTests(SynchronousTestCase):
         """
         h = makeHarness()
 
-        def broken(*args: Any) -> Any:
-            raise RuntimeError("bug")
-
-        h.factory.overloaded = broken  # type: ignore[method-assign]
+        h.factory.overloaded = _broken  # type: ignore[method-assign]
         h.send(GET)
         self.assertInternalError(h)
 
@@ -234,10 +232,7 @@ class SafetyNetTests(SynchronousTestCase):
         h.send(GET)
         up, upTransport = h.connectUpstream()
 
-        def broken(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("bug")
-
-        h.protocol.sendInformational = broken  # type: ignore[method-assign]
+        h.protocol.sendInformational = _broken  # type: ignore[method-assign]
         up.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
         self.assertInternalError(h)
         self.assertTrue(upTransport.disconnecting)
@@ -251,10 +246,7 @@ class SafetyNetTests(SynchronousTestCase):
         h.send(GET)
         up, _ = h.connectUpstream()
 
-        def broken(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("bug")
-
-        h.protocol.sendBody = broken  # type: ignore[method-assign]
+        h.protocol.sendBody = _broken  # type: ignore[method-assign]
         up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
         self.assertTrue(h.client.value().startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertTrue(h.client.disconnected)
