@@ -31,6 +31,8 @@ from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from proxy_app.reasons import DENIALS
+
 log = Logger()
 
 # The fields of an access-log line, in the order text lines show them.
@@ -286,7 +288,7 @@ class DecisionLog(LineLog):
 
 # Reason codes that mean the proxy said no, as opposed to a destination
 # that failed.
-DENIAL_CODES = frozenset({1000, 1011, 1012, 1013, 1014})
+DENIAL_CODES = frozenset(int(reason) for reason in DENIALS)
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -48,6 +48,21 @@ class Reason(enum.IntEnum):
     CLIENT_CERT_NOT_PERMITTED = (1016, 403)
 
 
+# The reasons that mean the proxy said no (a policy, a limit, the gate),
+# as opposed to a destination or a request that failed: the decision log's
+# allow=false and the metrics' decision="deny".
+DENIALS = frozenset(
+    {
+        Reason.BLOCKED_ADDRESS,
+        Reason.DENIED_BY_ACL,
+        Reason.REJECTED_BY_WEBHOOK,
+        Reason.PROXY_AUTH_REQUIRED,
+        Reason.OVERLOADED,
+        Reason.CLIENT_CERT_NOT_PERMITTED,
+    }
+)
+
+
 class ProxyError(Exception):
     """
     A failure that the proxy answers with an error response of its own.

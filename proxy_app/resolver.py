@@ -45,6 +45,7 @@ from proxy_app.addresses import (
 )
 from proxy_app.interfaces import IDestinationResolver
 from proxy_app.reasons import ProxyError, Reason
+from proxy_app.target import hostPort
 
 log = Logger()
 
@@ -73,16 +74,6 @@ class VettedDestination:
     denied: tuple = ()
     lookupTime: float = 0.0
     ttl: float | None = None
-
-
-def hostPort(host: str, port: int) -> str:
-    """
-    Format C{host} and C{port} as they appear in messages, with IPv6
-    literals in brackets.
-    """
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 class DestinationDenied(ProxyError):

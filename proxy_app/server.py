@@ -46,10 +46,10 @@ from proxy_app.http1 import (
 from proxy_app.interfaces import IDestinationResolver, IResponseSink
 from proxy_app.limits import Overloaded, RateLimiter
 from proxy_app.observe import AccessLog, DecisionLog, Metrics
-from proxy_app.reasons import ProxyError, Reason
+from proxy_app.reasons import DENIALS, ProxyError, Reason
 from proxy_app.redact import loggedTarget
-from proxy_app.resolver import DestinationDenied, VettedDestination, hostPort
-from proxy_app.target import Target, parseAbsoluteTarget, parseConnectTarget
+from proxy_app.resolver import DestinationDenied, VettedDestination
+from proxy_app.target import Target, hostPort, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import Origination
 from proxy_app.upstream import (
     NOT_PASSED,
@@ -90,16 +90,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
 # The methods RFC 9110 (9.2.2) calls idempotent: a request with one of them
 # may be sent again when a reused connection closed before answering.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_DENIALS = frozenset(
-    {
-        Reason.BLOCKED_ADDRESS,
-        Reason.DENIED_BY_ACL,
-        Reason.REJECTED_BY_WEBHOOK,
-        Reason.PROXY_AUTH_REQUIRED,
-        Reason.OVERLOADED,
-        Reason.CLIENT_CERT_NOT_PERMITTED,
-    }
-)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -343,7 +333,7 @@ class ProxyProtocol(Protocol):
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "")
         self.peerHost, self.peerPort = host, getattr(peer, "port", 0)
-        self.clientAddress = f"[{host}]:{self.peerPort}" if ":" in host else f"{host}:{self.peerPort}"
+        self.clientAddress = hostPort(host, self.peerPort)
         if self.factory.webhook is not None:
             self.factory.webhook.neighbor(host)
         if self.factory.draining:
@@ -1260,7 +1250,7 @@ class _Exchange:
             project=decision.project if decision is not None else None,
             decision_reason=reason,
             enforce_would_deny=decision.enforceWouldDeny if decision is not None else False,
-            allow=error is None or error.reason not in _DENIALS,
+            allow=error is None or error.reason not in DENIALS,
             inbound_remote_addr=self.protocol.clientAddress,
             outbound_remote_addr=self.outboundAddress,
             dns_lookup_time_ms=_ms(self.dnsTime),

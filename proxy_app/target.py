@@ -63,8 +63,7 @@ class Target:
         """
         C{host:port} as used in messages, IPv6 in brackets.
         """
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return hostPort(self.host, self.port)
 
     @property
     def hostHeader(self) -> bytes:
@@ -75,6 +74,16 @@ class Target:
         if self.explicitPort and self.port != DEFAULT_PORTS.get(self.scheme or ""):
             host = f"{host}:{self.port}"
         return host.encode("ascii")
+
+
+def hostPort(host: str, port: int) -> str:
+    """
+    Format C{host} and C{port} as they appear in messages and logs, with
+    IPv6 literals in brackets.
+    """
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
 
 
 def _bad(message: str) -> ProxyError:

@@ -46,7 +46,8 @@ from proxy_app.http1 import (
     requestHead,
 )
 from proxy_app.reasons import ProxyError, Reason
-from proxy_app.resolver import VettedDestination, hostPort
+from proxy_app.resolver import VettedDestination
+from proxy_app.target import hostPort
 from proxy_app.tls import tlsError
 
 log = Logger()

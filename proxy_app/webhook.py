@@ -61,6 +61,7 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from proxy_app.stats import ConnectionStatistics
+from proxy_app.target import hostPort
 
 log = Logger()
 
@@ -183,7 +184,7 @@ def sessionLabel(
     """
     left = "ssli" if clientTLS else "tcp"
     right = "ssli" if originatedTLS else "tcp"
-    return f"{left}_{_hostPort(clientHost, clientPort)}+{right}_{_hostPort(destHost, destPort)}"
+    return f"{left}_{hostPort(clientHost, clientPort)}+{right}_{hostPort(destHost, destPort)}"
 
 
 def approvedAddresses(reply: Any, addresses: Sequence[str]) -> tuple[str, ...]:
@@ -209,12 +210,6 @@ def approvedAddresses(reply: Any, addresses: Sequence[str]) -> tuple[str, ...]:
         except ValueError:
             continue
     return tuple(a for a in addresses if a in approved)
-
-
-def _hostPort(host: str, port: int) -> str:
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def connectionStopInfo(

@@ -15,7 +15,8 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import AddressDecision
-from proxy_app.observe import AccessLog, MetricsResource
+from proxy_app.observe import AccessLog, Metrics, MetricsResource
+from proxy_app.reasons import DENIALS, Reason
 from proxy_app.resolver import DestinationDenied, VettedDestination
 from proxy_app.tap import ProxyService
 
@@ -45,6 +46,25 @@ class MetricsTests(SynchronousTestCase):
     """
     Counters after traffic with known outcomes.
     """
+
+    def test_everyDenialCountedAsDeny(self) -> None:
+        """
+        Every reason code that means the proxy said no, the client
+        certificate alias refused (1016) included, is counted with
+        C{decision="deny"}; a failed destination is not.
+        """
+        metrics = Metrics(process=False)
+        for reason in Reason:
+            metrics.requestDone("http", int(reason), 0, 0)
+        registry = metrics.registry
+        for reason in Reason:
+            expected = "deny" if reason in DENIALS else "allow"
+            value = registry.get_sample_value(
+                "egressproxy_requests_total",
+                {"proxy_type": "http", "decision": expected, "reason_code": str(int(reason))},
+            )
+            self.assertEqual(value, 1, reason)
+        self.assertIn(Reason.CLIENT_CERT_NOT_PERMITTED, DENIALS)
 
     def test_countsOutcomes(self) -> None:
         """
