@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Any
 
 import attr
 from twisted.internet import reactor
@@ -53,6 +54,49 @@ class _Exit(ProcessProtocol):
         self.ended.callback(None)
 
 
+def _freePortRun(host: str, count: int, avoid: int) -> int:
+    """
+    The first of C{count} consecutive TCP ports free on C{host}, taken below
+    the kernel's ephemeral range (32768 and up on Linux), where the
+    outgoing connections of whatever else runs on the machine would take
+    them between our check and the workers' bind.
+    """
+    import random
+    import socket
+
+    for _ in range(200):
+        first = random.randrange(20000, 32000)
+        ports = range(first, first + count)
+        if avoid in ports:
+            continue
+        sockets = []
+        try:
+            for candidate in ports:
+                s = socket.socket(socket.AF_INET)
+                sockets.append(s)
+                s.bind((host, candidate))
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+
+
+def _stop(process: Any, exit: _Exit) -> Deferred:
+    """
+    Stop a supervisor that a failed test left running: SIGTERM, so that it
+    stops its workers too (SIGKILL would orphan them), and SIGKILL only if
+    it has not ended in 10 s.
+    """
+    if exit.ended.called:
+        return exit.ended
+    process.signalProcess("TERM")
+    killer = reactor.callLater(10, lambda: exit.ended.called or process.signalProcess("KILL"))
+    return exit.ended.addBoth(lambda result: killer.active() and killer.cancel())
+
+
 class WorkersTests(TestCase):
     """
     A supervisor with two workers, as twistd runs it.
@@ -69,9 +113,8 @@ class WorkersTests(TestCase):
         """
         origin = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.2")
         self.addCleanup(origin.stopListening)
-        port, metrics = freePort("127.0.0.1"), freePort("127.0.0.1")
-        while metrics + 1 == port:
-            metrics = freePort("127.0.0.1")
+        port = freePort("127.0.0.1")
+        metrics = _freePortRun("127.0.0.1", 2, avoid=port)
         env = dict(os.environ, PYTHONPATH=ROOT)
         exit = _Exit()
         process = reactor.spawnProcess(
@@ -88,7 +131,7 @@ class WorkersTests(TestCase):
             ],
             env=env,
         )
-        self.addCleanup(lambda: exit.ended if exit.ended.called else (process.signalProcess("KILL"), exit.ended)[1])
+        self.addCleanup(_stop, process, exit)
 
         agent = Agent(reactor)
         for metricsPort in (metrics, metrics + 1):
