@@ -227,7 +227,7 @@ def connectionStopInfo(
 
     @param policy: the ACL rule or role that allowed the connection.
     @param sni: the server name of TLS the proxy originated, or that a
-        tunnel's ClientHello carried (see L{TLSSniffer}); L{None} for none.
+        tunnel's ClientHello carried (see L{proxy_app.sniffer.TLSSniffer}); L{None} for none.
     @param app: the L7 protocol seen: C{"http/1.1"} for forwarded requests,
         C{"tls"} for a tunnel carrying TLS; L{None} to leave C{l7} out.
     @param details: for C{http/1.1}, the URLs requested, of which the first
@@ -292,108 +292,6 @@ def redactURL(url: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         return where + "/…"
     return where + "/"
-
-
-# The tunnel's first bytes.
-
-
-class TLSSniffer:
-    """
-    Tells from the first bytes a client sends through a tunnel whether they
-    begin a TLS handshake and, if so, which server name (SNI) the
-    ClientHello asks for: what C{connection-stop}'s C{tls} and C{l7} report
-    for a tunnel.
-
-    Feed it every chunk from the client; it keeps at most C{limit} bytes
-    and stops looking once it knows (L{done}).
-
-    @ivar done: whether it has decided.
-    @ivar isTLS: whether the bytes begin a TLS handshake record.
-    @ivar sni: the ClientHello's server name, or L{None}.
-    """
-
-    def __init__(self, limit: int = 16384 + 5) -> None:
-        self._limit = limit
-        self._buffer = bytearray()
-        self.done = False
-        self.isTLS = False
-        self.sni: str | None = None
-
-    def feed(self, data: bytes) -> None:
-        if self.done or not data:
-            return
-        self._buffer += data[: self._limit - len(self._buffer)]
-        result = _parseClientHello(bytes(self._buffer))
-        if result is None:
-            if len(self._buffer) < self._limit:
-                return
-            # A ClientHello this long is not one we will ever see whole.
-            result = (self._buffer[:1] == b"\x16", None)
-        self.isTLS, self.sni = result
-        self.done = True
-        self._buffer = bytearray()
-
-
-def _parseClientHello(data: bytes) -> tuple[bool, str | None] | None:
-    """
-    Parse the handshake records at the start of C{data}.
-
-    @return: C{(False, None)} if they are not TLS, C{(True, sni)} once the
-        ClientHello is complete (C{sni} L{None} if it names no host), or
-        L{None} if more bytes are needed.
-    """
-    # Reassemble the handshake message from consecutive handshake records;
-    # a big ClientHello (post-quantum key shares) may span two.
-    handshake = bytearray()
-    offset = 0
-    while True:
-        if len(data) < offset + 5:
-            if offset == 0 and data and data[0] != 0x16:
-                return (False, None)
-            return None
-        kind, major, length = data[offset], data[offset + 1], int.from_bytes(data[offset + 3 : offset + 5], "big")
-        if kind != 0x16 or major != 3 or length == 0:
-            return (False, None) if offset == 0 else (True, None)
-        fragment = data[offset + 5 : offset + 5 + length]
-        handshake += fragment
-        if len(handshake) >= 4:
-            if handshake[0] != 1:
-                return (True, None)
-            needed = 4 + int.from_bytes(handshake[1:4], "big")
-            if len(handshake) >= needed:
-                return (True, _sniFromClientHello(bytes(handshake[4:needed])))
-        if len(fragment) < length:
-            return None
-        offset += 5 + length
-
-
-def _sniFromClientHello(body: bytes) -> str | None:
-    try:
-        position = 2 + 32  # client_version, random
-        position += 1 + body[position]  # session_id
-        position += 2 + int.from_bytes(body[position : position + 2], "big")  # cipher_suites
-        position += 1 + body[position]  # compression_methods
-        end = position + 2 + int.from_bytes(body[position : position + 2], "big")
-        position += 2
-        while position + 4 <= min(end, len(body)):
-            extension = int.from_bytes(body[position : position + 2], "big")
-            size = int.from_bytes(body[position + 2 : position + 4], "big")
-            position += 4
-            if extension == 0:  # server_name
-                names = body[position : position + size]
-                cursor = 2
-                while cursor + 3 <= len(names):
-                    nameType = names[cursor]
-                    nameLength = int.from_bytes(names[cursor + 1 : cursor + 3], "big")
-                    name = names[cursor + 3 : cursor + 3 + nameLength]
-                    if nameType == 0 and len(name) == nameLength:
-                        return name.decode("ascii").lower() or None
-                    cursor += 3 + nameLength
-                return None
-            position += size
-    except (IndexError, UnicodeDecodeError):
-        return None
-    return None
 
 
 # The HTTP client.
@@ -1328,7 +1226,6 @@ __all__ = [
     "AccessRequestSettings",
     "GateResult",
     "StatisticsSettings",
-    "TLSSniffer",
     "UnverifiedPolicyForHTTPS",
     "WebhookService",
     "WebhookTimeout",

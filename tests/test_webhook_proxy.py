@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from proxy_app.webhook import AccessRequestSettings, StatisticsSettings, WebhookService
 
 from .helpers import Harness, makeHarness, parseResponse
-from .test_webhook import ControlServer, clientHello
+from .test_sniffer import clientHello
+from .test_webhook import ControlServer
 
 URL = "http://127.0.0.1:5000/webhook/SECRET"
 GET = b"GET http://origin.example/a?b=1 HTTP/1.1\r\nHost: origin.example\r\n\r\n"
