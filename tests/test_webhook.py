@@ -27,13 +27,12 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from proxy_app.config import Gate, Statistics
 from proxy_app.stats import ConnectionStatistics
 from proxy_app.webhook import (
     MAX_BACKOFF,
     MAX_L7_DETAILS,
-    AccessRequestSettings,
     GateResult,
-    StatisticsSettings,
     WebhookService,
     approvedAddresses,
     connectionInfoDetails,
@@ -144,8 +143,8 @@ class ServiceMixin:
         service = WebhookService(URL, clock=self.clock, treqClient=self.stub, **kwargs)
         return service, self.server, self.stub
 
-    def gate(self, onError: str = "accept", timeout: float = 5.0) -> AccessRequestSettings:
-        return AccessRequestSettings(enabled=True, timeout=timeout, onError=onError)
+    def gate(self, onError: str = "accept", timeout: float = 5.0) -> Gate:
+        return Gate(enabled=True, timeout=timeout, on_error=onError)
 
 
 class FailingClient:
@@ -1018,7 +1017,7 @@ class QueueTests(ServiceMixin, SynchronousTestCase):
         """
         off, _, _ = self.makeService()
         self.assertIsNone(off.newStatistics())
-        on, _, _ = self.makeService(statistics=StatisticsSettings(enabled=True, maxBytes=4))
+        on, _, _ = self.makeService(statistics=Statistics(enabled=True, max_bytes=4))
         stats = on.newStatistics()
         assert stats is not None
         stats.left(b"abcdefgh")
@@ -1031,9 +1030,9 @@ class SettingsTests(SynchronousTestCase):
         The gate's defaults are smithproxy's (off, 5 s, accept); other
         C{on_error} values and non-positive timeouts are refused.
         """
-        self.assertEqual(AccessRequestSettings(), AccessRequestSettings(False, 5.0, "accept"))
-        self.assertRaises(ValueError, AccessRequestSettings, True, 5.0, "maybe")
-        self.assertRaises(ValueError, AccessRequestSettings, True, 0)
+        self.assertEqual(Gate(), Gate(False, 5.0, "accept"))
+        self.assertRaises(ValueError, Gate, True, 5.0, "maybe")
+        self.assertRaises(ValueError, Gate, True, 0)
 
     def test_serviceSettings(self) -> None:
         """
@@ -1164,7 +1163,7 @@ class RealServerTests(TestCase):
         port = self.listen(server)
         url = f"http://127.0.0.1:{port}/webhook/{SECRET}"
         with capturedLogs() as events:
-            service = self.service(url, accessRequest=AccessRequestSettings(enabled=True), maxConcurrent=1)
+            service = self.service(url, accessRequest=Gate(enabled=True), maxConcurrent=1)
             cid = service.newConnectionID()
             service.neighbor("10.0.0.1")
             service.connectionStarted(cid, "s")
@@ -1206,7 +1205,7 @@ class RealServerTests(TestCase):
             f"http://127.0.0.1:{port}/webhook/{SECRET}",
             retries=1,
             retryDelay=0.01,
-            accessRequest=AccessRequestSettings(enabled=True, onError="reject"),
+            accessRequest=Gate(enabled=True, on_error="reject"),
         )
         service.ping()
         result = await service.accessRequest("id", 1, "s")
@@ -1225,7 +1224,7 @@ class RealServerTests(TestCase):
         server = ControlServer("accept")
         port = self.listen(server, ssl.PrivateCertificate.loadPEM(key + cert).options())
         url = f"https://localhost:{port}/webhook/{SECRET}"
-        gate = AccessRequestSettings(enabled=True, onError="reject")
+        gate = Gate(enabled=True, on_error="reject")
 
         verified = self.service(url, accessRequest=gate)
         result = await verified.accessRequest("id", 1, "s")
@@ -1242,6 +1241,24 @@ class RealServerTests(TestCase):
         unverified = self.service(url, accessRequest=gate, tlsVerify=False)
         self.assertEqual((await unverified.accessRequest("id", 1, "s")).reason, "accepted by webhook")
         self.assertEqual(len(server.requests), 2)
+
+    async def test_quietOverTLS(self) -> None:
+        """
+        Over C{https://} too, the pool's per-connection factory logs no
+        "Starting factory" or "Stopping factory" line.
+        """
+        key, cert = selfSigned("localhost")
+        port = self.listen(ControlServer("accept"), ssl.PrivateCertificate.loadPEM(key + cert).options())
+        with capturedLogs() as events:
+            service = self.service(
+                f"https://localhost:{port}/webhook/{SECRET}",
+                accessRequest=Gate(enabled=True, on_error="reject"),
+                tlsVerify=False,
+            )
+            result = await service.accessRequest("id", 1, "s")
+            await service.stopService()
+        self.assertEqual(result.reason, "accepted by webhook")
+        self.assertFalse([e for e in events if "factory" in formatEvent(e).lower()])
 
 
 def deferLater(seconds: float) -> Deferred[None]:
