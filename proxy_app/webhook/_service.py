@@ -43,10 +43,11 @@ class WebhookService(Service):
     Start it for the periodic C{ping}; events and gate calls work whether
     it runs or not, until L{stopService} has flushed the queue.
 
-    @ivar url: the configured URL (holding the secret: never log it).
-    @ivar redactedURL: L{redactURL<proxy_app.webhook.redactURL>} of it,
-        for logs.
-    @ivar hostid: the C{source} of every message.
+    @ivar pingInterval: seconds between pings.
+    @ivar firstPing: seconds from L{startService} to the first ping.
+    @ivar flushTimeout: how long L{stopService} waits for the queue.
+    @ivar events: the actions sent, of
+        L{EVENT_ACTIONS<proxy_app.webhook.EVENT_ACTIONS>}.
     @ivar statisticsSettings: the statistics feature's L{Statistics}
         settings.
     """
@@ -155,27 +156,19 @@ class WebhookService(Service):
                 maxConcurrent=maxConcurrent,
                 connectTimeout=timeout,
             )
-        client = WebhookClient(url, treqClient, clock, pool)
-        self.url = url
-        self.redactedURL = client.redactedURL
-        self.hostid = hostid or socket.gethostname()
+        self._client = client = WebhookClient(url, treqClient, clock, pool)
         self.pingInterval = pingInterval
         self.firstPing = firstPing
-        self.timeout = timeout
-        self.queueSize = queueSize
-        self.retries = retries
-        self.retryDelay = retryDelay
-        self.maxConcurrent = maxConcurrent
         self.statisticsSettings = statistics or Statistics()
         self.flushTimeout = flushTimeout
 
-        self._messages = Messages(self.hostid)
+        self._messages = Messages(hostid or socket.gethostname())
         self._ids = ConnectionIDs(idSource or os.urandom)
         self._live: dict[str, None] = {}
         self._neighbors: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._neighborMemory = neighborMemory
 
-        self._tally = Tally(self.redactedURL, retries)
+        self._tally = Tally(client.redactedURL, retries)
         self._queue = EventQueue(
             client,
             self._tally,
@@ -192,6 +185,27 @@ class WebhookService(Service):
         self._pingLoop: LoopingCall | None = None
 
     # State.
+
+    @property
+    def url(self) -> str:
+        """
+        The configured URL (holding the secret: never log it).
+        """
+        return self._client.url
+
+    @property
+    def redactedURL(self) -> str:
+        """
+        L{redactURL<proxy_app.webhook.redactURL>} of L{url}, for logs.
+        """
+        return self._client.redactedURL
+
+    @property
+    def hostid(self) -> str:
+        """
+        The C{source} of every message.
+        """
+        return self._messages.source
 
     @property
     def accessRequestSettings(self) -> Gate:
