@@ -679,12 +679,28 @@ def _subkeys(value: Any, known: dict[str, Callable[[Any], Any]], example: str) -
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Gate:
     """
-    The access-request gate: C{{enabled, timeout, on_error}}.
+    The access-request gate: C{{enabled, timeout, on_error}}.  Python
+    callers of L{proxy_app.webhook.WebhookService} build it directly.
+
+    @ivar enabled: whether connections wait for the webhook's answer.
+    @ivar timeout: how long one gate call may wait, in seconds; above zero.
+    @ivar on_error: C{"accept"} or C{"reject"}: the outcome when the
+        webhook gives no clear answer (see C{docs/webhooks.md}).
     """
 
     enabled: bool = False
-    timeout: float = 5.0
-    on_error: str = "accept"
+    timeout: float = attr.ib(default=5.0)
+    on_error: str = attr.ib(default="accept")
+
+    @timeout.validator
+    def _checkTimeout(self, attribute: Any, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"access_request.timeout must be above zero, not {value!r}")
+
+    @on_error.validator
+    def _checkOnError(self, attribute: Any, value: str) -> None:
+        if value not in ("accept", "reject"):
+            raise ValueError(f"access_request.on_error must be accept or reject, not {value!r}")
 
 
 def gate(value: Any) -> Gate:
@@ -705,10 +721,22 @@ def gate(value: Any) -> Gate:
 class Statistics:
     """
     smithproxy's statistics feature: C{true}, or C{{enabled, max_bytes}}.
+    Python callers of L{proxy_app.webhook.WebhookService} build it
+    directly.
+
+    @ivar enabled: whether connections collect
+        L{proxy_app.stats.ConnectionStatistics}.
+    @ivar max_bytes: how many bytes of each direction the entropy covers;
+        0 or more.
     """
 
     enabled: bool = False
-    max_bytes: int = 65536
+    max_bytes: int = attr.ib(default=65536)
+
+    @max_bytes.validator
+    def _checkMaxBytes(self, attribute: Any, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"statistics.max_bytes must be 0 or more, not {value!r}")
 
 
 def statistics(value: Any) -> Statistics:

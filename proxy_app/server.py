@@ -49,6 +49,7 @@ from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import DENIALS, ProxyError, Reason
 from proxy_app.redact import loggedTarget
 from proxy_app.resolver import DestinationDenied, VettedDestination
+from proxy_app.sniffer import TLSSniffer
 from proxy_app.target import Target, hostPort, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import Origination
 from proxy_app.upstream import (
@@ -66,7 +67,6 @@ from proxy_app.upstream import (
 )
 from proxy_app.webhook import (
     GateResult,
-    TLSSniffer,
     WebhookService,
     approvedAddresses,
     connectionInfoDetails,

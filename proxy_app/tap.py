@@ -47,7 +47,7 @@ from proxy_app.tls import (
     serverOptions,
 )
 from proxy_app.upstream import Connector
-from proxy_app.webhook import AccessRequestSettings, StatisticsSettings, WebhookService
+from proxy_app.webhook import WebhookService
 from proxy_app.workers import WorkerSupervisor, sharedListen
 
 log = Logger()
@@ -616,14 +616,8 @@ def buildWebhook(config: Config, reactor: Any) -> WebhookService | None:
         queueSize=settings.queue_size,
         retries=settings.retries,
         events=settings.events or None,
-        accessRequest=AccessRequestSettings(
-            enabled=settings.access_request.enabled,
-            timeout=settings.access_request.timeout,
-            onError=settings.access_request.on_error,
-        ),
-        statistics=StatisticsSettings(
-            enabled=settings.statistics.enabled, maxBytes=settings.statistics.max_bytes
-        ),
+        accessRequest=settings.access_request,
+        statistics=settings.statistics,
     )
 
 

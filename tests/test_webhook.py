@@ -15,7 +15,6 @@ import re
 import socket
 from typing import Any
 
-from OpenSSL import SSL
 from treq.testing import StubTreq
 from twisted.internet import reactor as globalReactor
 from twisted.internet import ssl
@@ -28,14 +27,12 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from proxy_app.config import Gate, Statistics
 from proxy_app.stats import ConnectionStatistics
 from proxy_app.webhook import (
     MAX_BACKOFF,
     MAX_L7_DETAILS,
-    AccessRequestSettings,
     GateResult,
-    StatisticsSettings,
-    TLSSniffer,
     WebhookService,
     approvedAddresses,
     connectionInfoDetails,
@@ -146,8 +143,8 @@ class ServiceMixin:
         service = WebhookService(URL, clock=self.clock, treqClient=self.stub, **kwargs)
         return service, self.server, self.stub
 
-    def gate(self, onError: str = "accept", timeout: float = 5.0) -> AccessRequestSettings:
-        return AccessRequestSettings(enabled=True, timeout=timeout, onError=onError)
+    def gate(self, onError: str = "accept", timeout: float = 5.0) -> Gate:
+        return Gate(enabled=True, timeout=timeout, on_error=onError)
 
 
 class FailingClient:
@@ -1020,7 +1017,7 @@ class QueueTests(ServiceMixin, SynchronousTestCase):
         """
         off, _, _ = self.makeService()
         self.assertIsNone(off.newStatistics())
-        on, _, _ = self.makeService(statistics=StatisticsSettings(enabled=True, maxBytes=4))
+        on, _, _ = self.makeService(statistics=Statistics(enabled=True, max_bytes=4))
         stats = on.newStatistics()
         assert stats is not None
         stats.left(b"abcdefgh")
@@ -1033,9 +1030,9 @@ class SettingsTests(SynchronousTestCase):
         The gate's defaults are smithproxy's (off, 5 s, accept); other
         C{on_error} values and non-positive timeouts are refused.
         """
-        self.assertEqual(AccessRequestSettings(), AccessRequestSettings(False, 5.0, "accept"))
-        self.assertRaises(ValueError, AccessRequestSettings, True, 5.0, "maybe")
-        self.assertRaises(ValueError, AccessRequestSettings, True, 0)
+        self.assertEqual(Gate(), Gate(False, 5.0, "accept"))
+        self.assertRaises(ValueError, Gate, True, 5.0, "maybe")
+        self.assertRaises(ValueError, Gate, True, 0)
 
     def test_serviceSettings(self) -> None:
         """
@@ -1127,85 +1124,6 @@ class RedactionTests(ServiceMixin, SynchronousTestCase):
         return d
 
 
-def clientHello(sni: bytes | None) -> bytes:
-    """
-    A real ClientHello from OpenSSL, with or without SNI.
-    """
-    context = SSL.Context(SSL.TLS_METHOD)
-    connection = SSL.Connection(context, None)
-    if sni is not None:
-        connection.set_tlsext_host_name(sni)
-    connection.set_connect_state()
-    try:
-        connection.do_handshake()
-    except SSL.WantReadError:
-        pass
-    return connection.bio_read(65536)
-
-
-class TLSSnifferTests(SynchronousTestCase):
-    def test_sni(self) -> None:
-        """
-        A ClientHello with SNI is TLS with that name.
-        """
-        sniffer = TLSSniffer()
-        sniffer.feed(clientHello(b"Example.COM"))
-        self.assertEqual((sniffer.done, sniffer.isTLS, sniffer.sni), (True, True, "example.com"))
-
-    def test_byteByByte(self) -> None:
-        """
-        A ClientHello arriving a byte at a time gives the same answer, once
-        it is complete.
-        """
-        hello = clientHello(b"api.example.org")
-        sniffer = TLSSniffer()
-        for i in range(len(hello) - 1):
-            sniffer.feed(hello[i : i + 1])
-            self.assertFalse(sniffer.done)
-        sniffer.feed(hello[-1:])
-        self.assertEqual((sniffer.isTLS, sniffer.sni), (True, "api.example.org"))
-
-    def test_noSNI(self) -> None:
-        """
-        A ClientHello without SNI is TLS with no name.
-        """
-        sniffer = TLSSniffer()
-        sniffer.feed(clientHello(None))
-        self.assertEqual((sniffer.done, sniffer.isTLS, sniffer.sni), (True, True, None))
-
-    def test_notTLS(self) -> None:
-        """
-        Plain HTTP is not TLS, decided from the first byte.
-        """
-        sniffer = TLSSniffer()
-        sniffer.feed(b"G")
-        self.assertEqual((sniffer.done, sniffer.isTLS, sniffer.sni), (True, False, None))
-
-    def test_splitRecords(self) -> None:
-        """
-        A ClientHello split over two handshake records is reassembled.
-        """
-        hello = clientHello(b"split.example")
-        body = hello[5:]
-        first, second = body[:40], body[40:]
-        records = b"".join(
-            b"\x16" + hello[1:3] + len(part).to_bytes(2, "big") + part for part in (first, second)
-        )
-        sniffer = TLSSniffer()
-        sniffer.feed(records)
-        self.assertEqual((sniffer.isTLS, sniffer.sni), (True, "split.example"))
-
-    def test_limit(self) -> None:
-        """
-        A handshake that does not complete within the limit stops the
-        sniffing (TLS, no name) and keeps no more bytes.
-        """
-        sniffer = TLSSniffer(limit=100)
-        sniffer.feed(b"\x16\x03\x01\x40\x00" + b"\x01" + b"\x00" * 200)
-        self.assertEqual((sniffer.done, sniffer.isTLS, sniffer.sni), (True, True, None))
-        self.assertEqual(len(sniffer._buffer), 0)
-
-
 class _QuietSite(Site):
     """
     A site that writes no access log (its lines would show the path).
@@ -1245,7 +1163,7 @@ class RealServerTests(TestCase):
         port = self.listen(server)
         url = f"http://127.0.0.1:{port}/webhook/{SECRET}"
         with capturedLogs() as events:
-            service = self.service(url, accessRequest=AccessRequestSettings(enabled=True), maxConcurrent=1)
+            service = self.service(url, accessRequest=Gate(enabled=True), maxConcurrent=1)
             cid = service.newConnectionID()
             service.neighbor("10.0.0.1")
             service.connectionStarted(cid, "s")
@@ -1287,7 +1205,7 @@ class RealServerTests(TestCase):
             f"http://127.0.0.1:{port}/webhook/{SECRET}",
             retries=1,
             retryDelay=0.01,
-            accessRequest=AccessRequestSettings(enabled=True, onError="reject"),
+            accessRequest=Gate(enabled=True, on_error="reject"),
         )
         service.ping()
         result = await service.accessRequest("id", 1, "s")
@@ -1306,7 +1224,7 @@ class RealServerTests(TestCase):
         server = ControlServer("accept")
         port = self.listen(server, ssl.PrivateCertificate.loadPEM(key + cert).options())
         url = f"https://localhost:{port}/webhook/{SECRET}"
-        gate = AccessRequestSettings(enabled=True, onError="reject")
+        gate = Gate(enabled=True, on_error="reject")
 
         verified = self.service(url, accessRequest=gate)
         result = await verified.accessRequest("id", 1, "s")
@@ -1323,6 +1241,24 @@ class RealServerTests(TestCase):
         unverified = self.service(url, accessRequest=gate, tlsVerify=False)
         self.assertEqual((await unverified.accessRequest("id", 1, "s")).reason, "accepted by webhook")
         self.assertEqual(len(server.requests), 2)
+
+    async def test_quietOverTLS(self) -> None:
+        """
+        Over C{https://} too, the pool's per-connection factory logs no
+        "Starting factory" or "Stopping factory" line.
+        """
+        key, cert = selfSigned("localhost")
+        port = self.listen(ControlServer("accept"), ssl.PrivateCertificate.loadPEM(key + cert).options())
+        with capturedLogs() as events:
+            service = self.service(
+                f"https://localhost:{port}/webhook/{SECRET}",
+                accessRequest=Gate(enabled=True, on_error="reject"),
+                tlsVerify=False,
+            )
+            result = await service.accessRequest("id", 1, "s")
+            await service.stopService()
+        self.assertEqual(result.reason, "accepted by webhook")
+        self.assertFalse([e for e in events if "factory" in formatEvent(e).lower()])
 
 
 def deferLater(seconds: float) -> Deferred[None]:

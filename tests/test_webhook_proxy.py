@@ -14,10 +14,12 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy_app.webhook import AccessRequestSettings, StatisticsSettings, WebhookService
+from proxy_app.config import Gate, Statistics
+from proxy_app.webhook import WebhookService
 
 from .helpers import Harness, makeHarness, parseResponse
-from .test_webhook import ControlServer, clientHello
+from .test_sniffer import clientHello
+from .test_webhook import ControlServer
 
 URL = "http://127.0.0.1:5000/webhook/SECRET"
 GET = b"GET http://origin.example/a?b=1 HTTP/1.1\r\nHost: origin.example\r\n\r\n"
@@ -84,7 +86,7 @@ class WebhookProxyTests(SynchronousTestCase):
         A webhook that rejects the access request gets the client 403 with
         reason code 1012, and nothing is connected.
         """
-        h = self.setUpProxy("reject", accessRequest=AccessRequestSettings(enabled=True))
+        h = self.setUpProxy("reject", accessRequest=Gate(enabled=True))
         h.send(GET)
         self.stub.flush()
         status, headers, body = parseResponse(h.client.value())
@@ -107,7 +109,7 @@ class WebhookProxyTests(SynchronousTestCase):
         Nothing is connected until the webhook accepts; its reply is then
         reported in connection-info.
         """
-        h = self.setUpProxy("never", accessRequest=AccessRequestSettings(enabled=True, timeout=30))
+        h = self.setUpProxy("never", accessRequest=Gate(enabled=True, timeout=30))
         h.send(GET)
         self.stub.flush()
         self.assertEqual(h.reactor.tcpClients, [])
@@ -131,7 +133,7 @@ class WebhookProxyTests(SynchronousTestCase):
         """
         for onError, connects in (("accept", 1), ("reject", 0)):
             h = self.setUpProxy(
-                "never", accessRequest=AccessRequestSettings(enabled=True, timeout=2, onError=onError)
+                "never", accessRequest=Gate(enabled=True, timeout=2, on_error=onError)
             )
             h.send(GET)
             self.stub.flush()
@@ -147,7 +149,7 @@ class WebhookProxyTests(SynchronousTestCase):
         A client that disconnects while its access request waits cancels
         the wait, and nothing is ever connected.
         """
-        h = self.setUpProxy("never", accessRequest=AccessRequestSettings(enabled=True, timeout=30))
+        h = self.setUpProxy("never", accessRequest=Gate(enabled=True, timeout=30))
         h.send(GET)
         self.stub.flush()
         h.protocol.connectionLost(None)
@@ -179,7 +181,7 @@ class WebhookProxyTests(SynchronousTestCase):
         A tunnel carrying TLS reports the ClientHello's SNI and app tls in
         connection-stop, and statistics counting exactly the relayed bytes.
         """
-        h = self.setUpProxy(statistics=StatisticsSettings(enabled=True))
+        h = self.setUpProxy(statistics=Statistics(enabled=True))
         hello = clientHello(b"api.example.com")
         h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
         up, _ = h.connectUpstream()
@@ -217,7 +219,7 @@ class GateAddressTests(SynchronousTestCase):
             clock=self.h.reactor,
             treqClient=self.stub,
             hostid="proxy-1",
-            accessRequest=AccessRequestSettings(enabled=True, timeout=30),
+            accessRequest=Gate(enabled=True, timeout=30),
         )
         self.h.factory.webhook = self.webhook
 
