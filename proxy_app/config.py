@@ -83,12 +83,15 @@ def setting(
 
 
 # Parsers.  Each takes one raw value and raises ValueError("expected ...").
+# Each is named parse..., so that none shares its name with a field it
+# parses: a class body such as Webhook's would otherwise shadow the parser
+# for every field declared after the field of the same name.
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def seconds(value: Any) -> float:
+def parseSeconds(value: Any) -> float:
     """
     A positive duration: a number of seconds, or a string with a unit as
     webhook-sentry writes them (C{"10s"}, C{"500ms"}, C{"1m"}).
@@ -123,7 +126,7 @@ _SIZE_UNITS = {
 }
 
 
-def size(value: Any) -> int:
+def parseSize(value: Any) -> int:
     """
     A positive number of bytes, optionally with a unit (C{64KiB}, C{1MiB},
     C{1MB}).
@@ -146,21 +149,21 @@ def size(value: Any) -> int:
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
-def boolean(value: Any) -> bool:
+def parseBoolean(value: Any) -> bool:
     """
     A boolean: YAML's true/false, or yes/no/on/off/1/0 as text.
     """
     if isinstance(value, bool):
         return value
-    text_ = str(value).strip().lower()
-    if text_ in ("true", "yes", "on", "1"):
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
         return True
-    if text_ in ("false", "no", "off", "0"):
+    if text in ("false", "no", "off", "0"):
         return False
     raise ValueError("expected true or false")
 
 
-def count(value: Any) -> int:
+def parseCount(value: Any) -> int:
     """
     A whole number, zero or more.
     """
@@ -175,29 +178,29 @@ def count(value: Any) -> int:
     return result
 
 
-def positive(value: Any) -> int:
+def parsePositive(value: Any) -> int:
     """
     A whole number, one or more.
     """
-    result = count(value)
+    result = parseCount(value)
     if result < 1:
         raise ValueError("expected a whole number, one or more")
     return result
 
 
-def workers(value: Any) -> int:
+def parseWorkers(value: Any) -> int:
     """
     A number of processes, or C{auto} for one per CPU.
     """
     if isinstance(value, str) and value.strip().lower() == "auto":
         return max(1, os.cpu_count() or 1)
-    result = count(value)
+    result = parseCount(value)
     if result < 1:
         raise ValueError("expected at least 1, or auto")
     return result
 
 
-def ipLiteral(value: Any) -> str:
+def parseIPAddress(value: Any) -> str:
     """
     An IPv4 or IPv6 address, canonical.
     """
@@ -209,16 +212,16 @@ def ipLiteral(value: Any) -> str:
         raise ValueError("expected an IP address such as 192.0.2.10 or 2001:db8::10") from None
 
 
-def secondsOrZero(value: Any) -> float:
+def parseSecondsOrZero(value: Any) -> float:
     """
     A duration, or 0 to turn something off.
     """
     if not isinstance(value, bool) and str(value).strip() in ("0", "0.0", "0s"):
         return 0.0
-    return seconds(value)
+    return parseSeconds(value)
 
 
-def rate(value: Any) -> float:
+def parseRate(value: Any) -> float:
     """
     A rate per second, zero or more.
     """
@@ -233,29 +236,29 @@ def rate(value: Any) -> float:
     return result
 
 
-def headerName(value: Any) -> str:
+def parseHeaderName(value: Any) -> str:
     """
     An HTTP header name.
     """
-    result = text(value)
+    result = parseText(value)
     if not _TOKEN.match(result):
         raise ValueError("expected an HTTP header name such as Request-ID")
     return result
 
 
-def optionalEndpoint(value: Any) -> str | None:
+def parseOptionalEndpoint(value: Any) -> str | None:
     """
     A server endpoint description, or C{none} for no listener.
     """
     if isinstance(value, str) and value.strip().lower() == "none":
         return None
-    result = endpoint(value)
+    result = parseEndpoint(value)
     if not isinstance(result, str):
         raise ValueError("expected an endpoint description such as tcp:2112:interface=127.0.0.1, or none")
     return result
 
 
-def choice(*choices: str) -> Callable[[Any], str]:
+def parseChoice(*choices: str) -> Callable[[Any], str]:
     """
     A parser accepting one of C{choices}, case-insensitively.
     """
@@ -269,7 +272,7 @@ def choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
-def text(value: Any) -> str:
+def parseText(value: Any) -> str:
     """
     A non-empty string.
     """
@@ -317,7 +320,7 @@ class TLSListener:
 _LISTENER_KEYS = {"port", "interface", "cert", "key", "client_ca", "client_cert", "crl"}
 
 
-def _tlsListener(fields: dict[str, Any]) -> TLSListener:
+def _parseTLSListener(fields: dict[str, Any]) -> TLSListener:
     unknown = set(fields) - _LISTENER_KEYS
     if unknown:
         raise ValueError(
@@ -333,7 +336,7 @@ def _tlsListener(fields: dict[str, Any]) -> TLSListener:
     for required in ("cert", "key"):
         if not fields.get(required):
             raise ValueError(f"a TLS listener needs {required}=PATH")
-    clientCert = choice("required", "optional", "none")(
+    clientCert = parseChoice("required", "optional", "none")(
         fields.get("client_cert", "required" if fields.get("client_ca") else "none")
     )
     if clientCert != "none" and not fields.get("client_ca"):
@@ -349,7 +352,7 @@ def _tlsListener(fields: dict[str, Any]) -> TLSListener:
     )
 
 
-def endpoint(value: Any) -> str | TLSListener:
+def parseEndpoint(value: Any) -> str | TLSListener:
     """
     A Twisted server endpoint description such as
     C{tcp:9090:interface=127.0.0.1} (only its shape is checked here;
@@ -357,13 +360,13 @@ def endpoint(value: Any) -> str | TLSListener:
     L{TLSListener} given as a mapping or as an C{mtls:} description.
     """
     if isinstance(value, dict):
-        return _tlsListener(value)
-    result = text(value)
+        return _parseTLSListener(value)
+    result = parseText(value)
     if result.startswith("mtls:"):
         positional, fields = splitDescription(result)
         if len(positional) > 1:
             fields["port"] = positional[1]
-        return _tlsListener(fields)
+        return _parseTLSListener(fields)
     if ":" not in result:
         raise ValueError(
             "expected a server endpoint description such as "
@@ -384,7 +387,7 @@ class Timeouts:
     connect: float = setting(
         "connect-timeout",
         10.0,
-        seconds,
+        parseSeconds,
         "Timeout for the TCP connection to the destination: a bound on the "
         "whole connect phase, however many of its addresses are tried.",
         metavar="SECONDS",
@@ -392,14 +395,14 @@ class Timeouts:
     read: float = setting(
         "read-timeout",
         10.0,
-        seconds,
+        parseSeconds,
         "How long a connection to the destination may stay idle.",
         metavar="SECONDS",
     )
     lifetime: float = setting(
         "connection-lifetime",
         60.0,
-        seconds,
+        parseSeconds,
         "Longest time a request may take from its connect (or a tunnel may "
         "live); pooled connections older than this are not reused.",
         metavar="SECONDS",
@@ -407,14 +410,14 @@ class Timeouts:
     dns: float = setting(
         "dns-timeout",
         5.0,
-        seconds,
+        parseSeconds,
         "Timeout for resolving the destination's name.",
         metavar="SECONDS",
     )
     request_header: float = setting(
         "request-header-timeout",
         10.0,
-        seconds,
+        parseSeconds,
         "Time a client has to send a complete request head; also how long "
         "an idle keep-alive client connection is kept (never applies to an "
         "established CONNECT tunnel).",
@@ -423,7 +426,7 @@ class Timeouts:
     drain: float = setting(
         "drain-timeout",
         15.0,
-        seconds,
+        parseSeconds,
         "On SIGTERM, how long in-flight requests and tunnels may take to "
         "finish before they are cut.",
         metavar="SECONDS",
@@ -439,7 +442,7 @@ class Limits:
     max_response_body: int = setting(
         "max-response-body",
         1048576,
-        size,
+        parseSize,
         "Largest response body passed back to a client of a forwarded "
         "request; larger ones are refused (502, reason code 1008) or cut.",
         metavar="BYTES",
@@ -447,7 +450,7 @@ class Limits:
     max_request_header: int = setting(
         "max-request-header-size",
         65536,
-        size,
+        parseSize,
         "Largest request head (request line and headers) accepted; larger "
         "ones are answered 431.",
         metavar="BYTES",
@@ -455,21 +458,21 @@ class Limits:
     max_uri_length: int = setting(
         "max-uri-length",
         8192,
-        size,
+        parseSize,
         "Longest request line accepted; longer ones are answered 414.",
         metavar="BYTES",
     )
     max_header_count: int = setting(
         "max-header-count",
         100,
-        count,
+        parseCount,
         "Most request header lines accepted; more are answered 431.",
         metavar="N",
     )
     max_connect_attempts: int = setting(
         "max-connect-attempts",
         4,
-        positive,
+        parsePositive,
         "Most of a destination's vetted addresses tried for one connection, "
         "IPv6 and IPv4 interleaved before the cap (so both families are "
         "tried when both answered); the access-request gate is asked about "
@@ -479,7 +482,7 @@ class Limits:
     max_concurrent_requests: int = setting(
         "max-concurrent-requests",
         0,
-        count,
+        parseCount,
         "Most forwarded requests in progress at once in the whole proxy (0: "
         "no limit; with --workers, each worker has its share); past it the "
         "answer is 503 with Retry-After (reason code 1014).",
@@ -488,7 +491,7 @@ class Limits:
     max_concurrent_tunnels: int = setting(
         "max-concurrent-tunnels",
         0,
-        count,
+        parseCount,
         "Most CONNECT tunnels open at once in the whole proxy (0: no limit; "
         "with --workers, each worker has its share); past it the answer is "
         "503 with Retry-After (reason code 1014).",
@@ -497,7 +500,7 @@ class Limits:
     max_request_rate: float = setting(
         "max-request-rate",
         0.0,
-        rate,
+        parseRate,
         "Requests and tunnels per second allowed to each role (anonymous "
         "clients share one budget) by the whole proxy, as a token bucket (0: "
         "no limit; with --workers, each worker allows its share); past it the "
@@ -507,7 +510,7 @@ class Limits:
     request_burst: int = setting(
         "request-burst",
         10,
-        count,
+        parseCount,
         "How many requests a role may make at once above its rate (with "
         "--workers, each worker has its share, at least 1).",
         metavar="N",
@@ -535,13 +538,13 @@ class ClientCertAlias(NamedTuple):
 RESERVED_ALIAS = "default"
 
 
-def _aliasRoles(value: Any) -> tuple[str, ...]:
+def _parseAliasRoles(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError("roles: expected a list of one or more roles")
-    return tuple(text(role) for role in value)
+    return tuple(parseText(role) for role in value)
 
 
-def clientCertAliases(value: Any) -> tuple[ClientCertAlias, ...]:
+def parseClientCertAliases(value: Any) -> tuple[ClientCertAlias, ...]:
     """
     Named client certificates, each optionally bound to the roles that may
     present it: in YAML a mapping C{{ALIAS: {cert: PATH, key: PATH[, roles:
@@ -566,9 +569,9 @@ def clientCertAliases(value: Any) -> tuple[ClientCertAlias, ...]:
             result.append(
                 ClientCertAlias(
                     str(alias),
-                    text(fields["cert"]),
-                    text(fields["key"]),
-                    None if roles is None else _aliasRoles(roles),
+                    parseText(fields["cert"]),
+                    parseText(fields["key"]),
+                    None if roles is None else _parseAliasRoles(roles),
                 )
             )
     elif isinstance(value, str):
@@ -577,7 +580,7 @@ def clientCertAliases(value: Any) -> tuple[ClientCertAlias, ...]:
             parts = paths.split(":", 2)
             if not (sep and alias and len(parts) >= 2 and all(parts)):
                 raise ValueError(expected)
-            roles = _aliasRoles(parts[2].split("+")) if len(parts) == 3 else None
+            roles = _parseAliasRoles(parts[2].split("+")) if len(parts) == 3 else None
             result.append(ClientCertAlias(alias, parts[0], parts[1], roles))
     else:
         raise ValueError(expected)
@@ -605,7 +608,7 @@ class TLS:
     ca_bundle: str | None = setting(
         "ca-bundle",
         None,
-        text,
+        parseText,
         "PEM file of the CAs destinations are verified against, replacing "
         "certifi's Mozilla bundle.",
         metavar="PATH",
@@ -613,7 +616,7 @@ class TLS:
     extra_ca: tuple[str, ...] = setting(
         "extra-ca",
         (),
-        text,
+        parseText,
         "PEM file of CAs trusted in addition to the bundle (repeatable).",
         repeatable=True,
         metavar="PATH",
@@ -621,7 +624,7 @@ class TLS:
     client_cert: str | None = setting(
         "client-cert",
         None,
-        text,
+        parseText,
         "Client certificate (PEM) presented to every destination that asks "
         "for one, unless X-WhSentry-ClientCert names another; "
         "X-WhSentry-ClientCert: default names it. Any client may use it, "
@@ -631,14 +634,14 @@ class TLS:
     client_key: str | None = setting(
         "client-key",
         None,
-        text,
+        parseText,
         "Private key (PEM, unencrypted) of --client-cert.",
         metavar="PATH",
     )
     client_certs: tuple[ClientCertAlias, ...] = setting(
         "client-cert-alias",
         (),
-        clientCertAliases,
+        parseClientCertAliases,
         "Named client certificates, chosen per request with "
         "X-WhSentry-ClientCert: ALIAS, each presented only to the roles it "
         "lists; YAML {ALIAS: {cert: PATH, key: PATH, roles: [ROLE, ...]}}, "
@@ -650,7 +653,7 @@ class TLS:
     )
 
 
-def _subkeys(value: Any, known: dict[str, Callable[[Any], Any]], example: str) -> dict[str, Any]:
+def _parseSubkeys(value: Any, known: dict[str, Callable[[Any], Any]], example: str) -> dict[str, Any]:
     """
     Parse a small mapping (YAML) or C{key=value,...} text (flag, environment)
     with a parser per key.
@@ -703,15 +706,15 @@ class Gate:
             raise ValueError(f"access_request.on_error must be accept or reject, not {value!r}")
 
 
-def gate(value: Any) -> Gate:
+def parseGate(value: Any) -> Gate:
     """
     C{{enabled: true, timeout: 5, on_error: reject}} in YAML, or
     C{enabled=true,timeout=5,on_error=reject}.
     """
     return Gate(
-        **_subkeys(
+        **_parseSubkeys(
             value,
-            {"enabled": boolean, "timeout": seconds, "on_error": choice("accept", "reject")},
+            {"enabled": parseBoolean, "timeout": parseSeconds, "on_error": parseChoice("accept", "reject")},
             "{enabled: true, timeout: 5, on_error: accept|reject}",
         )
     )
@@ -739,18 +742,18 @@ class Statistics:
             raise ValueError(f"statistics.max_bytes must be 0 or more, not {value!r}")
 
 
-def statistics(value: Any) -> Statistics:
+def parseStatistics(value: Any) -> Statistics:
     """
     C{true}/C{false}, or C{{enabled: true, max_bytes: 65536}}.
     """
     if isinstance(value, bool) or (
         isinstance(value, str) and "=" not in value
     ):
-        return Statistics(enabled=boolean(value))
+        return Statistics(enabled=parseBoolean(value))
     return Statistics(
-        **_subkeys(
+        **_parseSubkeys(
             value,
-            {"enabled": boolean, "max_bytes": size},
+            {"enabled": parseBoolean, "max_bytes": parseSize},
             "true, false, or {enabled: true, max_bytes: 65536}",
         )
     )
@@ -766,11 +769,11 @@ _WEBHOOK_ACTIONS = (
 )
 
 
-def url(value: Any) -> str:
+def parseURL(value: Any) -> str:
     """
     An http:// or https:// URL.
     """
-    result = text(value)
+    result = parseText(value)
     if not re.match(r"^https?://[^/\s]+", result, re.IGNORECASE):
         raise ValueError("expected an http:// or https:// URL")
     return result
@@ -786,7 +789,7 @@ class Webhook:
     url: str | None = setting(
         "webhook-url",
         None,
-        url,
+        parseURL,
         "Control webhook URL; setting it enables the webhook. Its path may "
         "hold a secret: it is never logged.",
         metavar="URL",
@@ -794,56 +797,56 @@ class Webhook:
     enabled: bool = setting(
         "webhook-enabled",
         True,
-        boolean,
+        parseBoolean,
         "Whether the webhook is used when a URL is set (smithproxy's enabled).",
         metavar="BOOL",
     )
     hostid: str | None = setting(
         "hostid",
         None,
-        text,
+        parseText,
         "The source of every webhook message; the host name by default.",
         metavar="NAME",
     )
     tls_verify: bool = setting(
         "webhook-tls-verify",
         True,
-        boolean,
+        parseBoolean,
         "Verify an https:// webhook's certificate (against the CA bundle).",
         metavar="BOOL",
     )
     ping_interval: float = setting(
         "webhook-ping-interval",
         120.0,
-        seconds,
+        parseSeconds,
         "Seconds between ping messages (the first comes 10 s after start).",
         metavar="SECONDS",
     )
     timeout: float = setting(
         "webhook-timeout",
         5.0,
-        seconds,
+        parseSeconds,
         "Timeout of one POST of an event.",
         metavar="SECONDS",
     )
     queue_size: int = setting(
         "webhook-queue-size",
         10000,
-        count,
+        parseCount,
         "Events held for sending at most; more are dropped and counted.",
         metavar="N",
     )
     retries: int = setting(
         "webhook-retries",
         3,
-        count,
+        parseCount,
         "Retries of a failed event POST, with exponential backoff.",
         metavar="N",
     )
     events: tuple[str, ...] = setting(
         "webhook-events",
         (),
-        choice(*_WEBHOOK_ACTIONS),
+        parseChoice(*_WEBHOOK_ACTIONS),
         "Limit the events sent to these actions (repeatable); all by default.",
         repeatable=True,
         metavar="ACTION",
@@ -851,7 +854,7 @@ class Webhook:
     access_request: Gate = setting(
         "webhook-access-request",
         Gate(),
-        gate,
+        parseGate,
         "The access-request gate: {enabled, timeout, on_error: accept|reject}; "
         "flag enabled=true,timeout=5,on_error=reject.",
         metavar="SETTINGS",
@@ -859,7 +862,7 @@ class Webhook:
     statistics: Statistics = setting(
         "webhook-statistics",
         Statistics(),
-        statistics,
+        parseStatistics,
         "Per-connection statistics in connection-info: true, or "
         "{enabled: true, max_bytes: 65536}.",
         metavar="SETTINGS",
@@ -875,7 +878,7 @@ class AccessLog:
     file: str = setting(
         "access-log",
         "-",
-        text,
+        parseText,
         "File the access log is appended to; '-' is standard output, "
         "'none' turns it off.",
         metavar="PATH",
@@ -883,14 +886,14 @@ class AccessLog:
     format: str = setting(
         "access-log-format",
         "text",
-        choice("text", "json"),
+        parseChoice("text", "json"),
         "Access log format: text (key=value) or json (one object a line).",
         metavar="text|json",
     )
     decision_log: str | None = setting(
         "decision-log",
         None,
-        text,
+        parseText,
         "Where CANONICAL-PROXY-DECISION and CANONICAL-PROXY-CN-CLOSE lines go "
         "(a path, - for standard output, or none), in access_log.format; by "
         "default, the process log.",
@@ -899,7 +902,7 @@ class AccessLog:
     request_id_header: str = setting(
         "request-id-header",
         "Request-ID",
-        headerName,
+        parseHeaderName,
         "Header carrying the request id: a well-formed incoming value is "
         "kept, else one is made; it is passed upstream and returned to the "
         "client.",
@@ -908,7 +911,7 @@ class AccessLog:
     log_query_values: bool = setting(
         "log-query-values",
         False,
-        boolean,
+        parseBoolean,
         "Write query-string values and fragments of request targets as the "
         "client sent them in the logs and the webhook's connection-stop "
         "details; by default each value is written as … and names are "
@@ -927,7 +930,7 @@ class Destinations:
     allow_ranges: tuple[str, ...] = setting(
         "allow-range",
         (),
-        text,
+        parseText,
         "Allow destination addresses in this CIDR range, even if the "
         "built-in policy denies them (repeatable).",
         repeatable=True,
@@ -936,7 +939,7 @@ class Destinations:
     deny_ranges: tuple[str, ...] = setting(
         "deny-range",
         (),
-        text,
+        parseText,
         "Deny destination addresses in this CIDR range (repeatable).",
         repeatable=True,
         metavar="CIDR",
@@ -944,7 +947,7 @@ class Destinations:
     allow_addresses: tuple[str, ...] = setting(
         "allow-address",
         (),
-        text,
+        parseText,
         "Allow this destination address, optionally only on one port: "
         "IP, IP:PORT or [IPv6]:PORT (repeatable).",
         repeatable=True,
@@ -953,7 +956,7 @@ class Destinations:
     deny_addresses: tuple[str, ...] = setting(
         "deny-address",
         (),
-        text,
+        parseText,
         "Deny this destination address, optionally only on one port "
         "(repeatable).",
         repeatable=True,
@@ -962,7 +965,7 @@ class Destinations:
     bind_addresses: tuple[str, ...] = setting(
         "bind-address",
         (),
-        ipLiteral,
+        parseIPAddress,
         "Local address outbound connections are made from, for a fixed "
         "egress address (repeatable: one IPv4 and one IPv6); the kernel "
         "chooses by default.",
@@ -972,7 +975,7 @@ class Destinations:
     dns_cache_ttl: float = setting(
         "dns-cache-ttl",
         30.0,
-        secondsOrZero,
+        parseSecondsOrZero,
         "Longest time a vetted DNS answer is reused for the same host and "
         "port (never longer than the records' TTL when --nameserver gives "
         "it); 0 resolves for every request.",
@@ -981,7 +984,7 @@ class Destinations:
     nameservers: tuple[str, ...] = setting(
         "nameserver",
         (),
-        text,
+        parseText,
         "Resolve destinations with this DNS server (HOST[:PORT], "
         "repeatable) instead of the system resolver.",
         repeatable=True,
@@ -999,7 +1002,7 @@ class ACLSettings:
     file: str | None = setting(
         "acl",
         None,
-        text,
+        parseText,
         "Smokescreen v1 ACL file deciding which hosts each role may reach; "
         "re-read on SIGHUP. No ACL: every role is allowed (the address "
         "policy still applies).",
@@ -1008,7 +1011,7 @@ class ACLSettings:
     allow_missing_role: bool = setting(
         "allow-missing-role",
         False,
-        boolean,
+        parseBoolean,
         "Judge requests without a role by the ACL's default rule instead of "
         "denying them (Smokescreen's --allow-missing-role).",
         metavar="BOOL",
@@ -1016,7 +1019,7 @@ class ACLSettings:
     role_header: str | None = setting(
         "role-header",
         None,
-        headerName,
+        parseHeaderName,
         "DANGEROUS: trust the role named in this request header (for a "
         "trusted sidecar in front of the proxy); the header is stripped.",
         metavar="NAME",
@@ -1032,7 +1035,7 @@ class Auth:
     checkers: tuple[str, ...] = setting(
         "auth",
         (),
-        text,
+        parseText,
         "Credentials checker (repeatable): twisted.cred strcred strings "
         "such as file:PATH or memory:USER:PASS, or htpasswd:PATH for bcrypt "
         "htpasswd files; files are re-read on SIGHUP. None: no proxy auth.",
@@ -1042,7 +1045,7 @@ class Auth:
     failures_per_minute: int = setting(
         "auth-failures-per-minute",
         10,
-        count,
+        parseCount,
         "Failed password checks allowed per client address (per /64 for "
         "IPv6) at once and then per minute; beyond them its attempts get 429 "
         "without a check, except credentials that recently succeeded. 0: no "
@@ -1052,7 +1055,7 @@ class Auth:
     check_threads: int = setting(
         "auth-check-threads",
         2,
-        positive,
+        parsePositive,
         "Threads that check passwords (bcrypt), apart from the threads "
         "resolving names; 8 checks per thread may wait, more get 503.",
         metavar="N",
@@ -1069,7 +1072,7 @@ class Config:
     listen: tuple[str | TLSListener, ...] = setting(
         "listen",
         ("tcp:9090:interface=127.0.0.1",),
-        endpoint,
+        parseEndpoint,
         "Endpoint the proxy listens on (repeatable), e.g. "
         "tcp:9090:interface=127.0.0.1, tcp6:9090:interface=\\:\\:1, or a TLS "
         "listener asking for client certificates: "
@@ -1080,7 +1083,7 @@ class Config:
     workers: int = setting(
         "workers",
         1,
-        workers,
+        parseWorkers,
         "Processes sharing the listening ports (SO_REUSEPORT), or auto for "
         "one per CPU; each worker N serves metrics on the metrics port + N, "
         "and enforces its share of the rate and concurrency limits.",
@@ -1089,7 +1092,7 @@ class Config:
     metrics: str | None = setting(
         "metrics",
         "tcp:2112:interface=127.0.0.1",
-        optionalEndpoint,
+        parseOptionalEndpoint,
         "Endpoint serving Prometheus /metrics and /healthcheck, or none.",
         metavar="ENDPOINT|none",
     )
@@ -1285,7 +1288,7 @@ def referenceTable() -> str:
         else:
             shown = str(default)
         doc = field.setting.doc.replace("|", "\\|")
-        switch = field.setting.parse is boolean and field.default is False
+        switch = field.setting.parse is parseBoolean and field.default is False
         flag = f"--{field.setting.flag}" if switch else f"--{field.setting.flag} {field.setting.metavar}"
         lines.append(
             f"| `{field.key}` | `{flag}` "

@@ -2,7 +2,8 @@
 Interfaces between the proxy's parts.
 """
 
-from zope.interface import Interface
+from twisted.internet.interfaces import IHostResolution
+from zope.interface import Attribute, Interface
 
 
 class IDestinationResolver(Interface):
@@ -39,6 +40,26 @@ class IDestinationResolver(Interface):
             only L{vet} can answer.
         @raise proxy_app.resolver.DestinationDenied: the literal is denied.
         """
+
+
+class IExplainedHostResolution(IHostResolution):
+    """
+    An L{IHostResolution} that can say why it found no addresses.
+
+    L{twisted.internet.interfaces.IResolutionReceiver} has no way to report
+    an error: a failed lookup simply completes with no addresses.  A
+    resolver that knows what went wrong (NXDOMAIN, SERVFAIL, a timeout)
+    provides this on the resolution it hands to C{resolutionBegan}, so that
+    L{proxy_app.resolver.SafeResolver.vet} can name the error instead of
+    saying only that there were no addresses.
+    """
+
+    error = Attribute(
+        """
+        L{None}, or the exception explaining why the resolution delivered no
+        addresses.  Only meaningful once C{resolutionComplete} was called.
+        """
+    )
 
 
 class IResponseSink(Interface):

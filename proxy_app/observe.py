@@ -119,10 +119,6 @@ def jsonFormatter(fields: tuple[str, ...]) -> Any:
     return formatJSON
 
 
-formatText = textFormatter(ACCESS_FIELDS)
-formatJSON = jsonFormatter(ACCESS_FIELDS)
-
-
 @implementer(ILogObserver)
 class _LineObserver:
     """

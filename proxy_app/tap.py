@@ -62,7 +62,7 @@ def _repeatable(field: configModule.Field) -> Any:
 
 
 def _isSwitch(field: configModule.Field) -> bool:
-    return field.setting.parse is configModule.boolean and field.default is False
+    return field.setting.parse is configModule.parseBoolean and field.default is False
 
 
 # Not a setting: the supervisor of --workers gives it to each worker.

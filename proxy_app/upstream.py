@@ -502,8 +502,6 @@ class UpstreamHTTP(Protocol):
         self.closedUnanswered = False
         self._idle = Timer(pool.clock, pool.readTimeout, self._idleTimeout)
         self._lifetime = Timer(pool.clock, pool.lifetime, self._lifetimeExpired)
-        self.bytesSent = 0
-        self.bytesReceived = 0
 
     def connectionMade(self) -> None:
         self.created = self.pool.clock.seconds()
@@ -554,7 +552,6 @@ class UpstreamHTTP(Protocol):
             self._write(LAST_CHUNK)
 
     def _write(self, data: bytes) -> None:
-        self.bytesSent += len(data)
         # The read timeout is for a connection on which nothing moves: an
         # upload in progress is not idle, however slow the origin's answer.
         # (An origin that stops reading stops the upload too, by
@@ -565,7 +562,6 @@ class UpstreamHTTP(Protocol):
     # Receiving the response.
 
     def dataReceived(self, data: bytes) -> None:
-        self.bytesReceived += len(data)
         if self.sink is None:
             # An idle pooled connection has nothing to say; whatever it
             # sends makes it unusable: out of the pool at once, so that no
@@ -844,11 +840,9 @@ class UpstreamTunnel(Protocol):
     """
 
     peer: Any = None
-    bytesReceived = 0
     transport: Any
 
     def dataReceived(self, data: bytes) -> None:
-        self.bytesReceived += len(data)
         self.peer.upstreamTunnelData(data)
 
     def readConnectionLost(self) -> None:

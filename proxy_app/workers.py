@@ -70,22 +70,6 @@ def sharedListen(reactor: Any, listener: str | TLSListener, factory: Any, contex
         sock.close()
 
 
-def workerCount(value: str, cpus: int | None = None) -> int:
-    """
-    Parse C{--workers}: a positive number, or C{auto} for the number of
-    CPUs.
-    """
-    if value.strip().lower() == "auto":
-        return max(1, cpus if cpus is not None else (os.cpu_count() or 1))
-    try:
-        count = int(value)
-    except ValueError:
-        raise ValueError("expected a number of processes, or auto") from None
-    if count < 1:
-        raise ValueError("expected at least 1")
-    return count
-
-
 class _Worker(ProcessProtocol):
     def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
         self.supervisor = supervisor

@@ -9,7 +9,7 @@ from typing import Any
 import attr
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import authority, common, dns, server
 from zope.interface import implementer
@@ -72,6 +72,25 @@ class HalfCloseStringTransport(StringTransport):
         self.writeClosed = True
 
 
+@implementer(IHostResolution)
+class FinishedResolution:
+    """
+    The resolution a name resolver that answers at once hands out: by the
+    time anyone holds it, there is nothing left to cancel.
+
+    @ivar name: the host name that was resolved.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        """
+        Refuse, as Twisted's own resolutions of C{getaddrinfo} do.
+        """
+        raise NotImplementedError("the resolution has already finished")
+
+
 @implementer(IHostnameResolver)
 class ScriptedNameResolver:
     """
@@ -91,10 +110,8 @@ class ScriptedNameResolver:
         addressTypes: Any = None,
         transportSemantics: str = "TCP",
     ) -> Any:
-        from twisted.internet._resolver import HostResolution
-
         self.lookups.append(hostName)
-        resolution = HostResolution(hostName)
+        resolution = FinishedResolution(hostName)
         receiver.resolutionBegan(resolution)
         script = self.scripts.get(hostName) or []
         # The last answer repeats once the script is used up.

@@ -5,6 +5,7 @@ Tests for L{proxy_app.config} and the command line of L{proxy_app.tap}.
 from __future__ import annotations
 
 import io
+import os
 import sys
 
 from twisted.python.filepath import FilePath
@@ -103,14 +104,26 @@ class LoadTests(SynchronousTestCase):
         Durations take webhook-sentry's units and sizes take binary and
         decimal units.
         """
-        self.assertEqual(config.seconds("500ms"), 0.5)
-        self.assertEqual(config.seconds("1m"), 60.0)
-        self.assertEqual(config.seconds(2), 2.0)
-        self.assertEqual(config.size("64KiB"), 65536)
-        self.assertEqual(config.size("1MB"), 1000000)
-        self.assertRaises(ValueError, config.seconds, "0")
-        self.assertRaises(ValueError, config.seconds, True)
-        self.assertRaises(ValueError, config.size, "-1")
+        self.assertEqual(config.parseSeconds("500ms"), 0.5)
+        self.assertEqual(config.parseSeconds("1m"), 60.0)
+        self.assertEqual(config.parseSeconds(2), 2.0)
+        self.assertEqual(config.parseSize("64KiB"), 65536)
+        self.assertEqual(config.parseSize("1MB"), 1000000)
+        self.assertRaises(ValueError, config.parseSeconds, "0")
+        self.assertRaises(ValueError, config.parseSeconds, True)
+        self.assertRaises(ValueError, config.parseSize, "-1")
+
+    def test_workers(self) -> None:
+        """
+        C{--workers} is a whole number, one or more, or C{auto} for one per
+        CPU; anything else is refused.
+        """
+        self.assertEqual(config.parseWorkers("auto"), max(1, os.cpu_count() or 1))
+        self.assertEqual(config.parseWorkers(" Auto "), config.parseWorkers("auto"))
+        self.assertEqual(config.parseWorkers("3"), 3)
+        self.assertEqual(config.parseWorkers(2), 2)
+        for bad in ("0", "-1", "many", True):
+            self.assertRaises(ValueError, config.parseWorkers, bad)
 
     def test_badValueNamesSource(self) -> None:
         """

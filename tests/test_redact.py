@@ -19,10 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from proxy_app.config import AccessLog as AccessLogSettings
 from proxy_app.config import Config
 from proxy_app.observe import (
+    ACCESS_FIELDS,
     DECISION_FIELDS,
     DecisionLog,
-    formatJSON,
-    formatText,
     jsonFormatter,
     textFormatter,
 )
@@ -242,11 +241,13 @@ class ProxyRedactionTests(SynchronousTestCase):
         Everything the proxy wrote, by where it went.
         """
         self.stub.flush()
+        accessText = textFormatter(ACCESS_FIELDS)
+        accessJSON = jsonFormatter(ACCESS_FIELDS)
         decisionText = textFormatter(DECISION_FIELDS)
         decisionJSON = jsonFormatter(DECISION_FIELDS)
         return {
-            "access log (text)": "".join(formatText(e) for e in h.access),
-            "access log (json)": "".join(formatJSON(e) for e in h.access),
+            "access log (text)": "".join(accessText(e) for e in h.access),
+            "access log (json)": "".join(accessJSON(e) for e in h.access),
             "decision log (text)": "".join(decisionText(e) for e in self.decisions),
             "decision log (json)": "".join(decisionJSON(e) for e in self.decisions),
             "process log": "".join(eventAsText(e) + repr(e) for e in events),

@@ -37,7 +37,7 @@ from proxy_app.tap import (
     workerMetrics,
 )
 from proxy_app.upstream import Connector
-from proxy_app.workers import WorkerSupervisor, workerCount
+from proxy_app.workers import WorkerSupervisor
 
 from .helpers import ScriptedNameResolver, parseResponse
 from .test_integration import Echo, freePort
@@ -183,15 +183,6 @@ class PartsTests(SynchronousTestCase):
     """
     The pieces of --workers.
     """
-
-    def test_workerCount(self) -> None:
-        """
-        auto is one per CPU; numbers below one are refused.
-        """
-        self.assertEqual(workerCount("auto", cpus=4), 4)
-        self.assertEqual(workerCount("3"), 3)
-        self.assertRaises(ValueError, workerCount, "0")
-        self.assertRaises(ValueError, workerCount, "many")
 
     def test_workerMetrics(self) -> None:
         """
