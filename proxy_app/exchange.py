@@ -1,0 +1,609 @@
+"""
+What every exchange (one request on a client connection, forwarded or
+tunnelled) shares: the request and its id, its timing, its vetting and
+connecting, its failure, and its accounting once it ends.
+
+L{proxy_app.forward} and L{proxy_app.tunnel} build on L{Exchange}.  An
+exchange sees its client connection only through L{IClientChannel}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attr
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from proxy_app.access import AuthFailed
+from proxy_app.acl import ACLDecision
+from proxy_app.http1 import RequestHead, headerValue
+from proxy_app.interfaces import IClientChannel
+from proxy_app.limits import Overloaded
+from proxy_app.reasons import DENIALS, ProxyError, Reason
+from proxy_app.redact import loggedTarget
+from proxy_app.resolver import DestinationDenied, VettedDestination
+from proxy_app.target import Target, hostPort
+from proxy_app.upstream import TLSHandshakeTimeout
+from proxy_app.webhook import (
+    GateResult,
+    approvedAddresses,
+    connectionInfoDetails,
+    connectionStopInfo,
+    sessionLabel,
+)
+
+if TYPE_CHECKING:
+    from proxy_app.channel import ProxyFactory
+
+# The process log's namespace is still that of the module this was split
+# from, so that filters on it keep working.
+log = Logger(namespace="proxy_app.server")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+_TLS_FAILURES = {
+    Reason.TLS_HANDSHAKE_FAILED: "handshake",
+    Reason.CERTIFICATE_INVALID: "certificate",
+}
+
+
+
+class Exchange:
+    """
+    What forwarded requests and tunnels share: the request, its id, the
+    vetting of its target, the access-log line.
+    """
+
+    proxyType = ""
+
+    # Slots: idle tunnels are held by the thousand, and an instance dict
+    # this size is not shared between instances.
+    __slots__ = (
+        "protocol",
+        "factory",
+        "request",
+        "target",
+        "requestID",
+        "started",
+        "dnsTime",
+        "connectTime",
+        "_connectStarted",
+        "_connect",
+        "_destination",
+        "connectionID",
+        "statistics",
+        "session",
+        "gateResult",
+        "_webhookStarted",
+        "role",
+        "aclDecision",
+        "outboundAddress",
+        "bytesUp",
+        "bytesDown",
+        "status",
+        "error",
+        "_pending",
+        "_finished",
+        "_counted",
+        "_clientGone",
+        "_decisionLogged",
+        "_url",
+    )
+
+    def __init__(
+        self,
+        protocol: IClientChannel,
+        factory: ProxyFactory,
+        request: RequestHead,
+        target: Target | None,
+    ) -> None:
+        self.protocol = protocol
+        self.factory = factory
+        self.request = request
+        self.target = target
+        incoming = headerValue(request.headers, factory.requestIDHeader)
+        incomingID = incoming.decode("latin-1").strip() if incoming is not None else None
+        self.requestID = self.factory.acceptRequestID(incomingID)
+        self.started = self.factory.clock.seconds()
+        self.dnsTime: float | None = None
+        self.connectTime: float | None = None
+        self._connectStarted = 0.0
+        self._connect: Any = None
+        self._destination: VettedDestination | None = None
+        # The control webhook's view of this exchange.
+        webhook = self.factory.webhook
+        # A request id the proxy made is the webhook's connection id too
+        # (newRequestID makes them in smithproxy's form); a client's own id
+        # is not in that form, so the webhook gets one of its own.
+        if webhook is None:
+            self.connectionID = ""
+        elif self.requestID != incomingID:
+            self.connectionID = self.requestID
+        else:
+            self.connectionID = webhook.newConnectionID()
+        self.statistics = webhook.newStatistics() if webhook is not None else None
+        self.session = ""
+        self.gateResult: GateResult | None = None
+        self._webhookStarted = False
+        # Who asked, and what the ACL said.
+        self.role: str | None = protocol.role
+        self.aclDecision: ACLDecision | None = None
+        self.outboundAddress: str | None = None
+        self.bytesUp = 0
+        self.bytesDown = 0
+        self.status: int | None = None
+        self.error: ProxyError | None = None
+        self._pending: Deferred | None = None
+        self._finished = False
+        self._counted = False
+        self._clientGone = False
+        self._decisionLogged = False
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """
+        The request target as every log line and webhook event shows it:
+        without userinfo, query values redacted unless configured (see
+        L{loggedTarget}); made once per exchange.
+        """
+        url = self._url
+        if url is None:
+            url = self._url = loggedTarget(
+                self.request.target, self.factory.config.access_log.log_query_values
+            )
+        return url
+
+    def start(self) -> None:
+        raise NotImplementedError()
+
+    def count(self) -> None:
+        """
+        Count this exchange against its concurrency limit until it ends.
+        """
+        self._counted = True
+        self.factory.active[self.proxyType] += 1
+
+
+    def _vetAndConnect(self, connect: Any) -> None:
+        """
+        Identify the client, decide, vet the target, then call
+        C{connect(destination)}, which returns an upstream protocol or a
+        L{Deferred} of one; L{_connected} gets it.
+
+        Each step answers at once when it can (no password to check, an IP
+        literal or a cached name, an idle pooled connection, no gate), and
+        the request then goes through without a single L{Deferred}: most
+        requests do.  A step that has to wait makes the rest a callback
+        chain.
+        """
+        target = self.target
+        assert target is not None
+        self._connect = connect
+        factory = self.factory
+        try:
+            role = factory.access.identify(
+                self.protocol.role, self.request.headers, self.protocol.peerHost
+            )
+            if isinstance(role, Deferred):
+                role.addCallback(self._identified)
+                self._wait(role)
+                return
+            self._decide(role)
+            destination = factory.resolver.vetNow(target.host, target.port)
+            if destination is None:
+                d = factory.resolver.vet(target.host, target.port)
+                self._wait(d.addCallback(self._vettedThenConnect))
+                return
+            upstream = self._vettedThenConnect(destination)
+        except Exception:
+            # The same answer as on the callback path: a ProxyError is
+            # answered as it is, anything else is a 500 and a traceback.
+            self._setupFailed(Failure())
+            return
+        self._whenConnected(upstream)
+
+    def _wait(self, d: Deferred) -> None:
+        """
+        The rest of the setup happens when C{d} fires with the upstream
+        protocol.
+        """
+        d.addCallbacks(self._connectedOrStale, self._setupFailed)
+        d.addErrback(self.internalError)
+        self._pending = d
+
+    def _whenConnected(self, upstream: Any) -> None:
+        """
+        Go on with C{upstream}, a protocol or a L{Deferred} of one.
+        """
+        if isinstance(upstream, Deferred):
+            self._wait(upstream)
+            return
+        try:
+            self._connectedOrStale(upstream)
+        except Exception:
+            self.internalError(Failure())
+
+    def _identified(self, role: str | None) -> Any:
+        assert self.target is not None
+        self._decide(role)
+        return self.factory.resolver.vet(self.target.host, self.target.port).addCallback(
+            self._vettedThenConnect
+        )
+
+    def _vettedThenConnect(self, destination: VettedDestination) -> Any:
+        self._vetted(destination)
+        # The addresses that may be tried (capped, in connect order) are
+        # fixed here, before the gate is asked: the gate judges exactly
+        # these, and the connector, the pool and a retry get only what it
+        # approved, as one object.
+        destination = self.factory.connector.candidates(destination)
+        webhook = self.factory.webhook
+        if webhook is not None and webhook.gateEnabled:
+            return self._askGate(destination).addCallback(self._approved)
+        return self._approved(destination)
+
+    def _approved(self, destination: VettedDestination) -> Any:
+        self._destination = destination
+        return self._connect(destination)
+
+    def _decide(self, role: str | None) -> None:
+        """
+        The ACL decides on the name; the address policy decides later on
+        the addresses, so neither check can be passed through the other.
+        """
+        assert self.target is not None
+        self.role = role
+        limiter = self.factory.rateLimiter
+        if limiter is not None:
+            wait = limiter.take(role or "")
+            if wait:
+                raise Overloaded(
+                    f"Request rate limit reached for role '{role or 'anonymous'}'", 429, wait
+                )
+        decision = self.aclDecision = self.factory.access.decide(role, self.target.host)
+        if self.factory.access.acl is not None:
+            outcome = "deny"
+            if decision.allow:
+                outcome = "report" if decision.action == "report" and decision.enforceWouldDeny else "allow"
+            self.factory.metrics.aclDecisions.labels(
+                decision.rule or "", decision.project or "", outcome
+            ).inc()
+        if not decision.allow:
+            raise ProxyError(
+                Reason.DENIED_BY_ACL,
+                f"Egress proxying is denied to host '{self.target.authority}': "
+                f"{decision.reason}.",
+            )
+
+    def _vetted(self, destination: VettedDestination) -> VettedDestination:
+        metrics = self.factory.metrics
+        self.dnsTime = destination.lookupTime
+        if destination.lookupTime:
+            metrics.dnsTime.observe(destination.lookupTime)
+        for decision in destination.denied:
+            metrics.resolverDenials.labels(decision.label).inc()
+            log.info(
+                "{rq_id}: dropped answer {address} for {host}: {rule}",
+                rq_id=self.requestID,
+                address=decision.address,
+                host=destination.host,
+                rule=decision.rule,
+            )
+        self._connectStarted = self.factory.clock.seconds()
+        return destination
+
+    @property
+    def policy(self) -> str:
+        """
+        What allowed this exchange, for the webhook: the role, else
+        C{default}.
+        """
+        decision = self.aclDecision
+        if decision is not None and decision.rule:
+            return decision.rule
+        return self.role or "default"
+
+    @property
+    def originatesTLS(self) -> bool:
+        return False
+
+    def _sessionLabel(self, address: str) -> str:
+        assert self.target is not None
+        return sessionLabel(
+            self.protocol.peerHost,
+            self.protocol.peerPort,
+            address,
+            self.target.port,
+            self.originatesTLS,
+            clientTLS=self.protocol.overTLS,
+        )
+
+    def _askGate(self, destination: VettedDestination) -> Any:
+        """
+        With the access-request gate on, wait for the control webhook's
+        word before connecting.  The request names every address that may
+        be tried; the webhook may accept only some of them.
+
+        @return: a L{Deferred} firing with C{destination} narrowed to the
+            addresses the webhook approved.
+        """
+        webhook = self.factory.webhook
+        if webhook is None or not webhook.gateEnabled:
+            return destination
+        session = self._sessionLabel(destination.addresses[0])
+
+        def decided(result: GateResult) -> VettedDestination:
+            self.gateResult = result
+            metrics = self.factory.metrics
+            metrics.gateLatency.observe(result.latency)
+            metrics.gateOutcomes.labels("accept" if result.accepted else "reject").inc()
+            if not result.accepted:
+                raise ProxyError(
+                    Reason.REJECTED_BY_WEBHOOK,
+                    f"Connection to {self.target.authority if self.target else ''} "
+                    f"rejected by the access-request webhook: {result.reason}",
+                )
+            approved = approvedAddresses(result.reply, destination.addresses)
+            if not approved:
+                raise ProxyError(
+                    Reason.REJECTED_BY_WEBHOOK,
+                    f"Connection to {self.target.authority if self.target else ''} "
+                    "rejected by the access-request webhook: it approved none of "
+                    f"the addresses {', '.join(destination.addresses)}",
+                )
+            if approved == destination.addresses:
+                return destination
+            return attr.evolve(destination, addresses=approved)
+
+        return webhook.accessRequest(
+            self.connectionID, self.policy, session, addresses=destination.addresses
+        ).addCallback(decided)
+
+    def _connectedOrStale(self, upstream: Any) -> None:
+        self._pending = None
+        webhook = self.factory.webhook
+        if not self._finished:
+            peer = upstream.transport.getPeer()
+            self.outboundAddress = hostPort(peer.host, peer.port)
+        if webhook is not None and not self._finished:
+            self.session = self._sessionLabel(upstream.transport.getPeer().host)
+            webhook.connectionStarted(self.connectionID, self.session)
+            self._webhookStarted = True
+        if not getattr(upstream, "reused", False):
+            self.connectTime = self.factory.clock.seconds() - self._connectStarted
+            self.factory.metrics.connectTime.observe(self.connectTime)
+        if self._finished:
+            # The client went away while we were connecting.
+            upstream.transport.loseConnection()
+            return
+        self._connected(upstream)
+
+    def _connected(self, upstream: Any) -> None:
+        raise NotImplementedError()
+
+    def _setupFailed(self, failure: Failure) -> None:
+        self._pending = None
+        if failure.check(CancelledError) or self._finished or self._clientGone:
+            return
+        if isinstance(failure.value, DestinationDenied):
+            self.factory.metrics.resolverDenials.labels(failure.value.decision.label).inc()
+        if isinstance(failure.value, AuthFailed) and not failure.value.missing:
+            self.factory.metrics.authFailures.inc()
+            log.info(
+                "{rq_id}: proxy authentication failed for client {client}",
+                rq_id=self.requestID,
+                client=self.protocol.peerHost,
+            )
+        if isinstance(failure.value, ProxyError):
+            self.fail(failure.value)
+            return
+        log.failure("Unexpected error setting up {url}", failure, url=self.url)
+        self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
+
+    def internalError(self, failure: Failure) -> None:
+        """
+        A bug surfaced while setting up or running this exchange: log the
+        traceback, and answer 500 (1009) if no response head has gone to the
+        client, else cut the client off.  Either way the client connection
+        does not carry another request, since its state is not trusted.
+        """
+        log.failure("Internal error handling {url}", failure, url=self.url)
+        if self._finished:
+            return
+        if self.status is None:
+            self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
+        else:
+            self.error = ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy")
+            self.record()
+            self.protocol.abort()
+
+
+    def fail(self, error: ProxyError, close: bool = False) -> None:
+        """
+        The exchange failed before a response head went to the client:
+        answer with C{error}, and close the client connection after it if
+        C{close}.
+        """
+        self.error = error
+        self.status = error.status
+        log.info(
+            "{rq_id} {method} {url}: {reason} ({code})",
+            rq_id=self.requestID,
+            method=self.request.method.decode("ascii", "replace"),
+            url=self.url,
+            reason=error.message,
+            code=int(error.reason),
+        )
+        # After a bug the connection's state is not trusted with another
+        # request.
+        close = close or error.reason is Reason.INTERNAL_ERROR
+        self.protocol.sendError(error, close=close, requestID=self.requestID)
+        self.finish()
+
+    def finish(self) -> None:
+        """
+        Write the access-log line and let the client connection go on.
+        """
+        if self._finished:
+            return
+        self.record()
+        self.protocol.exchangeDone()
+
+    def record(self, error: str | None = None) -> None:
+        """
+        Write the exchange's access-log line, once.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        if self._counted:
+            self.factory.active[self.proxyType] -= 1
+        if error is None and self.error is not None:
+            error = self.error.message
+        reasonCode = int(self.error.reason) if self.error is not None else None
+        self._reportToWebhook()
+        metrics = self.factory.metrics
+        decision = self.aclDecision
+        report = (
+            decision is not None
+            and decision.action == "report"
+            and decision.enforceWouldDeny
+            and self.error is None
+        )
+        metrics.requestDone(self.proxyType, reasonCode, self.bytesUp, self.bytesDown, report)
+        if self.error is not None:
+            kind = _TLS_FAILURES.get(self.error.reason)
+            if isinstance(self.error, TLSHandshakeTimeout):
+                kind = "timeout"
+            if kind is not None:
+                metrics.tlsFailures.labels(kind).inc()
+        if self.factory.accessLog.enabled:
+            self._writeAccessLine(reasonCode, error)
+        if not self._decisionLogged:
+            self.logDecision()
+
+    def _writeAccessLine(self, reasonCode: int | None, error: str | None) -> None:
+        self.factory.accessLog.record(
+            rq_id=self.requestID,
+            client_addr=self.protocol.clientAddress,
+            method=self.request.method.decode("ascii", "replace"),
+            url=self.url,
+            response_code=self.status,
+            response_time=round(self.factory.clock.seconds() - self.started, 6),
+            bytes_up=self.bytesUp,
+            bytes_down=self.bytesDown,
+            reason_code=reasonCode,
+            error=error,
+            role=self.role,
+            client_cn=self.protocol.certificateCN,
+            client_ou=self.protocol.certificateOU,
+        )
+
+    def logDecision(self) -> None:
+        """
+        Write Smokescreen's C{CANONICAL-PROXY-DECISION} line.
+        """
+        self._decisionLogged = True
+        if not self.factory.decisionLog.enabled:
+            return
+        decision = self.aclDecision
+        error = self.error
+        reason: str | None
+        if error is not None and error.reason is not Reason.DENIED_BY_ACL:
+            reason = error.message
+        else:
+            reason = decision.reason if decision is not None else None
+        self.factory.decisionLog.record(
+            msg="CANONICAL-PROXY-DECISION",
+            id=self.requestID,
+            proxy_type=self.proxyType,
+            requested_host=self.target.authority if self.target is not None else self.url,
+            role=self.role,
+            project=decision.project if decision is not None else None,
+            decision_reason=reason,
+            enforce_would_deny=decision.enforceWouldDeny if decision is not None else False,
+            allow=error is None or error.reason not in DENIALS,
+            inbound_remote_addr=self.protocol.clientAddress,
+            outbound_remote_addr=self.outboundAddress,
+            dns_lookup_time_ms=_ms(self.dnsTime),
+            conn_establish_time_ms=_ms(self.connectTime),
+            status_code=self.status,
+        )
+
+    def _stopInfo(self) -> dict[str, Any]:
+        return connectionStopInfo(
+            self.session, self.policy, self.bytesUp, self.bytesDown, app="http/1.1", details=[self.url]
+        )
+
+    def _reportToWebhook(self) -> None:
+        webhook = self.factory.webhook
+        if webhook is None:
+            return
+        if self._webhookStarted:
+            webhook.connectionStopped(self.connectionID, self._stopInfo())
+        details = connectionInfoDetails(self.statistics if self._webhookStarted else None, self.gateResult)
+        if details:
+            webhook.connectionInfo(self.connectionID, details)
+
+    def clientLost(self, reason: Failure | None) -> None:
+        """
+        The client connection closed before the exchange finished.
+        """
+        self._stop()
+        self.record("client closed the connection")
+
+    def abandon(self, error: ProxyError) -> None:
+        """
+        The client broke the protocol in the request's body: end the
+        exchange with C{error}; the client is answered and cut off by the
+        protocol.
+        """
+        self._stop()
+        self.error = error
+        self.status = error.status
+        self.record()
+
+    def _stop(self) -> None:
+        self._clientGone = True
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+
+    # Request body events; a tunnel has none.
+
+    def requestData(self, data: bytes) -> None:
+        pass
+
+    def requestDone(self) -> None:
+        pass
+
+
+class Refused(Exchange):
+    """
+    A request refused before anything was looked up (a malformed target).
+    Its body, if any, is read and dropped so that the connection can go on.
+    """
+
+    __slots__ = ("proxyType", "_error")
+
+    def __init__(
+        self,
+        protocol: IClientChannel,
+        factory: ProxyFactory,
+        request: RequestHead,
+        error: ProxyError,
+    ) -> None:
+        super().__init__(protocol, factory, request, None)
+        self.proxyType = "connect" if request.method == b"CONNECT" else "http"
+        self._error = error
+
+    def start(self) -> None:
+        self.fail(self._error)
+
+
