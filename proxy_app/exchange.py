@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import attr
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,15 +19,13 @@ from proxy_app.access import AuthFailed
 from proxy_app.acl import ACLDecision
 from proxy_app.http1 import RequestHead, headerValue
 from proxy_app.interfaces import IClientChannel
-from proxy_app.limits import Overloaded
 from proxy_app.reasons import DENIALS, ProxyError, Reason
 from proxy_app.redact import loggedTarget
 from proxy_app.resolver import DestinationDenied, VettedDestination
 from proxy_app.target import Target, hostPort
-from proxy_app.upstream import TLSHandshakeTimeout
+from proxy_app.upstream import TLSHandshakeTimeout, TLSSettings
 from proxy_app.webhook import (
     GateResult,
-    approvedAddresses,
     connectionInfoDetails,
     connectionStopInfo,
     sessionLabel,
@@ -60,6 +57,8 @@ class Exchange:
     """
 
     proxyType = ""
+    # The TLS origination asked for; only a forwarded request has one.
+    tls: TLSSettings | None = None
 
     # Slots: idle tunnels are held by the thousand, and an instance dict
     # this size is not shared between instances.
@@ -72,9 +71,8 @@ class Exchange:
         "started",
         "dnsTime",
         "connectTime",
-        "_connectStarted",
-        "_connect",
-        "_destination",
+        "connectStarted",
+        "destination",
         "connectionID",
         "statistics",
         "session",
@@ -112,9 +110,8 @@ class Exchange:
         self.started = self.factory.clock.seconds()
         self.dnsTime: float | None = None
         self.connectTime: float | None = None
-        self._connectStarted = 0.0
-        self._connect: Any = None
-        self._destination: VettedDestination | None = None
+        self.connectStarted = 0.0
+        self.destination: VettedDestination | None = None
         # The control webhook's view of this exchange.
         webhook = self.factory.webhook
         # A request id the proxy made is the webhook's connection id too
@@ -170,43 +167,28 @@ class Exchange:
         self.factory.active[self.proxyType] += 1
 
 
-    def _vetAndConnect(self, connect: Any) -> None:
+    def _admit(self) -> None:
         """
-        Identify the client, decide, vet the target, then call
-        C{connect(destination)}, which returns an upstream protocol or a
-        L{Deferred} of one; L{_connected} gets it.
-
-        Each step answers at once when it can (no password to check, an IP
-        literal or a cached name, an idle pooled connection, no gate), and
-        the request then goes through without a single L{Deferred}: most
-        requests do.  A step that has to wait makes the rest a callback
-        chain.
+        Run the admission pipeline (L{proxy_app.admission}); L{_connected}
+        gets the upstream protocol it ends with, at once or once a step
+        that has to wait is done.
         """
-        target = self.target
-        assert target is not None
-        self._connect = connect
-        factory = self.factory
         try:
-            role = factory.access.identify(
-                self.protocol.role, self.request.headers, self.protocol.peerHost
-            )
-            if isinstance(role, Deferred):
-                role.addCallback(self._identified)
-                self._wait(role)
-                return
-            self._decide(role)
-            destination = factory.resolver.vetNow(target.host, target.port)
-            if destination is None:
-                d = factory.resolver.vet(target.host, target.port)
-                self._wait(d.addCallback(self._vettedThenConnect))
-                return
-            upstream = self._vettedThenConnect(destination)
+            upstream = self.factory.admission.admit(self)
         except Exception:
             # The same answer as on the callback path: a ProxyError is
             # answered as it is, anything else is a 500 and a traceback.
             self._setupFailed(Failure())
             return
         self._whenConnected(upstream)
+
+    def connectTo(self, destination: VettedDestination) -> Any:
+        """
+        Connect to the admitted C{destination}, the last step of admission.
+
+        @return: the upstream protocol, or a L{Deferred} of one.
+        """
+        raise NotImplementedError()
 
     def _wait(self, d: Deferred) -> None:
         """
@@ -229,75 +211,6 @@ class Exchange:
         except Exception:
             self.internalError(Failure())
 
-    def _identified(self, role: str | None) -> Any:
-        assert self.target is not None
-        self._decide(role)
-        return self.factory.resolver.vet(self.target.host, self.target.port).addCallback(
-            self._vettedThenConnect
-        )
-
-    def _vettedThenConnect(self, destination: VettedDestination) -> Any:
-        self._vetted(destination)
-        # The addresses that may be tried (capped, in connect order) are
-        # fixed here, before the gate is asked: the gate judges exactly
-        # these, and the connector, the pool and a retry get only what it
-        # approved, as one object.
-        destination = self.factory.connector.candidates(destination)
-        webhook = self.factory.webhook
-        if webhook is not None and webhook.gateEnabled:
-            return self._askGate(destination).addCallback(self._approved)
-        return self._approved(destination)
-
-    def _approved(self, destination: VettedDestination) -> Any:
-        self._destination = destination
-        return self._connect(destination)
-
-    def _decide(self, role: str | None) -> None:
-        """
-        The ACL decides on the name; the address policy decides later on
-        the addresses, so neither check can be passed through the other.
-        """
-        assert self.target is not None
-        self.role = role
-        limiter = self.factory.rateLimiter
-        if limiter is not None:
-            wait = limiter.take(role or "")
-            if wait:
-                raise Overloaded(
-                    f"Request rate limit reached for role '{role or 'anonymous'}'", 429, wait
-                )
-        decision = self.aclDecision = self.factory.access.decide(role, self.target.host)
-        if self.factory.access.acl is not None:
-            outcome = "deny"
-            if decision.allow:
-                outcome = "report" if decision.action == "report" and decision.enforceWouldDeny else "allow"
-            self.factory.metrics.aclDecisions.labels(
-                decision.rule or "", decision.project or "", outcome
-            ).inc()
-        if not decision.allow:
-            raise ProxyError(
-                Reason.DENIED_BY_ACL,
-                f"Egress proxying is denied to host '{self.target.authority}': "
-                f"{decision.reason}.",
-            )
-
-    def _vetted(self, destination: VettedDestination) -> VettedDestination:
-        metrics = self.factory.metrics
-        self.dnsTime = destination.lookupTime
-        if destination.lookupTime:
-            metrics.dnsTime.observe(destination.lookupTime)
-        for decision in destination.denied:
-            metrics.resolverDenials.labels(decision.label).inc()
-            log.info(
-                "{rq_id}: dropped answer {address} for {host}: {rule}",
-                rq_id=self.requestID,
-                address=decision.address,
-                host=destination.host,
-                rule=decision.rule,
-            )
-        self._connectStarted = self.factory.clock.seconds()
-        return destination
-
     @property
     def policy(self) -> str:
         """
@@ -313,7 +226,10 @@ class Exchange:
     def originatesTLS(self) -> bool:
         return False
 
-    def _sessionLabel(self, address: str) -> str:
+    def sessionFor(self, address: str) -> str:
+        """
+        The webhook's session label for this exchange to C{address}.
+        """
         assert self.target is not None
         return sessionLabel(
             self.protocol.peerHost,
@@ -324,47 +240,6 @@ class Exchange:
             clientTLS=self.protocol.overTLS,
         )
 
-    def _askGate(self, destination: VettedDestination) -> Any:
-        """
-        With the access-request gate on, wait for the control webhook's
-        word before connecting.  The request names every address that may
-        be tried; the webhook may accept only some of them.
-
-        @return: a L{Deferred} firing with C{destination} narrowed to the
-            addresses the webhook approved.
-        """
-        webhook = self.factory.webhook
-        if webhook is None or not webhook.gateEnabled:
-            return destination
-        session = self._sessionLabel(destination.addresses[0])
-
-        def decided(result: GateResult) -> VettedDestination:
-            self.gateResult = result
-            metrics = self.factory.metrics
-            metrics.gateLatency.observe(result.latency)
-            metrics.gateOutcomes.labels("accept" if result.accepted else "reject").inc()
-            if not result.accepted:
-                raise ProxyError(
-                    Reason.REJECTED_BY_WEBHOOK,
-                    f"Connection to {self.target.authority if self.target else ''} "
-                    f"rejected by the access-request webhook: {result.reason}",
-                )
-            approved = approvedAddresses(result.reply, destination.addresses)
-            if not approved:
-                raise ProxyError(
-                    Reason.REJECTED_BY_WEBHOOK,
-                    f"Connection to {self.target.authority if self.target else ''} "
-                    "rejected by the access-request webhook: it approved none of "
-                    f"the addresses {', '.join(destination.addresses)}",
-                )
-            if approved == destination.addresses:
-                return destination
-            return attr.evolve(destination, addresses=approved)
-
-        return webhook.accessRequest(
-            self.connectionID, self.policy, session, addresses=destination.addresses
-        ).addCallback(decided)
-
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None
         webhook = self.factory.webhook
@@ -372,11 +247,11 @@ class Exchange:
             peer = upstream.transport.getPeer()
             self.outboundAddress = hostPort(peer.host, peer.port)
         if webhook is not None and not self._finished:
-            self.session = self._sessionLabel(upstream.transport.getPeer().host)
+            self.session = self.sessionFor(upstream.transport.getPeer().host)
             webhook.connectionStarted(self.connectionID, self.session)
             self._webhookStarted = True
         if not getattr(upstream, "reused", False):
-            self.connectTime = self.factory.clock.seconds() - self._connectStarted
+            self.connectTime = self.factory.clock.seconds() - self.connectStarted
             self.factory.metrics.connectTime.observe(self.connectTime)
         if self._finished:
             # The client went away while we were connecting.

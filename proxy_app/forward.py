@@ -17,6 +17,7 @@ from proxy_app.exchange import Exchange
 from proxy_app.http1 import RequestHead, ResponseHead, headerValue
 from proxy_app.interfaces import IClientChannel, IResponseSink
 from proxy_app.reasons import ProxyError, Reason
+from proxy_app.resolver import VettedDestination
 from proxy_app.target import Target
 from proxy_app.upstream import (
     TLSSettings,
@@ -62,7 +63,7 @@ class ForwardExchange(Exchange):
         "requestComplete",
         "_bodyProducing",
         "_responseProducing",
-        "_tls",
+        "tls",
         "_retried",
         "_limit",
     )
@@ -80,7 +81,7 @@ class ForwardExchange(Exchange):
         self.requestComplete = False
         self._bodyProducing = False
         self._responseProducing = False
-        self._tls: TLSSettings | None = None
+        self.tls: TLSSettings | None = None
         self._retried = False
         self._limit = self.factory.config.limits.max_response_body
 
@@ -120,20 +121,11 @@ class ForwardExchange(Exchange):
             tls = TLSSettings(
                 target.host, identity.alias if identity is not None else None, creator
             )
-        self._tls = tls
-        self._vetAndConnect(lambda destination: self.factory.pool.acquire(destination, tls))
+        self.tls = tls
+        self._admit()
 
-    def _decide(self, role: str | None) -> None:
-        """
-        Also check that the role may present the client certificate it
-        named: the role is known only now, and nothing has been connected
-        yet (nor taken from the pool).
-        """
-        super()._decide(role)
-        tls = self._tls
-        origination = self.factory.origination
-        if tls is not None and tls.alias is not None and origination is not None:
-            origination.permit(origination.identity(tls.alias), role)
+    def connectTo(self, destination: VettedDestination) -> Any:
+        return self.factory.pool.acquire(destination, self.tls)
 
     def _connected(self, upstream: UpstreamHTTP) -> None:
         assert self.target is not None
@@ -163,19 +155,19 @@ class ForwardExchange(Exchange):
 
     @property
     def originatesTLS(self) -> bool:
-        return self._tls is not None
+        return self.tls is not None
 
     def _stopInfo(self) -> dict[str, Any]:
         assert self.target is not None
         url = self.url
-        if self._tls is not None and url.startswith("http://"):
+        if self.tls is not None and url.startswith("http://"):
             url = "https://" + url[len("http://") :]
         return connectionStopInfo(
             self.session,
             self.policy,
             self.bytesUp,
             self.bytesDown,
-            sni=self._tls.host if self._tls is not None and not self.target.isIP else None,
+            sni=self.tls.host if self.tls is not None and not self.target.isIP else None,
             app="http/1.1",
             details=[url],
         )
@@ -294,9 +286,9 @@ class ForwardExchange(Exchange):
                 rq_id=self.requestID,
                 reason=error.message,
             )
-            assert self._destination is not None
+            assert self.destination is not None
             self._whenConnected(
-                self.factory.pool.acquire(self._destination, self._tls, reuse=False)
+                self.factory.pool.acquire(self.destination, self.tls, reuse=False)
             )
             return
         if self.headSent:
@@ -324,7 +316,7 @@ class ForwardExchange(Exchange):
             and not self._retried
             and self.requestComplete
             and self.bytesUp == 0
-            and self._destination is not None
+            and self.destination is not None
             and not self._finished
         )
 

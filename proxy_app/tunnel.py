@@ -14,6 +14,7 @@ from proxy_app.exchange import Exchange
 from proxy_app.http1 import RequestHead
 from proxy_app.interfaces import IClientChannel
 from proxy_app.reasons import ProxyError, Reason
+from proxy_app.resolver import VettedDestination
 from proxy_app.target import Target
 from proxy_app.upstream import Timer, UpstreamTunnel, UpstreamTunnelFactory
 from proxy_app.webhook import TLSSniffer, connectionStopInfo
@@ -68,11 +69,10 @@ class ConnectExchange(Exchange):
         self._sniffer = TLSSniffer() if self.factory.webhook is not None else None
 
     def start(self) -> None:
-        self._vetAndConnect(
-            lambda destination: self.factory.connector.connect(
-                destination, UpstreamTunnelFactory()
-            )
-        )
+        self._admit()
+
+    def connectTo(self, destination: VettedDestination) -> Any:
+        return self.factory.connector.connect(destination, UpstreamTunnelFactory())
 
     def _connected(self, upstream: UpstreamTunnel) -> None:
         self.upstream = upstream
@@ -97,7 +97,7 @@ class ConnectExchange(Exchange):
         # What set the tunnel up is not needed any more (idle tunnels are
         # held by the thousand): the head's header lines, the connect step.
         self.request.headers = self.request.raw = []
-        self._connect = self._destination = None
+        self.destination = None
         if leftover:
             self.fromClient(leftover)
         self.protocol.resumeReading()
