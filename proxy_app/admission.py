@@ -32,6 +32,7 @@ import attr
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from proxy_app.accounting import webhookSession
 from proxy_app.limits import Overloaded
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
@@ -58,7 +59,8 @@ class Admission:
 
     The exchange being admitted gives C{target}, C{request}, C{protocol}
     (its C{role} and C{peerHost}), C{requestID}, C{connectionID},
-    C{policy}, C{tls}, C{sessionFor(address)} and C{connectTo(destination)};
+    C{policy}, C{tls} and C{connectTo(destination)} (and what
+    L{webhookSession} reads);
     the pipeline sets its C{role}, C{aclDecision}, C{dnsTime},
     C{connectStarted}, C{gateResult} and C{destination}.
     """
@@ -187,7 +189,7 @@ class Admission:
         @return: a L{Deferred} firing with C{destination} narrowed to the
             addresses the webhook approved.
         """
-        session = exchange.sessionFor(destination.addresses[0])
+        session = webhookSession(exchange, destination.addresses[0])
         return self._parts.webhook.accessRequest(
             exchange.connectionID, exchange.policy, session, addresses=destination.addresses
         ).addCallback(self._gateDecided, exchange, destination)

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy_app.access import AccessControl
+from proxy_app.accounting import observers
 from proxy_app.admission import Admission
 from proxy_app.config import Config
 from proxy_app.exchange import Refused
@@ -96,6 +97,8 @@ class ProxyFactory(Factory):
     @ivar resolver: the L{IDestinationResolver} vetting every destination.
     @ivar connector: the L{Connector}, the one way out.
     @ivar pool: the L{UpstreamPool} of persistent origin connections.
+    @ivar observers: the L{IExchangeObserver}s every exchange's record goes
+        to (L{proxy_app.accounting}).
     @ivar admission: the L{Admission} pipeline every exchange goes through.
     @ivar connections: the live client protocols, for draining.
     @ivar draining: set on shutdown: finish what is in flight, take nothing
@@ -149,6 +152,7 @@ class ProxyFactory(Factory):
             else None
         )
         self.admission = Admission(self)
+        self.observers = observers(self)
         self._idPrefix = os.urandom(4).hex()
         self._counter = 0
 

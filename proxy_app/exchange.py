@@ -19,16 +19,13 @@ from proxy_app.access import AuthFailed
 from proxy_app.acl import ACLDecision
 from proxy_app.http1 import RequestHead, headerValue
 from proxy_app.interfaces import IClientChannel
-from proxy_app.reasons import DENIALS, ProxyError, Reason
+from proxy_app.reasons import ProxyError, Reason
 from proxy_app.redact import loggedTarget
 from proxy_app.resolver import DestinationDenied, VettedDestination
 from proxy_app.target import Target, hostPort
-from proxy_app.upstream import TLSHandshakeTimeout, TLSSettings
+from proxy_app.upstream import TLSSettings
 from proxy_app.webhook import (
     GateResult,
-    connectionInfoDetails,
-    connectionStopInfo,
-    sessionLabel,
 )
 
 if TYPE_CHECKING:
@@ -37,17 +34,6 @@ if TYPE_CHECKING:
 # The process log's namespace is still that of the module this was split
 # from, so that filters on it keep working.
 log = Logger(namespace="proxy_app.server")
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
-
-
-_TLS_FAILURES = {
-    Reason.TLS_HANDSHAKE_FAILED: "handshake",
-    Reason.CERTIFICATE_INVALID: "certificate",
-}
-
 
 
 class Exchange:
@@ -77,7 +63,7 @@ class Exchange:
         "statistics",
         "session",
         "gateResult",
-        "_webhookStarted",
+        "webhookStarted",
         "role",
         "aclDecision",
         "outboundAddress",
@@ -86,11 +72,12 @@ class Exchange:
         "status",
         "error",
         "_pending",
-        "_finished",
+        "finished",
         "_counted",
         "_clientGone",
-        "_decisionLogged",
+        "decisionLogged",
         "_url",
+        "endedBecause",
     )
 
     def __init__(
@@ -126,7 +113,7 @@ class Exchange:
         self.statistics = webhook.newStatistics() if webhook is not None else None
         self.session = ""
         self.gateResult: GateResult | None = None
-        self._webhookStarted = False
+        self.webhookStarted = False
         # Who asked, and what the ACL said.
         self.role: str | None = protocol.role
         self.aclDecision: ACLDecision | None = None
@@ -136,11 +123,12 @@ class Exchange:
         self.status: int | None = None
         self.error: ProxyError | None = None
         self._pending: Deferred | None = None
-        self._finished = False
+        self.finished = False
         self._counted = False
         self._clientGone = False
-        self._decisionLogged = False
+        self.decisionLogged = False
         self._url: str | None = None
+        self.endedBecause: str | None = None
 
     @property
     def url(self) -> str:
@@ -226,34 +214,17 @@ class Exchange:
     def originatesTLS(self) -> bool:
         return False
 
-    def sessionFor(self, address: str) -> str:
-        """
-        The webhook's session label for this exchange to C{address}.
-        """
-        assert self.target is not None
-        return sessionLabel(
-            self.protocol.peerHost,
-            self.protocol.peerPort,
-            address,
-            self.target.port,
-            self.originatesTLS,
-            clientTLS=self.protocol.overTLS,
-        )
-
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None
-        webhook = self.factory.webhook
-        if not self._finished:
-            peer = upstream.transport.getPeer()
+        peer = upstream.transport.getPeer()
+        if not self.finished:
             self.outboundAddress = hostPort(peer.host, peer.port)
-        if webhook is not None and not self._finished:
-            self.session = self.sessionFor(upstream.transport.getPeer().host)
-            webhook.connectionStarted(self.connectionID, self.session)
-            self._webhookStarted = True
-        if not getattr(upstream, "reused", False):
+        reused = getattr(upstream, "reused", False)
+        if not reused:
             self.connectTime = self.factory.clock.seconds() - self.connectStarted
-            self.factory.metrics.connectTime.observe(self.connectTime)
-        if self._finished:
+        for observer in self.factory.observers:
+            observer.exchangeConnected(self, peer.host, reused)
+        if self.finished:
             # The client went away while we were connecting.
             upstream.transport.loseConnection()
             return
@@ -264,7 +235,7 @@ class Exchange:
 
     def _setupFailed(self, failure: Failure) -> None:
         self._pending = None
-        if failure.check(CancelledError) or self._finished or self._clientGone:
+        if failure.check(CancelledError) or self.finished or self._clientGone:
             return
         if isinstance(failure.value, DestinationDenied):
             self.factory.metrics.resolverDenials.labels(failure.value.decision.label).inc()
@@ -289,7 +260,7 @@ class Exchange:
         does not carry another request, since its state is not trusted.
         """
         log.failure("Internal error handling {url}", failure, url=self.url)
-        if self._finished:
+        if self.finished:
             return
         if self.status is None:
             self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
@@ -325,113 +296,53 @@ class Exchange:
         """
         Write the access-log line and let the client connection go on.
         """
-        if self._finished:
+        if self.finished:
             return
         self.record()
         self.protocol.exchangeDone()
 
-    def record(self, error: str | None = None) -> None:
+    def record(self) -> None:
         """
-        Write the exchange's access-log line, once.
+        The exchange is over: hand its record (itself) to every observer,
+        once.
         """
-        if self._finished:
+        if self.finished:
             return
-        self._finished = True
+        self.finished = True
         if self._counted:
             self.factory.active[self.proxyType] -= 1
-        if error is None and self.error is not None:
-            error = self.error.message
-        reasonCode = int(self.error.reason) if self.error is not None else None
-        self._reportToWebhook()
-        metrics = self.factory.metrics
-        decision = self.aclDecision
-        report = (
-            decision is not None
-            and decision.action == "report"
-            and decision.enforceWouldDeny
-            and self.error is None
-        )
-        metrics.requestDone(self.proxyType, reasonCode, self.bytesUp, self.bytesDown, report)
-        if self.error is not None:
-            kind = _TLS_FAILURES.get(self.error.reason)
-            if isinstance(self.error, TLSHandshakeTimeout):
-                kind = "timeout"
-            if kind is not None:
-                metrics.tlsFailures.labels(kind).inc()
-        if self.factory.accessLog.enabled:
-            self._writeAccessLine(reasonCode, error)
-        if not self._decisionLogged:
-            self.logDecision()
+        for observer in self.factory.observers:
+            observer.exchangeEnded(self)
 
-    def _writeAccessLine(self, reasonCode: int | None, error: str | None) -> None:
-        self.factory.accessLog.record(
-            rq_id=self.requestID,
-            client_addr=self.protocol.clientAddress,
-            method=self.request.method.decode("ascii", "replace"),
-            url=self.url,
-            response_code=self.status,
-            response_time=round(self.factory.clock.seconds() - self.started, 6),
-            bytes_up=self.bytesUp,
-            bytes_down=self.bytesDown,
-            reason_code=reasonCode,
-            error=error,
-            role=self.role,
-            client_cn=self.protocol.certificateCN,
-            client_ou=self.protocol.certificateOU,
-        )
-
-    def logDecision(self) -> None:
+    @property
+    def sni(self) -> str | None:
         """
-        Write Smokescreen's C{CANONICAL-PROXY-DECISION} line.
+        The TLS server name the exchange carried, for accounting: none
+        here.
         """
-        self._decisionLogged = True
-        if not self.factory.decisionLog.enabled:
-            return
-        decision = self.aclDecision
-        error = self.error
-        reason: str | None
-        if error is not None and error.reason is not Reason.DENIED_BY_ACL:
-            reason = error.message
-        else:
-            reason = decision.reason if decision is not None else None
-        self.factory.decisionLog.record(
-            msg="CANONICAL-PROXY-DECISION",
-            id=self.requestID,
-            proxy_type=self.proxyType,
-            requested_host=self.target.authority if self.target is not None else self.url,
-            role=self.role,
-            project=decision.project if decision is not None else None,
-            decision_reason=reason,
-            enforce_would_deny=decision.enforceWouldDeny if decision is not None else False,
-            allow=error is None or error.reason not in DENIALS,
-            inbound_remote_addr=self.protocol.clientAddress,
-            outbound_remote_addr=self.outboundAddress,
-            dns_lookup_time_ms=_ms(self.dnsTime),
-            conn_establish_time_ms=_ms(self.connectTime),
-            status_code=self.status,
-        )
+        return None
 
-    def _stopInfo(self) -> dict[str, Any]:
-        return connectionStopInfo(
-            self.session, self.policy, self.bytesUp, self.bytesDown, app="http/1.1", details=[self.url]
-        )
+    @property
+    def application(self) -> str | None:
+        """
+        The L7 protocol the exchange carried, for accounting.
+        """
+        return "http/1.1"
 
-    def _reportToWebhook(self) -> None:
-        webhook = self.factory.webhook
-        if webhook is None:
-            return
-        if self._webhookStarted:
-            webhook.connectionStopped(self.connectionID, self._stopInfo())
-        details = connectionInfoDetails(self.statistics if self._webhookStarted else None, self.gateResult)
-        if details:
-            webhook.connectionInfo(self.connectionID, details)
+    @property
+    def details(self) -> list[str] | tuple[()]:
+        """
+        The URLs the exchange carried, for accounting.
+        """
+        return [self.url]
 
     def clientLost(self, reason: Failure | None) -> None:
         """
         The client connection closed before the exchange finished.
         """
         self._stop()
-        self.record("client closed the connection")
+        self.endedBecause = "client closed the connection"
+        self.record()
 
     def abandon(self, error: ProxyError) -> None:
         """

@@ -25,7 +25,6 @@ from proxy_app.upstream import (
     endToEndHeaders,
     framingHeaders,
 )
-from proxy_app.webhook import connectionStopInfo
 
 if TYPE_CHECKING:
     from proxy_app.channel import ProxyFactory
@@ -157,23 +156,20 @@ class ForwardExchange(Exchange):
     def originatesTLS(self) -> bool:
         return self.tls is not None
 
-    def _stopInfo(self) -> dict[str, Any]:
+    @property
+    def sni(self) -> str | None:
         assert self.target is not None
+        return self.tls.host if self.tls is not None and not self.target.isIP else None
+
+    @property
+    def details(self) -> list[str]:
         url = self.url
         if self.tls is not None and url.startswith("http://"):
             url = "https://" + url[len("http://") :]
-        return connectionStopInfo(
-            self.session,
-            self.policy,
-            self.bytesUp,
-            self.bytesDown,
-            sni=self.tls.host if self.tls is not None and not self.target.isIP else None,
-            app="http/1.1",
-            details=[url],
-        )
+        return [url]
 
     def requestData(self, data: bytes) -> None:
-        if self.upstream is None or self._finished:
+        if self.upstream is None or self.finished:
             return
         self.bytesUp += len(data)
         if self.statistics is not None:
@@ -183,7 +179,7 @@ class ForwardExchange(Exchange):
     def requestDone(self) -> None:
         self.requestComplete = True
         upstream = self.upstream
-        if upstream is None or self._finished:
+        if upstream is None or self.finished:
             return
         upstream.sendEnd()
         self._releaseClient()
@@ -317,7 +313,7 @@ class ForwardExchange(Exchange):
             and self.requestComplete
             and self.bytesUp == 0
             and self.destination is not None
-            and not self._finished
+            and not self.finished
         )
 
     def _unhook(self) -> None:

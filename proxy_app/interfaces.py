@@ -182,3 +182,36 @@ class IClientChannel(Interface):
         Read the client again after the pause taken while the exchange was
         set up: a tunnel calls it once both transports are wired together.
         """
+
+
+class IExchangeObserver(Interface):
+    """
+    A sink for what happened to exchanges: the access log, the decision
+    log, the metrics and the control webhook's events each implement it
+    (L{proxy_app.accounting}).  An exchange hands its record (the
+    exchange itself, read-only to observers but for the webhook's own
+    fields) to every observer in turn; observers decide nothing.
+    """
+
+    def exchangeConnected(record, host, reused):
+        """
+        The upstream connection for C{record} is made (or was taken from
+        the pool, if C{reused}), to the address C{host}.  If
+        C{record.finished}, the client had gone meanwhile.
+        """
+
+    def tunnelEstablished(record):
+        """
+        C{record}'s CONNECT was answered 200: the tunnel carries bytes from
+        now on.
+        """
+
+    def exchangeEnded(record):
+        """
+        C{record} is complete: answered, refused, failed or cut.
+        """
+
+    def tunnelClosed(record):
+        """
+        C{record}'s established tunnel closed, after L{exchangeEnded}.
+        """

@@ -17,7 +17,7 @@ from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.target import Target
 from proxy_app.upstream import Timer, UpstreamTunnel, UpstreamTunnelFactory
-from proxy_app.webhook import TLSSniffer, connectionStopInfo
+from proxy_app.webhook import TLSSniffer
 
 if TYPE_CHECKING:
     from proxy_app.channel import ProxyFactory
@@ -82,8 +82,9 @@ class ConnectExchange(Exchange):
             upstream.transport.loseConnection()
             return
         leftover = self.protocol.becomeTunnel(self)
-        self.factory.metrics.tunnels.inc()
-        self.logDecision()
+        self.decisionLogged = True
+        for observer in self.factory.observers:
+            observer.tunnelEstablished(self)
         client = self.protocol.transport
         # Bulk data moves in larger reads (and is let pile up as far before
         # the other side is paused) than a request's 64 KiB.
@@ -104,16 +105,19 @@ class ConnectExchange(Exchange):
 
     # Bytes each way.
 
-    def _stopInfo(self) -> dict[str, Any]:
+    @property
+    def sni(self) -> str | None:
         sniffer = self._sniffer
-        return connectionStopInfo(
-            self.session,
-            self.policy,
-            self.bytesUp,
-            self.bytesDown,
-            sni=sniffer.sni if sniffer is not None else None,
-            app="tls" if sniffer is not None and sniffer.isTLS else None,
-        )
+        return sniffer.sni if sniffer is not None else None
+
+    @property
+    def application(self) -> str | None:
+        sniffer = self._sniffer
+        return "tls" if sniffer is not None and sniffer.isTLS else None
+
+    @property
+    def details(self) -> tuple[()]:
+        return ()
 
     def _touch(self) -> None:
         """
@@ -192,23 +196,9 @@ class ConnectExchange(Exchange):
                 self.upstream.transport.loseConnection()
         if self.status == 200 and self.protocol.tunnel is self:
             # The tunnel's line is written when it ends.
-            self.factory.metrics.tunnels.dec()
             self.record()
-            now = self.factory.clock.seconds()
-            self.factory.decisionLog.record(
-                msg="CANONICAL-PROXY-CN-CLOSE",
-                id=self.requestID,
-                proxy_type=self.proxyType,
-                requested_host=self.target.authority if self.target is not None else self.url,
-                role=self.role,
-                inbound_remote_addr=self.protocol.clientAddress,
-                outbound_remote_addr=self.outboundAddress,
-                bytes_in=self.bytesDown,
-                bytes_out=self.bytesUp,
-                duration=round(now - self.started, 6),
-                end_time=now,
-                error=self.error.message if self.error is not None else "",
-            )
+            for observer in self.factory.observers:
+                observer.tunnelClosed(self)
             return
         super().clientLost(reason)
 

@@ -86,9 +86,6 @@ class Subject:
         self.gateResult: Any = None
         self.destination: Any = None
 
-    def sessionFor(self, address: str) -> str:
-        return address
-
     def connectTo(self, destination: Any) -> str:
         self.connected.append(destination)
         return "upstream"
