@@ -38,8 +38,18 @@ log = Logger(namespace="proxy_app.server")
 
 class Exchange:
     """
-    What forwarded requests and tunnels share: the request, its id, the
-    vetting of its target, the access-log line.
+    What forwarded requests and tunnels share: the request, its id, its
+    admission and connecting, its failure and its end.
+
+    An exchange is also its own accounting record, which every
+    L{IExchangeObserver} reads when told: C{requestID}, C{proxyType},
+    C{request}, C{url}, C{target}, C{protocol} (the client's address and
+    certificate), C{started}, C{role}, C{aclDecision}, C{policy},
+    C{dnsTime}, C{connectTime}, C{outboundAddress}, C{status}, C{error},
+    C{endedBecause}, C{bytesUp}, C{bytesDown}, C{sni}, C{application},
+    C{details}, C{finished}, C{decisionLogged}, and the webhook's
+    C{connectionID}, C{statistics}, C{gateResult}, C{session} and
+    C{webhookStarted}.
     """
 
     proxyType = ""
