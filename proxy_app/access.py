@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from proxy_app.acl import ACL, ACLDecision, ACLError, loadACL
+from proxy_app.http1 import headerValue
 from proxy_app.identity import Authenticator, AuthFailed, PasswordCheckPool
 
 log = Logger()
@@ -92,17 +93,17 @@ class AccessControl:
         if certificateRole:
             return certificateRole
         if self.roleHeader is not None:
+            # The first value that is not blank, not merely the first
+            # value (L{headerValue}): a blank role header does not hide a
+            # set one behind it.
             for name, value in headers:
                 if name == self.roleHeader and value.strip():
                     return value.strip().decode("latin-1")
         if self.authenticator is None:
             return None
-        header = None
-        for name, value in headers:
-            if name == b"proxy-authorization":
-                header = value
-                break
-        return self.authenticator.authenticate(header, client)
+        return self.authenticator.authenticate(
+            headerValue(headers, b"proxy-authorization"), client
+        )
 
     def decide(self, role: str | None, host: str) -> ACLDecision:
         """

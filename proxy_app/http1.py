@@ -49,6 +49,21 @@ class HeadError(Exception):
         self.status = status
 
 
+def headerValue(headers: Any, name: bytes) -> bytes | None:
+    """
+    The first value of header C{name} among C{headers}, or L{None}: the one
+    way the proxy looks a header up.
+
+    @param headers: C{(name, value)} pairs with the names in lower case, as
+        L{_Head.headers} holds them.
+    @param name: the header's name, in lower case.
+    """
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 class _Head:
     """
     What request and response heads share: the header lines, in order.
@@ -77,10 +92,7 @@ class _Head:
         """
         The first value of header C{name} (in lower case), or L{None}.
         """
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return headerValue(self.headers, name)
 
     def _framing(self) -> str | None:
         """

@@ -100,3 +100,139 @@ class IResponseSink(Interface):
         The request failed with C{error}, a L{proxy_app.reasons.ProxyError};
         if the response head was already reported, the response was cut.
         """
+
+
+class IClientChannel(Interface):
+    """
+    The client connection as an exchange sees it: everything a forwarded
+    request or a tunnel may do to the connection it came on.  The
+    connection owns the framing; an exchange only says what to send.
+    """
+
+    clientAddress = Attribute("The client's C{host:port}, for logs.")
+    peerHost = Attribute("The client's address, as a L{str}.")
+    peerPort = Attribute("The client's port, as an L{int}.")
+    overTLS = Attribute("Whether the client connected over TLS.")
+    role = Attribute(
+        "The role from a verified TLS client certificate's CN, or L{None}."
+    )
+    certificateCN = Attribute("The verified client certificate's CN, or L{None}.")
+    certificateOU = Attribute("The verified client certificate's OU, or L{None}.")
+    transport = Attribute(
+        "The client's transport (a producer and consumer), for flow control "
+        "and a tunnel's bytes; L{None} before the connection is made."
+    )
+    requestReadWhole = Attribute(
+        "Whether the current request's end had been read when its exchange "
+        "started: nothing of its body is left to hold back."
+    )
+    tunnel = Attribute(
+        "The exchange this connection has become a tunnel for, or L{None}."
+    )
+
+    def sendInformational(status, reason, headers):
+        """
+        Send a 1xx response ahead of the final one (nothing if a response
+        is already under way or the client has gone).
+        """
+
+    def sendHead(status, reason, headers, length, bodiless=False):
+        """
+        Send a response head, adding the framing headers for the body that
+        follows: C{length} bytes, or (for L{None}) as many as come before
+        L{sendEnd}.
+
+        @return: C{False} if the client has gone or a response was already
+            under way (the connection is then aborted).
+        """
+
+    def sendBody(data):
+        """
+        Send part of the body of the response L{sendHead} began; with no
+        such response in progress the connection is aborted instead.
+        """
+
+    def sendEnd():
+        """
+        The response L{sendHead} began is complete.
+        """
+
+    def sendError(error, close=False, requestID=None):
+        """
+        Answer with the proxy's own response for C{error}, a
+        L{proxy_app.reasons.ProxyError}; close after it if C{close}.
+
+        @return: C{False} if it could not be sent.
+        """
+
+    def sendTunnelEstablished():
+        """
+        Answer a CONNECT with C{200 Connection established}.
+
+        @return: C{False} if the client has gone or a response is under way.
+        """
+
+    def abort():
+        """
+        Cut the client connection, so that it cannot take a partial
+        response for a whole one.
+        """
+
+    def exchangeDone():
+        """
+        The current exchange has ended (its access-log line written): read
+        the next request, or close.
+        """
+
+    def resumeRequest():
+        """
+        The exchange is set up: the request's body may be read and handed
+        to it now.
+        """
+
+    def becomeTunnel(exchange):
+        """
+        The CONNECT succeeded: from now on every byte from the client goes
+        to C{exchange}.
+
+        @return: the bytes the client sent after the CONNECT head.
+        """
+
+    def resumeReading():
+        """
+        Read the client again after the pause taken while the exchange was
+        set up: a tunnel calls it once both transports are wired together.
+        """
+
+
+class IExchangeObserver(Interface):
+    """
+    A sink for what happened to exchanges: the access log, the decision
+    log, the metrics and the control webhook's events each implement it
+    (L{proxy_app.accounting}).  An exchange hands its record (the
+    exchange itself, read-only to observers but for the webhook's own
+    fields) to every observer in turn; observers decide nothing.
+    """
+
+    def exchangeConnected(record, host, reused):
+        """
+        The upstream connection for C{record} is made (or was taken from
+        the pool, if C{reused}), to the address C{host}.  If
+        C{record.finished}, the client had gone meanwhile.
+        """
+
+    def tunnelEstablished(record):
+        """
+        C{record}'s CONNECT was answered 200: the tunnel carries bytes from
+        now on.
+        """
+
+    def exchangeEnded(record):
+        """
+        C{record} is complete: answered, refused, failed or cut.
+        """
+
+    def tunnelClosed(record):
+        """
+        C{record}'s established tunnel closed, after L{exchangeEnded}.
+        """

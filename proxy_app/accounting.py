@@ -1,0 +1,279 @@
+"""
+Accounting: what happened to each exchange, fanned out to the sinks that
+record it.
+
+An exchange produces one record, itself: no copy is made, since a request
+on the Deferred-free path should allocate nothing it need not.  The fields
+observers read are the exchange's (L{proxy_app.exchange.Exchange} lists
+them).  The exchange calls each L{IExchangeObserver} in
+L{ProxyFactory.observers <proxy_app.channel.ProxyFactory>}, in this order:
+the control webhook's events, the metrics, the access log, the decision
+log; it imports none of them.
+
+Each observer reads its sink from the factory when it is called, so that
+a sink swapped while the proxy runs (or by a test) is the one written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import implementer
+
+from proxy_app.interfaces import IExchangeObserver
+from proxy_app.reasons import DENIALS, Reason
+from proxy_app.upstream import TLSHandshakeTimeout
+from proxy_app.webhook import connectionInfoDetails, connectionStopInfo, sessionLabel
+
+_TLS_FAILURES = {
+    Reason.TLS_HANDSHAKE_FAILED: "handshake",
+    Reason.CERTIFICATE_INVALID: "certificate",
+}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def errorText(record: Any) -> str | None:
+    """
+    The error an exchange's log line shows: why it ended, if it ended
+    without an error of its own (the client left), else its error's
+    message.
+    """
+    if record.endedBecause is not None:
+        return record.endedBecause
+    error = record.error
+    return error.message if error is not None else None
+
+
+def webhookSession(record: Any, address: str) -> str:
+    """
+    The control webhook's session label for C{record} going to
+    C{address}.
+    """
+    return sessionLabel(
+        record.protocol.peerHost,
+        record.protocol.peerPort,
+        address,
+        record.target.port,
+        record.originatesTLS,
+        clientTLS=record.protocol.overTLS,
+    )
+
+
+def observers(parts: Any) -> tuple[IExchangeObserver, ...]:
+    """
+    The proxy's observers, in the order they are told, reading their
+    sinks from C{parts} (the factory).
+    """
+    return (
+        WebhookObserver(parts),
+        MetricsObserver(parts),
+        AccessLogObserver(parts),
+        DecisionLogObserver(parts),
+    )
+
+
+class _Observer:
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: Any) -> None:
+        self._parts = parts
+
+    def exchangeConnected(self, record: Any, host: str, reused: bool) -> None:
+        pass
+
+    def tunnelEstablished(self, record: Any) -> None:
+        pass
+
+    def exchangeEnded(self, record: Any) -> None:
+        pass
+
+    def tunnelClosed(self, record: Any) -> None:
+        pass
+
+
+@implementer(IExchangeObserver)
+class WebhookObserver(_Observer):
+    """
+    smithproxy's C{connection-start}, C{connection-stop} and
+    C{connection-info} events, through the factory's C{webhook}.  The
+    record's C{session} and C{webhookStarted} are this observer's own.
+    """
+
+    __slots__ = ()
+
+    def exchangeConnected(self, record: Any, host: str, reused: bool) -> None:
+        webhook = self._parts.webhook
+        if webhook is None or record.finished:
+            return
+        record.session = webhookSession(record, host)
+        webhook.connectionStarted(record.connectionID, record.session)
+        record.webhookStarted = True
+
+    def exchangeEnded(self, record: Any) -> None:
+        webhook = self._parts.webhook
+        if webhook is None:
+            return
+        started = record.webhookStarted
+        if started:
+            webhook.connectionStopped(
+                record.connectionID,
+                connectionStopInfo(
+                    record.session,
+                    record.policy,
+                    record.bytesUp,
+                    record.bytesDown,
+                    sni=record.sni,
+                    app=record.application,
+                    details=record.details,
+                ),
+            )
+        details = connectionInfoDetails(record.statistics if started else None, record.gateResult)
+        if details:
+            webhook.connectionInfo(record.connectionID, details)
+
+
+@implementer(IExchangeObserver)
+class MetricsObserver(_Observer):
+    """
+    The Prometheus metrics an exchange moves, through the factory's
+    C{metrics}.
+    """
+
+    __slots__ = ()
+
+    def exchangeConnected(self, record: Any, host: str, reused: bool) -> None:
+        if not reused:
+            self._parts.metrics.connectTime.observe(record.connectTime)
+
+    def tunnelEstablished(self, record: Any) -> None:
+        self._parts.metrics.tunnels.inc()
+
+    def exchangeEnded(self, record: Any) -> None:
+        metrics = self._parts.metrics
+        error = record.error
+        decision = record.aclDecision
+        report = (
+            decision is not None
+            and decision.action == "report"
+            and decision.enforceWouldDeny
+            and error is None
+        )
+        metrics.requestDone(
+            record.proxyType,
+            int(error.reason) if error is not None else None,
+            record.bytesUp,
+            record.bytesDown,
+            report,
+        )
+        if error is not None:
+            kind = _TLS_FAILURES.get(error.reason)
+            if isinstance(error, TLSHandshakeTimeout):
+                kind = "timeout"
+            if kind is not None:
+                metrics.tlsFailures.labels(kind).inc()
+
+    def tunnelClosed(self, record: Any) -> None:
+        self._parts.metrics.tunnels.dec()
+
+
+@implementer(IExchangeObserver)
+class AccessLogObserver(_Observer):
+    """
+    One access-log line per exchange, through the factory's C{accessLog}.
+    """
+
+    __slots__ = ()
+
+    def exchangeEnded(self, record: Any) -> None:
+        parts = self._parts
+        accessLog = parts.accessLog
+        if not accessLog.enabled:
+            return
+        error = record.error
+        protocol = record.protocol
+        accessLog.record(
+            rq_id=record.requestID,
+            client_addr=protocol.clientAddress,
+            method=record.request.method.decode("ascii", "replace"),
+            url=record.url,
+            response_code=record.status,
+            response_time=round(parts.clock.seconds() - record.started, 6),
+            bytes_up=record.bytesUp,
+            bytes_down=record.bytesDown,
+            reason_code=int(error.reason) if error is not None else None,
+            error=errorText(record),
+            role=record.role,
+            client_cn=protocol.certificateCN,
+            client_ou=protocol.certificateOU,
+        )
+
+
+@implementer(IExchangeObserver)
+class DecisionLogObserver(_Observer):
+    """
+    Smokescreen's C{CANONICAL-PROXY-DECISION} line once per exchange (when
+    a tunnel is established, else when the exchange ends), and
+    C{CANONICAL-PROXY-CN-CLOSE} when a tunnel closes, through the
+    factory's C{decisionLog}.
+    """
+
+    __slots__ = ()
+
+    def tunnelEstablished(self, record: Any) -> None:
+        self._decision(record)
+
+    def exchangeEnded(self, record: Any) -> None:
+        if not record.decisionLogged:
+            self._decision(record)
+
+    def _decision(self, record: Any) -> None:
+        record.decisionLogged = True
+        decisionLog = self._parts.decisionLog
+        if not decisionLog.enabled:
+            return
+        decision = record.aclDecision
+        error = record.error
+        reason: str | None
+        if error is not None and error.reason is not Reason.DENIED_BY_ACL:
+            reason = error.message
+        else:
+            reason = decision.reason if decision is not None else None
+        target = record.target
+        decisionLog.record(
+            msg="CANONICAL-PROXY-DECISION",
+            id=record.requestID,
+            proxy_type=record.proxyType,
+            requested_host=target.authority if target is not None else record.url,
+            role=record.role,
+            project=decision.project if decision is not None else None,
+            decision_reason=reason,
+            enforce_would_deny=decision.enforceWouldDeny if decision is not None else False,
+            allow=error is None or error.reason not in DENIALS,
+            inbound_remote_addr=record.protocol.clientAddress,
+            outbound_remote_addr=record.outboundAddress,
+            dns_lookup_time_ms=_ms(record.dnsTime),
+            conn_establish_time_ms=_ms(record.connectTime),
+            status_code=record.status,
+        )
+
+    def tunnelClosed(self, record: Any) -> None:
+        now = self._parts.clock.seconds()
+        target = record.target
+        error = record.error
+        self._parts.decisionLog.record(
+            msg="CANONICAL-PROXY-CN-CLOSE",
+            id=record.requestID,
+            proxy_type=record.proxyType,
+            requested_host=target.authority if target is not None else record.url,
+            role=record.role,
+            inbound_remote_addr=record.protocol.clientAddress,
+            outbound_remote_addr=record.outboundAddress,
+            bytes_in=record.bytesDown,
+            bytes_out=record.bytesUp,
+            duration=round(now - record.started, 6),
+            end_time=now,
+            error=error.message if error is not None else "",
+        )

@@ -1,0 +1,221 @@
+"""
+The admission pipeline: whether a request may go where it asks, and to
+which addresses.  Its steps, in order:
+
+  1. identify the client (certificate, trusted role header, or
+     C{Proxy-Authorization} through the cred portal);
+  2. take from the role's rate limit;
+  3. the ACL's decision on the host name (and, for TLS origination, that
+     the role may present the client certificate it named);
+  4. vet the destination through the L{IDestinationResolver};
+  5. narrow it to the addresses the L{Connector} may try
+     (L{Connector.candidates});
+  6. with the access-request gate on, the control webhook's word;
+  7. connect, through the exchange's own way (the pool, or a tunnel).
+
+Each step answers at once when it can (no password to check, an IP
+literal or a cached name, no gate, an idle pooled connection), and the
+request then goes through without a single L{Deferred}: most requests do.
+A step that has to wait makes the rest a callback chain.  Both paths run
+the same steps in the same order, and raise the same errors.
+
+The pipeline writes no access or decision log; what it learns (the role,
+the ACL decision, the lookup time, the gate's answer, the destination) is
+written on the exchange, whose record accounting reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from proxy_app.accounting import webhookSession
+from proxy_app.limits import Overloaded
+from proxy_app.reasons import ProxyError, Reason
+from proxy_app.resolver import VettedDestination
+from proxy_app.webhook import GateResult, approvedAddresses
+
+# The process log's namespace is still that of the module this was split
+# from, so that filters on it keep working.
+log = Logger(namespace="proxy_app.server")
+
+
+class Admission:
+    """
+    The admission pipeline of one proxy.
+
+    Its collaborators are read from C{parts} (the L{ProxyFactory}) at each
+    step rather than kept, so that one swapped while the proxy runs (the
+    access control on reload, or a test's stand-in) takes effect for the
+    next request: C{access} (L{proxy_app.access.AccessControl}),
+    C{rateLimiter} (a L{proxy_app.limits.RateLimiter} or L{None}),
+    C{resolver} (an L{IDestinationResolver}), C{connector}
+    (L{proxy_app.upstream.Connector}), C{webhook} (its gate, or L{None}),
+    C{origination} (L{proxy_app.tls.Origination} or L{None}), C{metrics}
+    and C{clock}.
+
+    The exchange being admitted gives C{target}, C{request}, C{protocol}
+    (its C{role} and C{peerHost}), C{requestID}, C{connectionID},
+    C{policy}, C{tls} and C{connectTo(destination)} (and what
+    L{webhookSession} reads);
+    the pipeline sets its C{role}, C{aclDecision}, C{dnsTime},
+    C{connectStarted}, C{gateResult} and C{destination}.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: Any) -> None:
+        self._parts = parts
+
+    def admit(self, exchange: Any) -> Any:
+        """
+        Run the pipeline for C{exchange}.
+
+        @return: what C{exchange.connectTo} returned (an upstream protocol,
+            or a L{Deferred} of one) when every step answered at once, else
+            a L{Deferred} firing with it after the rest of the steps.
+        @raise ProxyError: a step refused the request at once (the
+            L{Deferred}, on the callback path, fails the same way).
+        """
+        parts = self._parts
+        target = exchange.target
+        role = parts.access.identify(
+            exchange.protocol.role, exchange.request.headers, exchange.protocol.peerHost
+        )
+        if isinstance(role, Deferred):
+            return role.addCallback(self._identified, exchange)
+        self.decide(exchange, role)
+        destination = parts.resolver.vetNow(target.host, target.port)
+        if destination is None:
+            return parts.resolver.vet(target.host, target.port).addCallback(
+                self._vettedThenConnect, exchange
+            )
+        return self._vettedThenConnect(destination, exchange)
+
+    def _identified(self, role: str | None, exchange: Any) -> Any:
+        target = exchange.target
+        self.decide(exchange, role)
+        return self._parts.resolver.vet(target.host, target.port).addCallback(
+            self._vettedThenConnect, exchange
+        )
+
+    def decide(self, exchange: Any, role: str | None) -> None:
+        """
+        The rate limit, then the ACL's decision on the name; the address
+        policy decides later on the addresses, so neither check can be
+        passed through the other.  A request that names a client
+        certificate for TLS origination must also be one its role may
+        present: the role is known only now, and nothing has been
+        connected yet (nor taken from the pool).
+
+        @raise Overloaded: the role's rate limit is reached.
+        @raise ProxyError: the ACL denies the host, or the role may not
+            present the certificate.
+        """
+        parts = self._parts
+        target = exchange.target
+        exchange.role = role
+        limiter = parts.rateLimiter
+        if limiter is not None:
+            wait = limiter.take(role or "")
+            if wait:
+                raise Overloaded(
+                    f"Request rate limit reached for role '{role or 'anonymous'}'", 429, wait
+                )
+        access = parts.access
+        decision = exchange.aclDecision = access.decide(role, target.host)
+        if access.acl is not None:
+            outcome = "deny"
+            if decision.allow:
+                outcome = "report" if decision.action == "report" and decision.enforceWouldDeny else "allow"
+            parts.metrics.aclDecisions.labels(
+                decision.rule or "", decision.project or "", outcome
+            ).inc()
+        if not decision.allow:
+            raise ProxyError(
+                Reason.DENIED_BY_ACL,
+                f"Egress proxying is denied to host '{target.authority}': "
+                f"{decision.reason}.",
+            )
+        tls = exchange.tls
+        if tls is not None and tls.alias is not None:
+            origination = parts.origination
+            if origination is not None:
+                origination.permit(origination.identity(tls.alias), role)
+
+    def _vettedThenConnect(self, destination: VettedDestination, exchange: Any) -> Any:
+        parts = self._parts
+        self._vetted(destination, exchange)
+        # The addresses that may be tried (capped, in connect order) are
+        # fixed here, before the gate is asked: the gate judges exactly
+        # these, and the connector, the pool and a retry get only what it
+        # approved, as one object.
+        destination = parts.connector.candidates(destination)
+        webhook = parts.webhook
+        if webhook is not None and webhook.gateEnabled:
+            return self._askGate(destination, exchange).addCallback(self._approved, exchange)
+        return self._approved(destination, exchange)
+
+    def _approved(self, destination: VettedDestination, exchange: Any) -> Any:
+        exchange.destination = destination
+        return exchange.connectTo(destination)
+
+    def _vetted(self, destination: VettedDestination, exchange: Any) -> None:
+        parts = self._parts
+        metrics = parts.metrics
+        exchange.dnsTime = destination.lookupTime
+        if destination.lookupTime:
+            metrics.dnsTime.observe(destination.lookupTime)
+        for decision in destination.denied:
+            metrics.resolverDenials.labels(decision.label).inc()
+            log.info(
+                "{rq_id}: dropped answer {address} for {host}: {rule}",
+                rq_id=exchange.requestID,
+                address=decision.address,
+                host=destination.host,
+                rule=decision.rule,
+            )
+        exchange.connectStarted = parts.clock.seconds()
+
+    def _askGate(self, destination: VettedDestination, exchange: Any) -> Deferred:
+        """
+        Wait for the control webhook's word before connecting.  The request
+        names every address that may be tried; the webhook may accept only
+        some of them.
+
+        @return: a L{Deferred} firing with C{destination} narrowed to the
+            addresses the webhook approved.
+        """
+        session = webhookSession(exchange, destination.addresses[0])
+        return self._parts.webhook.accessRequest(
+            exchange.connectionID, exchange.policy, session, addresses=destination.addresses
+        ).addCallback(self._gateDecided, exchange, destination)
+
+    def _gateDecided(
+        self, result: GateResult, exchange: Any, destination: VettedDestination
+    ) -> VettedDestination:
+        exchange.gateResult = result
+        metrics = self._parts.metrics
+        metrics.gateLatency.observe(result.latency)
+        metrics.gateOutcomes.labels("accept" if result.accepted else "reject").inc()
+        target = exchange.target
+        if not result.accepted:
+            raise ProxyError(
+                Reason.REJECTED_BY_WEBHOOK,
+                f"Connection to {target.authority if target else ''} "
+                f"rejected by the access-request webhook: {result.reason}",
+            )
+        approved = approvedAddresses(result.reply, destination.addresses)
+        if not approved:
+            raise ProxyError(
+                Reason.REJECTED_BY_WEBHOOK,
+                f"Connection to {target.authority if target else ''} "
+                "rejected by the access-request webhook: it approved none of "
+                f"the addresses {', '.join(destination.addresses)}",
+            )
+        if approved == destination.addresses:
+            return destination
+        return attr.evolve(destination, addresses=approved)

@@ -1,0 +1,80 @@
+"""
+Tests for L{proxy_app.accounting}: the observers an exchange's record is
+fanned out to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from proxy_app.accounting import (
+    AccessLogObserver,
+    DecisionLogObserver,
+    MetricsObserver,
+    WebhookObserver,
+)
+from proxy_app.interfaces import IExchangeObserver
+
+from .helpers import makeHarness
+
+GET = b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+
+
+@implementer(IExchangeObserver)
+class Recorder:
+    """
+    An observer that records what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def exchangeConnected(self, record: Any, host: str, reused: bool) -> None:
+        self.events.append(("connected", host))
+
+    def tunnelEstablished(self, record: Any) -> None:
+        self.events.append(("established", record.requestID))
+
+    def exchangeEnded(self, record: Any) -> None:
+        self.events.append(("ended", record.status))
+
+    def tunnelClosed(self, record: Any) -> None:
+        self.events.append(("closed", record.requestID))
+
+
+class ObserverTests(SynchronousTestCase):
+    """
+    The proxy's sinks are L{IExchangeObserver}s, told in a fixed order.
+    """
+
+    def test_observersProvideInterface(self) -> None:
+        """
+        The factory's observers are the webhook, metrics, access-log and
+        decision-log observers, in that order, and each provides
+        L{IExchangeObserver}.
+        """
+        h = makeHarness()
+        self.assertEqual(
+            [type(o) for o in h.factory.observers],
+            [WebhookObserver, MetricsObserver, AccessLogObserver, DecisionLogObserver],
+        )
+        for observer in h.factory.observers:
+            verifyObject(IExchangeObserver, observer)
+
+    def test_forwardedRequestFannedOut(self) -> None:
+        """
+        A forwarded request tells every observer once that it connected,
+        and once that it ended.
+        """
+        h = makeHarness()
+        recorder = Recorder()
+        h.factory.observers = (*h.factory.observers, recorder)
+        h.send(GET)
+        up, _ = h.connectUpstream()
+        up.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(recorder.events, [("connected", "203.0.113.10"), ("ended", 204)])
+        self.assertEqual(len(h.access), 1)
