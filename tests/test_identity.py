@@ -791,8 +791,16 @@ class CacheTests(SynchronousTestCase):
         self.successResultOf(self.auth.authenticate(basic(b"alice", b"pw")))
         ((username, digest),) = self.auth._cache
         self.assertEqual(username, b"alice")
-        self.assertNotIn(b"pw", digest)
+        # A 32-byte digest, not the password; keyed, so neither the plain
+        # SHA-256 nor another authenticator's digest of the same password.
+        # (Not "b'pw' not in digest": two random bytes in 32 match one run
+        # in about two thousand.)
+        self.assertEqual(len(digest), 32)
         self.assertNotEqual(digest, hashlib.sha256(b"pw").digest())
+        other = Authenticator([self.auth.checkers[0]], clock=self.clock)
+        self.successResultOf(other.authenticate(basic(b"alice", b"pw")))
+        ((_, otherDigest),) = other._cache
+        self.assertNotEqual(digest, otherDigest)
 
     def test_notRememberedAcrossAuthenticators(self) -> None:
         """
