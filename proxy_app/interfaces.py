@@ -2,6 +2,10 @@
 Interfaces between the proxy's parts.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from twisted.internet.interfaces import IHostResolution
 from zope.interface import Attribute, Interface
 
@@ -12,17 +16,18 @@ class IDestinationResolver(Interface):
     has approved.  It is the only way the proxy learns where to connect.
     """
 
-    def vet(host, port):
+    def vet(host: str, port: int) -> Any:
         """
         Resolve C{host} once and classify every answer.
 
         @param host: a normalized host name or canonical IP literal, as
-            L{proxy_app.target.parseTarget} produces.
+            L{proxy_app.target.parseAbsoluteTarget} and
+            L{proxy_app.target.parseConnectTarget} produce.
         @type host: L{str}
         @param port: the destination port.
         @type port: L{int}
 
-        @return: a L{Deferred} firing with a
+        @return: a L{twisted.internet.defer.Deferred} firing with a
             L{proxy_app.resolver.VettedDestination} holding at least one
             allowed address, or failing with
             L{proxy_app.resolver.DestinationDenied} (every answer was
@@ -31,7 +36,7 @@ class IDestinationResolver(Interface):
         """
 
 
-    def vetNow(host, port):
+    def vetNow(host: str, port: int) -> Any:
         """
         The answer to L{vet} when it needs no waiting: for an IP literal, or
         a name whose vetted answer is cached.
@@ -69,33 +74,33 @@ class IResponseSink(Interface):
     L{upstreamFailed} ends each request.
     """
 
-    def upstreamInformational(event):
+    def upstreamInformational(event: Any) -> None:
         """
         A 1xx response (a L{proxy_app.http1.ResponseHead}) arrived.
         """
 
-    def upstreamResponse(event):
+    def upstreamResponse(event: Any) -> None:
         """
         The response head (a L{proxy_app.http1.ResponseHead}) arrived.
         """
 
-    def upstreamData(data):
+    def upstreamData(data: bytes) -> None:
         """
         A piece of the response body arrived.
         """
 
-    def upstreamReadDone():
+    def upstreamReadDone() -> None:
         """
         Everything parsed from one read of the connection has been reported,
         and the response is not complete yet.
         """
 
-    def upstreamDone():
+    def upstreamDone() -> None:
         """
         The response is complete.
         """
 
-    def upstreamFailed(error):
+    def upstreamFailed(error: Any) -> None:
         """
         The request failed with C{error}, a L{proxy_app.reasons.ProxyError};
         if the response head was already reported, the response was cut.
@@ -130,13 +135,19 @@ class IClientChannel(Interface):
         "The exchange this connection has become a tunnel for, or L{None}."
     )
 
-    def sendInformational(status, reason, headers):
+    def sendInformational(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """
         Send a 1xx response ahead of the final one (nothing if a response
         is already under way or the client has gone).
         """
 
-    def sendHead(status, reason, headers, length, bodiless=False):
+    def sendHead(
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        bodiless: bool = False,
+    ) -> bool:
         """
         Send a response head, adding the framing headers for the body that
         follows: C{length} bytes, or (for L{None}) as many as come before
@@ -146,18 +157,18 @@ class IClientChannel(Interface):
             under way (the connection is then aborted).
         """
 
-    def sendBody(data):
+    def sendBody(data: bytes) -> None:
         """
         Send part of the body of the response L{sendHead} began; with no
         such response in progress the connection is aborted instead.
         """
 
-    def sendEnd():
+    def sendEnd() -> None:
         """
         The response L{sendHead} began is complete.
         """
 
-    def sendError(error, close=False, requestID=None):
+    def sendError(error: Any, close: bool = False, requestID: str | None = None) -> bool:
         """
         Answer with the proxy's own response for C{error}, a
         L{proxy_app.reasons.ProxyError}; close after it if C{close}.
@@ -165,32 +176,32 @@ class IClientChannel(Interface):
         @return: C{False} if it could not be sent.
         """
 
-    def sendTunnelEstablished():
+    def sendTunnelEstablished() -> bool:
         """
         Answer a CONNECT with C{200 Connection established}.
 
         @return: C{False} if the client has gone or a response is under way.
         """
 
-    def abort():
+    def abort() -> None:
         """
         Cut the client connection, so that it cannot take a partial
         response for a whole one.
         """
 
-    def exchangeDone():
+    def exchangeDone() -> None:
         """
         The current exchange has ended (its access-log line written): read
         the next request, or close.
         """
 
-    def resumeRequest():
+    def resumeRequest() -> None:
         """
         The exchange is set up: the request's body may be read and handed
         to it now.
         """
 
-    def becomeTunnel(exchange):
+    def becomeTunnel(exchange: Any) -> bytes:
         """
         The CONNECT succeeded: from now on every byte from the client goes
         to C{exchange}.
@@ -198,7 +209,7 @@ class IClientChannel(Interface):
         @return: the bytes the client sent after the CONNECT head.
         """
 
-    def resumeReading():
+    def resumeReading() -> None:
         """
         Read the client again after the pause taken while the exchange was
         set up: a tunnel calls it once both transports are wired together.
@@ -214,25 +225,25 @@ class IExchangeObserver(Interface):
     fields) to every observer in turn; observers decide nothing.
     """
 
-    def exchangeConnected(record, host, reused):
+    def exchangeConnected(record: Any, host: str, reused: bool) -> None:
         """
         The upstream connection for C{record} is made (or was taken from
         the pool, if C{reused}), to the address C{host}.  If
         C{record.finished}, the client had gone meanwhile.
         """
 
-    def tunnelEstablished(record):
+    def tunnelEstablished(record: Any) -> None:
         """
         C{record}'s CONNECT was answered 200: the tunnel carries bytes from
         now on.
         """
 
-    def exchangeEnded(record):
+    def exchangeEnded(record: Any) -> None:
         """
         C{record} is complete: answered, refused, failed or cut.
         """
 
-    def tunnelClosed(record):
+    def tunnelClosed(record: Any) -> None:
         """
         C{record}'s established tunnel closed, after L{exchangeEnded}.
         """

@@ -102,7 +102,7 @@ class DestinationDenied(ProxyError):
         the client (the first denied answer).
     """
 
-    def __init__(self, host: str, port: int, decision) -> None:
+    def __init__(self, host: str, port: int, decision: AddressDecision) -> None:
         self.host = host
         self.port = port
         self.decision = decision
