@@ -96,7 +96,10 @@ class AccessProxyTests(SynchronousTestCase):
         status, _, _ = parseResponse(h.client.value())
         self.assertEqual(status, 407)
         self.assertEqual(
-            h.factory.metrics.authFailures._value.get(), 1  # type: ignore[attr-defined]
+            h.factory.metrics.registry.get_sample_value(
+                "egressproxy_proxy_auth_failures_total"
+            ),
+            1,
         )
 
     def test_failedAuthenticationsLimitedPerClient(self) -> None:
@@ -188,11 +191,21 @@ class AccessProxyTests(SynchronousTestCase):
             (line["allow"], line["enforce_would_deny"], line["decision_reason"]),
             (True, True, "rule has allow and report policy"),
         )
+        registry = h.factory.metrics.registry
         self.assertEqual(
-            h.factory.metrics.aclDecisions.labels("bob", "search", "report")._value.get(), 1  # type: ignore[attr-defined]
+            registry.get_sample_value(
+                "egressproxy_acl_decisions_total",
+                {"rule": "bob", "project": "search", "decision": "report"},
+            ),
+            1,
         )
-        requests = h.factory.metrics.requests
-        self.assertEqual(requests.labels("http", "report", "")._value.get(), 1)  # type: ignore[attr-defined]
+        self.assertEqual(
+            registry.get_sample_value(
+                "egressproxy_requests_total",
+                {"proxy_type": "http", "decision": "report", "reason_code": ""},
+            ),
+            1,
+        )
 
     def test_missingRole(self) -> None:
         """

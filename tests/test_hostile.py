@@ -33,8 +33,11 @@ class HeadTests(SynchronousTestCase):
         h.send(data)
         got, headers, _ = parseResponse(h.client.value())
         self.assertEqual((got, headers[b"x-whsentry-reasoncode"]), (status, b"1015"), data)
-        counted = h.factory.metrics.requests.labels("http", "allow", "1015")
-        self.assertEqual(counted._value.get(), 1)  # type: ignore[attr-defined]
+        counted = h.factory.metrics.registry.get_sample_value(
+            "egressproxy_requests_total",
+            {"proxy_type": "http", "decision": "allow", "reason_code": "1015"},
+        )
+        self.assertEqual(counted, 1)
         self.assertEqual(h.resolver.calls, [])
         self.assertTrue(h.client.disconnecting)
 

@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from twisted.names import dns
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
@@ -35,6 +35,23 @@ from proxy_app.tap import Options, makeService
 from proxy_app.upstream import Connector
 
 from .helpers import startNameServer
+
+
+def logged(start: str) -> Deferred:
+    """
+    A L{Deferred} that fires with the next log event whose format begins
+    with C{start}: a test waits for the event itself, not for a guess at
+    how long it takes (trial's timeout bounds the wait).
+    """
+    d: Deferred = Deferred()
+
+    def observer(event: dict) -> None:
+        if not d.called and str(event.get("log_format", "")).startswith(start):
+            globalLogPublisher.removeObserver(observer)
+            d.callback(event)
+
+    globalLogPublisher.addObserver(observer)
+    return d
 
 
 class Echo(Resource):
@@ -474,14 +491,16 @@ class AccessControlTests(TestCase):
         self.assertGreater(gc.get_freeze_count(), 0)
 
         self.writeACL(["other.example"])
+        reloaded = logged("ACL reloaded")
         os.kill(os.getpid(), signal.SIGHUP)
-        yield deferLater(reactor, 0.05)
+        yield reloaded
         response, body = yield self.get(b"alice:secret")
         self.assertEqual(response.code, 403, body)
         self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1011"])
 
         self.acl.setContent(b"version: v1\nservices: [[[\n")
+        refused = logged("ACL not reloaded")
         os.kill(os.getpid(), signal.SIGHUP)
-        yield deferLater(reactor, 0.05)
+        yield refused
         response, _ = yield self.get(b"alice:secret")
         self.assertEqual(response.code, 403)
