@@ -41,7 +41,7 @@ from proxy_app.resolver import (
     parseNameserver,
 )
 
-from .helpers import startNameServer
+from .helpers import PluggableMemoryReactor, startNameServer
 
 # Loopback addresses stand in for public ones: the policy below allows
 # exactly these, and everything else in 127/8 and 10/8 stays denied by the
@@ -584,7 +584,7 @@ class SafeResolverResolveHostNameTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.clock = MemoryReactorClock()
+        self.clock = PluggableMemoryReactor()
         self.names = FakeNameResolver()
         self.resolver = SafeResolver(makePolicy(), self.names, self.clock)
         self.receiver = RecordingReceiver()
@@ -1117,7 +1117,7 @@ class MakeNameResolverTests(SynchronousTestCase):
         """
         With no nameservers, the reactor's own name resolver is used.
         """
-        reactor = MemoryReactorClock()
+        reactor = PluggableMemoryReactor()
         self.assertIs(makeNameResolver([], reactor), reactor.nameResolver)
 
     def test_nameservers(self) -> None:
