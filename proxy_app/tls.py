@@ -7,6 +7,11 @@ C{X-WhSentry-TLS: true} (or an absolute C{https://} URI) and the proxy
 speaks TLS to the vetted address, verifying the certificate against
 certifi's Mozilla bundle (every certificate in it) and the host name with
 service-identity, sending the host name as SNI, TLS 1.2 at least.
+
+The verification is ours (L{ClientConnectionCreator}), on pyOpenSSL and
+service-identity and Twisted's public API only, so that a refused
+certificate reads the same (C{certificate has expired}, C{hostname
+mismatch: wanted X, certificate is for Y}) on every Twisted we support.
 """
 
 from __future__ import annotations
@@ -247,7 +252,9 @@ def clientContext(trustRoot: Any, identity: ClientIdentity | None) -> SSL.Contex
     own verify callback (L{ClientConnectionCreator}).
 
     Twisted's public L{ssl.CertificateOptions} builds it, for its choice
-    of ciphers, curves and options; its context is then ours to configure.
+    of ciphers, curves and options.  Sharing it between hosts shares no
+    sessions: OpenSSL resumes a client session only when asked to, and
+    nothing asks, so every handshake runs the verify callback.
 
     @param trustRoot: an C{IOpenSSLTrustRoot} (L{loadTrustRoot}), or
         L{None} for the platform's (as L{ssl.optionsForClientTLS} does):
