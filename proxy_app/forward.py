@@ -108,7 +108,7 @@ class ForwardExchange(Exchange):
             try:
                 creator = origination.creator(target.host, identity)
             except UnicodeError as e:
-                # idna's errors: a name IDNA 2008 refuses (an underscore, an
+                # idna's errors: an A-label IDNA 2008 refuses (an
                 # emoji label) cannot be sent as SNI or verified.
                 self.fail(
                     ProxyError(

@@ -7,23 +7,41 @@ C{X-WhSentry-TLS: true} (or an absolute C{https://} URI) and the proxy
 speaks TLS to the vetted address, verifying the certificate against
 certifi's Mozilla bundle (every certificate in it) and the host name with
 service-identity, sending the host name as SNI, TLS 1.2 at least.
+
+The verification is ours (L{ClientConnectionCreator}), on pyOpenSSL and
+service-identity and Twisted's public API only, so that a refused
+certificate reads the same (C{certificate has expired}, C{hostname
+mismatch: wanted X, certificate is for Y}) on every Twisted we support.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attr
 import certifi
+import idna
 from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from service_identity.hazmat import (
+    DNS_ID,
+    IPAddress_ID,
+    ServiceID,
+    verify_service_identity,
+)
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy_app.reasons import ProxyError, Reason
+
+log = Logger()
 
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\s.+?\s-----END CERTIFICATE-----", re.DOTALL
@@ -155,6 +173,9 @@ class Origination:
             raise ValueError(f"the alias {DEFAULT_ALIAS!r} is reserved for the default identity")
         self.rolesInUse = rolesInUse
         self._creators: dict[tuple[str, str | None], IOpenSSLClientConnectionCreator] = {}
+        # One context per identity, shared by all hosts: loading the trust
+        # root into a context is the costly part.
+        self._contexts: dict[str | None, SSL.Context] = {}
 
     def identity(self, alias: str | None) -> ClientIdentity | None:
         """
@@ -202,63 +223,227 @@ class Origination:
         """
         The connection creator for C{host} (SNI and the name verified),
         presenting C{identity}.
+
+        @param host: a host as L{proxy_app.target.normalizeHost} gives it:
+            a lower-case ASCII name, or an IP literal without brackets.
+        @raise UnicodeError: for a name IDNA 2008 refuses in an A-label
+            (C{xn--jv8h}, an emoji), which can be neither sent as SNI nor
+            checked against a certificate.
         """
-        key = (host, identity.alias if identity is not None else None)
+        alias = identity.alias if identity is not None else None
+        key = (host, alias)
         creator = self._creators.get(key)
         if creator is None:
             if len(self._creators) > 4096:
                 self._creators.clear()
-            creator = _NameRecordingCreator(
-                ssl.optionsForClientTLS(
-                    host,
-                    trustRoot=self.trustRoot,
-                    clientCertificate=identity.certificate if identity is not None else None,
-                    extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
-                )
-            )
+            context = self._contexts.get(alias)
+            if context is None:
+                context = self._contexts[alias] = clientContext(self.trustRoot, identity)
+            creator = ClientConnectionCreator(context, host)
             self._creators[key] = creator
         return creator
 
 
-PEER_NAMES = "egressproxyPeerNames"
-VERIFY_ERROR = "egressproxyVerifyError"
+def clientContext(trustRoot: Any, identity: ClientIdentity | None) -> SSL.Context:
+    """
+    The OpenSSL context for originating TLS with one client identity, to
+    any host: it trusts C{trustRoot}, presents C{identity} to destinations
+    that ask, and speaks TLS 1.2 at least.  Each connection then gets its
+    own verify callback (L{ClientConnectionCreator}).
+
+    Twisted's public L{ssl.CertificateOptions} builds it, for its choice
+    of ciphers, curves and options.  Sharing it between hosts shares no
+    sessions: OpenSSL resumes a client session only when asked to, and
+    nothing asks, so every handshake runs the verify callback.
+
+    @param trustRoot: an C{IOpenSSLTrustRoot} (L{loadTrustRoot}), or
+        L{None} for the platform's (as L{ssl.optionsForClientTLS} does):
+        never no verification.
+    """
+    options: dict[str, Any] = {
+        "trustRoot": trustRoot if trustRoot is not None else ssl.platformTrust(),
+        "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+    }
+    if identity is not None:
+        options["privateKey"] = identity.certificate.privateKey.original
+        options["certificate"] = identity.certificate.original
+    return ssl.CertificateOptions(**options).getContext()
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _NameRecordingCreator:
+class ClientConnectionCreator:
     """
-    Twisted's client TLS options, plus a note, on the TLS transport, of the
-    peer certificate's names and OpenSSL's verification error: when a
-    check fails Twisted aborts the connection and the certificate is gone,
-    but the error should say what was wrong and whom the certificate was
-    for.
+    TLS client connections to one host: its name as SNI, and its
+    certificate verified against the context's trust root and then against
+    the host name (or, for an IP literal, its IP address) with
+    service-identity.
+
+    Verification happens in OpenSSL's verify callback, during the
+    handshake, rather than once it is done: a peer whose certificate is
+    for another name is refused before it is sent the client certificate,
+    and before the TLS transport tells anyone the handshake completed.
+    Every refusal is reported through the TLS transport's
+    C{failVerification}, so that the connection is lost with a
+    L{CertificateRefused} or L{HostnameMismatch} saying why, rather than
+    OpenSSL's bare "certificate verify failed".
+
+    Names are accepted as curl and browsers accept them: ASCII labels of
+    letters, digits, hyphens and underscores (C{foo_bar.example.com},
+    C{r3---sn-x.example}), which service-identity matches exactly or
+    against a wildcard.  A-labels (C{xn--…}) must be valid IDNA 2008.
+
+    @ivar host: the host, as given.
     """
 
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
+    def __init__(self, context: SSL.Context, host: str) -> None:
+        self.host = host
+        self._context = context
+        self._expected: ServiceID
+        self._serverName: bytes | None
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            self._serverName = _serverName(host)
+            self._expected = DNS_ID(host)
+        else:
+            # An IP literal is never sent as SNI (RFC 6066, section 3).
+            self._serverName = None
+            self._expected = IPAddress_ID(str(address))
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        try:
-            # Twisted's verify callback checks the name; it is private, so
-            # do without the note if it ever moves.
-            from twisted.internet._sslverify import _verifyCB
-        except ImportError:
-            return connection
-        inner = self._inner
-        twistedCallback = _verifyCB(
-            tlsProtocol, inner._hostnameIsDnsName, inner._hostnameASCII
-        )
-
-        def verifyCallback(conn: SSL.Connection, cert: Any, err: int, depth: int, ok: Any) -> Any:
-            if depth == 0:
-                setattr(tlsProtocol, PEER_NAMES, _certificateNames(cert))
-            if err and not getattr(tlsProtocol, VERIFY_ERROR, 0):
-                setattr(tlsProtocol, VERIFY_ERROR, err)
-            return twistedCallback(conn, cert, err, depth, ok)
-
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verifyCallback)
+        """
+        A new connection to the host, for C{tlsProtocol} (a
+        C{TLSMemoryBIOProtocol}).
+        """
+        connection = SSL.Connection(self._context, None)
+        check = _PeerCheck(self.host, self._expected, tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, check.callback)
+        if self._serverName is not None:
+            connection.set_tlsext_host_name(self._serverName)
         return connection
+
+
+def _serverName(host: str) -> bytes:
+    """
+    The SNI bytes of a host name, checking its A-labels.
+
+    @raise UnicodeError: for a name IDNA 2008 refuses in an A-label, or one
+        that is not ASCII and not valid IDNA 2008.
+    """
+    if not host.isascii():
+        return idna.encode(host)
+    for label in host.split("."):
+        if label[:4].lower() == "xn--":
+            # idna decodes an A-label to check the U-label it stands for.
+            idna.encode(label)
+        elif not _LDH_UNDERSCORE.match(label):
+            raise UnicodeError(f"label {label!r} is not a host name label")
+    return host.encode("ascii")
+
+
+_LDH_UNDERSCORE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")
+
+
+class _PeerCheck:
+    """
+    What one connection expects of its peer, and OpenSSL's verify callback
+    for that connection.
+
+    @ivar protocol: the TLS transport to fail, until the check is over.
+    """
+
+    __slots__ = ("host", "expected", "protocol")
+
+    def __init__(self, host: str, expected: ServiceID, protocol: Any) -> None:
+        self.host = host
+        self.expected = expected
+        self.protocol = protocol
+
+    def callback(
+        self, connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int
+    ) -> bool:
+        """
+        OpenSSL's verify callback: L{verify}, with any failure of its own
+        logged and refusing the peer.  (An exception raised here would be
+        kept by pyOpenSSL and raised again out of the handshake, where the
+        TLS transport does not expect it.)
+        """
+        try:
+            return self.verify(certificate, error, depth, bool(ok))
+        except Exception:
+            failure = Failure()
+            log.failure("Verifying the certificate of {host} failed", failure, host=self.host)
+            self.refuse(failure)
+            return False
+
+    def verify(self, certificate: crypto.X509, error: int, depth: int, ok: bool) -> bool:
+        """
+        Judge one certificate of the peer's chain, as OpenSSL's verify
+        callback: OpenSSL's own verdict first, and then, for the leaf of a
+        trusted chain, the name.
+
+        @return: whether to go on with the handshake.
+        """
+        if not ok:
+            # An untrusted certificate's names are the peer's say-so: report
+            # why the chain was refused, not what it claims to be.
+            self.refuse(Failure(CertificateRefused(error)))
+            return False
+        if depth != 0:
+            return True
+        try:
+            verify_service_identity(extract_patterns(certificate), [self.expected], [])
+        except VerificationError:
+            self.refuse(Failure(HostnameMismatch(self.host, _certificateNames(certificate))))
+            return False
+        # Done with the protocol: the connection should not keep it.
+        self.protocol = None
+        return True
+
+    def refuse(self, reason: Failure) -> None:
+        """
+        Fail the TLS transport's connection with C{reason}, once.
+        """
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.failVerification(reason)
+
+
+class CertificateRefused(Exception):
+    """
+    OpenSSL refused the peer's certificate chain.
+
+    @ivar code: OpenSSL's X.509 verification result (C{X509_V_ERR_*}).
+    """
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+    def __str__(self) -> str:
+        if self.code in _VERIFY_ERRORS:
+            return _VERIFY_ERRORS[self.code]
+        return f"X.509 verification error {self.code}" if self.code else "certificate verify failed"
+
+
+class HostnameMismatch(Exception):
+    """
+    The peer's certificate, from a trusted CA, is for other names.
+
+    @ivar wanted: the host (or IP literal) expected.
+    @ivar names: the names the certificate is for (at most five).
+    """
+
+    def __init__(self, wanted: str, names: list[str]) -> None:
+        super().__init__(wanted, names)
+        self.wanted = wanted
+        self.names = names
+
+    def __str__(self) -> str:
+        detail = f"hostname mismatch: wanted {self.wanted}"
+        if self.names:
+            detail += f", certificate is for {', '.join(self.names)}"
+        return detail
 
 
 # X.509 verification results, as OpenSSL words them (x509_txt.c), for the
@@ -283,27 +468,26 @@ def tlsError(failure: Failure, host: str, where: str, transport: Any = None) -> 
     1007 when the certificate was refused (untrusted, expired, wrong name),
     1005 for any other handshake failure.
 
-    @param transport: the TLS transport, to read the verification result
-        and the certificate's names from.
+    @param transport: unused: the failure itself says why (see
+        L{ClientConnectionCreator}).  Accepted for callers written when
+        the reason was noted on the transport.
     """
-    from service_identity import VerificationError
-
-    if failure.check(VerificationError):
-        names = getattr(transport, PEER_NAMES, [])
-        detail = f"hostname mismatch: wanted {host}"
-        if names:
-            detail += f", certificate is for {', '.join(names)}"
+    if failure.check(CertificateRefused, HostnameMismatch):
         return ProxyError(
             Reason.CERTIFICATE_INVALID,
-            f"TLS certificate of {where} is not valid: {detail}",
+            f"TLS certificate of {where} is not valid: {failure.value}",
+        )
+    if failure.check(VerificationError):
+        return ProxyError(
+            Reason.CERTIFICATE_INVALID,
+            f"TLS certificate of {where} is not valid: hostname mismatch: wanted {host}",
         )
     if isinstance(failure.value, SSL.Error):
         reasons = _sslReason(failure.value)
         if "certificate verify failed" in reasons:
-            reason = _verifyResult(transport)
             return ProxyError(
                 Reason.CERTIFICATE_INVALID,
-                f"TLS certificate of {where} is not valid: {reason}",
+                f"TLS certificate of {where} is not valid: certificate verify failed",
             )
         return ProxyError(
             Reason.TLS_HANDSHAKE_FAILED, f"TLS handshake with {where} failed: {reasons}"
@@ -313,16 +497,6 @@ def tlsError(failure: Failure, host: str, where: str, transport: Any = None) -> 
         f"TLS handshake with {where} failed: "
         f"{failure.getErrorMessage() or type(failure.value).__name__}",
     )
-
-
-def _verifyResult(transport: Any) -> str:
-    """
-    Why OpenSSL refused the peer's certificate, in OpenSSL's words.
-    """
-    code = getattr(transport, VERIFY_ERROR, 0)
-    if code:
-        return _VERIFY_ERRORS.get(code, f"X.509 verification error {code}")
-    return "certificate verify failed"
 
 
 def _sslReason(error: SSL.Error) -> str:

@@ -9,7 +9,11 @@ from typing import Any
 import attr
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import authority, common, dns, server
 from zope.interface import implementer
@@ -231,3 +235,34 @@ def startNameServer(reactor: Any, zone: bytes, records: dict[bytes, list[Any]]) 
     records = {zone: [soa], **records}
     factory = server.DNSServerFactory(authorities=[InMemoryAuthority((zone, soa), records)])
     return reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+
+
+@implementer(IHostnameResolver)
+class _NoSystemResolver:
+    """
+    The name resolver of a L{PluggableMemoryReactor}: tests in memory never
+    resolve through the system.
+    """
+
+    def resolveHostName(  # type: ignore[no-untyped-def]
+        self, resolutionReceiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
+    ):
+        raise AssertionError(f"{hostName!r} resolved through a memory reactor's system resolver")
+
+
+@implementer(IReactorPluggableNameResolver)
+class PluggableMemoryReactor(MemoryReactorClock):
+    """
+    A C{MemoryReactorClock} with a name resolver, as
+    C{makeNameResolver} and C{makeService} expect of a reactor.  Twisted's
+    own is one only from 25.5 on, and the tests run on the lowest Twisted
+    C{setup.cfg} allows too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nameResolver: Any = _NoSystemResolver()
+
+    def installNameResolver(self, resolver: Any) -> Any:
+        previous, self.nameResolver = self.nameResolver, resolver
+        return previous

@@ -255,16 +255,29 @@ class SafetyNetTests(SynchronousTestCase):
 
     def test_nameIDNA2008Refuses(self) -> None:
         """
-        TLS origination to a name IDNA 2008 refuses (an underscore, an
-        emoji label) is a clear 400 (1002), decided before any lookup.
+        TLS origination to a name whose A-label IDNA 2008 refuses (an emoji
+        label) is a clear 400 (1002), decided before any lookup.
         """
-        for host in (b"foo_bar.example.com", b"xn--jv8h.example.com"):
+        host = b"xn--jv8h.example.com"
+        h = makeHarness({host.decode(): ["203.0.113.10"]})
+        h.factory.origination = buildOrigination(TLS())
+        h.send(b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\nX-WhSentry-TLS: true\r\n\r\n" % (host, host))
+        status, headers, _ = parseResponse(h.client.value())
+        self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (400, b"1002"))
+        self.assertIn(b"cannot be used for TLS", headers[b"x-whsentry-reason"])
+        self.assertEqual(h.resolver.calls, [])
+
+    def test_underscoreNameOriginates(self) -> None:
+        """
+        TLS origination to a name with an underscore, or with hyphens in
+        its third and fourth places, which IDNA 2008 refuses but curl and
+        browsers accept, goes on to the lookup like any other name.
+        """
+        for host in (b"foo_bar.example.com", b"r3---sn-x.example.com"):
             h = makeHarness({host.decode(): ["203.0.113.10"]})
             h.factory.origination = buildOrigination(TLS())
             h.send(
                 b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\nX-WhSentry-TLS: true\r\n\r\n" % (host, host)
             )
-            status, headers, _ = parseResponse(h.client.value())
-            self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (400, b"1002"), host)
-            self.assertIn(b"cannot be used for TLS", headers[b"x-whsentry-reason"])
-            self.assertEqual(h.resolver.calls, [])
+            self.assertEqual(h.client.value(), b"", host)
+            self.assertEqual(len(h.resolver.calls), 1, host)

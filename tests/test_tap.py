@@ -12,7 +12,6 @@ import threading
 
 import bcrypt
 from twisted.application.service import IServiceCollection, IServiceMaker
-from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,7 +21,7 @@ from proxy_app.identity import PasswordCheckPool
 from proxy_app.observe import AccessLog
 from proxy_app.tap import Options, ProxyService, makeService
 
-from .helpers import makeHarness
+from .helpers import PluggableMemoryReactor, makeHarness
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -44,7 +43,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         Each --listen endpoint becomes a listener, bound on start.
         """
-        reactor = MemoryReactorClock()
+        reactor = PluggableMemoryReactor()
         options = Options(environ={})
         options.parseOptions(
             ["--listen", "tcp:9090:interface=127.0.0.1", "--listen", "tcp:9091", "--access-log", self.mktemp()]
@@ -69,7 +68,7 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions(
             ["--auth", f"htpasswd:{path.path}", "--auth-check-threads", "3", "--access-log", "none"]
         )
-        service = makeService(options, reactor=MemoryReactorClock())
+        service = makeService(options, reactor=PluggableMemoryReactor())
         (checks,) = [s for s in service if isinstance(s, PasswordCheckPool)]
         (proxy,) = [s for s in service if isinstance(s, ProxyService)]
         self.assertIs(proxy.factory.access.passwordChecks, checks)
@@ -228,7 +227,7 @@ class AllocatorTests(SynchronousTestCase):
         self.patch(tap, "raiseFileLimit", lambda: calls.append("files"))
         options = Options(environ={})
         options.parseOptions(["--metrics", "none", "--access-log", "none"])
-        reactor = MemoryReactorClock()
+        reactor = PluggableMemoryReactor()
         tap.makeService(options, reactor=reactor)
         self.assertEqual(calls, [])
         self.patch(tap, "_globalReactor", lambda: reactor)

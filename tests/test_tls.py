@@ -5,26 +5,32 @@ loopback, with certificates made at test time.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from service_identity.hazmat import DNS_ID
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface.verify import verifyObject
 
 from proxy_app.addresses import AddressPolicy
 from proxy_app.config import TLS, Config
 from proxy_app.observe import AccessLog
+from proxy_app.reasons import Reason
 from proxy_app.resolver import SafeResolver
 from proxy_app.server import ProxyFactory
 from proxy_app.tap import Options, buildOrigination, makeService
-from proxy_app.tls import TLSConfigError
+from proxy_app.tls import Origination, TLSConfigError, _PeerCheck, tlsError
 from proxy_app.upstream import Connector
 
 from .certs import Authority
@@ -100,7 +106,13 @@ class OriginationTests(TestCase):
             ),
         )
         config = Config(tls=tls)
-        names = ScriptedNameResolver({"origin.test": [["127.0.0.1"]], "other.test": [["127.0.0.1"]]})
+        names = ScriptedNameResolver(
+            {
+                "origin.test": [["127.0.0.1"]],
+                "other.test": [["127.0.0.1"]],
+                "foo_bar.origin.test": [["127.0.0.1"]],
+            }
+        )
         resolver = SafeResolver(AddressPolicy(allowRanges=["127.0.0.1/32"]), names, reactor)
         self.access: list[dict] = []
         accessLog = AccessLog(None)
@@ -206,6 +218,35 @@ class OriginationTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_ipLiteralMismatch(self):  # type: ignore[no-untyped-def]
+        """
+        An IP literal is checked against the certificate's IP
+        subjectAltNames only: a certificate naming the host but not the
+        address gets 502/1007 naming both.
+        """
+        originPort = self.origin(names=("origin.test",))
+        response, body = yield self.get(self.proxy(), f"https://127.0.0.1:{originPort}/")
+        self.assertReason(
+            response, body, 502, 1007,
+            "hostname mismatch: wanted 127.0.0.1, certificate is for origin.test",
+        )
+
+    @inlineCallbacks
+    def test_underscoreName(self):  # type: ignore[no-untyped-def]
+        """
+        A name with an underscore, which IDNA 2008 refuses but curl and
+        browsers accept, is sent as SNI and verified against the
+        certificate, exactly or through a wildcard.
+        """
+        for names in [("foo_bar.origin.test",), ("*.origin.test",)]:
+            originPort = self.origin(names=names)
+            response, body = yield self.get(
+                self.proxy(), f"https://foo_bar.origin.test:{originPort}/u"
+            )
+            self.assertEqual(response.code, 200, body)
+            self.assertEqual(body, b"/u foo_bar.origin.test:%d -" % originPort)
+
+    @inlineCallbacks
     def test_expired(self):  # type: ignore[no-untyped-def]
         """
         An expired certificate gets 502/1007 saying so.
@@ -279,6 +320,92 @@ class OriginationTests(TestCase):
             self.proxy(), f"https://origin.test:{originPort}/13"
         )
         self.assertEqual(response.code, 200, body)
+
+
+class _TLSProtocol:
+    """
+    Stands in for the TLS transport a creator makes connections for.
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[Failure] = []
+
+    def failVerification(self, reason: Failure) -> None:
+        self.failures.append(reason)
+
+
+class CreatorTests(SynchronousTestCase):
+    """
+    L{Origination.creator}'s connection creators, without a network.
+    """
+
+    def setUp(self) -> None:
+        self.origination = Origination(
+            ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(Authority().pem)])
+        )
+
+    def test_interface(self) -> None:
+        """
+        A creator is an C{IOpenSSLClientConnectionCreator}, and one
+        (host, identity) gets the same creator each time.
+        """
+        creator = self.origination.creator("origin.test", None)
+        verifyObject(IOpenSSLClientConnectionCreator, creator)
+        self.assertIs(self.origination.creator("origin.test", None), creator)
+
+    def test_serverName(self) -> None:
+        """
+        A host name is sent as SNI, an IP literal never is.
+        """
+        named = self.origination.creator("foo_bar.origin.test", None)
+        connection = named.clientConnectionForTLS(_TLSProtocol())
+        self.assertEqual(connection.get_servername(), b"foo_bar.origin.test")
+        literal = self.origination.creator("2001:db8::1", None)
+        self.assertIsNone(literal.clientConnectionForTLS(_TLSProtocol()).get_servername())
+
+    def test_refusedName(self) -> None:
+        """
+        A name whose A-label IDNA 2008 refuses (an emoji), or that is not
+        a host name at all, raises C{UnicodeError}, which the exchange
+        answers with 400/1002; valid internationalized names pass.
+        """
+        for host in ("xn--jv8h.example.com", "\U0001f510.example", "a b.example"):
+            self.assertRaises(UnicodeError, self.origination.creator, host, None)
+        self.origination.creator("xn--bcher-kva.example", None)
+        self.origination.creator("b\xfccher.example", None)
+
+    def test_checkFailsClosed(self) -> None:
+        """
+        A failure inside the certificate check refuses the peer and is
+        logged, rather than letting the handshake go on.
+        """
+        protocol = _TLSProtocol()
+        creator = self.origination.creator("origin.test", None)
+        connection = creator.clientConnectionForTLS(protocol)
+        check = _PeerCheck("origin.test", DNS_ID("origin.test"), protocol)
+        # Not a certificate: reading its names raises.
+        self.assertFalse(check.callback(connection, None, 0, 0, 1))  # type: ignore[arg-type]
+        self.assertEqual(len(protocol.failures), 1)
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        error = tlsError(protocol.failures[0], "origin.test", "origin.test:443")
+        self.assertEqual(error.reason, Reason.TLS_HANDSHAKE_FAILED)
+
+    def test_noPrivateTwisted(self) -> None:
+        """
+        No module of C{proxy_app} imports a private Twisted module
+        (C{twisted.internet._sslverify} and the like), which can change
+        with any release.
+        """
+        import proxy_app
+
+        private = re.compile(r"^\s*(?:from|import)\s+twisted(?:\.\w+)*\._", re.MULTILINE)
+        package = FilePath(proxy_app.__file__).parent()
+        offenders = [
+            path.path
+            for path in package.walk()
+            if path.path.endswith(".py") and private.search(path.getContent().decode("utf-8"))
+        ]
+        self.assertEqual(offenders, [])
 
 
 class LoadingTests(SynchronousTestCase):

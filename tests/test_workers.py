@@ -39,7 +39,7 @@ from proxy_app.tap import (
 from proxy_app.upstream import Connector
 from proxy_app.workers import WorkerSupervisor
 
-from .helpers import ScriptedNameResolver, parseResponse
+from .helpers import PluggableMemoryReactor, ScriptedNameResolver, parseResponse
 from .test_integration import Echo, freePort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,7 +280,7 @@ class SelfConnectionTests(SynchronousTestCase):
         address is connected to.
         """
         config = _workerOptions("--workers", "2").config
-        reactor = MemoryReactorClock()
+        reactor = PluggableMemoryReactor()
         resolver = SafeResolver(buildPolicy(config), ScriptedNameResolver({}), reactor)
         factory = ProxyFactory(
             config, resolver, reactor, Connector(reactor, config.timeouts.connect), AccessLog(None)
@@ -309,7 +309,7 @@ def _workerService(index: int, *argv: str) -> tuple[MemoryReactorClock, ProxyFac
 
     @return: the reactor and the worker's proxy factory.
     """
-    reactor = MemoryReactorClock()
+    reactor = PluggableMemoryReactor()
     options = Options(environ={})
     options.parseOptions(["--access-log", "none", *argv, "--worker-index", str(index)])
     service = makeService(options, reactor=reactor)
