@@ -210,7 +210,8 @@ class ProxyFactory(Factory):
         Stop taking new requests: idle keep-alive connections close now,
         busy ones after their current exchange.
 
-        @return: a L{Deferred} that fires once no client connection is left.
+        @return: a L{twisted.internet.defer.Deferred} that fires once no
+            client connection is left.
         """
         self.draining = True
         self._drained = Deferred()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IHostResolution
 from zope.interface import Attribute, Interface
 
 
@@ -47,9 +46,10 @@ class IDestinationResolver(Interface):
         """
 
 
-class IExplainedHostResolution(IHostResolution):
+class IExplainedHostResolution(Interface):
     """
-    An L{IHostResolution} that can say why it found no addresses.
+    What an L{twisted.internet.interfaces.IHostResolution} provides beside
+    it when it can say why it found no addresses.
 
     L{twisted.internet.interfaces.IResolutionReceiver} has no way to report
     an error: a failed lookup simply completes with no addresses.  A

@@ -158,7 +158,7 @@ def _addressesInAnswer(
     return found
 
 
-@implementer(IExplainedHostResolution)
+@implementer(IHostResolution, IExplainedHostResolution)
 class _NameserverResolution:
     """
     One lookup by L{NameserverResolver}: an A and an AAAA query in flight
@@ -308,7 +308,7 @@ class NameserverResolver:
     L{twisted.names}, for when the proxy must not use the system's resolver.
 
     It sends an A and an AAAA query at once (never ANY, which is what
-    L{twisted.names.client.Resolver.getHostByName} would send), reports each
+    L{twisted.names.common.ResolverBase.getHostByName} would send), reports each
     answer as it comes back, and completes when both are in, or when the
     timeout passes.  Its resolutions provide L{IExplainedHostResolution}.
 
@@ -326,8 +326,9 @@ class NameserverResolver:
     ) -> None:
         """
         @param servers: C{(ip, port)} of each DNS server, tried in order.
-        @param reactor: an L{IReactorUDP}, L{IReactorTCP} and
-            L{IReactorTime} provider to send queries and time them with.
+        @param reactor: an L{twisted.internet.interfaces.IReactorUDP},
+            L{twisted.internet.interfaces.IReactorTCP} and
+            L{twisted.internet.interfaces.IReactorTime} provider to send queries and time them with.
         @param timeout: seconds a lookup may take.
         @param dnsClient: the L{twisted.names} resolver to query, for tests;
             by default a L{twisted.names.client.Resolver} for C{servers}.

@@ -84,7 +84,7 @@ class FakeResolution:
         self.cancelled = True
 
 
-@implementer(IExplainedHostResolution)
+@implementer(IHostResolution, IExplainedHostResolution)
 class FakeExplainedResolution(FakeResolution):
     """
     A resolution that can say why it found nothing.

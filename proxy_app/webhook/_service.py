@@ -353,7 +353,8 @@ class WebhookService(Service):
         status, a timeout, a connection error) is decided by C{on_error}.
         If the gate is off, the result is an immediate accept.
 
-        @return: a L{Deferred} firing with a L{GateResult}; it never fails,
+        @return: a L{twisted.internet.defer.Deferred} firing with a
+            L{GateResult}; it never fails,
             except with C{CancelledError} when the caller cancels it (the
             client went away), which cancels the request too.
         """
@@ -385,7 +386,8 @@ class WebhookService(Service):
         were waiting to be tried again are tried now, once.  Gate calls in
         flight are left to their own timeout.
 
-        @return: a L{Deferred} firing when the queue is empty or given up.
+        @return: a L{twisted.internet.defer.Deferred} firing when the queue
+            is empty or given up.
         """
         super().stopService()
         if self._firstPingCall is not None and self._firstPingCall.active():
