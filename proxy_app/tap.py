@@ -1,15 +1,28 @@
 """
-The C{twistd egressproxy} command: L{Options} and L{makeService}.
+The C{twistd egressproxy} command: L{Options} and L{makeService}; and
+L{buildProxy}, which builds the same proxy from a L{Config} for an
+application that mounts it.
 
-L{makeService} is also the way to mount the proxy inside an existing
-Twisted application::
+L{makeService} is the way to mount the proxy inside an existing Twisted
+application with the command line's behaviour: a configuration mistake
+prints one line and exits::
 
     from proxy_app.tap import Options, makeService
     options = Options()
     options.parseOptions(["--listen", "tcp:9090:interface=127.0.0.1"])
     makeService(options).setServiceParent(application)
 
-This is the only module that imports the global reactor.
+L{buildProxy} raises L{ConfigError} instead::
+
+    from proxy_app.config import ConfigError, load
+    from proxy_app.tap import buildProxy
+    try:
+        proxy = buildProxy(load({}, {}, "egressproxy.yaml"), reactor)
+    except ConfigError as e:
+        ...
+
+This is the only module that imports the global reactor, and only on the
+command line's path (L{makeService} without a reactor).
 """
 
 from __future__ import annotations
@@ -18,13 +31,14 @@ import ctypes
 import gc
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import attr
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -121,8 +135,7 @@ class Options(usage.Options):
         try:
             super().parseOptions(options)
         except (usage.UsageError, ConfigError) as e:
-            sys.stderr.write(f"egressproxy: {e}\n")
-            raise SystemExit(2) from None
+            _exit(e, 2)
 
     def postOptions(self) -> None:
         flags = {f.setting.flag: self.get(f.setting.flag) for f in configModule.fields()}
@@ -151,8 +164,9 @@ def validate(config: Config) -> None:
 
     @raise ConfigError: naming the key and value.
     """
-    from twisted.internet import reactor
-
+    # Endpoints are only parsed here, never listened on: a reactor that
+    # records calls is enough, and keeps the global one out of library code.
+    reactor = MemoryReactor()
     if not config.listen:
         raise ConfigError("listen = []: expected at least one endpoint")
     for listener in config.listen:
@@ -342,6 +356,12 @@ class ProxyService(Service):
     """
     Owns the L{ProxyFactory}: on stop it drains, letting in-flight requests
     and tunnels finish for up to the drain timeout, then cuts what is left.
+
+    @ivar installSignals: whether to act for the process while running:
+        handle SIGUSR1 and SIGHUP (each chained to the handler it found, see
+        L{chainSignal}, and given back once stopped) and freeze what is
+        loaded out of the cyclic collector's way.  Set only when C{clock} is
+        the global reactor, as under twistd.
     """
 
     installSignals = False
@@ -349,6 +369,7 @@ class ProxyService(Service):
     def __init__(self, factory: ProxyFactory, clock: Any) -> None:
         self.factory = factory
         self.clock = clock
+        self._previousHandlers: list[tuple[int, Any, Any]] = []
 
     def startService(self) -> None:
         super().startService()
@@ -358,13 +379,16 @@ class ProxyService(Service):
             # cyclic collector's way, so that its full collections, and the
             # pauses they make, cover only what requests allocate.
             gc.freeze()
-            # The work runs in the reactor, not in the signal handler.
-            from twisted.internet import reactor
-
-            call = reactor.callFromThread  # type: ignore[attr-defined]
-            # logrotate's postrotate sends SIGUSR1.
-            signal.signal(signal.SIGUSR1, lambda signum, frame: call(self.reopenLogs))
-            signal.signal(signal.SIGHUP, lambda signum, frame: call(self.factory.access.reload))
+            # The work runs in the reactor, not in the signal handler; the
+            # clock is the global reactor whenever installSignals is set.
+            call = self.clock.callFromThread
+            # logrotate's postrotate sends SIGUSR1.  twistd has a handler
+            # for it already, which rotates its --logfile: that one keeps
+            # running, after ours.
+            self._previousHandlers = [
+                chainSignal(signal.SIGUSR1, lambda: call(self.reopenLogs)),
+                chainSignal(signal.SIGHUP, lambda: call(self.factory.access.reload)),
+            ]
 
     def reopenLogs(self) -> None:
         self.factory.accessLog.reopen()
@@ -402,14 +426,41 @@ class ProxyService(Service):
     def _stopLogs(self, result: object) -> object:
         self.factory.accessLog.stop()
         self.factory.decisionLog.stop()
+        # The logs are closed: give the signals back to whoever had them,
+        # so that a service started again later chains once, not twice.
+        # (A handler installed after ours stays.)
+        for signum, previous, ours in self._previousHandlers:
+            if signal.getsignal(signum) is ours and previous is not None:
+                signal.signal(signum, previous)
+        self._previousHandlers = []
         return result
+
+
+def chainSignal(signum: int, handler: Callable[[], object]) -> tuple[int, Any, Any]:
+    """
+    Run C{handler} when signal C{signum} arrives, then the Python handler
+    that was there before, if any: installing ours must not silence
+    someone else's (twistd rotates its C{--logfile} on SIGUSR1).
+
+    @return: C{(signum, previous, installed)}: the handler that was there
+        before (as L{signal.getsignal} gives it) and the one installed now,
+        so that the caller can put the previous one back.
+    """
+
+    def chained(number: int, frame: Any) -> None:
+        handler()
+        if callable(previous):
+            previous(number, frame)
+
+    previous = signal.signal(signum, chained)
+    return signum, previous, chained
 
 
 class _Listener(Service):
     """
     One listening endpoint.  Binding happens in C{privilegedStartService},
-    and a failure to bind stops start-up with one line naming the endpoint
-    instead of a traceback.
+    and a failure to bind raises L{ConfigError} naming the endpoint (which
+    the command line prints as its one line; see L{makeService}).
     """
 
     def __init__(
@@ -423,7 +474,12 @@ class _Listener(Service):
         self.contextFactory: Any = None
         if isinstance(listener, TLSListener):
             self.description = listener.description
-            self.contextFactory = serverOptions(listener)
+            try:
+                self.contextFactory = serverOptions(listener)
+            except TLSConfigError as e:
+                # validate() read these files already; this is for one
+                # that changed since.
+                raise ConfigError(f"listen = {listener.description!r}: {e}") from None
             self.endpoint: Any = SSL4ServerEndpoint(
                 reactor, listener.port, self.contextFactory, interface=listener.interface
             )
@@ -448,8 +504,7 @@ class _Listener(Service):
         if not results or isinstance(results[0], Failure):
             error = results[0].value if results else "the endpoint did not bind at once"
             reason = getattr(error, "socketError", None) or error
-            sys.stderr.write(f"egressproxy: listen = {self.description!r}: cannot listen: {reason}\n")
-            raise SystemExit(1)
+            raise ConfigError(f"listen = {self.description!r}: cannot listen: {reason}")
         self.port = results[0]
 
     def stopService(self) -> Deferred | None:
@@ -461,8 +516,26 @@ class _Listener(Service):
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
-    Build the proxy from parsed L{Options}.
+    Build the proxy from parsed L{Options}: what C{twistd egressproxy}
+    runs, and the way to mount the proxy in an application that wants the
+    command line's behaviour.
 
+    As on the command line, a configuration mistake stops the process: one
+    found now, or one found when the returned service binds its listeners
+    (in C{privilegedStartService}), is written as one line to standard
+    error (which twistd sends to its log once logging has begun), naming
+    the key and the value, and raises C{SystemExit(1)}.  To
+    handle mistakes instead, use L{buildProxy}, which raises L{ConfigError}.
+
+    On the global reactor, as under twistd, the proxy also acts for the
+    process: it raises the open-file limit, tunes the allocator, and
+    handles SIGHUP (reload the ACL and credentials) and SIGUSR1 (reopen the
+    logs, then whatever handled SIGUSR1 before).
+
+    With C{--workers} above 1 and no C{--worker-index}, the service runs
+    the worker processes instead, each a C{twistd egressproxy} of its own.
+
+    @param options: parsed, hence validated, options.
     @param reactor: the reactor to use; the global one by default.
     """
     if reactor is None:
@@ -473,6 +546,68 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         top = MultiService()
         WorkerSupervisor(reactor, config.workers, options.argv).setServiceParent(top)
         return top
+    try:
+        return _build(
+            _CommandLineService(), config, reactor, workerIndex, reactor is _globalReactor()
+        )
+    except ConfigError as e:
+        _exit(e, 1)
+
+
+def buildProxy(config: Config, reactor: Any) -> MultiService:
+    """
+    Build the proxy for C{config} on C{reactor}, for an application that
+    mounts it and handles configuration mistakes itself.
+
+    Nothing here prints or exits, and nothing acts for the process: no
+    signal handlers, file limit or allocator tuning (L{makeService} does
+    those under twistd).  To reopen the logs or reload the ACL, call
+    L{ProxyService.reopenLogs} or C{factory.access.reload()} on the
+    L{ProxyService} among the returned service's children.
+
+    @param config: the configuration, as L{proxy_app.config.load} gives it;
+        checked here with L{validate}.
+    @param reactor: the reactor every part of the proxy uses.
+    @return: a service whose children stop one after another: the
+        listeners stop accepting, the proxy drains, the metrics listener
+        goes last.  Its C{privilegedStartService} binds the listeners and
+        raises L{ConfigError} naming the endpoint if one cannot bind.
+    @raise ConfigError: one line naming the key and the value at fault.
+    """
+    if config.workers > 1:
+        raise ConfigError(
+            f"workers = {config.workers}: one process is built here; "
+            "run twistd egressproxy for more than one worker"
+        )
+    validate(config)
+    return _build(_SequentialService(), config, reactor, None, False)
+
+
+def _exit(error: ConfigError | usage.UsageError, status: int) -> NoReturn:
+    """
+    End the command line with C{error}'s one line, and no traceback.
+    """
+    sys.stderr.write(f"egressproxy: {error}\n")
+    raise SystemExit(status) from None
+
+
+def _build(
+    top: MultiService,
+    config: Config,
+    reactor: Any,
+    workerIndex: int | None,
+    processWide: bool,
+) -> MultiService:
+    """
+    Build the proxy's services into C{top}; L{buildProxy} and
+    L{makeService} differ only in what they pass.
+
+    @param workerIndex: which worker of C{--workers} this process is, or
+        L{None} for the only one.
+    @param processWide: whether to act for the process (signals, file
+        limit, allocator), as under twistd.
+    @raise ConfigError: naming the key and the value at fault.
+    """
     if workerIndex is not None:
         # The configured limits are the proxy's: each worker enforces its
         # share of them.
@@ -505,24 +640,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     try:
         accessLog = AccessLog.open(config.access_log.file, config.access_log.format)
     except OSError as e:
-        sys.stderr.write(
-            f"egressproxy: access_log.file = {config.access_log.file!r}: "
-            f"cannot open it: {e.strerror}\n"
-        )
-        raise SystemExit(1) from None
+        raise ConfigError(
+            f"access_log.file = {config.access_log.file!r}: cannot open it: {e.strerror}"
+        ) from None
     try:
         origination = buildOrigination(config.tls, hasRoles(config))
     except TLSConfigError as e:
-        sys.stderr.write(f"egressproxy: tls: {e}\n")
-        raise SystemExit(1) from None
+        raise ConfigError(f"tls: {e}") from None
     try:
         access = AccessControl.fromConfig(config.acl, config.auth, reactor)
     except ACLError as e:
-        sys.stderr.write(f"egressproxy: acl.file: {e}\n")
-        raise SystemExit(1) from None
+        raise ConfigError(f"acl.file: {e}") from None
     except ValueError as e:
-        sys.stderr.write(f"egressproxy: auth.checkers: {e}\n")
-        raise SystemExit(1) from None
+        raise ConfigError(f"auth.checkers: {e}") from None
     if config.acl.role_header:
         log.warn(
             "Trusting the role named in the {header} header: only safe behind a "
@@ -536,11 +666,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             else DecisionLog.toProcessLog()
         )
     except OSError as e:
-        sys.stderr.write(
-            f"egressproxy: access_log.decision_log = {config.access_log.decision_log!r}: "
-            f"cannot open it: {e.strerror}\n"
-        )
-        raise SystemExit(1) from None
+        raise ConfigError(
+            f"access_log.decision_log = {config.access_log.decision_log!r}: "
+            f"cannot open it: {e.strerror}"
+        ) from None
     metrics = Metrics()
     webhook = buildWebhook(config, reactor)
     if webhook is not None:
@@ -561,9 +690,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # Children stop one at a time, last added first: the proxy listeners
     # stop accepting, then the proxy drains, and the metrics listener goes
     # last so that /healthcheck can say 503 throughout the drain.
-    top = _SequentialService()
     if config.metrics is not None:
-        site = Site(MetricsResource(metrics.registry, lambda: not factory.draining))
+        site = Site(MetricsResource(metrics.registry, lambda: not factory.draining), reactor=reactor)
         site.noisy = False
         # Scrapes every few seconds would flood the process log.
         site.log = lambda request: None  # type: ignore[method-assign]
@@ -579,8 +707,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # over, so that requests in flight can still have passwords checked.
         access.passwordChecks.setServiceParent(top)
     service = ProxyService(factory, reactor)
-    service.installSignals = reactor is _globalReactor()
-    if service.installSignals:
+    service.installSignals = processWide
+    if processWide:
         raiseFileLimit()
         tuneAllocator()
     service.setServiceParent(top)
@@ -719,3 +847,17 @@ class _SequentialService(MultiService):
 
 def _stopNext(result: object, child: Any) -> Any:
     return child.stopService()
+
+
+class _CommandLineService(_SequentialService):
+    """
+    The proxy as the command line runs it (L{makeService}): a listener that
+    cannot bind ends start-up with one line, like any other configuration
+    mistake, instead of a traceback from twistd.
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ConfigError as e:
+            _exit(e, 1)

@@ -1,27 +1,47 @@
 """
-Tests for L{proxy_app.tap}: building the service, draining on stop, and the
-access log's formats.
+Tests for L{proxy_app.tap}: building the service, each way start-up can
+fail, signals, draining on stop, and the access log's formats.
 """
 
 from __future__ import annotations
 
+import errno
+import gc
 import io
 import json
+import os
 import platform
+import signal
+import socket
+import subprocess
+import sys
 import threading
+from typing import Any
 
 import bcrypt
 from twisted.application.service import IServiceCollection, IServiceMaker
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy_app.config import Config, Timeouts
+from proxy_app.config import Config, ConfigError, Timeouts, load
 from proxy_app.identity import PasswordCheckPool
 from proxy_app.observe import AccessLog
-from proxy_app.tap import Options, ProxyService, makeService
+from proxy_app.tap import (
+    Options,
+    ProxyService,
+    buildProxy,
+    chainSignal,
+    makeService,
+    validate,
+)
 
+from .certs import Authority
 from .helpers import PluggableMemoryReactor, makeHarness
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -233,3 +253,348 @@ class AllocatorTests(SynchronousTestCase):
         self.patch(tap, "_globalReactor", lambda: reactor)
         tap.makeService(options, reactor=reactor)
         self.assertEqual(calls, ["files", "allocator"])
+
+
+class _PortTaken(MemoryReactorClock):
+    """
+    A memory reactor on which every TCP port is already taken.
+    """
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "Address already in use"))
+
+
+class StartupFailureTests(SynchronousTestCase):
+    """
+    Each way start-up can fail: L{buildProxy} raises L{ConfigError} with one
+    line naming the key and the value, and the command line's
+    L{makeService} prints that line and exits with status 1.
+    """
+
+    def parse(self, *argv: str) -> Options:
+        options = Options(environ={})
+        options.parseOptions(["--metrics", "none", "--access-log", "none", *argv])
+        return options
+
+    def assertFails(self, options: Options, line: str, reactor: Any = None) -> None:
+        """
+        Building C{options} (or starting what was built) raises
+        L{ConfigError} with C{line} from L{buildProxy}, and prints
+        C{egressproxy: line} and exits with status 1 from L{makeService}.
+        """
+        if reactor is None:
+            error = self.assertRaises(ConfigError, buildProxy, options.config, MemoryReactorClock())
+        else:
+            built = buildProxy(options.config, reactor)
+            error = self.assertRaises(ConfigError, built.privilegedStartService)
+        self.assertEqual(str(error), line)
+
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        if reactor is None:
+            exited = self.assertRaises(SystemExit, makeService, options, MemoryReactorClock())
+        else:
+            service = makeService(options, reactor)
+            exited = self.assertRaises(SystemExit, service.privilegedStartService)
+        self.assertEqual(exited.code, 1)
+        self.assertEqual(stderr.getvalue(), f"egressproxy: {line}\n")
+
+    def test_accessLogUnopenable(self) -> None:
+        """
+        An access log that cannot be opened names access_log.file, the path
+        and the reason.
+        """
+        path = FilePath(self.mktemp()).child("access.log").path
+        self.assertFails(
+            self.parse("--access-log", path),
+            f"access_log.file = {path!r}: cannot open it: No such file or directory",
+        )
+
+    def test_decisionLogUnopenable(self) -> None:
+        """
+        A decision log that cannot be opened names access_log.decision_log,
+        the path and the reason.
+        """
+        path = FilePath(self.mktemp()).child("decisions.log").path
+        self.assertFails(
+            self.parse("--decision-log", path),
+            f"access_log.decision_log = {path!r}: cannot open it: No such file or directory",
+        )
+
+    def test_tlsUnreadable(self) -> None:
+        """
+        A CA bundle for TLS origination that cannot be read names the tls
+        keys and the path.
+        """
+        path = FilePath(self.mktemp()).path
+        self.assertFails(
+            self.parse("--ca-bundle", path),
+            f"tls: ca_bundle/extra_ca: {path!r}: cannot read it: No such file or directory",
+        )
+
+    def test_aclBroken(self) -> None:
+        """
+        An ACL file that is broken by the time the proxy is built names
+        acl.file, the path and the problem.  (L{Options} checks it too, so
+        it is broken after parsing here, as by a deploy racing start-up.)
+        """
+        acl = FilePath(self.mktemp())
+        acl.setContent(b"version: v1\nservices: []\ndefault:\n  project: p\n  action: open\n")
+        options = self.parse("--acl", acl.path)
+        acl.remove()
+        self.assertFails(
+            options, f"acl.file: {acl.path}: cannot read ACL file: No such file or directory"
+        )
+
+    def test_authUnreadable(self) -> None:
+        """
+        A password file that cannot be read names auth.checkers, the path
+        and the reason.
+        """
+        path = FilePath(self.mktemp()).path
+        self.assertFails(
+            self.parse("--auth", f"htpasswd:{path}"),
+            f"auth.checkers: {path}: cannot read htpasswd file: No such file or directory",
+        )
+
+    def test_listenerCannotBind(self) -> None:
+        """
+        A listener whose port is taken names the endpoint and the socket
+        error, when the built service binds it.
+        """
+        self.assertFails(
+            self.parse("--listen", "tcp:9090:interface=127.0.0.1"),
+            "listen = 'tcp:9090:interface=127.0.0.1': cannot listen: "
+            f"[Errno {errno.EADDRINUSE}] Address already in use",
+            reactor=_PortTaken(),
+        )
+
+    def test_tlsListenerBroken(self) -> None:
+        """
+        A TLS listener whose files are broken by the time the proxy is built
+        names the listener and the file, as L{validate} does.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        authority = Authority()
+        cert, key, _ = authority.issue("proxy.test", ("127.0.0.1",))
+        directory.child("server.pem").setContent(cert)
+        directory.child("server.key").setContent(key)
+        directory.child("clients.pem").setContent(authority.pem)
+        listener = (
+            f"mtls:9443:interface=127.0.0.1:cert={directory.child('server.pem').path}"
+            f":key={directory.child('server.key').path}"
+            f":client_ca={directory.child('clients.pem').path}"
+        )
+        options = self.parse("--listen", listener)
+        directory.child("clients.pem").remove()
+        error = self.assertRaises(ConfigError, validate, options.config)
+        self.assertEqual(
+            str(error),
+            f"listen = 'mtls:9443:interface=127.0.0.1': "
+            f"{directory.child('clients.pem').path!r}: cannot read it: No such file or directory",
+        )
+        self.assertFails(options, str(error))
+
+    def test_workersOnlyOnTheCommandLine(self) -> None:
+        """
+        L{buildProxy} builds one process: a configuration with more workers
+        is refused with one line naming the key and the value.
+        """
+        config = load({"workers": "2", "access-log": "none", "metrics": "none"}, {})
+        error = self.assertRaises(ConfigError, buildProxy, config, MemoryReactorClock())
+        self.assertEqual(
+            str(error),
+            "workers = 2: one process is built here; run twistd egressproxy for more than one worker",
+        )
+
+    def test_buildProxyValidates(self) -> None:
+        """
+        L{buildProxy} checks the configuration as L{Options} does, so that a
+        configuration loaded without L{Options} cannot skip those checks.
+        """
+        config = load({"access-log": "none", "listen": ["tcp:notaport"]}, {})
+        error = self.assertRaises(ConfigError, buildProxy, config, MemoryReactorClock())
+        self.assertTrue(str(error).startswith("listen = 'tcp:notaport': "), str(error))
+
+    def runTwistd(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{twistd -n egressproxy} with C{argv} to its end.
+        """
+        return subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "egressproxy",
+                "--metrics",
+                "none",
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
+
+    def test_twistdBuildFailure(self) -> None:
+        """
+        Under twistd, a mistake found while building prints its one line on
+        standard error, with no traceback, and the exit status is 1.
+        """
+        path = FilePath(self.mktemp()).child("access.log").path
+        result = self.runTwistd("--access-log", path)
+        self.assertEqual(
+            (result.returncode, result.stderr),
+            (1, f"egressproxy: access_log.file = {path!r}: cannot open it: No such file or directory\n"),
+        )
+
+    def test_twistdListenFailure(self) -> None:
+        """
+        Under twistd, a listener that cannot bind ends start-up with its one
+        line (in twistd's log, which has standard error by then), with no
+        traceback, and the exit status is 1.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = self.runTwistd("--access-log", "none", "--listen", f"tcp:{port}:interface=127.0.0.1")
+        self.assertEqual(result.returncode, 1)
+        output = result.stdout + result.stderr
+        self.assertNotIn("Traceback", output)
+        [line] = [line for line in output.splitlines() if "egressproxy: " in line]
+        self.assertIn(
+            f"egressproxy: listen = 'tcp:{port}:interface=127.0.0.1': cannot listen: "
+            f"[Errno {errno.EADDRINUSE}]",
+            line,
+        )
+
+
+class ValidateTests(SynchronousTestCase):
+    """
+    L{validate} checks endpoint descriptions without the global reactor.
+    """
+
+    def test_noGlobalReactor(self) -> None:
+        """
+        Validating, building and binding the proxy (with its metrics
+        listener, webhook and nameservers) on a memory reactor never imports
+        the global reactor (checked in a fresh process, since trial has
+        one).
+        """
+        script = (
+            "import sys\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from proxy_app.config import load\n"
+            "from proxy_app.tap import buildProxy\n"
+            "config = load({'access-log': 'none', 'listen': ['tcp:9090', 'tcp6:9091'],\n"
+            "               'webhook-url': 'http://127.0.0.1:1/', 'nameserver': ['127.0.0.1:53'],\n"
+            "               'dns-cache-ttl': '30'}, {})\n"
+            "buildProxy(config, MemoryReactorClock()).privilegedStartService()\n"
+            "print('twisted.internet.reactor' in sys.modules)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
+        self.assertEqual((result.stdout, result.stderr), ("False\n", ""))
+
+    def test_badEndpoint(self) -> None:
+        """
+        A description Twisted cannot parse is refused with one line naming
+        it.
+        """
+        config = load({"listen": ["tcp:9090:interface=127.0.0.1", "tcp:nope"]}, {})
+        error = self.assertRaises(ConfigError, validate, config)
+        self.assertTrue(
+            str(error).startswith("listen = 'tcp:nope': not a usable endpoint description ("),
+            str(error),
+        )
+
+
+class SignalTests(SynchronousTestCase):
+    """
+    Running as the process, the proxy handles SIGUSR1 and SIGHUP without
+    silencing the handlers that were there before it.
+    """
+
+    def setUp(self) -> None:
+        for signum in (signal.SIGUSR1, signal.SIGHUP):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        # What startService freezes would stay frozen for every later test.
+        self.patch(gc, "freeze", lambda: None)
+
+    def test_sigusr1Chains(self) -> None:
+        """
+        SIGUSR1 reopens the proxy's logs (in the reactor thread), then runs
+        the handler installed before it, such as twistd's, which rotates
+        C{--logfile}; once the service has stopped, that handler is back.
+        """
+        calls: list[str] = []
+
+        def twistdHandler(signum: int, frame: Any) -> None:
+            calls.append(f"previous {signum}")
+
+        signal.signal(signal.SIGUSR1, twistdHandler)
+        h = makeHarness()
+        h.reactor.callFromThread = lambda f, *a: calls.append("in reactor") or f(*a)  # type: ignore[attr-defined]
+        service = ProxyService(h.factory, h.reactor)
+        service.reopenLogs = lambda: calls.append("reopen")  # type: ignore[method-assign]
+        service.installSignals = True
+        service.startService()
+
+        signal.getsignal(signal.SIGUSR1)(signal.SIGUSR1, None)  # type: ignore[operator]
+        self.assertEqual(calls, ["in reactor", "reopen", f"previous {signal.SIGUSR1}"])
+
+        stopped = service.stopService()
+        h.protocol.connectionLost(None)
+        self.successResultOf(stopped)
+        self.assertIs(signal.getsignal(signal.SIGUSR1), twistdHandler)
+
+    def test_noPreviousHandler(self) -> None:
+        """
+        With only the default action before it (SIGHUP's), the proxy's
+        handler reloads the ACL and credentials and runs nothing else; the
+        default is back once the service has stopped.
+        """
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        calls: list[str] = []
+        h = makeHarness()
+        h.reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+        self.patch(h.factory.access, "reload", lambda: calls.append("reload"))
+        service = ProxyService(h.factory, h.reactor)
+        service.installSignals = True
+        service.startService()
+
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # type: ignore[operator]
+        self.assertEqual(calls, ["reload"])
+
+        stopped = service.stopService()
+        h.protocol.connectionLost(None)
+        self.successResultOf(stopped)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_DFL)
+
+    def test_chainSignal(self) -> None:
+        """
+        L{chainSignal} installs a handler that runs the new one, then the
+        old one, and returns what it needs to put the old one back.
+        """
+        calls: list[str] = []
+
+        def old(signum: int, frame: Any) -> None:
+            calls.append("old")
+
+        signal.signal(signal.SIGUSR1, old)
+        signum, previous, installed = chainSignal(signal.SIGUSR1, lambda: calls.append("new"))
+        self.assertEqual((signum, previous), (signal.SIGUSR1, old))
+        self.assertIs(signal.getsignal(signal.SIGUSR1), installed)
+        installed(signal.SIGUSR1, None)
+        self.assertEqual(calls, ["new", "old"])
