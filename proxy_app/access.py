@@ -127,7 +127,10 @@ class AccessControl:
             try:
                 acl = loadACL(self.aclPath)
             except ACLError as e:
-                log.error("ACL not reloaded, the old one stays in force: {error}", error=str(e))
+                log.error(
+                    "ACL not reloaded, the old one stays in force: {error}",
+                    error=str(e),
+                )
                 ok = False
             else:
                 self.acl = acl

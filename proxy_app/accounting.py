@@ -130,7 +130,9 @@ class WebhookObserver(_Observer):
                     details=record.details,
                 ),
             )
-        details = connectionInfoDetails(record.statistics if started else None, record.gateResult)
+        details = connectionInfoDetails(
+            record.statistics if started else None, record.gateResult
+        )
         if details:
             webhook.connectionInfo(record.connectionID, details)
 
@@ -250,7 +252,9 @@ class DecisionLogObserver(_Observer):
             role=record.role,
             project=decision.project if decision is not None else None,
             decision_reason=reason,
-            enforce_would_deny=decision.enforceWouldDeny if decision is not None else False,
+            enforce_would_deny=decision.enforceWouldDeny
+            if decision is not None
+            else False,
             allow=error is None or error.reason not in DENIALS,
             inbound_remote_addr=record.protocol.clientAddress,
             outbound_remote_addr=record.outboundAddress,

@@ -210,8 +210,7 @@ def _validateGlob(glob: str) -> tuple[str, bool]:
     domain = glob[2:] if wildcard else glob
     if "*" in domain:
         raise ValueError(
-            "domain globs are only supported as prefix: only a leading '*.' is "
-            "allowed"
+            "domain globs are only supported as prefix: only a leading '*.' is allowed"
         )
     try:
         normalized = _canonical(domain)
@@ -237,7 +236,9 @@ class _Loader:
     def fail(self, where: str, problem: str) -> ACLError:
         return ACLError(f"{self.source}: {where}: {problem}")
 
-    def checkKeys(self, data: Mapping[Any, Any], allowed: tuple[str, ...], where: str) -> None:
+    def checkKeys(
+        self, data: Mapping[Any, Any], allowed: tuple[str, ...], where: str
+    ) -> None:
         for key in data:
             if not isinstance(key, str):
                 raise self.fail(where, f"key {key!r} is not a string")
@@ -283,7 +284,8 @@ class _Loader:
             here = f"{where}[{index}]"
             if not isinstance(entry, str):
                 raise self.fail(
-                    here, f"expected a domain string, got {type(entry).__name__} {entry!r}"
+                    here,
+                    f"expected a domain string, got {type(entry).__name__} {entry!r}",
                 )
             try:
                 domain, wildcard = _validateGlob(entry)
@@ -294,7 +296,9 @@ class _Loader:
 
     def rule(self, data: Any, where: str, keys: tuple[str, ...], name: str) -> _Rule:
         if not isinstance(data, Mapping):
-            raise self.fail(where, f"expected a mapping, got {type(data).__name__} {data!r}")
+            raise self.fail(
+                where, f"expected a mapping, got {type(data).__name__} {data!r}"
+            )
         self.checkKeys(data, keys, where)
         project = self.string(data.get("project"), f"{where}: project", required=False)
         action = data.get("action")
@@ -314,7 +318,9 @@ class _Loader:
         self.checkKeys(data, _TOP_KEYS, "top level")
         version = data.get("version")
         if version != "v1":
-            raise self.fail("version", f'expected "v1", got {version!r}; write version: v1')
+            raise self.fail(
+                "version", f'expected "v1", got {version!r}; write version: v1'
+            )
         services = data.get("services")
         if not isinstance(services, list):
             problem = (
@@ -328,12 +334,15 @@ class _Loader:
             where = f"services[{index}]"
             if not isinstance(service, Mapping):
                 raise self.fail(
-                    where, f"expected a mapping, got {type(service).__name__} {service!r}"
+                    where,
+                    f"expected a mapping, got {type(service).__name__} {service!r}",
                 )
             name = service.get("name")
             if not isinstance(name, str) or not name:
                 got = "no name" if name is None else f"name {name!r}"
-                raise self.fail(where, f"{got}; every service needs a non-empty string name")
+                raise self.fail(
+                    where, f"{got}; every service needs a non-empty string name"
+                )
             where = f"service '{name}'"
             if name == DEFAULT_RULE:
                 raise self.fail(
@@ -342,7 +351,9 @@ class _Loader:
                     "rename the service or move it under default:",
                 )
             if name in rules:
-                raise self.fail(where, "duplicate service name; each name may appear once")
+                raise self.fail(
+                    where, "duplicate service name; each name may appear once"
+                )
             rules[name] = self.rule(service, where, _SERVICE_KEYS, name)
         default = None
         if data.get("default") is not None:
@@ -353,7 +364,9 @@ class _Loader:
             rules=MappingProxyType(rules),
             default=default,
             globalDeny=self.domains(data.get("global_deny_list"), "global_deny_list"),
-            globalAllow=self.domains(data.get("global_allow_list"), "global_allow_list"),
+            globalAllow=self.domains(
+                data.get("global_allow_list"), "global_allow_list"
+            ),
         )
 
 
@@ -363,7 +376,9 @@ class _StrictLoader(yaml.SafeLoader):
     loaders resolve silently in favour of the last one.
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def construct_mapping(
+        self, node: yaml.MappingNode, deep: bool = False
+    ) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for keyNode, _ in node.value:
             key = self.construct_object(keyNode, deep=deep)  # type: ignore[no-untyped-call]
@@ -418,7 +433,9 @@ class ACL:
             data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+            where = (
+                f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+            )
             problem = e.problem or e.context or "invalid YAML"
             raise ACLError(f"{source}: {where}: invalid YAML: {problem}") from None
         except yaml.YAMLError as e:

@@ -123,14 +123,20 @@ class Admission:
             wait = limiter.take(role or "")
             if wait:
                 raise Overloaded(
-                    f"Request rate limit reached for role '{role or 'anonymous'}'", 429, wait
+                    f"Request rate limit reached for role '{role or 'anonymous'}'",
+                    429,
+                    wait,
                 )
         access = parts.access
         decision = exchange.aclDecision = access.decide(role, target.host)
         if access.acl is not None:
             outcome = "deny"
             if decision.allow:
-                outcome = "report" if decision.action == "report" and decision.enforceWouldDeny else "allow"
+                outcome = (
+                    "report"
+                    if decision.action == "report" and decision.enforceWouldDeny
+                    else "allow"
+                )
             parts.metrics.aclDecisions.labels(
                 decision.rule or "", decision.project or "", outcome
             ).inc()
@@ -156,7 +162,9 @@ class Admission:
         destination = parts.connector.candidates(destination)
         webhook = parts.webhook
         if webhook is not None and webhook.gateEnabled:
-            return self._askGate(destination, exchange).addCallback(self._approved, exchange)
+            return self._askGate(destination, exchange).addCallback(
+                self._approved, exchange
+            )
         return self._approved(destination, exchange)
 
     def _approved(self, destination: VettedDestination, exchange: Any) -> Any:
@@ -191,7 +199,10 @@ class Admission:
         """
         session = webhookSession(exchange, destination.addresses[0])
         return self._parts.webhook.accessRequest(
-            exchange.connectionID, exchange.policy, session, addresses=destination.addresses
+            exchange.connectionID,
+            exchange.policy,
+            session,
+            addresses=destination.addresses,
         ).addCallback(self._gateDecided, exchange, destination)
 
     def _gateDecided(

@@ -87,8 +87,6 @@ def errorResponse(
     return headers, body
 
 
-
-
 class ProxyFactory(Factory):
     """
     Builds a L{ProxyProtocol} for each client connection and holds what
@@ -226,7 +224,11 @@ class ProxyFactory(Factory):
         self._checkDrained()
 
     def _checkDrained(self) -> None:
-        if self._drained is not None and not self.connections and not self._drained.called:
+        if (
+            self._drained is not None
+            and not self.connections
+            and not self._drained.called
+        ):
             self._drained.callback(None)
 
 
@@ -244,8 +246,6 @@ class _ListenerFactory(Factory):
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
-
-
 @implementer(IClientChannel, IHalfCloseableProtocol, IHandshakeListener)
 class ProxyProtocol(Protocol):
     """
@@ -411,13 +411,19 @@ class ProxyProtocol(Protocol):
         if exchange is not None:
             exchange.internalError(failure)
             return
-        log.failure("Internal error on the connection from {client}", failure, client=self.clientAddress)
+        log.failure(
+            "Internal error on the connection from {client}",
+            failure,
+            client=self.clientAddress,
+        )
         if self.transport is None:
             return
         if self._response is not None:
             self.abort()
             return
-        self.sendError(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
+        self.sendError(
+            ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True
+        )
         self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
@@ -552,9 +558,13 @@ class ProxyProtocol(Protocol):
         exchange: ForwardExchange | ConnectExchange
         try:
             if request.method == b"CONNECT":
-                exchange = ConnectExchange(self, factory, request, parseConnectTarget(request.target))
+                exchange = ConnectExchange(
+                    self, factory, request, parseConnectTarget(request.target)
+                )
             else:
-                exchange = ForwardExchange(self, factory, request, parseAbsoluteTarget(request.target))
+                exchange = ForwardExchange(
+                    self, factory, request, parseAbsoluteTarget(request.target)
+                )
         except ProxyError as error:
             refused = Refused(self, factory, request, error)
             self.exchange = refused
@@ -612,7 +622,9 @@ class ProxyProtocol(Protocol):
 
     # Responding.
 
-    def sendInformational(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def sendInformational(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         """
         Send a 1xx response ahead of the final one.
         """
@@ -655,7 +667,9 @@ class ProxyProtocol(Protocol):
         if self._closeAfter:
             headers.append((b"Connection", b"close"))
         self._response = None if bodiless else framing
-        self.transport.write(responseHead(status, reason or _PHRASES.get(status, b""), headers))
+        self.transport.write(
+            responseHead(status, reason or _PHRASES.get(status, b""), headers)
+        )
         return True
 
     def sendTunnelEstablished(self) -> bool:

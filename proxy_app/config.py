@@ -209,7 +209,9 @@ def parseIPAddress(value: Any) -> str:
     try:
         return str(ipaddress.ip_address(str(value).strip()))
     except ValueError:
-        raise ValueError("expected an IP address such as 192.0.2.10 or 2001:db8::10") from None
+        raise ValueError(
+            "expected an IP address such as 192.0.2.10 or 2001:db8::10"
+        ) from None
 
 
 def parseSecondsOrZero(value: Any) -> float:
@@ -254,7 +256,9 @@ def parseOptionalEndpoint(value: Any) -> str | None:
         return None
     result = parseEndpoint(value)
     if not isinstance(result, str):
-        raise ValueError("expected an endpoint description such as tcp:2112:interface=127.0.0.1, or none")
+        raise ValueError(
+            "expected an endpoint description such as tcp:2112:interface=127.0.0.1, or none"
+        )
     return result
 
 
@@ -653,7 +657,9 @@ class TLS:
     )
 
 
-def _parseSubkeys(value: Any, known: dict[str, Callable[[Any], Any]], example: str) -> dict[str, Any]:
+def _parseSubkeys(
+    value: Any, known: dict[str, Callable[[Any], Any]], example: str
+) -> dict[str, Any]:
     """
     Parse a small mapping (YAML) or C{key=value,...} text (flag, environment)
     with a parser per key.
@@ -698,12 +704,16 @@ class Gate:
     @timeout.validator
     def _checkTimeout(self, attribute: Any, value: float) -> None:
         if not value > 0:
-            raise ValueError(f"access_request.timeout must be above zero, not {value!r}")
+            raise ValueError(
+                f"access_request.timeout must be above zero, not {value!r}"
+            )
 
     @on_error.validator
     def _checkOnError(self, attribute: Any, value: str) -> None:
         if value not in ("accept", "reject"):
-            raise ValueError(f"access_request.on_error must be accept or reject, not {value!r}")
+            raise ValueError(
+                f"access_request.on_error must be accept or reject, not {value!r}"
+            )
 
 
 def parseGate(value: Any) -> Gate:
@@ -714,7 +724,11 @@ def parseGate(value: Any) -> Gate:
     return Gate(
         **_parseSubkeys(
             value,
-            {"enabled": parseBoolean, "timeout": parseSeconds, "on_error": parseChoice("accept", "reject")},
+            {
+                "enabled": parseBoolean,
+                "timeout": parseSeconds,
+                "on_error": parseChoice("accept", "reject"),
+            },
             "{enabled: true, timeout: 5, on_error: accept|reject}",
         )
     )
@@ -746,9 +760,7 @@ def parseStatistics(value: Any) -> Statistics:
     """
     C{true}/C{false}, or C{{enabled: true, max_bytes: 65536}}.
     """
-    if isinstance(value, bool) or (
-        isinstance(value, str) and "=" not in value
-    ):
+    if isinstance(value, bool) or (isinstance(value, str) and "=" not in value):
         return Statistics(enabled=parseBoolean(value))
     return Statistics(
         **_parseSubkeys(
@@ -957,8 +969,7 @@ class Destinations:
         "deny-address",
         (),
         parseText,
-        "Deny this destination address, optionally only on one port "
-        "(repeatable).",
+        "Deny this destination address, optionally only on one port (repeatable).",
         repeatable=True,
         metavar="IP[:PORT]",
     )
@@ -1178,16 +1189,22 @@ def loadFile(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"--config = {path!r}: cannot read it: {e.strerror}") from None
+        raise ConfigError(
+            f"--config = {path!r}: cannot read it: {e.strerror}"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"--config = {path!r}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(
+            f"--config = {path!r}: not valid YAML{where}: {problem}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config = {path!r}: expected a mapping of sections at the top")
+        raise ConfigError(
+            f"--config = {path!r}: expected a mapping of sections at the top"
+        )
     return data
 
 
@@ -1210,11 +1227,22 @@ def _fileValues(data: Mapping[str, Any], path: str) -> dict[str, Any]:
                 # acl: PATH, auth: [SPEC, ...], webhook: URL
                 value = {_SHORTHAND[name]: value}
             if not isinstance(value, dict):
-                raise ConfigError(f"{name} in {path}: expected a mapping of keys, got {value!r}")
+                raise ConfigError(
+                    f"{name} in {path}: expected a mapping of keys, got {value!r}"
+                )
             for sub, subValue in value.items():
                 key = f"{name}.{sub}"
                 if key not in byKey:
-                    raise ConfigError(f"{key} in {path}: unknown key; known keys in {name}: " + ", ".join(sorted(k.split('.', 1)[1] for k in byKey if k.startswith(name + "."))))
+                    raise ConfigError(
+                        f"{key} in {path}: unknown key; known keys in {name}: "
+                        + ", ".join(
+                            sorted(
+                                k.split(".", 1)[1]
+                                for k in byKey
+                                if k.startswith(name + ".")
+                            )
+                        )
+                    )
                 result[key] = subValue
         elif name in byKey:
             result[name] = value
@@ -1257,14 +1285,14 @@ def load(
             value = _parseOne(field, environ[s.envvar], s.envvar)
         elif fileValues.get(field.key) is not None:
             # An empty YAML value (key: or key: null) leaves the default.
-            value = _parseOne(field, fileValues[field.key], f"{field.key} in {configPath}")
+            value = _parseOne(
+                field, fileValues[field.key], f"{field.key} in {configPath}"
+            )
         else:
             continue
         values.setdefault(field.section, {})[field.name] = value
 
-    sections = {
-        name: cls(**values.get(name, {})) for name, cls in _sections()
-    }
+    sections = {name: cls(**values.get(name, {})) for name, cls in _sections()}
     return Config(**values.get(None, {}), **sections)
 
 
@@ -1289,7 +1317,11 @@ def referenceTable() -> str:
             shown = str(default)
         doc = field.setting.doc.replace("|", "\\|")
         switch = field.setting.parse is parseBoolean and field.default is False
-        flag = f"--{field.setting.flag}" if switch else f"--{field.setting.flag} {field.setting.metavar}"
+        flag = (
+            f"--{field.setting.flag}"
+            if switch
+            else f"--{field.setting.flag} {field.setting.metavar}"
+        )
         lines.append(
             f"| `{field.key}` | `{flag}` "
             f"| `{field.setting.envvar}` | `{shown}` | {doc} |"

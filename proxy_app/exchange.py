@@ -102,7 +102,9 @@ class Exchange:
         self.request = request
         self.target = target
         incoming = headerValue(request.headers, factory.requestIDHeader)
-        incomingID = incoming.decode("latin-1").strip() if incoming is not None else None
+        incomingID = (
+            incoming.decode("latin-1").strip() if incoming is not None else None
+        )
         self.requestID = self.factory.acceptRequestID(incomingID)
         self.started = self.factory.clock.seconds()
         self.dnsTime: float | None = None
@@ -163,7 +165,6 @@ class Exchange:
         """
         self._counted = True
         self.factory.active[self.proxyType] += 1
-
 
     def _admit(self) -> None:
         """
@@ -248,7 +249,9 @@ class Exchange:
         if failure.check(CancelledError) or self.finished or self._clientGone:
             return
         if isinstance(failure.value, DestinationDenied):
-            self.factory.metrics.resolverDenials.labels(failure.value.decision.label).inc()
+            self.factory.metrics.resolverDenials.labels(
+                failure.value.decision.label
+            ).inc()
         if isinstance(failure.value, AuthFailed) and not failure.value.missing:
             self.factory.metrics.authFailures.inc()
             log.info(
@@ -260,7 +263,9 @@ class Exchange:
             self.fail(failure.value)
             return
         log.failure("Unexpected error setting up {url}", failure, url=self.url)
-        self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
+        self.fail(
+            ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True
+        )
 
     def internalError(self, failure: Failure) -> None:
         """
@@ -273,12 +278,16 @@ class Exchange:
         if self.finished:
             return
         if self.status is None:
-            self.fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"), close=True)
+            self.fail(
+                ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"),
+                close=True,
+            )
         else:
-            self.error = ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy")
+            self.error = ProxyError(
+                Reason.INTERNAL_ERROR, "Internal error in the proxy"
+            )
             self.record()
             self.protocol.abort()
-
 
     def fail(self, error: ProxyError, close: bool = False) -> None:
         """
@@ -401,5 +410,3 @@ class Refused(Exchange):
 
     def start(self) -> None:
         self.fail(self._error)
-
-

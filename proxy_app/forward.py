@@ -35,7 +35,9 @@ log = Logger(namespace="proxy_app.server")
 
 # The methods RFC 9110 (9.2.2) calls idempotent: a request with one of them
 # may be sent again when a reused connection closed before answering.
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+IDEMPOTENT_METHODS = frozenset(
+    {b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"}
+)
 
 
 def _wantsTLS(headers: Any) -> bool:
@@ -44,8 +46,10 @@ def _wantsTLS(headers: Any) -> bool:
     or C{false}.
     """
     value = headerValue(headers, b"x-whsentry-tls")
-    return value is not None and value.decode("latin-1").strip().lower() not in ("0", "false")
-
+    return value is not None and value.decode("latin-1").strip().lower() not in (
+        "0",
+        "false",
+    )
 
 
 @implementer(IResponseSink)
@@ -95,7 +99,9 @@ class ForwardExchange(Exchange):
             self.target = target = attr.evolve(target, scheme="https", port=port)
             origination = self.factory.origination
             if origination is None:
-                self.fail(ProxyError(Reason.BAD_SCHEME, "TLS origination is not configured"))
+                self.fail(
+                    ProxyError(Reason.BAD_SCHEME, "TLS origination is not configured")
+                )
                 return
             try:
                 alias = headerValue(self.request.headers, b"x-whsentry-clientcert")
@@ -202,7 +208,9 @@ class ForwardExchange(Exchange):
 
     def upstreamInformational(self, head: ResponseHead) -> None:
         if head.status != 101 and self.request.version != "1.0":
-            self.protocol.sendInformational(head.status, head.reason, endToEndHeaders(head))
+            self.protocol.sendInformational(
+                head.status, head.reason, endToEndHeaders(head)
+            )
 
     def upstreamResponse(self, head: ResponseHead) -> None:
         # A HEAD, 204 or 304 response announces a length it does not send.
@@ -249,7 +257,12 @@ class ForwardExchange(Exchange):
                 Reason.RESPONSE_TOO_LARGE,
                 f"Response body exceeded the limit of {self._limit} bytes and was cut",
             )
-            log.info("{rq_id} {url}: {reason}", rq_id=self.requestID, url=self.url, reason=self.error.message)
+            log.info(
+                "{rq_id} {url}: {reason}",
+                rq_id=self.requestID,
+                url=self.url,
+                reason=self.error.message,
+            )
             self._dropUpstream()
             self.record()
             self.protocol.abort()
@@ -289,7 +302,12 @@ class ForwardExchange(Exchange):
             return
         if self.headSent:
             self.error = error
-            log.info("{rq_id} {url}: {reason}", rq_id=self.requestID, url=self.url, reason=error.message)
+            log.info(
+                "{rq_id} {url}: {reason}",
+                rq_id=self.requestID,
+                url=self.url,
+                reason=error.message,
+            )
             self.record()
             self.protocol.abort()
             return
@@ -340,4 +358,3 @@ class ForwardExchange(Exchange):
     def abandon(self, error: ProxyError) -> None:
         self._dropUpstream()
         super().abandon(error)
-

@@ -233,7 +233,9 @@ class RequestReader:
         if self._failed or self.upgraded:
             return
         if self._head is not None or not self._inHead:
-            self._fail(HeadError("Client closed the connection in the middle of a request"))
+            self._fail(
+                HeadError("Client closed the connection in the middle of a request")
+            )
 
     def resume(self) -> None:
         """
@@ -263,7 +265,11 @@ class RequestReader:
                 events.pop()
             if events:
                 events.pop()
-            what = "A CONNECT request" if head.method == b"CONNECT" else "A protocol upgrade request"
+            what = (
+                "A CONNECT request"
+                if head.method == b"CONNECT"
+                else "A protocol upgrade request"
+            )
             self._fail(HeadError(f"{what} cannot have a body"))
             return
         self.upgraded = True
@@ -318,7 +324,9 @@ class RequestReader:
             if head.version == "0.9":
                 # llhttp's reading of a request line without a version:
                 # malformed (RFC 9112, section 3), not a version we lack.
-                raise HeadError("Malformed request: the request line has no HTTP version")
+                raise HeadError(
+                    "Malformed request: the request line has no HTTP version"
+                )
             raise HeadError(f"HTTP version {head.version} is not supported", 505)
         # HTTP/1.0 keep-alive is not offered: such a client gets one request.
         head.keepAlive = head.version == "1.1" and parser.should_keep_alive()
@@ -415,7 +423,9 @@ class ResponseReader:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             if not self._afterBody:
-                raise HeadError("Invalid HTTP response: unrequested protocol switch") from None
+                raise HeadError(
+                    "Invalid HTTP response: unrequested protocol switch"
+                ) from None
             self.reusable = False
         except httptools.HttpParserCallbackError as e:
             # Raised by the sink or by a check in a callback: pass it on as
@@ -500,9 +510,13 @@ class ResponseReader:
             if status == 101:
                 raise HeadError("Invalid HTTP response: unrequested protocol switch")
             if status not in INTERIM_STATUSES:
-                raise HeadError(f"Invalid HTTP response: unexpected interim status {status}")
+                raise HeadError(
+                    f"Invalid HTTP response: unexpected interim status {status}"
+                )
             if head.chunked or head.contentLength is not None:
-                raise HeadError(f"Invalid HTTP response: interim response {status} with a body")
+                raise HeadError(
+                    f"Invalid HTTP response: interim response {status} with a body"
+                )
             self._headBytes = 0
             self.sink.informational(head)
             return
@@ -546,14 +560,18 @@ def _headerLines(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join([b"%s: %s\r\n" % field for field in headers])
 
 
-def requestHead(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+def requestHead(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
+) -> bytes:
     """
     The bytes of a request head.
     """
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, _headerLines(headers))
 
 
-def responseHead(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+def responseHead(
+    status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+) -> bytes:
     """
     The bytes of a response head.
     """

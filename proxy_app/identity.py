@@ -306,7 +306,9 @@ class PasswordCheckPool(Service):
             # Not logged here: the refused request's own line says it, and
             # a flood would otherwise log everything twice.
             return fail(
-                Overloaded("Too many password checks in progress; try again shortly", 503, 1)
+                Overloaded(
+                    "Too many password checks in progress; try again shortly", 503, 1
+                )
             )
         self.pending += 1
 
@@ -430,7 +432,9 @@ class HtpasswdChecker:
             return deferToThreadPool(self._reactor, self._threadpool, f, *args)
         return maybeDeferred(f, *args)
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
+    def requestAvatarId(
+        self, credentials: IUsernamePassword
+    ) -> Deferred[bytes | tuple[()]]:
         username = credentials.username
         password = credentials.password
         if isinstance(username, str):
@@ -500,7 +504,9 @@ class _PasswordFileChecker:
     def reload(self) -> None:
         self.install(self.read())
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
+    def requestAvatarId(
+        self, credentials: IUsernamePassword
+    ) -> Deferred[bytes | tuple[()]]:
         username = credentials.username
         if not self._caseSensitive:
             username = username.lower()
@@ -535,7 +541,9 @@ class _FirstMatch:
             if reason.check(Overloaded):
                 # No check was made: the answer is "not now", not "no".
                 return reason
-            if not reason.check(credError.UnauthorizedLogin, credError.UnhandledCredentials):
+            if not reason.check(
+                credError.UnauthorizedLogin, credError.UnhandledCredentials
+            ):
                 # A broken checker must not decide for the others; it is
                 # logged and treated as a refusal.
                 log.failure(
@@ -551,7 +559,9 @@ class _FirstMatch:
         return maybeDeferred(checker.requestAvatarId, credentials).addErrback(refused)
 
 
-def _usernamePasswordChecker(checker: ICredentialsChecker, spec: str) -> ICredentialsChecker:
+def _usernamePasswordChecker(
+    checker: ICredentialsChecker, spec: str
+) -> ICredentialsChecker:
     interfaces = getattr(checker, "credentialInterfaces", ())
     if IUsernamePassword not in interfaces:
         raise ValueError(
@@ -561,9 +571,7 @@ def _usernamePasswordChecker(checker: ICredentialsChecker, spec: str) -> ICreden
     return checker
 
 
-def _checkerFromString(
-    spec: str, reactor: Any, threadpool: Any
-) -> ICredentialsChecker:
+def _checkerFromString(spec: str, reactor: Any, threadpool: Any) -> ICredentialsChecker:
     authType, _, argument = spec.partition(":")
     if authType == "htpasswd":
         if not argument:
@@ -716,7 +724,9 @@ class Authenticator:
             return None
         return role
 
-    def authenticate(self, headerValue: bytes | None, client: str | None = None) -> Deferred[str]:
+    def authenticate(
+        self, headerValue: bytes | None, client: str | None = None
+    ) -> Deferred[str]:
         """
         Check a request's C{Proxy-Authorization} value.
 
@@ -775,10 +785,14 @@ class Authenticator:
             if reason.check(credError.LoginFailed):
                 if failures is not None and counted is not None:
                     failures.take(counted)
-                log.info("Proxy authentication failed for {username}", username=username)
+                log.info(
+                    "Proxy authentication failed for {username}", username=username
+                )
             else:
                 log.failure(
-                    "Checking credentials failed for {username}", reason, username=username
+                    "Checking credentials failed for {username}",
+                    reason,
+                    username=username,
                 )
             return Failure(AuthFailed.wrong())
 

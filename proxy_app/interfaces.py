@@ -34,7 +34,6 @@ class IDestinationResolver(Interface):
             lookup error or timeout).  Cancelling it abandons the lookup.
         """
 
-
     def vetNow(host: str, port: int) -> Any:
         """
         The answer to L{vet} when it needs no waiting: for an IP literal, or
@@ -135,7 +134,9 @@ class IClientChannel(Interface):
         "The exchange this connection has become a tunnel for, or L{None}."
     )
 
-    def sendInformational(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def sendInformational(
+        status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         """
         Send a 1xx response ahead of the final one (nothing if a response
         is already under way or the client has gone).
@@ -168,7 +169,9 @@ class IClientChannel(Interface):
         The response L{sendHead} began is complete.
         """
 
-    def sendError(error: Any, close: bool = False, requestID: str | None = None) -> bool:
+    def sendError(
+        error: Any, close: bool = False, requestID: str | None = None
+    ) -> bool:
         """
         Answer with the proxy's own response for C{error}, a
         L{proxy_app.reasons.ProxyError}; close after it if C{close}.

@@ -22,7 +22,12 @@ from proxy_app.reasons import ProxyError, Reason
 # and those that bound one request, which every worker applies whole.  A
 # new limit goes in one or the other (a test checks).
 PROXY_WIDE = frozenset(
-    ["max_request_rate", "request_burst", "max_concurrent_requests", "max_concurrent_tunnels"]
+    [
+        "max_request_rate",
+        "request_burst",
+        "max_concurrent_requests",
+        "max_concurrent_tunnels",
+    ]
 )
 PER_REQUEST = frozenset(
     [
@@ -66,8 +71,12 @@ def workerLimits(limits: Limits, workers: int, index: int) -> Limits:
         limits,
         max_request_rate=limits.max_request_rate / workers,
         request_burst=workerShare(limits.request_burst, workers, index),
-        max_concurrent_requests=workerShare(limits.max_concurrent_requests, workers, index),
-        max_concurrent_tunnels=workerShare(limits.max_concurrent_tunnels, workers, index),
+        max_concurrent_requests=workerShare(
+            limits.max_concurrent_requests, workers, index
+        ),
+        max_concurrent_tunnels=workerShare(
+            limits.max_concurrent_tunnels, workers, index
+        ),
     )
 
 
@@ -78,7 +87,9 @@ class RateLimiter:
     the least recently used is forgotten first (it then starts full again).
     """
 
-    def __init__(self, clock: IReactorTime, rate: float, burst: int, maxKeys: int = 10000) -> None:
+    def __init__(
+        self, clock: IReactorTime, rate: float, burst: int, maxKeys: int = 10000
+    ) -> None:
         self._clock = clock
         self.rate = rate
         self.burst = max(1, burst)
@@ -114,7 +125,9 @@ class RateLimiter:
         if entry is None:
             return 0.0
         tokens, last = entry
-        tokens = min(float(self.burst), tokens + (self._clock.seconds() - last) * self.rate)
+        tokens = min(
+            float(self.burst), tokens + (self._clock.seconds() - last) * self.rate
+        )
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
 

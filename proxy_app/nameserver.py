@@ -102,7 +102,6 @@ def _twistedAddress(
     return TwistedIPv6Address(semantics, str(ip), port, flowInfo, scopeID)
 
 
-
 def _retrySchedule(timeout: float, serverCount: int) -> tuple[float, ...]:
     """
     Per-attempt timeouts for L{twisted.names.client.Resolver} that finish

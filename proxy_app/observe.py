@@ -156,7 +156,9 @@ class LineLog:
         self.publisher = LogPublisher()
         self._log = Logger(namespace=self.namespace, observer=self.publisher)
         self._formatter = (
-            jsonFormatter(self.fields) if format == "json" else textFormatter(self.fields)
+            jsonFormatter(self.fields)
+            if format == "json"
+            else textFormatter(self.fields)
         )
         self._path = path
         self._file = outFile
@@ -188,7 +190,9 @@ class LineLog:
             try:
                 self._file.flush()
             except (OSError, ValueError) as e:
-                log.error("Cannot write log {path}: {error}", path=self._path or "-", error=e)
+                log.error(
+                    "Cannot write log {path}: {error}", path=self._path or "-", error=e
+                )
 
     def stop(self) -> None:
         """
@@ -287,7 +291,20 @@ class DecisionLog(LineLog):
 DENIAL_CODES = frozenset(int(reason) for reason in DENIALS)
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -299,7 +316,9 @@ class Metrics:
     addresses.  Roles are bounded by the ACL file, so they may label.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, process: bool = True
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         if process:
@@ -396,7 +415,9 @@ class Metrics:
         """
         gauge = self._listenerConnections.get(listener)
         if gauge is None:
-            gauge = self._listenerConnections[listener] = self.connections.labels(listener)
+            gauge = self._listenerConnections[listener] = self.connections.labels(
+                listener
+            )
         return gauge
 
     def requestDone(

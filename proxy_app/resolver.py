@@ -358,7 +358,9 @@ class SafeResolver:
         except ValueError:
             # Numeric-looking garbage: no lookup, lest a resolver read it as
             # a name; the policy denies text that is not an address.
-            raise DestinationDenied(host, port, self._policy.decide(host, port)) from None
+            raise DestinationDenied(
+                host, port, self._policy.decide(host, port)
+            ) from None
         if ip is None:
             return None
         decision = self._policy.decide(ip, port)
@@ -456,8 +458,14 @@ class CachingResolver:
             d.addCallback(self._store, key)
         return d
 
-    def _store(self, destination: VettedDestination, key: tuple[str, int]) -> VettedDestination:
-        ttl = self.maxTTL if destination.ttl is None else min(destination.ttl, self.maxTTL)
+    def _store(
+        self, destination: VettedDestination, key: tuple[str, int]
+    ) -> VettedDestination:
+        ttl = (
+            self.maxTTL
+            if destination.ttl is None
+            else min(destination.ttl, self.maxTTL)
+        )
         if ttl > 0:
             cached = attr.evolve(destination, denied=(), lookupTime=0.0)
             self._entries[key] = _CacheEntry(cached, self._clock.seconds() + ttl)

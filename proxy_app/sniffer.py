@@ -68,7 +68,11 @@ def _parseClientHello(data: bytes) -> tuple[bool, str | None] | None:
             if offset == 0 and data and data[0] != 0x16:
                 return (False, None)
             return None
-        kind, major, length = data[offset], data[offset + 1], int.from_bytes(data[offset + 3 : offset + 5], "big")
+        kind, major, length = (
+            data[offset],
+            data[offset + 1],
+            int.from_bytes(data[offset + 3 : offset + 5], "big"),
+        )
         if kind != 0x16 or major != 3 or length == 0:
             return (False, None) if offset == 0 else (True, None)
         fragment = data[offset + 5 : offset + 5 + length]
@@ -92,7 +96,9 @@ def _sniFromClientHello(body: bytes) -> str | None:
     try:
         position = 2 + 32  # client_version, random
         position += 1 + body[position]  # session_id
-        position += 2 + int.from_bytes(body[position : position + 2], "big")  # cipher_suites
+        position += 2 + int.from_bytes(
+            body[position : position + 2], "big"
+        )  # cipher_suites
         position += 1 + body[position]  # compression_methods
         end = position + 2 + int.from_bytes(body[position : position + 2], "big")
         position += 2

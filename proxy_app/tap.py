@@ -115,7 +115,9 @@ class Options(usage.Options):
     # Booleans that default to off are plain switches, as in Smokescreen
     # (--allow-missing-role); the environment and YAML still take true/false.
     optFlags: list[list[Any]] = [
-        [f.setting.flag, None, f.setting.doc] for f in configModule.fields() if _isSwitch(f)
+        [f.setting.flag, None, f.setting.doc]
+        for f in configModule.fields()
+        if _isSwitch(f)
     ]
 
     config: Config
@@ -138,10 +140,14 @@ class Options(usage.Options):
             _exit(e, 2)
 
     def postOptions(self) -> None:
-        flags = {f.setting.flag: self.get(f.setting.flag) for f in configModule.fields()}
+        flags = {
+            f.setting.flag: self.get(f.setting.flag) for f in configModule.fields()
+        }
         for field in configModule.fields():
             if _isSwitch(field):
-                flags[field.setting.flag] = "true" if self.get(field.setting.flag) else None
+                flags[field.setting.flag] = (
+                    "true" if self.get(field.setting.flag) else None
+                )
         self.config = configModule.load(flags, self._environ, self["config"])
         validate(self.config)
         index = self["worker-index"]
@@ -154,7 +160,9 @@ class Options(usage.Options):
 
 for _field in configModule.fields():
     if _field.setting.repeatable:
-        setattr(Options, "opt_" + _field.setting.flag.replace("-", "_"), _repeatable(_field))
+        setattr(
+            Options, "opt_" + _field.setting.flag.replace("-", "_"), _repeatable(_field)
+        )
 del _field
 
 
@@ -184,7 +192,9 @@ def validate(config: Config) -> None:
             ) from None
     if config.workers > 1:
         for listener in config.listen:
-            if isinstance(listener, str) and splitDescription(listener)[0][0].lower() not in (
+            if isinstance(listener, str) and splitDescription(listener)[0][
+                0
+            ].lower() not in (
                 "tcp",
                 "tcp6",
             ):
@@ -310,10 +320,15 @@ def selfAddresses(listeners: Sequence[str | TLSListener]) -> list[tuple[str, int
             host, port = listener.interface, str(listener.port)
         else:
             positional, keywords = splitDescription(listener)
-            if positional[0].lower() not in ("tcp", "tcp6", "ssl") or len(positional) + len(keywords) < 2:
+            if (
+                positional[0].lower() not in ("tcp", "tcp6", "ssl")
+                or len(positional) + len(keywords) < 2
+            ):
                 continue
             host = keywords.get("interface", "")
-            port = keywords.get("port") or (positional[1] if len(positional) > 1 else "")
+            port = keywords.get("port") or (
+                positional[1] if len(positional) > 1 else ""
+            )
         if not port.isdigit() or int(port) == 0:
             # Port 0 is chosen by the kernel at bind time; there is nothing
             # to match yet.
@@ -333,7 +348,9 @@ def proxySelfAddresses(config: Config) -> list[tuple[str, int]]:
     """
     metrics: tuple[str, ...] = ()
     if config.metrics:
-        metrics = tuple(workerMetrics(config.metrics, index) for index in range(config.workers))
+        metrics = tuple(
+            workerMetrics(config.metrics, index) for index in range(config.workers)
+        )
     return selfAddresses(config.listen + metrics)
 
 
@@ -464,7 +481,11 @@ class _Listener(Service):
     """
 
     def __init__(
-        self, listener: str | TLSListener, factory: Any, reactor: Any, shared: bool = False
+        self,
+        listener: str | TLSListener,
+        factory: Any,
+        reactor: Any,
+        shared: bool = False,
     ) -> None:
         self.factory = factory
         self.port: Any = None
@@ -481,7 +502,10 @@ class _Listener(Service):
                 # that changed since.
                 raise ConfigError(f"listen = {listener.description!r}: {e}") from None
             self.endpoint: Any = SSL4ServerEndpoint(
-                reactor, listener.port, self.contextFactory, interface=listener.interface
+                reactor,
+                listener.port,
+                self.contextFactory,
+                interface=listener.interface,
             )
         else:
             self.description = listener
@@ -548,7 +572,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         return top
     try:
         return _build(
-            _CommandLineService(), config, reactor, workerIndex, reactor is _globalReactor()
+            _CommandLineService(),
+            config,
+            reactor,
+            workerIndex,
+            reactor is _globalReactor(),
         )
     except ConfigError as e:
         _exit(e, 1)
@@ -611,7 +639,9 @@ def _build(
     if workerIndex is not None:
         # The configured limits are the proxy's: each worker enforces its
         # share of them.
-        config = attr.evolve(config, limits=workerLimits(config.limits, config.workers, workerIndex))
+        config = attr.evolve(
+            config, limits=workerLimits(config.limits, config.workers, workerIndex)
+        )
         log.info(
             "Worker {index} of {count}: its share of the limits is {rate:g} requests/s per "
             "role (burst {burst}), {requests} concurrent requests, {tunnels} tunnels (0: no limit)",
@@ -625,7 +655,9 @@ def _build(
     destinations = config.destinations
     resolver: Any = SafeResolver(
         buildPolicy(config),
-        makeNameResolver(destinations.nameservers, reactor, timeout=config.timeouts.dns),
+        makeNameResolver(
+            destinations.nameservers, reactor, timeout=config.timeouts.dns
+        ),
         reactor,
         timeout=config.timeouts.dns,
     )
@@ -691,11 +723,16 @@ def _build(
     # stop accepting, then the proxy drains, and the metrics listener goes
     # last so that /healthcheck can say 503 throughout the drain.
     if config.metrics is not None:
-        site = Site(MetricsResource(metrics.registry, lambda: not factory.draining), reactor=reactor)
+        site = Site(
+            MetricsResource(metrics.registry, lambda: not factory.draining),
+            reactor=reactor,
+        )
         site.noisy = False
         # Scrapes every few seconds would flood the process log.
         site.log = lambda request: None  # type: ignore[method-assign]
-        _Listener(workerMetrics(config.metrics, workerIndex), site, reactor).setServiceParent(top)
+        _Listener(
+            workerMetrics(config.metrics, workerIndex), site, reactor
+        ).setServiceParent(top)
     if webhook is not None:
         # Stops after the drain, so the last connection-stop events go out.
         webhook.setServiceParent(top)
@@ -815,7 +852,9 @@ def workerMetrics(description: str, index: int | None) -> str:
     positional, keywords = splitDescription(description)
     if "port" in keywords:
         port = int(keywords["port"])
-        return description.replace(f"port={port}", f"port={port + index}" if port else "port=0")
+        return description.replace(
+            f"port={port}", f"port={port + index}" if port else "port=0"
+        )
     if len(positional) > 1 and positional[1].isdigit() and int(positional[1]):
         parts = description.split(":")
         parts[1] = str(int(parts[1]) + index)

@@ -137,7 +137,9 @@ def normalizeHost(raw: str) -> str:
     try:
         address = parseIPLiteral(raw)
     except ValueError:
-        raise _bad(f"Host {raw!r} looks like an IP address but is not a valid one") from None
+        raise _bad(
+            f"Host {raw!r} looks like an IP address but is not a valid one"
+        ) from None
     if address is not None:
         return str(address)
 
@@ -148,7 +150,9 @@ def normalizeHost(raw: str) -> str:
         if name.isascii():
             ascii_ = name.lower()
         else:
-            ascii_ = idna.encode(name, uts46=True, std3_rules=False).decode("ascii").lower()
+            ascii_ = (
+                idna.encode(name, uts46=True, std3_rules=False).decode("ascii").lower()
+            )
     except idna.IDNAError as e:
         raise _bad(f"Host {raw!r} is not a valid internationalized name: {e}") from None
     if len(ascii_) > 253:
@@ -161,7 +165,9 @@ def normalizeHost(raw: str) -> str:
     try:
         address = parseIPLiteral(ascii_)
     except ValueError:
-        raise _bad(f"Host {raw!r} looks like an IP address but is not a valid one") from None
+        raise _bad(
+            f"Host {raw!r} looks like an IP address but is not a valid one"
+        ) from None
     return str(address) if address is not None else ascii_
 
 
@@ -229,7 +235,9 @@ def parseAbsoluteTarget(raw: bytes) -> Target:
     scheme, sep, rest = raw.partition(b"://")
     if not sep or not _SCHEME.fullmatch(scheme):
         # Quoted as logs show it: no userinfo, no query values.
-        raise _bad(f"The request target {loggedTarget(raw)[:200]!r} is not an absolute URI")
+        raise _bad(
+            f"The request target {loggedTarget(raw)[:200]!r} is not an absolute URI"
+        )
     end = len(rest)
     for delimiter in (b"/", b"?", b"#"):
         index = rest.find(delimiter)
@@ -260,7 +268,10 @@ def _origin(scheme: bytes, rawAuthority: bytes) -> tuple[str, str, int, bool]:
             "Proxy-Authorization for the proxy)",
         )
     if schemeText not in DEFAULT_PORTS:
-        raise ProxyError(Reason.BAD_SCHEME, f"URL scheme '{schemeText}' is not supported; use http or https")
+        raise ProxyError(
+            Reason.BAD_SCHEME,
+            f"URL scheme '{schemeText}' is not supported; use http or https",
+        )
     authority = _decode(rawAuthority)
     host, port = _splitHostPort(authority)
     explicit = port is not None

@@ -125,7 +125,9 @@ def loadClientIdentity(
     try:
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyPEM)
     except crypto.Error:
-        raise TLSConfigError(f"{keyPath!r}: not a PEM private key (or it is encrypted)") from None
+        raise TLSConfigError(
+            f"{keyPath!r}: not a PEM private key (or it is encrypted)"
+        ) from None
     context = SSL.Context(SSL.TLS_METHOD)
     context.use_certificate(x509)
     try:
@@ -138,7 +140,9 @@ def loadClientIdentity(
     certificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
         ssl.Certificate(x509), ssl.KeyPair(key)
     )
-    return ClientIdentity(alias, certificate, None if roles is None else frozenset(roles))
+    return ClientIdentity(
+        alias, certificate, None if roles is None else frozenset(roles)
+    )
 
 
 DEFAULT_ALIAS = "default"
@@ -170,9 +174,13 @@ class Origination:
         if DEFAULT_ALIAS in self.aliases:
             # Two certificates behind one name would share a connection
             # creator and pooled connections: the wrong one gets presented.
-            raise ValueError(f"the alias {DEFAULT_ALIAS!r} is reserved for the default identity")
+            raise ValueError(
+                f"the alias {DEFAULT_ALIAS!r} is reserved for the default identity"
+            )
         self.rolesInUse = rolesInUse
-        self._creators: dict[tuple[str, str | None], IOpenSSLClientConnectionCreator] = {}
+        self._creators: dict[
+            tuple[str, str | None], IOpenSSLClientConnectionCreator
+        ] = {}
         # One context per identity, shared by all hosts: loading the trust
         # root into a context is the costly part.
         self._contexts: dict[str | None, SSL.Context] = {}
@@ -219,7 +227,9 @@ class Origination:
             f"Client certificate alias {identity.alias!r} is not permitted for {who}",
         )
 
-    def creator(self, host: str, identity: ClientIdentity | None) -> IOpenSSLClientConnectionCreator:
+    def creator(
+        self, host: str, identity: ClientIdentity | None
+    ) -> IOpenSSLClientConnectionCreator:
         """
         The connection creator for C{host} (SNI and the name verified),
         presenting C{identity}.
@@ -238,7 +248,9 @@ class Origination:
                 self._creators.clear()
             context = self._contexts.get(alias)
             if context is None:
-                context = self._contexts[alias] = clientContext(self.trustRoot, identity)
+                context = self._contexts[alias] = clientContext(
+                    self.trustRoot, identity
+                )
             creator = ClientConnectionCreator(context, host)
             self._creators[key] = creator
         return creator
@@ -317,7 +329,9 @@ class ClientConnectionCreator:
         """
         connection = SSL.Connection(self._context, None)
         check = _PeerCheck(self.host, self._expected, tlsProtocol)
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, check.callback)
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, check.callback
+        )
         if self._serverName is not None:
             connection.set_tlsext_host_name(self._serverName)
         return connection
@@ -360,7 +374,12 @@ class _PeerCheck:
         self.protocol = protocol
 
     def callback(
-        self, connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int
+        self,
+        connection: SSL.Connection,
+        certificate: crypto.X509,
+        error: int,
+        depth: int,
+        ok: int,
     ) -> bool:
         """
         OpenSSL's verify callback: L{verify}, with any failure of its own
@@ -372,11 +391,15 @@ class _PeerCheck:
             return self.verify(certificate, error, depth, bool(ok))
         except Exception:
             failure = Failure()
-            log.failure("Verifying the certificate of {host} failed", failure, host=self.host)
+            log.failure(
+                "Verifying the certificate of {host} failed", failure, host=self.host
+            )
             self.refuse(failure)
             return False
 
-    def verify(self, certificate: crypto.X509, error: int, depth: int, ok: bool) -> bool:
+    def verify(
+        self, certificate: crypto.X509, error: int, depth: int, ok: bool
+    ) -> bool:
         """
         Judge one certificate of the peer's chain, as OpenSSL's verify
         callback: OpenSSL's own verdict first, and then, for the leaf of a
@@ -394,7 +417,9 @@ class _PeerCheck:
         try:
             verify_service_identity(extract_patterns(certificate), [self.expected], [])
         except VerificationError:
-            self.refuse(Failure(HostnameMismatch(self.host, _certificateNames(certificate))))
+            self.refuse(
+                Failure(HostnameMismatch(self.host, _certificateNames(certificate)))
+            )
             return False
         # Done with the protocol: the connection should not keep it.
         self.protocol = None
@@ -423,7 +448,11 @@ class CertificateRefused(Exception):
     def __str__(self) -> str:
         if self.code in _VERIFY_ERRORS:
             return _VERIFY_ERRORS[self.code]
-        return f"X.509 verification error {self.code}" if self.code else "certificate verify failed"
+        return (
+            f"X.509 verification error {self.code}"
+            if self.code
+            else "certificate verify failed"
+        )
 
 
 class HostnameMismatch(Exception):
@@ -462,7 +491,9 @@ _VERIFY_ERRORS = {
 }
 
 
-def tlsError(failure: Failure, host: str, where: str, transport: Any = None) -> ProxyError:
+def tlsError(
+    failure: Failure, host: str, where: str, transport: Any = None
+) -> ProxyError:
     """
     Translate a failed TLS handshake into the L{ProxyError} the client sees:
     1007 when the certificate was refused (untrusted, expired, wrong name),
@@ -516,7 +547,9 @@ def _certificateNames(certificate: Any) -> list[str]:
     try:
         cert = certificate.to_cryptography()
         try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            san = cert.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
             names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
             names += [str(n) for n in san.get_values_for_type(x509.IPAddress)]
         except x509.ExtensionNotFound:
@@ -561,7 +594,9 @@ def serverOptions(listener: Any) -> ssl.CertificateOptions:
             try:
                 crls.append(x509.load_der_x509_crl(data))
             except ValueError:
-                raise TLSConfigError(f"{listener.crl!r}: not a PEM or DER CRL") from None
+                raise TLSConfigError(
+                    f"{listener.crl!r}: not a PEM or DER CRL"
+                ) from None
     return _RevocationCheckingOptions(crls, **options)
 
 

@@ -60,7 +60,9 @@ class ConnectExchange(Exchange):
         # One timer for both limits of an established tunnel: the read
         # (idle) timeout, restarted by every byte, until the lifetime's end
         # is nearer; then the lifetime's end.
-        self._timer = Timer(self.factory.clock, self.factory.config.timeouts.read, self._timedOut)
+        self._timer = Timer(
+            self.factory.clock, self.factory.config.timeouts.read, self._timedOut
+        )
         self._expires = 0.0
         self._final = False
         self._clientReadOpen = True
@@ -93,7 +95,9 @@ class ConnectExchange(Exchange):
         # twisted.protocols.portforward does.
         client.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(client, True)
-        self._expires = self.factory.clock.seconds() + self.factory.config.timeouts.lifetime
+        self._expires = (
+            self.factory.clock.seconds() + self.factory.config.timeouts.lifetime
+        )
         self._touch()
         # What set the tunnel up is not needed any more (idle tunnels are
         # held by the thousand): the head's header lines, the connect step.

@@ -196,7 +196,11 @@ class _Race:
     """
 
     def __init__(
-        self, connector: Connector, destination: VettedDestination, factory: Factory, tls: Any
+        self,
+        connector: Connector,
+        destination: VettedDestination,
+        factory: Factory,
+        tls: Any,
     ) -> None:
         self._connector = connector
         self._destination = destination
@@ -209,7 +213,9 @@ class _Race:
         self._nextCall: IDelayedCall | None = None
         self.result: Deferred = Deferred(self._cancel)
         clock = connector.reactor
-        self._deadline: IDelayedCall | None = clock.callLater(connector.timeout, self._timedOut)
+        self._deadline: IDelayedCall | None = clock.callLater(
+            connector.timeout, self._timedOut
+        )
         self._start()
 
     def _start(self) -> None:
@@ -234,7 +240,10 @@ class _Race:
             return
         self._pending.append((address, attempt))
         attempt.addCallbacks(
-            self._succeeded, self._failed, callbackArgs=(address,), errbackArgs=(address,)
+            self._succeeded,
+            self._failed,
+            callbackArgs=(address,),
+            errbackArgs=(address,),
         )
 
     def _forget(self, address: str) -> None:
@@ -276,7 +285,13 @@ class _Race:
     def _error(self, failure: Failure, address: str) -> Failure:
         destination = self._destination
         if len(self._tried) == 1 or failure.check(ProxyError):
-            return connectError(failure, destination.host, address, destination.port, self._connector.timeout)
+            return connectError(
+                failure,
+                destination.host,
+                address,
+                destination.port,
+                self._connector.timeout,
+            )
         return Failure(
             ProxyError(
                 Reason.CONNECT_FAILED,
@@ -320,7 +335,9 @@ class _Race:
         self._stop()
 
 
-def connectError(failure: Failure, host: str, address: str, port: int, timeout: float) -> Failure:
+def connectError(
+    failure: Failure, host: str, address: str, port: int, timeout: float
+) -> Failure:
     """
     Translate a connection failure into the L{ProxyError} the client sees.
     """
@@ -362,7 +379,9 @@ class Timer:
 
     __slots__ = ("_clock", "seconds", "_onTimeout", "_call")
 
-    def __init__(self, clock: IReactorTime, seconds: float, onTimeout: Callable[[], None]) -> None:
+    def __init__(
+        self, clock: IReactorTime, seconds: float, onTimeout: Callable[[], None]
+    ) -> None:
         self._clock = clock
         self.seconds = seconds
         self._onTimeout = onTimeout
@@ -411,7 +430,9 @@ HOP_BY_HOP = frozenset(
 NOT_PASSED = HOP_BY_HOP | {b"content-length"}
 
 
-def endToEndHeaders(head: Any, drop: frozenset[bytes] = NOT_PASSED) -> list[tuple[bytes, bytes]]:
+def endToEndHeaders(
+    head: Any, drop: frozenset[bytes] = NOT_PASSED
+) -> list[tuple[bytes, bytes]]:
     """
     The headers of a message (a L{proxy_app.http1.RequestHead} or
     L{ResponseHead}) less those named in C{drop} (lower case; by default
@@ -482,7 +503,9 @@ class UpstreamHTTP(Protocol):
     # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
     transport: Any
 
-    def __init__(self, pool: UpstreamPool, key: PoolKey, tls: TLSSettings | None = None) -> None:
+    def __init__(
+        self, pool: UpstreamPool, key: PoolKey, tls: TLSSettings | None = None
+    ) -> None:
         self.pool = pool
         self.key = key
         self.tls = tls
@@ -585,7 +608,10 @@ class UpstreamHTTP(Protocol):
             # A bug in the exchange's handling of the response: the
             # exchange answers 500 (or cuts the client off), not Twisted's
             # "Unhandled Error" and a silent close.
-            log.failure("Internal error reading the response from {where}", where=hostPort(self.key.address, self.key.port))
+            log.failure(
+                "Internal error reading the response from {where}",
+                where=hostPort(self.key.address, self.key.port),
+            )
             self._fail(ProxyError(Reason.INTERNAL_ERROR, "Internal error in the proxy"))
             return
         if self._reader.complete:
@@ -651,7 +677,9 @@ class UpstreamHTTP(Protocol):
 
     def _idleTimeout(self) -> None:
         where = hostPort(self.key.address, self.key.port)
-        self._timedOut(f"{where} sent nothing for {self._idle.seconds:g} s (read timeout)")
+        self._timedOut(
+            f"{where} sent nothing for {self._idle.seconds:g} s (read timeout)"
+        )
 
     def _lifetimeExpired(self) -> None:
         where = hostPort(self.key.address, self.key.port)
@@ -674,14 +702,22 @@ class UpstreamHTTP(Protocol):
         self.pool.forget(self)
         self.closed.callback(None)
         if not self.ready.called:
-            where = hostPort(self.tls.host if self.tls else self.key.address, self.key.port)
+            where = hostPort(
+                self.tls.host if self.tls else self.key.address, self.key.port
+            )
             self.ready.errback(
-                tlsError(reason, self.tls.host if self.tls else "", where, self.transport)
+                tlsError(
+                    reason, self.tls.host if self.tls else "", where, self.transport
+                )
             )
             return
         if self.sink is None:
             return
-        if self.tls is not None and not self.responseStarted and reason.check(SSL.Error):
+        if (
+            self.tls is not None
+            and not self.responseStarted
+            and reason.check(SSL.Error)
+        ):
             # With TLS 1.3 a server refuses a client certificate (or its
             # absence) only after the client thinks the handshake is done.
             sink, self.sink = self.sink, None

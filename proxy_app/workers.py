@@ -31,7 +31,9 @@ from proxy_app.config import ConfigError, TLSListener, splitDescription
 log = Logger()
 
 
-def sharedListen(reactor: Any, listener: str | TLSListener, factory: Any, contextFactory: Any = None) -> Any:
+def sharedListen(
+    reactor: Any, listener: str | TLSListener, factory: Any, contextFactory: Any = None
+) -> Any:
     """
     Listen on C{listener} with C{SO_REUSEPORT}, so that other workers can
     listen on the same port.
@@ -129,7 +131,9 @@ class WorkerSupervisor(Service):
         """
         env = dict(os.environ)
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = here + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
         return env
 
     def spawn(self, index: int) -> None:
@@ -148,8 +152,18 @@ class WorkerSupervisor(Service):
         super().startService()
         for index in range(self.count):
             self.spawn(index)
-        signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.signal, signal.SIGHUP))
-        signal.signal(signal.SIGUSR1, lambda signum, frame: self.reactor.callFromThread(self.signal, signal.SIGUSR1))
+        signal.signal(
+            signal.SIGHUP,
+            lambda signum, frame: self.reactor.callFromThread(
+                self.signal, signal.SIGHUP
+            ),
+        )
+        signal.signal(
+            signal.SIGUSR1,
+            lambda signum, frame: self.reactor.callFromThread(
+                self.signal, signal.SIGUSR1
+            ),
+        )
 
     def signal(self, signum: int) -> None:
         """
@@ -159,7 +173,11 @@ class WorkerSupervisor(Service):
             try:
                 process.signalProcess(signum)
             except Exception as e:
-                log.warn("Could not signal worker {index}: {error}", index=worker.index, error=e)
+                log.warn(
+                    "Could not signal worker {index}: {error}",
+                    index=worker.index,
+                    error=e,
+                )
 
     def workerEnded(self, worker: _Worker, reason: Any) -> None:
         if self.workers.get(worker.index, (None,))[0] is worker:

@@ -49,12 +49,20 @@ class Authority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(_NOW - _DAY)
             .not_valid_after(_NOW + 30 * _DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.BasicConstraints(ca=True, path_length=None), critical=True
+            )
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -83,9 +91,15 @@ class Authority:
         key = _key()
         attributes = [x509.NameAttribute(NameOID.COMMON_NAME, commonName)]
         if organizationalUnit:
-            attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizationalUnit))
+            attributes.append(
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizationalUnit)
+            )
         serial = x509.random_serial_number()
-        start, end = (_NOW - 10 * _DAY, _NOW - 2 * _DAY) if expired else (_NOW - _DAY, _NOW + 10 * _DAY)
+        start, end = (
+            (_NOW - 10 * _DAY, _NOW - 2 * _DAY)
+            if expired
+            else (_NOW - _DAY, _NOW + 10 * _DAY)
+        )
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name(attributes))
@@ -102,8 +116,14 @@ class Authority:
             except ValueError:
                 sans.append(x509.DNSName(name))
         if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        usage = x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(sans), critical=False
+            )
+        usage = (
+            x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+            if client
+            else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
+        )
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         certPEM, keyPEM = _pem(key, cert)
@@ -126,4 +146,6 @@ class Authority:
                 .revocation_date(_NOW - _DAY)
                 .build()
             )
-        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(
+            serialization.Encoding.PEM
+        )

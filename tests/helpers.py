@@ -152,9 +152,7 @@ class Harness:
         """
         host, port, factory, timeout, bindAddress = self.reactor.tcpClients[index]
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = HalfCloseStringTransport(
-            peerAddress=IPv4Address("TCP", host, port)
-        )
+        transport = HalfCloseStringTransport(peerAddress=IPv4Address("TCP", host, port))
         protocol.makeConnection(transport)
         return protocol, transport
 
@@ -182,10 +180,16 @@ def makeHarness(
     access: list[dict[str, Any]] = []
     accessLog.addObserver(access.append)
     factory = ProxyFactory(
-        config, resolver, reactor, Connector(reactor, config.timeouts.connect), accessLog
+        config,
+        resolver,
+        reactor,
+        Connector(reactor, config.timeouts.connect),
+        accessLog,
     )
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    client = HalfCloseStringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    client = HalfCloseStringTransport(
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 40000)
+    )
     protocol.makeConnection(client)
     return Harness(reactor, resolver, factory, protocol, client, access)
 
@@ -233,8 +237,12 @@ def startNameServer(reactor: Any, zone: bytes, records: dict[bytes, list[Any]]) 
         minimum=60,
     )
     records = {zone: [soa], **records}
-    factory = server.DNSServerFactory(authorities=[InMemoryAuthority((zone, soa), records)])
-    return reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+    factory = server.DNSServerFactory(
+        authorities=[InMemoryAuthority((zone, soa), records)]
+    )
+    return reactor.listenUDP(
+        0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1"
+    )
 
 
 @implementer(IHostnameResolver)
@@ -245,9 +253,16 @@ class _NoSystemResolver:
     """
 
     def resolveHostName(  # type: ignore[no-untyped-def]
-        self, resolutionReceiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
+        self,
+        resolutionReceiver,
+        hostName,
+        portNumber=0,
+        addressTypes=None,
+        transportSemantics="TCP",
     ):
-        raise AssertionError(f"{hostName!r} resolved through a memory reactor's system resolver")
+        raise AssertionError(
+            f"{hostName!r} resolved through a memory reactor's system resolver"
+        )
 
 
 @implementer(IReactorPluggableNameResolver)

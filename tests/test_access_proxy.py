@@ -43,7 +43,9 @@ def basic(user: str, password: str) -> bytes:
     return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
 
 
-def request(host: bytes = b"origin.example", auth: bytes | None = None, extra: bytes = b"") -> bytes:
+def request(
+    host: bytes = b"origin.example", auth: bytes | None = None, extra: bytes = b""
+) -> bytes:
     lines = b"GET http://" + host + b"/ HTTP/1.1\r\nHost: " + host + b"\r\n"
     if auth is not None:
         lines += b"Proxy-Authorization: " + auth + b"\r\n"
@@ -57,12 +59,22 @@ class AccessProxyTests(SynchronousTestCase):
 
     def harness(self, acl: str | None = ACL_TEXT, auth: bool = True, **kwargs: object):  # type: ignore[no-untyped-def]
         denied = DestinationDenied(
-            "internal.example", 80, AddressDecision(False, "10.0.0.1", "Deny: Private Range")
+            "internal.example",
+            80,
+            AddressDecision(False, "10.0.0.1", "Deny: Private Range"),
         )
         h = makeHarness(
-            {"origin.example": ["203.0.113.10"], "other.example": ["203.0.113.11"], "internal.example": denied}
+            {
+                "origin.example": ["203.0.113.10"],
+                "other.example": ["203.0.113.11"],
+                "internal.example": denied,
+            }
         )
-        authenticator = Authenticator.fromStrings(["memory:alice:secret:bob:hunter2"]) if auth else None
+        authenticator = (
+            Authenticator.fromStrings(["memory:alice:secret:bob:hunter2"])
+            if auth
+            else None
+        )
         h.factory.access = AccessControl(
             ACL.fromYAML(acl) if acl else None, None, authenticator, **kwargs
         )
@@ -111,7 +123,9 @@ class AccessProxyTests(SynchronousTestCase):
         """
         h = self.harness()
         checkers = h.factory.access.authenticator.checkers  # type: ignore[union-attr]
-        h.factory.access.authenticator = Authenticator(checkers, clock=h.reactor, failuresPerMinute=2)
+        h.factory.access.authenticator = Authenticator(
+            checkers, clock=h.reactor, failuresPerMinute=2
+        )
         for _ in range(2):
             h.client.clear()
             h.send(request(auth=basic("alice", "wrong")))
@@ -138,7 +152,19 @@ class AccessProxyTests(SynchronousTestCase):
         self.assertEqual(h.access[-1]["role"], "alice")
         (line,) = self.decisionLines()
         self.assertEqual(
-            {k: line[k] for k in ("msg", "role", "project", "decision_reason", "allow", "enforce_would_deny", "status_code", "requested_host")},
+            {
+                k: line[k]
+                for k in (
+                    "msg",
+                    "role",
+                    "project",
+                    "decision_reason",
+                    "allow",
+                    "enforce_would_deny",
+                    "status_code",
+                    "requested_host",
+                )
+            },
             {
                 "msg": "CANONICAL-PROXY-DECISION",
                 "role": "alice",
@@ -242,10 +268,16 @@ class AccessProxyTests(SynchronousTestCase):
 
         access = AccessControl(loadACL(path.path), path.path)
         self.assertFalse(access.decide("alice", "new.example").allow)
-        path.setContent(ACL_TEXT.replace("internal.example]", "internal.example, new.example]").encode())
+        path.setContent(
+            ACL_TEXT.replace(
+                "internal.example]", "internal.example, new.example]"
+            ).encode()
+        )
         self.assertTrue(access.reload())
         self.assertTrue(access.decide("alice", "new.example").allow)
-        path.setContent(b"version: v1\nservices:\n  - name: alice\n    allowed_hosts: [x]\n")
+        path.setContent(
+            b"version: v1\nservices:\n  - name: alice\n    allowed_hosts: [x]\n"
+        )
         self.assertFalse(access.reload())
         self.assertTrue(access.decide("alice", "new.example").allow)
 

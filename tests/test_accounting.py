@@ -76,5 +76,7 @@ class ObserverTests(SynchronousTestCase):
         h.send(GET)
         up, _ = h.connectUpstream()
         up.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
-        self.assertEqual(recorder.events, [("connected", "203.0.113.10"), ("ended", 204)])
+        self.assertEqual(
+            recorder.events, [("connected", "203.0.113.10"), ("ended", 204)]
+        )
         self.assertEqual(len(h.access), 1)

@@ -159,7 +159,12 @@ class DecisionTests(SynchronousTestCase):
     ) -> ACLDecision:
         decision = acl.decide(role, host, **kw)
         self.assertEqual(
-            (decision.allow, decision.reason, decision.project, decision.enforceWouldDeny),
+            (
+                decision.allow,
+                decision.reason,
+                decision.project,
+                decision.enforceWouldDeny,
+            ),
             (allow, reason, project, enforceWouldDeny),
             f"{role} -> {host}",
         )
@@ -171,10 +176,18 @@ class DecisionTests(SynchronousTestCase):
         would not have denied it.
         """
         d = self.assertDecision(
-            self.sample, "enforce-dummy-srv", "example1.com", True,
-            REASON_ALLOWED_DOMAIN, "usersec", False,
+            self.sample,
+            "enforce-dummy-srv",
+            "example1.com",
+            True,
+            REASON_ALLOWED_DOMAIN,
+            "usersec",
+            False,
         )
-        self.assertEqual((d.role, d.action, d.rule), ("enforce-dummy-srv", "enforce", "enforce-dummy-srv"))
+        self.assertEqual(
+            (d.role, d.action, d.rule),
+            ("enforce-dummy-srv", "enforce", "enforce-dummy-srv"),
+        )
 
     def test_disallowedWhenEnforcing(self) -> None:
         """
@@ -182,8 +195,13 @@ class DecisionTests(SynchronousTestCase):
         a listed one.
         """
         self.assertDecision(
-            self.sample, "enforce-dummy-srv", "www.example1.com", False,
-            REASON_ENFORCE, "usersec", True,
+            self.sample,
+            "enforce-dummy-srv",
+            "www.example1.com",
+            False,
+            REASON_ENFORCE,
+            "usersec",
+            True,
         )
 
     def test_allowedByListWhenReporting(self) -> None:
@@ -191,8 +209,13 @@ class DecisionTests(SynchronousTestCase):
         A report rule allows a listed host without reporting it.
         """
         self.assertDecision(
-            self.sample, "report-dummy-srv", "example3.com", True,
-            REASON_ALLOWED_DOMAIN, "security", False,
+            self.sample,
+            "report-dummy-srv",
+            "example3.com",
+            True,
+            REASON_ALLOWED_DOMAIN,
+            "security",
+            False,
         )
 
     def test_reportedWhenReporting(self) -> None:
@@ -201,8 +224,13 @@ class DecisionTests(SynchronousTestCase):
         would have denied it.
         """
         d = self.assertDecision(
-            self.sample, "report-dummy-srv", "example1.com", True,
-            REASON_REPORT, "security", True,
+            self.sample,
+            "report-dummy-srv",
+            "example1.com",
+            True,
+            REASON_REPORT,
+            "security",
+            True,
         )
         self.assertEqual(d.action, "report")
 
@@ -211,17 +239,32 @@ class DecisionTests(SynchronousTestCase):
         An open rule allows any host and does not report it.
         """
         self.assertDecision(
-            self.sample, "open-dummy-srv", "anythingisgoodreally.com", True,
-            REASON_OPEN, "automation", False,
+            self.sample,
+            "open-dummy-srv",
+            "anythingisgoodreally.com",
+            True,
+            REASON_OPEN,
+            "automation",
+            False,
         )
 
     def test_globMatchesSubdomainsAtAnyDepth(self) -> None:
         """
         C{*.example.com} matches one, two or more labels below example.com.
         """
-        for host in ("api.example.com", "contrived.example.com", "more.contrived.example.com"):
+        for host in (
+            "api.example.com",
+            "contrived.example.com",
+            "more.contrived.example.com",
+        ):
             self.assertDecision(
-                self.sample, "dummy-glob", host, True, REASON_ALLOWED_DOMAIN, "phony", False
+                self.sample,
+                "dummy-glob",
+                host,
+                True,
+                REASON_ALLOWED_DOMAIN,
+                "phony",
+                False,
             )
 
     def test_globDoesNotMatchApex(self) -> None:
@@ -229,7 +272,13 @@ class DecisionTests(SynchronousTestCase):
         C{*.example.com} does not match example.com itself.
         """
         self.assertDecision(
-            self.sample, "dummy-glob", "example.com", False, REASON_ENFORCE, "phony", True
+            self.sample,
+            "dummy-glob",
+            "example.com",
+            False,
+            REASON_ENFORCE,
+            "phony",
+            True,
         )
 
     def test_globIsNotASuffixMatch(self) -> None:
@@ -237,7 +286,12 @@ class DecisionTests(SynchronousTestCase):
         C{*.example.com} matches only at a label boundary: not
         C{notexample.com}, nor an unrelated host.
         """
-        for host in ("shouldbreak.com", "notexample.com", "example.com.evil.net", "xexample.com"):
+        for host in (
+            "shouldbreak.com",
+            "notexample.com",
+            "example.com.evil.net",
+            "xexample.com",
+        ):
             self.assertDecision(
                 self.sample, "dummy-glob", host, False, REASON_ENFORCE, "phony", True
             )
@@ -248,10 +302,17 @@ class DecisionTests(SynchronousTestCase):
         outcome is reported as C{"default rule policy used"}.
         """
         d = self.assertDecision(
-            self.sample, "unknown-service", "nope.example.com", False,
-            REASON_DEFAULT, "other", True,
+            self.sample,
+            "unknown-service",
+            "nope.example.com",
+            False,
+            REASON_DEFAULT,
+            "other",
+            True,
         )
-        self.assertEqual((d.rule, d.action, d.role), ("default", "enforce", "unknown-service"))
+        self.assertEqual(
+            (d.rule, d.action, d.role), ("default", "enforce", "unknown-service")
+        )
 
     def test_allowFromDefaultList(self) -> None:
         """
@@ -259,8 +320,13 @@ class DecisionTests(SynchronousTestCase):
         reason rather than the default-policy one.
         """
         d = self.assertDecision(
-            self.sample, "unknown-service", "default.example.com", True,
-            REASON_ALLOWED_DOMAIN, "other", False,
+            self.sample,
+            "unknown-service",
+            "default.example.com",
+            True,
+            REASON_ALLOWED_DOMAIN,
+            "other",
+            False,
         )
         self.assertEqual(d.rule, "default")
 
@@ -270,11 +336,18 @@ class DecisionTests(SynchronousTestCase):
         reason, with enforce_would_deny as the action implies.
         """
         self.assertDecision(
-            self.withGlobal, "unknown-service", "elsewhere.example.net", True,
-            REASON_DEFAULT, "other", True,
+            self.withGlobal,
+            "unknown-service",
+            "elsewhere.example.net",
+            True,
+            REASON_DEFAULT,
+            "other",
+            True,
         )
         acl = ACL.fromMapping(document(default={"project": "p", "action": "open"}))
-        self.assertDecision(acl, "anyone", "elsewhere.example.net", True, REASON_DEFAULT, "p", False)
+        self.assertDecision(
+            acl, "anyone", "elsewhere.example.net", True, REASON_DEFAULT, "p", False
+        )
 
     def test_globalAllowList(self) -> None:
         """
@@ -282,12 +355,22 @@ class DecisionTests(SynchronousTestCase):
         rule.
         """
         self.assertDecision(
-            self.withGlobal, "enforce-dummy-srv", "goodexample1.com", True,
-            REASON_GLOBAL_ALLOW, "usersec", False,
+            self.withGlobal,
+            "enforce-dummy-srv",
+            "goodexample1.com",
+            True,
+            REASON_GLOBAL_ALLOW,
+            "usersec",
+            False,
         )
         self.assertDecision(
-            self.withGlobal, "unknown-service", "goodexample2.com", True,
-            REASON_GLOBAL_ALLOW, "other", False,
+            self.withGlobal,
+            "unknown-service",
+            "goodexample2.com",
+            True,
+            REASON_GLOBAL_ALLOW,
+            "other",
+            False,
         )
 
     def test_allowedDomainsOverrideGlobalDeny(self) -> None:
@@ -295,8 +378,13 @@ class DecisionTests(SynchronousTestCase):
         A rule's own allowed_domains win over the global deny list.
         """
         self.assertDecision(
-            self.withGlobal, "enforce-dummy-srv", "badexample1.com", True,
-            REASON_ALLOWED_DOMAIN, "usersec", False,
+            self.withGlobal,
+            "enforce-dummy-srv",
+            "badexample1.com",
+            True,
+            REASON_ALLOWED_DOMAIN,
+            "usersec",
+            False,
         )
 
     def test_globalDenyList(self) -> None:
@@ -320,8 +408,13 @@ class DecisionTests(SynchronousTestCase):
         """
         for host in ("badexample2.com.", "bAdExAmPlE2.cOm", "BADEXAMPLE2.COM."):
             self.assertDecision(
-                self.withGlobal, "open-dummy-srv", host, False, REASON_GLOBAL_DENY,
-                "automation", True,
+                self.withGlobal,
+                "open-dummy-srv",
+                host,
+                False,
+                REASON_GLOBAL_DENY,
+                "automation",
+                True,
             )
 
     def test_globalDenyBeatsGlobalAllow(self) -> None:
@@ -329,8 +422,13 @@ class DecisionTests(SynchronousTestCase):
         A host on both global lists is denied.
         """
         self.assertDecision(
-            self.withGlobal, "open-dummy-srv", "conflictingexample.com", False,
-            REASON_GLOBAL_DENY, "automation", True,
+            self.withGlobal,
+            "open-dummy-srv",
+            "conflictingexample.com",
+            False,
+            REASON_GLOBAL_DENY,
+            "automation",
+            True,
         )
 
     def test_globalListGlobs(self) -> None:
@@ -345,9 +443,15 @@ class DecisionTests(SynchronousTestCase):
                 default={"project": "d", "action": "enforce"},
             )
         )
-        self.assertDecision(acl, "svc", "a.b.evil.example", False, REASON_GLOBAL_DENY, "proj", True)
-        self.assertDecision(acl, "svc", "evil.example", True, REASON_OPEN, "proj", False)
-        self.assertDecision(acl, "x", "api.good.example", True, REASON_GLOBAL_ALLOW, "d", False)
+        self.assertDecision(
+            acl, "svc", "a.b.evil.example", False, REASON_GLOBAL_DENY, "proj", True
+        )
+        self.assertDecision(
+            acl, "svc", "evil.example", True, REASON_OPEN, "proj", False
+        )
+        self.assertDecision(
+            acl, "x", "api.good.example", True, REASON_GLOBAL_ALLOW, "d", False
+        )
         self.assertDecision(acl, "x", "good.example", False, REASON_DEFAULT, "d", True)
 
     def test_noRuleMatched(self) -> None:
@@ -356,7 +460,9 @@ class DecisionTests(SynchronousTestCase):
         C{"no rule matched"} and no project, action or rule.
         """
         acl = ACL.fromYAML(NO_DEFAULT)
-        d = self.assertDecision(acl, "unk", "example.com", False, REASON_NO_RULE, None, True)
+        d = self.assertDecision(
+            acl, "unk", "example.com", False, REASON_NO_RULE, None, True
+        )
         self.assertEqual((d.action, d.rule, d.role), (None, None, "unk"))
         self.assertFalse(acl.hasDefault)
         self.assertTrue(self.sample.hasDefault)
@@ -386,12 +492,24 @@ class DecisionTests(SynchronousTestCase):
         rule.
         """
         d = self.assertDecision(
-            self.sample, None, "default.example.com", True, REASON_ALLOWED_DOMAIN,
-            "other", False, allowMissingRole=True,
+            self.sample,
+            None,
+            "default.example.com",
+            True,
+            REASON_ALLOWED_DOMAIN,
+            "other",
+            False,
+            allowMissingRole=True,
         )
         self.assertEqual((d.role, d.rule), (None, "default"))
         self.assertDecision(
-            self.sample, None, "example1.com", False, REASON_DEFAULT, "other", True,
+            self.sample,
+            None,
+            "example1.com",
+            False,
+            REASON_DEFAULT,
+            "other",
+            True,
             allowMissingRole=True,
         )
 
@@ -402,7 +520,14 @@ class DecisionTests(SynchronousTestCase):
         """
         acl = ACL.fromYAML(NO_DEFAULT)
         self.assertDecision(
-            acl, None, "example.com", False, REASON_NO_RULE, None, True, allowMissingRole=True
+            acl,
+            None,
+            "example.com",
+            False,
+            REASON_NO_RULE,
+            None,
+            True,
+            allowMissingRole=True,
         )
 
     def test_allowMissingRoleLeavesKnownRolesAlone(self) -> None:
@@ -410,7 +535,9 @@ class DecisionTests(SynchronousTestCase):
         allowMissingRole changes nothing for a request that has a role.
         """
         self.assertEqual(
-            self.sample.decide("enforce-dummy-srv", "www.example1.com", allowMissingRole=True),
+            self.sample.decide(
+                "enforce-dummy-srv", "www.example1.com", allowMissingRole=True
+            ),
             self.sample.decide("enforce-dummy-srv", "www.example1.com"),
         )
 
@@ -421,10 +548,18 @@ class DecisionTests(SynchronousTestCase):
         """
         acl = ACL.fromMapping(
             document(
-                service(action="enforce", allowed_domains=["xn--bcher-kva.example", "*.example.com"])
+                service(
+                    action="enforce",
+                    allowed_domains=["xn--bcher-kva.example", "*.example.com"],
+                )
             )
         )
-        for host in ("bücher.example", "BÜCHER.example.", "xn--bcher-kva.example", "API.Example.COM."):
+        for host in (
+            "bücher.example",
+            "BÜCHER.example.",
+            "xn--bcher-kva.example",
+            "API.Example.COM.",
+        ):
             self.assertTrue(acl.decide("svc", host).allow, host)
         self.assertFalse(acl.decide("svc", "bucher.example").allow)
 
@@ -434,9 +569,17 @@ class DecisionTests(SynchronousTestCase):
         of the same address, IPv6 with or without brackets.
         """
         acl = ACL.fromMapping(
-            document(service(action="enforce", allowed_domains=["192.0.2.1", "2001:db8::1"]))
+            document(
+                service(action="enforce", allowed_domains=["192.0.2.1", "2001:db8::1"])
+            )
         )
-        for host in ("192.0.2.1", "0xc0.0.2.1", "3221225985", "[2001:DB8::1]", "2001:db8:0::1"):
+        for host in (
+            "192.0.2.1",
+            "0xc0.0.2.1",
+            "3221225985",
+            "[2001:DB8::1]",
+            "2001:db8:0::1",
+        ):
             self.assertTrue(acl.decide("svc", host).allow, host)
         self.assertFalse(acl.decide("svc", "192.0.2.2").allow)
 
@@ -463,7 +606,14 @@ class DecisionTests(SynchronousTestCase):
         """
         self.assertEqual(
             self.sample.roles,
-            frozenset({"enforce-dummy-srv", "report-dummy-srv", "open-dummy-srv", "dummy-glob"}),
+            frozenset(
+                {
+                    "enforce-dummy-srv",
+                    "report-dummy-srv",
+                    "open-dummy-srv",
+                    "dummy-glob",
+                }
+            ),
         )
         self.assertIsInstance(self.sample.roles, frozenset)
 
@@ -473,13 +623,23 @@ class DecisionTests(SynchronousTestCase):
         request keeps the decision it got when the ACL is swapped.
         """
         d = self.sample.decide("dummy-glob", "api.example.com")
-        self.assertRaises(attr.exceptions.FrozenInstanceError, setattr, d, "allow", False)
-        self.assertRaises(attr.exceptions.FrozenInstanceError, setattr, self.sample, "roles", frozenset())
+        self.assertRaises(
+            attr.exceptions.FrozenInstanceError, setattr, d, "allow", False
+        )
+        self.assertRaises(
+            attr.exceptions.FrozenInstanceError,
+            setattr,
+            self.sample,
+            "roles",
+            frozenset(),
+        )
         rules: Any = self.sample._rules
         with self.assertRaises(TypeError):
             rules["x"] = None
         replacement = ACL.fromYAML(NO_DEFAULT)
-        self.assertEqual(replacement.decide("dummy-glob", "api.example.com").reason, REASON_NO_RULE)
+        self.assertEqual(
+            replacement.decide("dummy-glob", "api.example.com").reason, REASON_NO_RULE
+        )
         self.assertTrue(d.allow)
         self.assertEqual(self.sample.decide("dummy-glob", "api.example.com"), d)
 
@@ -499,8 +659,15 @@ class DecisionTests(SynchronousTestCase):
         """
         self.assertEqual(
             [
-                REASON_ALLOWED_DOMAIN, REASON_GLOBAL_DENY, REASON_GLOBAL_ALLOW, REASON_OPEN,
-                REASON_REPORT, REASON_ENFORCE, REASON_DEFAULT, REASON_NO_RULE, REASON_NO_ROLE,
+                REASON_ALLOWED_DOMAIN,
+                REASON_GLOBAL_DENY,
+                REASON_GLOBAL_ALLOW,
+                REASON_OPEN,
+                REASON_REPORT,
+                REASON_ENFORCE,
+                REASON_DEFAULT,
+                REASON_NO_RULE,
+                REASON_NO_ROLE,
                 REASON_NO_ACL,
             ],
             [
@@ -523,7 +690,9 @@ class LoadErrorTests(SynchronousTestCase):
     Invalid ACLs fail to load with one line naming where and what to write.
     """
 
-    def assertLoadError(self, data: Any, *fragments: str, source: str = "acl.yaml") -> str:
+    def assertLoadError(
+        self, data: Any, *fragments: str, source: str = "acl.yaml"
+    ) -> str:
         with self.assertRaises(ACLError) as caught:
             if isinstance(data, str):
                 ACL.fromYAML(data, source)
@@ -547,14 +716,19 @@ class LoadErrorTests(SynchronousTestCase):
             ("login.*.example.com", "domain globs are only supported as prefix"),
             ("ex*ample.com", "domain globs are only supported as prefix"),
             ("example.*", "domain globs are only supported as prefix"),
-            ("*example.com", "domain glob must represent a full prefix (sub)domain; write '*.example.com'"),
+            (
+                "*example.com",
+                "domain glob must represent a full prefix (sub)domain; write '*.example.com'",
+            ),
             ("*", "domain glob must not match everything"),
             ("*.", "domain glob must not match everything"),
             ("", "glob cannot be empty"),
         ):
             self.assertLoadError(
                 document(service(name="svc", allowed_domains=[glob])),
-                "service 'svc'", "allowed_domains[0]", fragment,
+                "service 'svc'",
+                "allowed_domains[0]",
+                fragment,
             )
 
     def test_unnormalizedEntries(self) -> None:
@@ -576,7 +750,7 @@ class LoadErrorTests(SynchronousTestCase):
             self.assertLoadError(
                 document(service(allowed_domains=["ok.example", glob])),
                 "allowed_domains[1]",
-                f"incorrect ACL entry; use \"{suggestion}\"",
+                f'incorrect ACL entry; use "{suggestion}"',
             )
 
     def test_invalidEntries(self) -> None:
@@ -589,7 +763,8 @@ class LoadErrorTests(SynchronousTestCase):
                 document(service(allowed_domains=[glob])), "incorrect ACL entry:"
             )
         self.assertLoadError(
-            document(service(allowed_domains=["*.192.0.2.1"])), "cannot apply to an IP address"
+            document(service(allowed_domains=["*.192.0.2.1"])),
+            "cannot apply to an IP address",
         )
 
     def test_entriesCheckedEverywhere(self) -> None:
@@ -599,13 +774,18 @@ class LoadErrorTests(SynchronousTestCase):
         """
         self.assertLoadError(
             document(default={"action": "open", "allowed_domains": ["Bad.example"]}),
-            "default: allowed_domains[0]", 'use "bad.example"',
+            "default: allowed_domains[0]",
+            'use "bad.example"',
         )
         self.assertLoadError(
-            document(global_deny_list=["ok.example", "*"]), "global_deny_list[1]", "match everything"
+            document(global_deny_list=["ok.example", "*"]),
+            "global_deny_list[1]",
+            "match everything",
         )
         self.assertLoadError(
-            document(global_allow_list=["x.example."]), "global_allow_list[0]", 'use "x.example"'
+            document(global_allow_list=["x.example."]),
+            "global_allow_list[0]",
+            'use "x.example"',
         )
 
     def test_unknownKeys(self) -> None:
@@ -615,18 +795,26 @@ class LoadErrorTests(SynchronousTestCase):
         """
         self.assertLoadError(
             document(service(name="api", allowed_hosts=["example.com"])),
-            "service 'api'", "unknown key 'allowed_hosts'", "did you mean 'allowed_domains'",
+            "service 'api'",
+            "unknown key 'allowed_hosts'",
+            "did you mean 'allowed_domains'",
         )
         self.assertLoadError(
             document(service(name="api", acton="open")),
-            "service 'api'", "unknown key 'acton'", "'action'",
+            "service 'api'",
+            "unknown key 'acton'",
+            "'action'",
         )
         self.assertLoadError(
             document(default={"action": "open", "allowed_domain": []}),
-            "default", "unknown key 'allowed_domain'", "allowed_domains",
+            "default",
+            "unknown key 'allowed_domain'",
+            "allowed_domains",
         )
         self.assertLoadError(
-            document(global_denylist=[]), "top level", "unknown key 'global_denylist'",
+            document(global_denylist=[]),
+            "top level",
+            "unknown key 'global_denylist'",
             "global_deny_list",
         )
         self.assertLoadError(
@@ -640,7 +828,9 @@ class LoadErrorTests(SynchronousTestCase):
         """
         for key in ("mitm_domains", "allowed_external_proxies"):
             self.assertLoadError(
-                document(service(name="api", **{key: []})), "service 'api'", f"'{key}'",
+                document(service(name="api", **{key: []})),
+                "service 'api'",
+                f"'{key}'",
                 "not supported",
             )
 
@@ -650,7 +840,8 @@ class LoadErrorTests(SynchronousTestCase):
         """
         self.assertLoadError(
             document(service(name="api"), service(name="other"), service(name="api")),
-            "service 'api'", "duplicate service name",
+            "service 'api'",
+            "duplicate service name",
         )
 
     def test_reservedDefaultName(self) -> None:
@@ -658,7 +849,9 @@ class LoadErrorTests(SynchronousTestCase):
         A service may not be named C{default}, which would make the
         decision's rule ambiguous.
         """
-        self.assertLoadError(document(service(name="default")), "service 'default'", "reserved")
+        self.assertLoadError(
+            document(service(name="default")), "service 'default'", "reserved"
+        )
 
     def test_badActions(self) -> None:
         """
@@ -669,7 +862,8 @@ class LoadErrorTests(SynchronousTestCase):
             fields = {"action": action}
             self.assertLoadError(
                 document(service(name="api", **fields)),
-                "service 'api'", "write action: open, report or enforce",
+                "service 'api'",
+                "write action: open, report or enforce",
             )
         self.assertLoadError(
             document(default={"action": "deny"}), "default", "unknown action 'deny'"
@@ -681,21 +875,35 @@ class LoadErrorTests(SynchronousTestCase):
         """
         self.assertLoadError(
             document(service(name="api", allowed_domains="example.com")),
-            "service 'api': allowed_domains", "expected a list",
+            "service 'api': allowed_domains",
+            "expected a list",
         )
         self.assertLoadError(
             document(service(name="api", allowed_domains=[3])),
-            "allowed_domains[0]", "expected a domain string",
+            "allowed_domains[0]",
+            "expected a domain string",
         )
         self.assertLoadError(
-            document(service(name="api", project=["p"])), "service 'api': project", "expected a string"
+            document(service(name="api", project=["p"])),
+            "service 'api': project",
+            "expected a string",
         )
         self.assertLoadError(document(service(name=7)), "services[0]", "name 7")
         self.assertLoadError(document(service(name="")), "services[0]", "non-empty")
-        self.assertLoadError({"version": "v1", "services": ["api"]}, "services[0]", "expected a mapping")
-        self.assertLoadError({"version": "v1", "services": {"api": {}}}, "services", "expected a list")
-        self.assertLoadError(document(default=["open"]), "default", "expected a mapping")
-        self.assertLoadError(document(global_allow_list="x.example"), "global_allow_list", "expected a list")
+        self.assertLoadError(
+            {"version": "v1", "services": ["api"]}, "services[0]", "expected a mapping"
+        )
+        self.assertLoadError(
+            {"version": "v1", "services": {"api": {}}}, "services", "expected a list"
+        )
+        self.assertLoadError(
+            document(default=["open"]), "default", "expected a mapping"
+        )
+        self.assertLoadError(
+            document(global_allow_list="x.example"),
+            "global_allow_list",
+            "expected a list",
+        )
         self.assertLoadError(["version", "v1"], "top level", "expected a mapping")
         self.assertLoadError("", "top level", "expected a mapping")
 
@@ -715,7 +923,9 @@ class LoadErrorTests(SynchronousTestCase):
         be empty.
         """
         self.assertLoadError({"version": "v1"}, "services", "'services' is missing")
-        self.assertLoadError("version: v1\nservices:\n", "services", "'services' is missing")
+        self.assertLoadError(
+            "version: v1\nservices:\n", "services", "'services' is missing"
+        )
         acl = ACL.fromYAML("version: v1\nservices: []\ndefault: {action: enforce}\n")
         self.assertEqual(acl.roles, frozenset())
         self.assertEqual(acl.decide("x", "example.com").reason, REASON_DEFAULT)
@@ -725,11 +935,14 @@ class LoadErrorTests(SynchronousTestCase):
         Invalid YAML and duplicate YAML keys are errors naming the line.
         """
         self.assertLoadError(
-            "version: v1\nservices: []\nservices: []\n", "line 3", "duplicate key 'services'"
+            "version: v1\nservices: []\nservices: []\n",
+            "line 3",
+            "duplicate key 'services'",
         )
         self.assertLoadError(
             "version: v1\nservices:\n  - name: a\n    action: open\n    action: enforce\n",
-            "line 5", "duplicate key 'action'",
+            "line 5",
+            "duplicate key 'action'",
         )
         self.assertLoadError("version: v1\nservices: [\n", "invalid YAML")
         self.assertLoadError("version: v1\n\tservices: []\n", "invalid YAML", "line 2")
@@ -780,7 +993,10 @@ class LoadACLTests(SynchronousTestCase):
         for content, fragment in (
             (b"version: v1\nservices: [\n", "invalid YAML"),
             (b"version: v1\nservices: []\n\xff\n", "not UTF-8"),
-            (b"version: v1\nservices:\n - {name: a, action: allow}\n", "unknown action"),
+            (
+                b"version: v1\nservices:\n - {name: a, action: allow}\n",
+                "unknown action",
+            ),
         ):
             path = self.path(content)
             with self.assertRaises(ACLError) as caught:
@@ -792,17 +1008,33 @@ class LoadACLTests(SynchronousTestCase):
         """
         The example etc/acl.yaml loads and decides as its comments say.
         """
-        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "etc", "acl.yaml")
+        path = os.path.join(
+            os.path.dirname(os.path.dirname(__file__)), "etc", "acl.yaml"
+        )
         acl = loadACL(path)
-        self.assertEqual(acl.roles, frozenset({"billing", "webhooks", "ci-runner", "batch"}))
-        self.assertEqual(acl.decide("billing", "api.stripe.com").reason, REASON_ALLOWED_DOMAIN)
-        self.assertEqual(acl.decide("billing", "files.stripe.com").reason, REASON_ALLOWED_DOMAIN)
+        self.assertEqual(
+            acl.roles, frozenset({"billing", "webhooks", "ci-runner", "batch"})
+        )
+        self.assertEqual(
+            acl.decide("billing", "api.stripe.com").reason, REASON_ALLOWED_DOMAIN
+        )
+        self.assertEqual(
+            acl.decide("billing", "files.stripe.com").reason, REASON_ALLOWED_DOMAIN
+        )
         self.assertEqual(acl.decide("billing", "stripe.com").reason, REASON_ENFORCE)
         self.assertEqual(acl.decide("billing", "pypi.org").reason, REASON_GLOBAL_ALLOW)
         webhooks = acl.decide("webhooks", "customer.example")
         self.assertEqual((webhooks.allow, webhooks.enforceWouldDeny), (True, True))
-        self.assertEqual(acl.decide("webhooks", "abc.ngrok.io").reason, REASON_GLOBAL_DENY)
-        self.assertEqual(acl.decide("ci-runner", "pastebin.com").reason, REASON_GLOBAL_DENY)
-        self.assertEqual(acl.decide("ci-runner", "anything.example").reason, REASON_OPEN)
-        self.assertEqual(acl.decide("stranger", "anything.example").reason, REASON_DEFAULT)
+        self.assertEqual(
+            acl.decide("webhooks", "abc.ngrok.io").reason, REASON_GLOBAL_DENY
+        )
+        self.assertEqual(
+            acl.decide("ci-runner", "pastebin.com").reason, REASON_GLOBAL_DENY
+        )
+        self.assertEqual(
+            acl.decide("ci-runner", "anything.example").reason, REASON_OPEN
+        )
+        self.assertEqual(
+            acl.decide("stranger", "anything.example").reason, REASON_DEFAULT
+        )
         self.assertFalse(acl.decide("stranger", "anything.example").allow)

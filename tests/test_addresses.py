@@ -1279,7 +1279,9 @@ class DecisionCacheTests(SynchronousTestCase):
         Asking twice gives the same decision, for text and address objects,
         and each port is decided on its own.
         """
-        policy = AddressPolicy(allowRanges=["127.0.0.0/8"], denyAddresses=["127.0.0.1:8443"])
+        policy = AddressPolicy(
+            allowRanges=["127.0.0.0/8"], denyAddresses=["127.0.0.1:8443"]
+        )
         first = policy.decide("127.0.0.1", 80)
         self.assertIs(policy.decide("127.0.0.1", 80), first)
         self.assertTrue(first.allowed)
@@ -1294,6 +1296,8 @@ class DecisionCacheTests(SynchronousTestCase):
         """
         policy = AddressPolicy()
         for i in range(DECISION_CACHE_SIZE + 10):
-            self.assertTrue(policy.decide(f"8.8.{i // 256 % 256}.{i % 256}", 443).allowed)
+            self.assertTrue(
+                policy.decide(f"8.8.{i // 256 % 256}.{i % 256}", 443).allowed
+            )
         self.assertLessEqual(len(policy._decisions), DECISION_CACHE_SIZE)
         self.assertFalse(policy.decide("10.0.0.1", 443).allowed)

@@ -63,7 +63,9 @@ class LifecycleTests(SynchronousTestCase):
         A request answered before its body was read leaves the connection
         DISCARDING the rest, then IDLE for the next request.
         """
-        h = makeHarness(answers={"origin.example": ProxyError(Reason.RESOLUTION_FAILED, "no")})
+        h = makeHarness(
+            answers={"origin.example": ProxyError(Reason.RESOLUTION_FAILED, "no")}
+        )
         h.send(POST)
         self.assertEqual(h.protocol._state, "DISCARDING")
         h.send(b"abcd")

@@ -46,7 +46,9 @@ def identity(alias: str, roles: tuple[str, ...] | None = None) -> ClientIdentity
     """
     certPEM, keyPEM, _ = _CA.issue(alias, client=True)
     certificate = ssl.PrivateCertificate.loadPEM(certPEM + keyPEM)
-    return ClientIdentity(alias, certificate, None if roles is None else frozenset(roles))
+    return ClientIdentity(
+        alias, certificate, None if roles is None else frozenset(roles)
+    )
 
 
 def tlsRequest(alias: str | None = None, extra: bytes = b"") -> bytes:
@@ -60,7 +62,11 @@ def tlsRequest(alias: str | None = None, extra: bytes = b"") -> bytes:
 
 
 def basic(user: str, password: str) -> bytes:
-    return b"Proxy-Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()) + b"\r\n"
+    return (
+        b"Proxy-Authorization: Basic "
+        + base64.b64encode(f"{user}:{password}".encode())
+        + b"\r\n"
+    )
 
 
 @implementer(ICredentialsChecker)
@@ -104,7 +110,9 @@ class AliasRoleTests(SynchronousTestCase):
             },
             rolesInUse=rolesInUse,
         )
-        h.factory.access = access if access is not None else AccessControl(roleHeader="X-Tenant")
+        h.factory.access = (
+            access if access is not None else AccessControl(roleHeader="X-Tenant")
+        )
         return h
 
     def assertRefused(self, h: Harness, alias: str, who: str) -> None:
@@ -141,7 +149,12 @@ class AliasRoleTests(SynchronousTestCase):
         (line,) = [json.loads(text) for text in lines.getvalue().splitlines()]
         self.assertEqual(
             (line["allow"], line["role"], line["status_code"], line["decision_reason"]),
-            (False, "role-a", 403, "Client certificate alias 'tenant-b' is not permitted for role 'role-a'"),
+            (
+                False,
+                "role-a",
+                403,
+                "Client certificate alias 'tenant-b' is not permitted for role 'role-a'",
+            ),
         )
 
     def test_anonymousBoundAliasRefused(self) -> None:
@@ -283,7 +296,9 @@ class AliasRoleTests(SynchronousTestCase):
             h = self.harness(default=False)
             h.send(tlsRequest(alias, b"X-Tenant: role-a\r\n"))
             status, headers, body = parseResponse(h.client.value())
-            self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (400, b"1010"))
+            self.assertEqual(
+                (status, headers[b"x-whsentry-reasoncode"]), (400, b"1010")
+            )
             self.assertIn(f"'{alias}'".encode(), body)
             self.assertEqual(h.reactor.tcpClients, [])
 
@@ -319,7 +334,13 @@ class OriginationPermitTests(SynchronousTestCase):
         """
         An alias named C{default} beside the default identity is refused.
         """
-        self.assertRaises(ValueError, Origination, None, identity("x"), {"default": identity("default")})
+        self.assertRaises(
+            ValueError,
+            Origination,
+            None,
+            identity("x"),
+            {"default": identity("default")},
+        )
 
     def test_permit(self) -> None:
         """
@@ -328,7 +349,9 @@ class OriginationPermitTests(SynchronousTestCase):
         bound = identity("a", ("role-a",))
         unbound = identity("u")
         default = identity("default")
-        withRoles = Origination(None, default, {"a": bound, "u": unbound}, rolesInUse=True)
+        withRoles = Origination(
+            None, default, {"a": bound, "u": unbound}, rolesInUse=True
+        )
         withoutRoles = Origination(None, default, {"a": bound, "u": unbound})
         for origination, ident, role, allowed in [
             (withRoles, bound, "role-a", True),
@@ -346,7 +369,9 @@ class OriginationPermitTests(SynchronousTestCase):
             else:
                 with self.assertRaises(ProxyError) as raised:
                     origination.permit(ident, role)
-                self.assertEqual(raised.exception.reason, Reason.CLIENT_CERT_NOT_PERMITTED)
+                self.assertEqual(
+                    raised.exception.reason, Reason.CLIENT_CERT_NOT_PERMITTED
+                )
                 self.assertEqual(raised.exception.status, 403)
 
 
@@ -383,7 +408,9 @@ class AliasConfigTests(SynchronousTestCase):
         On the command line and in the environment, roles follow the key
         after a colon, joined by C{+}.
         """
-        loaded = config.load({"client-cert-alias": "a=a.pem:a.key:r1+r2,b=b.pem:b.key"}, {})
+        loaded = config.load(
+            {"client-cert-alias": "a=a.pem:a.key:r1+r2,b=b.pem:b.key"}, {}
+        )
         self.assertEqual(
             loaded.tls.client_certs,
             (
@@ -417,7 +444,9 @@ class AliasConfigTests(SynchronousTestCase):
         naming the key and the value, from YAML, a flag, or a TLS section
         built in code.
         """
-        path = self.writeConfig("tls:\n  client_certs:\n    default: {cert: d.pem, key: d.key}\n")
+        path = self.writeConfig(
+            "tls:\n  client_certs:\n    default: {cert: d.pem, key: d.key}\n"
+        )
         with self.assertRaises(ConfigError) as raised:
             config.load({}, {}, path)
         message = str(raised.exception)
@@ -425,7 +454,10 @@ class AliasConfigTests(SynchronousTestCase):
         self.assertIn("'default'", message)
         self.assertIn("reserved", message)
         self.assertNotIn("\n", message)
-        self.assertOneLineExit(["--client-cert-alias", "default=d.pem:d.key"], "--client-cert-alias = 'default=d.pem:d.key'")
+        self.assertOneLineExit(
+            ["--client-cert-alias", "default=d.pem:d.key"],
+            "--client-cert-alias = 'default=d.pem:d.key'",
+        )
         with self.assertRaises(TLSConfigError) as tlsRaised:
             buildOrigination(TLS(client_certs=(("default", "d.pem", "d.key"),)))
         self.assertIn("client_certs.default", str(tlsRaised.exception))
@@ -450,7 +482,14 @@ class AliasConfigTests(SynchronousTestCase):
             "tls.client_certs.a.roles = ['role-a']: no client can have a role",
         )
         options = Options(environ={})
-        options.parseOptions(["--client-cert-alias", "a=a.pem:a.key:role-a", "--auth", "memory:role-a:pw"])
+        options.parseOptions(
+            [
+                "--client-cert-alias",
+                "a=a.pem:a.key:role-a",
+                "--auth",
+                "memory:role-a:pw",
+            ]
+        )
         self.assertTrue(hasRoles(options.config))
 
     def test_hasRoles(self) -> None:
@@ -459,14 +498,18 @@ class AliasConfigTests(SynchronousTestCase):
         asking for client certificates, or an ACL; not otherwise.
         """
         self.assertFalse(hasRoles(Config()))
-        self.assertFalse(
-            hasRoles(Config(listen=(config.TLSListener(9443, "c", "k"),)))
-        )
+        self.assertFalse(hasRoles(Config(listen=(config.TLSListener(9443, "c", "k"),))))
         for settings in [
             Config(auth=config.Auth(checkers=("memory:a:b",))),
             Config(acl=config.ACLSettings(role_header="X-Role")),
             Config(acl=config.ACLSettings(file="acl.yaml")),
-            Config(listen=(config.TLSListener(9443, "c", "k", clientCA="ca", clientCert="optional"),)),
+            Config(
+                listen=(
+                    config.TLSListener(
+                        9443, "c", "k", clientCA="ca", clientCert="optional"
+                    ),
+                )
+            ),
         ]:
             self.assertTrue(hasRoles(settings), settings)
 
@@ -505,7 +548,9 @@ class TenantsOnLoopbackTests(TestCase):
             ),
         )
         names = ScriptedNameResolver({"origin.test": [["127.0.0.1"]]})
-        resolver = SafeResolver(AddressPolicy(allowRanges=["127.0.0.1/32"]), names, reactor)
+        resolver = SafeResolver(
+            AddressPolicy(allowRanges=["127.0.0.1/32"]), names, reactor
+        )
         self.access: list[dict] = []
         accessLog = AccessLog(None)
         accessLog.addObserver(self.access.append)
@@ -540,20 +585,31 @@ class TenantsOnLoopbackTests(TestCase):
         expected = b"/t origin.test:%d proxy-" % originPort
         for tenant in ("a", "b", "a", "b"):
             response, body = yield self.get(
-                proxyPort, url, X_WhSentry_TLS="true",
-                X_WhSentry_ClientCert=f"tenant-{tenant}", X_Tenant=f"role-{tenant}",
+                proxyPort,
+                url,
+                X_WhSentry_TLS="true",
+                X_WhSentry_ClientCert=f"tenant-{tenant}",
+                X_Tenant=f"role-{tenant}",
             )
             self.assertEqual(body, expected + b"tenant-" + tenant.encode())
         # One idle connection per identity, each reused once.
         self.assertEqual(self.factory.pool.idleCount(), 2)
         response, body = yield self.get(
-            proxyPort, url, X_WhSentry_TLS="true", X_WhSentry_ClientCert="tenant-b", X_Tenant="role-a"
+            proxyPort,
+            url,
+            X_WhSentry_TLS="true",
+            X_WhSentry_ClientCert="tenant-b",
+            X_Tenant="role-a",
         )
-        self.assertReason(response, body, 403, 1016, "'tenant-b' is not permitted for role 'role-a'")
+        self.assertReason(
+            response, body, 403, 1016, "'tenant-b' is not permitted for role 'role-a'"
+        )
         response, body = yield self.get(
             proxyPort, url, X_WhSentry_TLS="true", X_WhSentry_ClientCert="tenant-a"
         )
-        self.assertReason(response, body, 403, 1016, "not permitted for a client without a role")
+        self.assertReason(
+            response, body, 403, 1016, "not permitted for a client without a role"
+        )
         response, body = yield self.get(
             proxyPort, url, X_WhSentry_TLS="true", X_WhSentry_ClientCert="default"
         )

@@ -45,23 +45,28 @@ class LoadTests(SynchronousTestCase):
         )
         self.assertEqual(loaded.limits.max_response_body, 1048576)
         self.assertEqual(loaded.limits.max_request_header, 65536)
-        self.assertEqual((loaded.access_log.file, loaded.access_log.format), ("-", "text"))
+        self.assertEqual(
+            (loaded.access_log.file, loaded.access_log.format), ("-", "text")
+        )
 
     def test_precedence(self) -> None:
         """
         A flag beats the environment, which beats the file, which beats the
         default.
         """
-        path = self.writeConfig(
-            "timeouts:\n  connect: 1\n  read: 2\n  lifetime: 3\n"
-        )
+        path = self.writeConfig("timeouts:\n  connect: 1\n  read: 2\n  lifetime: 3\n")
         loaded = config.load(
             {"connect-timeout": "7"},
             {"EGRESSPROXY_CONNECT_TIMEOUT": "8", "EGRESSPROXY_READ_TIMEOUT": "9"},
             path,
         )
         self.assertEqual(
-            (loaded.timeouts.connect, loaded.timeouts.read, loaded.timeouts.lifetime, loaded.timeouts.dns),
+            (
+                loaded.timeouts.connect,
+                loaded.timeouts.read,
+                loaded.timeouts.lifetime,
+                loaded.timeouts.dns,
+            ),
             (7.0, 9.0, 3.0, 5.0),
         )
 
@@ -81,9 +86,12 @@ class LoadTests(SynchronousTestCase):
         path = self.writeConfig("listen:\n  - tcp:1\n  - tcp:2\n")
         self.assertEqual(config.load({}, {}, path).listen, ("tcp:1", "tcp:2"))
         self.assertEqual(
-            config.load({}, {"EGRESSPROXY_LISTEN": "tcp:3, tcp:4"}).listen, ("tcp:3", "tcp:4")
+            config.load({}, {"EGRESSPROXY_LISTEN": "tcp:3, tcp:4"}).listen,
+            ("tcp:3", "tcp:4"),
         )
-        self.assertEqual(config.load({"listen": ["tcp:5"]}, {}, path).listen, ("tcp:5",))
+        self.assertEqual(
+            config.load({"listen": ["tcp:5"]}, {}, path).listen, ("tcp:5",)
+        )
 
     def test_shorthand(self) -> None:
         """
@@ -132,8 +140,18 @@ class LoadTests(SynchronousTestCase):
         """
         path = self.writeConfig("timeouts:\n  connect: soon\n")
         cases = [
-            ({"connect-timeout": "abc"}, {}, None, "--connect-timeout = 'abc': expected a duration"),
-            ({}, {"EGRESSPROXY_CONNECT_TIMEOUT": "abc"}, None, "EGRESSPROXY_CONNECT_TIMEOUT = 'abc'"),
+            (
+                {"connect-timeout": "abc"},
+                {},
+                None,
+                "--connect-timeout = 'abc': expected a duration",
+            ),
+            (
+                {},
+                {"EGRESSPROXY_CONNECT_TIMEOUT": "abc"},
+                None,
+                "EGRESSPROXY_CONNECT_TIMEOUT = 'abc'",
+            ),
             ({}, {}, path, f"timeouts.connect in {path} = 'soon'"),
             ({"access-log-format": "xml"}, {}, None, "expected one of text, json"),
         ]
@@ -177,7 +195,9 @@ class LoadTests(SynchronousTestCase):
         """
         root = FilePath(__file__).parent().parent()
         doc = root.descendant(["docs", "configuration.md"]).getContent().decode("utf-8")
-        sample = root.descendant(["etc", "egressproxy.yaml"]).getContent().decode("utf-8")
+        sample = (
+            root.descendant(["etc", "egressproxy.yaml"]).getContent().decode("utf-8")
+        )
         self.assertIn(config.referenceTable(), doc)
         for field in config.fields():
             self.assertIn(f"`{field.setting.envvar}`", doc)
@@ -207,10 +227,14 @@ class OptionsTests(SynchronousTestCase):
         """
         options = self.parse(
             [
-                "--listen", "tcp:9091:interface=127.0.0.1",
-                "--listen", "tcp6:9091:interface=\\:\\:1",
-                "--max-response-body", "10",
-                "--allow-range", "127.0.0.2/32",
+                "--listen",
+                "tcp:9091:interface=127.0.0.1",
+                "--listen",
+                "tcp6:9091:interface=\\:\\:1",
+                "--max-response-body",
+                "10",
+                "--allow-range",
+                "127.0.0.2/32",
             ]
         )
         self.assertEqual(
@@ -232,10 +256,14 @@ class OptionsTests(SynchronousTestCase):
         --allow-missing-role is a switch, as in Smokescreen; the environment
         still takes true or false.
         """
-        self.assertTrue(self.parse(["--allow-missing-role"]).config.acl.allow_missing_role)
+        self.assertTrue(
+            self.parse(["--allow-missing-role"]).config.acl.allow_missing_role
+        )
         self.assertFalse(self.parse([]).config.acl.allow_missing_role)
         self.assertTrue(
-            self.parse([], {"EGRESSPROXY_ALLOW_MISSING_ROLE": "true"}).config.acl.allow_missing_role
+            self.parse(
+                [], {"EGRESSPROXY_ALLOW_MISSING_ROLE": "true"}
+            ).config.acl.allow_missing_role
         )
 
     def assertOneLineExit(self, argv: list[str], expected: str) -> None:
@@ -272,7 +300,9 @@ class OptionsTests(SynchronousTestCase):
         """
         An invalid CIDR range stops with one line naming the key.
         """
-        self.assertOneLineExit(["--deny-range", "10.0.0.0/33"], "destinations.deny_ranges")
+        self.assertOneLineExit(
+            ["--deny-range", "10.0.0.0/33"], "destinations.deny_ranges"
+        )
 
     def test_workersNeedSharableListeners(self) -> None:
         """
@@ -280,7 +310,8 @@ class OptionsTests(SynchronousTestCase):
         with one line.
         """
         self.assertOneLineExit(
-            ["--workers", "2", "--listen", "unix:/tmp/egressproxy.sock"], "shared between --workers"
+            ["--workers", "2", "--listen", "unix:/tmp/egressproxy.sock"],
+            "shared between --workers",
         )
 
     def test_metricsPortsOfEveryWorker(self) -> None:
@@ -302,17 +333,27 @@ class OptionsTests(SynchronousTestCase):
         not refuse as the proxy itself, stops start-up with one line.
         """
         self.assertOneLineExit(
-            ["--metrics", "tcp:2112:interface=localhost"], "interface='localhost': expected an IP address"
+            ["--metrics", "tcp:2112:interface=localhost"],
+            "interface='localhost': expected an IP address",
         )
 
     def test_workerIndexInRange(self) -> None:
         """
         A worker index outside 0 to workers - 1 stops with one line.
         """
-        self.assertOneLineExit(["--workers", "2", "--worker-index", "2"], "worker-index = 2: expected 0 to 1")
-        self.assertOneLineExit(["--worker-index", "1"], "worker-index = 1: expected 0 to 0")
-        self.assertOneLineExit(["--workers", "2", "--worker-index", "-1"], "worker-index = -1")
-        self.assertEqual(self.parse(["--workers", "2", "--worker-index", "1"])["worker-index"], 1)
+        self.assertOneLineExit(
+            ["--workers", "2", "--worker-index", "2"],
+            "worker-index = 2: expected 0 to 1",
+        )
+        self.assertOneLineExit(
+            ["--worker-index", "1"], "worker-index = 1: expected 0 to 0"
+        )
+        self.assertOneLineExit(
+            ["--workers", "2", "--worker-index", "-1"], "worker-index = -1"
+        )
+        self.assertEqual(
+            self.parse(["--workers", "2", "--worker-index", "1"])["worker-index"], 1
+        )
 
     def test_selfAddresses(self) -> None:
         """

@@ -57,7 +57,9 @@ class Race:
         self.reactor = MemoryReactorClock()
         self.connector = Connector(self.reactor, timeout, maxAttempts=maxAttempts)
         self.factory = factory or Factory.forProtocol(Protocol)
-        self.result: Deferred = self.connector.connect(destination(*addresses), self.factory, tls)
+        self.result: Deferred = self.connector.connect(
+            destination(*addresses), self.factory, tls
+        )
 
     def attempted(self) -> list[str]:
         return [client[0] for client in self.reactor.tcpClients]
@@ -65,7 +67,8 @@ class Race:
     def refuse(self, index: int) -> None:
         factory = self.reactor.tcpClients[index][2]
         factory.clientConnectionFailed(
-            self.reactor.connectors[index], Failure(getConnectError((111, "Connection refused")))
+            self.reactor.connectors[index],
+            Failure(getConnectError((111, "Connection refused"))),
         )
 
     def accept(self, index: int) -> Protocol:
@@ -224,7 +227,9 @@ class HappyEyeballsTests(SynchronousTestCase):
         race.reactor.pump([0.25, 0.25])
         self.assertEqual(len(race.attempted()), 3)
         race.accept(1)
-        self.assertEqual(self.successResultOf(race.result).transport.getPeer().host, v6(1))
+        self.assertEqual(
+            self.successResultOf(race.result).transport.getPeer().host, v6(1)
+        )
         self.assertEqual(race.stopped(), [True, False, True])
         self.assertEqual(race.reactor.getDelayedCalls(), [])
         race.reactor.advance(30)
@@ -268,7 +273,9 @@ class HappyEyeballsTests(SynchronousTestCase):
         self.assertEqual(race.attempted(), [v4(1)])
         race.refuse(0)
         error = self.failureResultOf(race.result, ProxyError).value
-        self.assertIn("failed on all 2 addresses tried (evil.example, 203.0.113.1)", error.message)
+        self.assertIn(
+            "failed on all 2 addresses tried (evil.example, 203.0.113.1)", error.message
+        )
 
     def test_cancel(self) -> None:
         """
@@ -297,11 +304,15 @@ class HappyEyeballsTests(SynchronousTestCase):
         ),
         maxAttempts=st.integers(1, 6),
         events=st.lists(
-            st.tuples(st.sampled_from(["advance", "refuse", "accept"]), st.integers(0, 10)),
+            st.tuples(
+                st.sampled_from(["advance", "refuse", "accept"]), st.integers(0, 10)
+            ),
             max_size=20,
         ),
     )
-    def test_invariants(self, addresses: list[str], maxAttempts: int, events: list[Any]) -> None:
+    def test_invariants(
+        self, addresses: list[str], maxAttempts: int, events: list[Any]
+    ) -> None:
         """
         Whatever the attempts do: only the given addresses reach
         C{connectTCP}, each at most once, at most C{maxAttempts} of them in
@@ -314,7 +325,8 @@ class HappyEyeballsTests(SynchronousTestCase):
         accepted = 0
         for kind, number in events:
             live = [
-                i for i, c in enumerate(race.reactor.connectors)
+                i
+                for i, c in enumerate(race.reactor.connectors)
                 if not c.stoppedConnecting and i not in done
             ]
             if kind == "advance":
@@ -333,7 +345,10 @@ class HappyEyeballsTests(SynchronousTestCase):
         if race.result.called:
             self.assertEqual(race.reactor.getDelayedCalls(), [])
             self.assertTrue(
-                all(c.stoppedConnecting or i in done for i, c in enumerate(race.reactor.connectors))
+                all(
+                    c.stoppedConnecting or i in done
+                    for i, c in enumerate(race.reactor.connectors)
+                )
             )
         race.result.addErrback(lambda f: None)
 
@@ -354,7 +369,9 @@ class ProxyConnectTests(SynchronousTestCase):
         h.reactor.pump([0.25] * 39 + [0.249])
         self.assertEqual(h.client.value(), b"")
         h.reactor.advance(0.001)
-        self.assertEqual([c[0] for c in h.reactor.tcpClients], [v4(1), v4(2), v4(3), v4(4)])
+        self.assertEqual(
+            [c[0] for c in h.reactor.tcpClients], [v4(1), v4(2), v4(3), v4(4)]
+        )
         status, headers, body = parseResponse(h.client.value())
         self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (504, b"1004"))
         self.assertIn(b"timed out after 10 s trying 4 addresses", body)
@@ -389,7 +406,9 @@ class RealSocketTests(TestCase):
         connector = Connector(reactor, 5, attemptDelay=2)
         started = reactor.seconds()
         protocol = yield connector.connect(
-            VettedDestination("origin.example", port.getHost().port, ("127.0.0.1", "::1")),
+            VettedDestination(
+                "origin.example", port.getHost().port, ("127.0.0.1", "::1")
+            ),
             Factory.forProtocol(Protocol),
         )
         elapsed = reactor.seconds() - started

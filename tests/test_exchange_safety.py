@@ -68,7 +68,9 @@ class RetryTests(SynchronousTestCase):
         A bodiless PUT is idempotent (RFC 9110, 9.2.2) and is retried once.
         """
         h, up, _ = _pooled()
-        h.send(b"PUT http://origin.example/x HTTP/1.1\r\nHost: origin.example\r\nContent-Length: 0\r\n\r\n")
+        h.send(
+            b"PUT http://origin.example/x HTTP/1.1\r\nHost: origin.example\r\nContent-Length: 0\r\n\r\n"
+        )
         up.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(len(h.reactor.tcpClients), 2)
 
@@ -139,9 +141,13 @@ class FramingNitTests(SynchronousTestCase):
         its body is not read as the next request: nothing is looked up.
         """
         h = makeHarness()
-        smuggled = b"GET http://origin.example/s HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+        smuggled = (
+            b"GET http://origin.example/s HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+        )
         h.send(
-            b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled
+            b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+            % len(smuggled)
+            + smuggled
         )
         status, headers, _ = parseResponse(h.client.value())
         self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (400, b"1015"))
@@ -233,7 +239,9 @@ class SafetyNetTests(SynchronousTestCase):
         up, upTransport = h.connectUpstream()
 
         h.protocol.sendInformational = _broken  # type: ignore[method-assign]
-        up.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        up.dataReceived(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
+        )
         self.assertInternalError(h)
         self.assertTrue(upTransport.disconnecting)
 
@@ -261,7 +269,10 @@ class SafetyNetTests(SynchronousTestCase):
         host = b"xn--jv8h.example.com"
         h = makeHarness({host.decode(): ["203.0.113.10"]})
         h.factory.origination = buildOrigination(TLS())
-        h.send(b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\nX-WhSentry-TLS: true\r\n\r\n" % (host, host))
+        h.send(
+            b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\nX-WhSentry-TLS: true\r\n\r\n"
+            % (host, host)
+        )
         status, headers, _ = parseResponse(h.client.value())
         self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (400, b"1002"))
         self.assertIn(b"cannot be used for TLS", headers[b"x-whsentry-reason"])
@@ -277,7 +288,8 @@ class SafetyNetTests(SynchronousTestCase):
             h = makeHarness({host.decode(): ["203.0.113.10"]})
             h.factory.origination = buildOrigination(TLS())
             h.send(
-                b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\nX-WhSentry-TLS: true\r\n\r\n" % (host, host)
+                b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\nX-WhSentry-TLS: true\r\n\r\n"
+                % (host, host)
             )
             self.assertEqual(h.client.value(), b"", host)
             self.assertEqual(len(h.resolver.calls), 1, host)

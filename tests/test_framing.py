@@ -103,7 +103,9 @@ class InterimResponseTests(SynchronousTestCase):
         An interim status other than 100, 102 and 103 is refused even
         without a body.
         """
-        self.assertInvalid(b"HTTP/1.1 199 X\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nFORGED")
+        self.assertInvalid(
+            b"HTTP/1.1 199 X\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nFORGED"
+        )
 
     def test_statusBelow100(self) -> None:
         """
@@ -174,7 +176,9 @@ class ExtraBytesTests(SynchronousTestCase):
         fresh, _ = h.connectUpstream()
         fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSECOND")
         got = responses(h.client.value())
-        self.assertEqual([(r["status"], r["body"]) for r in got], [(200, b"A"), (200, b"SECOND")])
+        self.assertEqual(
+            [(r["status"], r["body"]) for r in got], [(200, b"A"), (200, b"SECOND")]
+        )
         self.assertNotIn(b"FORGED", h.client.value())
 
     def test_extraGarbageInSameRead(self) -> None:
@@ -288,18 +292,42 @@ class GuardTests(SynchronousTestCase):
 # Pieces a hostile origin puts together: heads of every kind of status,
 # with and without framing, bodies, chunks, blank lines and noise.
 _STATUS = st.sampled_from(
-    [b"099", b"100", b"101", b"102", b"103", b"150", b"199", b"200", b"204", b"304", b"404", b"600"]
+    [
+        b"099",
+        b"100",
+        b"101",
+        b"102",
+        b"103",
+        b"150",
+        b"199",
+        b"200",
+        b"204",
+        b"304",
+        b"404",
+        b"600",
+    ]
 )
 _FRAMING = st.sampled_from(
-    [b"", b"Content-Length: 0\r\n", b"Content-Length: 3\r\n", b"Content-Length: 40\r\n",
-     b"Transfer-Encoding: chunked\r\n", b"Connection: close\r\n", b"Request-ID: forged\r\n"]
+    [
+        b"",
+        b"Content-Length: 0\r\n",
+        b"Content-Length: 3\r\n",
+        b"Content-Length: 40\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Connection: close\r\n",
+        b"Request-ID: forged\r\n",
+    ]
 )
 
 
 def _pieces(marker: bytes) -> Any:
     return st.one_of(
-        st.builds(lambda s, f: b"HTTP/1.1 " + s + b" X\r\n" + f + b"\r\n", _STATUS, _FRAMING),
-        st.sampled_from([marker, b"3\r\nabc\r\n", b"0\r\n\r\n", b"\r\n", b"HTTP/1.1 200"]),
+        st.builds(
+            lambda s, f: b"HTTP/1.1 " + s + b" X\r\n" + f + b"\r\n", _STATUS, _FRAMING
+        ),
+        st.sampled_from(
+            [marker, b"3\r\nabc\r\n", b"0\r\n\r\n", b"\r\n", b"HTTP/1.1 200"]
+        ),
         st.binary(max_size=12),
     )
 
@@ -350,7 +378,9 @@ class FramingPropertyTests(SynchronousTestCase):
         for its request, up to a cut; the victim's response, if read, is
         exactly the victim's.
         """
-        h = makeHarness(ANSWERS, Config(timeouts=Timeouts(read=5, request_header=60, lifetime=600)))
+        h = makeHarness(
+            ANSWERS, Config(timeouts=Timeouts(read=5, request_header=60, lifetime=600))
+        )
 
         def originSends(up: Any, transport: Any, data: bytes, close: bool) -> None:
             start = 0
@@ -364,7 +394,9 @@ class FramingPropertyTests(SynchronousTestCase):
 
         h.send(EVIL)
         up, upTransport = h.connectUpstream()
-        originSends(up, upTransport, (first[0] if first else b"") + b"".join(tail), close)
+        originSends(
+            up, upTransport, (first[0] if first else b"") + b"".join(tail), close
+        )
         h.reactor.advance(6)
         if not h.client.disconnecting:
             connections = len(h.reactor.tcpClients)
@@ -400,6 +432,8 @@ class FramingPropertyTests(SynchronousTestCase):
         if first is not None:
             # The response owed was whole: what came after it is relayed
             # to nobody.
-            self.assertEqual((finals[0]["status"], finals[0]["body"]), (200, first[1]), out)
+            self.assertEqual(
+                (finals[0]["status"], finals[0]["body"]), (200, first[1]), out
+            )
             self.assertNotIn(b"FORGED", b"".join(r["body"] for r in finals[1:]), out)
         self.flushLoggedErrors()

@@ -32,7 +32,9 @@ class HeadTests(SynchronousTestCase):
         h = makeHarness()
         h.send(data)
         got, headers, _ = parseResponse(h.client.value())
-        self.assertEqual((got, headers[b"x-whsentry-reasoncode"]), (status, b"1015"), data)
+        self.assertEqual(
+            (got, headers[b"x-whsentry-reasoncode"]), (status, b"1015"), data
+        )
         counted = h.factory.metrics.registry.get_sample_value(
             "egressproxy_requests_total",
             {"proxy_type": "http", "decision": "allow", "reason_code": "1015"},
@@ -45,7 +47,9 @@ class HeadTests(SynchronousTestCase):
         """
         Bare LF line endings are refused.
         """
-        self.assertRefused(b"GET http://origin.example/ HTTP/1.1\nHost: origin.example\n\n")
+        self.assertRefused(
+            b"GET http://origin.example/ HTTP/1.1\nHost: origin.example\n\n"
+        )
 
     def test_obsFold(self) -> None:
         """
@@ -59,20 +63,25 @@ class HeadTests(SynchronousTestCase):
         """
         A NUL byte anywhere in the head is refused, even split across reads.
         """
-        self.assertRefused(b"GET http://origin.example/ HTTP/1.1\r\nX-A: a\x00b\r\n\r\n")
+        self.assertRefused(
+            b"GET http://origin.example/ HTTP/1.1\r\nX-A: a\x00b\r\n\r\n"
+        )
 
     def test_longURI(self) -> None:
         """
         A request line over the limit gets 414.
         """
-        self.assertRefused(b"GET http://origin.example/" + b"a" * 9000 + b" HTTP/1.1\r\n", 414)
+        self.assertRefused(
+            b"GET http://origin.example/" + b"a" * 9000 + b" HTTP/1.1\r\n", 414
+        )
 
     def test_tooManyHeaders(self) -> None:
         """
         More header lines than the limit get 431.
         """
         self.assertRefused(
-            b"GET http://origin.example/ HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431
+            b"GET http://origin.example/ HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n",
+            431,
         )
 
     def test_upgradeWithBody(self) -> None:
@@ -130,7 +139,9 @@ class HeadTests(SynchronousTestCase):
         A second request hidden in a body is forwarded as body bytes, never
         as a request of its own.
         """
-        hidden = b"GET http://origin.example/admin HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+        hidden = (
+            b"GET http://origin.example/admin HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+        )
         h = makeHarness()
         h.send(
             b"POST http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n"
@@ -172,11 +183,15 @@ class LimitTests(SynchronousTestCase):
         """
         config = Config(limits=Limits(max_concurrent_tunnels=1))
         h = makeHarness(config=config)
-        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
+        h.send(
+            b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n"
+        )
         h.connectUpstream()
         other = makeHarness(config=config)
         other.protocol.factory = h.factory
-        other.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
+        other.send(
+            b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n"
+        )
         self.assertTrue(other.client.value().startswith(b"HTTP/1.1 503 "))
         h.protocol.connectionLost(None)
         self.assertEqual(h.factory.active["connect"], 0)
@@ -187,7 +202,9 @@ class LimitTests(SynchronousTestCase):
         code 1014; the bucket refills on the clock.
         """
         denied = DestinationDenied(
-            "origin.example", 80, AddressDecision(False, "10.0.0.1", "Deny: Private Range")
+            "origin.example",
+            80,
+            AddressDecision(False, "10.0.0.1", "Deny: Private Range"),
         )
         h = makeHarness(
             {"origin.example": denied},
@@ -245,11 +262,20 @@ class UpstreamFaultTests(SynchronousTestCase):
 
 _METHODS = st.sampled_from([b"GET", b"POST", b"CONNECT", b"HEAD", b"G ET", b""])
 _TARGETS = st.sampled_from(
-    [b"http://origin.example/", b"origin.example:443", b"/", b"http://[::1/", b"http://a:b:c/", b"*"]
+    [
+        b"http://origin.example/",
+        b"origin.example:443",
+        b"/",
+        b"http://[::1/",
+        b"http://a:b:c/",
+        b"*",
+    ]
 )
 _HEADERS = st.lists(
     st.tuples(
-        st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding", b"X", b"", b"Connection"]),
+        st.sampled_from(
+            [b"Host", b"Content-Length", b"Transfer-Encoding", b"X", b"", b"Connection"]
+        ),
         st.binary(max_size=12),
     ),
     max_size=5,
@@ -292,7 +318,10 @@ class FuzzTests(SynchronousTestCase):
         out = h.client.value()
         answered = out.startswith(b"HTTP/1.1 ") and b"\r\n\r\n" in out
         self.assertTrue(
-            answered or h.reactor.tcpClients or h.client.disconnecting or h.resolver.pending,
+            answered
+            or h.reactor.tcpClients
+            or h.client.disconnecting
+            or h.resolver.pending,
             (bytes(data), out),
         )
         if answered:
@@ -305,7 +334,17 @@ class FuzzTests(SynchronousTestCase):
         suppress_health_check=[HealthCheck.too_slow],
     )
     @given(
-        status=st.sampled_from([b"200 OK", b"204 No", b"304 NM", b"100 Continue", b"101 S", b"999 X", b"abc"]),
+        status=st.sampled_from(
+            [
+                b"200 OK",
+                b"204 No",
+                b"304 NM",
+                b"100 Continue",
+                b"101 S",
+                b"999 X",
+                b"abc",
+            ]
+        ),
         headers=_HEADERS,
         body=st.binary(max_size=40),
         head=st.booleans(),
@@ -313,7 +352,9 @@ class FuzzTests(SynchronousTestCase):
         splits=st.lists(st.integers(min_value=1, max_value=150), max_size=3),
         close=st.booleans(),
     )
-    def test_fuzzResponses(self, status, headers, body, head, flip, splits, close) -> None:  # type: ignore[no-untyped-def]
+    def test_fuzzResponses(
+        self, status, headers, body, head, flip, splits, close
+    ) -> None:  # type: ignore[no-untyped-def]
         """
         Whatever an origin answers, in whatever pieces, and whether it then
         closes: the client gets a well-formed response head or a cut
@@ -326,7 +367,9 @@ class FuzzTests(SynchronousTestCase):
             data[flip] ^= 0x20
         h = makeHarness()
         method = b"HEAD" if head else b"GET"
-        h.send(method + b" http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        h.send(
+            method + b" http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+        )
         up, upTransport = h.connectUpstream()
         start = 0
         for at in sorted(splits) + [len(data)]:

@@ -212,8 +212,7 @@ class RequestBodyTests(SynchronousTestCase):
         """
         reader = requestReader()
         reader.feed(
-            b"GET /a HTTP/1.1\r\n\r\n"
-            b"POST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyz"
+            b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyz"
         )
         self.assertEqual(kinds(reader), [HEAD, END, HEAD, DATA, END])
         self.assertEqual([h.target for h in heads(reader)], [b"/a", b"/b"])
@@ -350,7 +349,9 @@ class RequestRefusalTests(SynchronousTestCase):
     its limits, with an ERROR event carrying the status to answer with.
     """
 
-    def assertRefused(self, data: bytes, status: int, reader: RequestReader | None = None) -> None:
+    def assertRefused(
+        self, data: bytes, status: int, reader: RequestReader | None = None
+    ) -> None:
         if reader is None:
             reader = requestReader()
         reader.feed(data)
@@ -386,7 +387,8 @@ class RequestRefusalTests(SynchronousTestCase):
         Two Content-Length headers, even equal: 400.
         """
         self.assertRefused(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", 400
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            400,
         )
 
     def test_contentLengthAndTransferEncoding(self) -> None:
@@ -419,7 +421,11 @@ class RequestRefusalTests(SynchronousTestCase):
         A target longer than C{maxTarget}: 414, as soon as it is too long,
         before the head is complete, even when it arrives in pieces.
         """
-        self.assertRefused(b"GET /" + b"a" * 20 + b" HTTP/1.1\r\n\r\n", 414, requestReader(maxTarget=20))
+        self.assertRefused(
+            b"GET /" + b"a" * 20 + b" HTTP/1.1\r\n\r\n",
+            414,
+            requestReader(maxTarget=20),
+        )
         self.assertRefused(b"GET /" + b"a" * 20, 414, requestReader(maxTarget=20))
         reader = requestReader(maxTarget=20)
         reader.feed(b"GET /" + b"a" * 15)
@@ -442,7 +448,9 @@ class RequestRefusalTests(SynchronousTestCase):
         are accepted.
         """
         self.assertRefused(
-            b"GET / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 4 + b"\r\n", 431, requestReader(maxHeaders=3)
+            b"GET / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 4 + b"\r\n",
+            431,
+            requestReader(maxHeaders=3),
         )
         reader = requestReader(maxHeaders=3)
         reader.feed(b"GET / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 3 + b"\r\n")
@@ -482,7 +490,6 @@ class RequestRefusalTests(SynchronousTestCase):
         self.assertEqual(kinds(reader), [ERROR])
         self.assertEqual(error(reader).status, 431)
 
-
     def test_pipelinedHeadOverLimit(self) -> None:
         """
         A second head that begins in the same read as the first is held to
@@ -492,7 +499,9 @@ class RequestRefusalTests(SynchronousTestCase):
         """
         reader = requestReader(maxHead=1024)
         reader.feed(
-            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nX-A: " + b"a" * 5000 + b"\r\n\r\n"
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nX-A: "
+            + b"a" * 5000
+            + b"\r\n\r\n"
         )
         self.assertEqual(kinds(reader), [HEAD, END, ERROR])
         self.assertEqual(error(reader).status, 431)
@@ -505,7 +514,6 @@ class RequestRefusalTests(SynchronousTestCase):
         reader.feed(b"a" * 100)
         self.assertEqual(kinds(reader), [HEAD, END, ERROR])
         self.assertEqual(error(reader).status, 431)
-
 
     def test_pipelinedMalformed(self) -> None:
         """
@@ -594,7 +602,9 @@ class RecordingSink:
         return [call[0] for call in self.calls]
 
 
-def responseReader(bodiless: bool = False, maxHead: int = 65536) -> tuple[ResponseReader, RecordingSink]:
+def responseReader(
+    bodiless: bool = False, maxHead: int = 65536
+) -> tuple[ResponseReader, RecordingSink]:
     sink = RecordingSink()
     reader = ResponseReader(sink, maxHead)
     reader.expect(bodiless=bodiless)
@@ -617,7 +627,10 @@ class ResponseReaderTests(SynchronousTestCase):
         self.assertFalse(reader.complete)
         self.assertTrue(reader.started)
         reader.feed(b"56789")
-        self.assertEqual(sink.calls, [("head", 200), ("body", b"01234"), ("body", b"56789"), ("complete",)])
+        self.assertEqual(
+            sink.calls,
+            [("head", 200), ("body", b"01234"), ("body", b"56789"), ("complete",)],
+        )
         self.assertTrue(reader.complete)
         self.assertTrue(reader.reusable)
         self.assertFalse(reader.untilClose)
@@ -635,7 +648,9 @@ class ResponseReaderTests(SynchronousTestCase):
         A chunked response is reported decoded, then complete; reusable.
         """
         reader, sink = responseReader()
-        reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        reader.feed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        )
         self.assertFalse(reader.complete)
         reader.feed(b"2\r\nde\r\n0\r\n\r\n")
         self.assertEqual(sink.kinds()[0], "head")
@@ -652,8 +667,13 @@ class ResponseReaderTests(SynchronousTestCase):
         response as the head, whether they arrive together or apart.
         """
         for reads in (
-            [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
-            [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+            [
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            ],
+            [
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            ],
         ):
             reader, sink = responseReader()
             reader.feed(reads[0])
@@ -677,7 +697,9 @@ class ResponseReaderTests(SynchronousTestCase):
         """
         for status, reason in ((204, b"No Content"), (304, b"Not Modified")):
             reader, sink = responseReader()
-            reader.feed(b"HTTP/1.1 %d %s\r\nContent-Length: 10\r\n\r\n" % (status, reason))
+            reader.feed(
+                b"HTTP/1.1 %d %s\r\nContent-Length: 10\r\n\r\n" % (status, reason)
+            )
             self.assertEqual(sink.calls, [("head", status), ("complete",)])
             self.assertEqual(sink.heads[0].contentLength, 10)
             self.assertTrue(reader.complete)
@@ -709,7 +731,9 @@ class ResponseReaderTests(SynchronousTestCase):
         self.assertTrue(reader.untilClose)
         self.assertFalse(reader.reusable)
         self.assertFalse(reader.complete)
-        self.assertEqual(sink.calls, [("head", 200), ("body", b"some "), ("body", b"data")])
+        self.assertEqual(
+            sink.calls, [("head", 200), ("body", b"some "), ("body", b"data")]
+        )
         self.assertTrue(reader.finish())
         self.assertTrue(reader.complete)
         self.assertFalse(reader.reusable)
@@ -794,8 +818,11 @@ class ResponseReaderTests(SynchronousTestCase):
         """
         reader, sink = responseReader(maxHead=1024)
         with self.assertRaises(HeadError):
-            reader.feed(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 5000 + b"\r\nContent-Length: 0\r\n\r\n")
-
+            reader.feed(
+                b"HTTP/1.1 200 OK\r\nX-A: "
+                + b"a" * 5000
+                + b"\r\nContent-Length: 0\r\n\r\n"
+            )
 
     def test_extraBytes(self) -> None:
         """
@@ -805,12 +832,17 @@ class ResponseReaderTests(SynchronousTestCase):
         for reads in (
             [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"],
             [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"EXTRA"],
-            [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\n\r\n"],
+            [
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\n\r\n",
+            ],
         ):
             reader, sink = responseReader()
             for data in reads:
                 reader.feed(data)
-            self.assertEqual(sink.calls, [("head", 200), ("body", b"ok"), ("complete",)], reads)
+            self.assertEqual(
+                sink.calls, [("head", 200), ("body", b"ok"), ("complete",)], reads
+            )
             self.assertTrue(reader.complete)
             self.assertFalse(reader.reusable, reads)
 
@@ -826,7 +858,9 @@ class ResponseReaderTests(SynchronousTestCase):
         reader.expect(bodiless=False)
         self.assertFalse(reader.complete)
         self.assertFalse(reader.started)
-        reader.feed(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n")
+        reader.feed(
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n"
+        )
         self.assertEqual(
             sink.calls,
             [
@@ -854,7 +888,11 @@ class WireFormatTests(SynchronousTestCase):
         order, as given.
         """
         self.assertEqual(
-            requestHead(b"POST", b"/p?q=1", [(b"Host", b"a.example"), (b"X-A", b"1"), (b"x-a", b"2")]),
+            requestHead(
+                b"POST",
+                b"/p?q=1",
+                [(b"Host", b"a.example"), (b"X-A", b"1"), (b"x-a", b"2")],
+            ),
             b"POST /p?q=1 HTTP/1.1\r\nHost: a.example\r\nX-A: 1\r\nx-a: 2\r\n\r\n",
         )
         self.assertEqual(requestHead(b"GET", b"/", []), b"GET / HTTP/1.1\r\n\r\n")
@@ -976,7 +1014,9 @@ class UpstreamFramingTests(SynchronousTestCase):
         _, upTransport = h.connectUpstream()
         self.assertEqual(
             upTransport.value(),
-            b"GET /path HTTP/1.1\r\nHost: origin.example\r\n" + requestIDLine(h) + b"\r\n",
+            b"GET /path HTTP/1.1\r\nHost: origin.example\r\n"
+            + requestIDLine(h)
+            + b"\r\n",
         )
 
 
@@ -998,7 +1038,9 @@ class ClientFramingTests(SynchronousTestCase):
         up.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nX-A: b\r\n\r\nhello")
         self.assertEqual(
             h.client.value(),
-            b"HTTP/1.1 200 OK\r\nX-A: b\r\n" + idLine + b"Content-Length: 5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\nX-A: b\r\n"
+            + idLine
+            + b"Content-Length: 5\r\n\r\nhello",
         )
         self.assertEqual(count(h.client.value(), b"content-length"), 1)
         self.assertFalse(h.client.disconnecting)
@@ -1065,7 +1107,9 @@ class ClientFramingTests(SynchronousTestCase):
             b"HTTP/1.1 200 OK\r\n" + idLine + b"Content-Length: 10\r\n\r\n",
         )
         self.assertEqual(len(h.access), 1)
-        self.assertEqual((h.access[0]["method"], h.access[0]["response_code"]), ("HEAD", 200))
+        self.assertEqual(
+            (h.access[0]["method"], h.access[0]["response_code"]), ("HEAD", 200)
+        )
         self.assertTrue(upTransport.disconnecting)
         self.assertEqual(h.factory.pool.idleCount(), 0)
         self.assertFalse(h.client.disconnecting)
@@ -1129,7 +1173,9 @@ class ClientFramingTests(SynchronousTestCase):
         up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(
             h.client.value(),
-            b"HTTP/1.1 200 OK\r\n" + idLine + b"Content-Length: 2\r\nConnection: close\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\n"
+            + idLine
+            + b"Content-Length: 2\r\nConnection: close\r\n\r\nok",
         )
         self.assertEqual(count(h.client.value(), b"connection"), 1)
         self.assertTrue(h.client.disconnecting)
@@ -1148,14 +1194,18 @@ class ConnectionSequenceTests(SynchronousTestCase):
         request on the same connection.
         """
         denied = DestinationDenied(
-            "meta.example", 443, AddressDecision(False, "169.254.169.254", "Deny: Not Global Unicast")
+            "meta.example",
+            443,
+            AddressDecision(False, "169.254.169.254", "Deny: Not Global Unicast"),
         )
         h = makeHarness({"meta.example": denied, "origin.example": ["203.0.113.10"]})
         h.send(
             b"CONNECT meta.example:443 HTTP/1.1\r\nHost: meta.example:443\r\n\r\n"
             b"GET http://origin.example/next HTTP/1.1\r\nHost: origin.example\r\n\r\n"
         )
-        self.assertEqual(h.resolver.calls, [("meta.example", 443), ("origin.example", 80)])
+        self.assertEqual(
+            h.resolver.calls, [("meta.example", 443), ("origin.example", 80)]
+        )
         status, headers, _ = parseResponse(h.client.value())
         self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (403, b"1000"))
         self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("203.0.113.10", 80)])
@@ -1192,7 +1242,6 @@ class ConnectionSequenceTests(SynchronousTestCase):
         self.assertTrue(h.client.disconnecting)
         self.assertEqual([line["response_code"] for line in h.access][:1], [200])
 
-
     def test_malformedRequestAfterResponse(self) -> None:
         """
         A malformed request sent after the previous response gets 400
@@ -1222,4 +1271,3 @@ class ConnectionSequenceTests(SynchronousTestCase):
         status, headers, _ = parseResponse(h.client.value())
         self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (431, b"1015"))
         self.assertEqual(h.resolver.calls, [])
-

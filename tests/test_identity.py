@@ -80,7 +80,11 @@ class SyncThreadPool:
         self.running = False
 
     def callInThreadWithCallback(
-        self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *a: Any, **kw: Any
+        self,
+        onResult: Callable[[bool, Any], None],
+        f: Callable[..., Any],
+        *a: Any,
+        **kw: Any,
     ) -> None:
         self.calls.append(f)
         self.args.append(a)
@@ -102,7 +106,11 @@ class QueuedThreadPool(SyncThreadPool):
         self.pending: list[tuple[Any, ...]] = []
 
     def callInThreadWithCallback(
-        self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *a: Any, **kw: Any
+        self,
+        onResult: Callable[[bool, Any], None],
+        f: Callable[..., Any],
+        *a: Any,
+        **kw: Any,
     ) -> None:
         self.pending.append((onResult, f, a, kw))
 
@@ -241,12 +249,18 @@ class AuthFailedTests(SynchronousTestCase):
         """
         self.assertEqual(REALM, "egressproxy")
         self.assertEqual(PROXY_AUTHENTICATE, b'Basic realm="egressproxy"')
-        for error in (AuthFailed.noCredentials(), AuthFailed.malformed(), AuthFailed.wrong()):
+        for error in (
+            AuthFailed.noCredentials(),
+            AuthFailed.malformed(),
+            AuthFailed.wrong(),
+        ):
             self.assertIsInstance(error, ProxyError)
             self.assertIs(error.reason, Reason.PROXY_AUTH_REQUIRED)
             self.assertEqual(int(error.reason), 1013)
             self.assertEqual(error.status, 407)
-            self.assertIn((b"Proxy-Authenticate", b'Basic realm="egressproxy"'), error.headers)
+            self.assertIn(
+                (b"Proxy-Authenticate", b'Basic realm="egressproxy"'), error.headers
+            )
 
     def test_missingVersusWrong(self) -> None:
         """
@@ -277,8 +291,12 @@ class AuthenticatorTests(SynchronousTestCase):
         username as the role, as text.
         """
         auth = Authenticator.fromStrings(["memory:alice:pw1:bob:pw2"])
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"pw1"))), "alice")
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"alice", b"pw1"))), "alice"
+        )
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob"
+        )
 
     def test_wrongCredentials(self) -> None:
         """
@@ -319,8 +337,12 @@ class AuthenticatorTests(SynchronousTestCase):
         accepted (a Portal alone would keep only the last one).
         """
         auth = Authenticator.fromStrings(["memory:alice:pw1", "memory:bob:pw2"])
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"pw1"))), "alice")
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"alice", b"pw1"))), "alice"
+        )
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob"
+        )
         self.authFailed(auth.authenticate(basic(b"bob", b"pw1")))
 
     def test_brokenCheckerIsLoggedAndSkipped(self) -> None:
@@ -330,9 +352,13 @@ class AuthenticatorTests(SynchronousTestCase):
         """
         memory = Authenticator.fromStrings(["memory:alice:pw"]).checkers[0]
         auth = Authenticator([BrokenChecker(), memory])
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"pw"))), "alice")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"alice", b"pw"))), "alice"
+        )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.authFailed(Authenticator([BrokenChecker()]).authenticate(basic(b"alice", b"pw")))
+        self.authFailed(
+            Authenticator([BrokenChecker()]).authenticate(basic(b"alice", b"pw"))
+        )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_anonymousAvatarIsNoRole(self) -> None:
@@ -393,8 +419,13 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertTrue(events)
         text = "\n".join(formatEvent(e) + repr(e) for e in events)
         for secret in (
-            "correct-horse", "wrong-horse", "battery-staple", "battery-wrong",
-            "nobody-pass", "secretnocolon", "broken-pass",
+            "correct-horse",
+            "wrong-horse",
+            "battery-staple",
+            "battery-wrong",
+            "nobody-pass",
+            "secretnocolon",
+            "broken-pass",
         ):
             self.assertNotIn(secret, text)
         for header in headers:
@@ -417,7 +448,9 @@ class FileCheckerTests(SynchronousTestCase):
         Users in the file authenticate with their password and no other.
         """
         auth = Authenticator.fromStrings([f"file:{self.path.path}"])
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob"
+        )
         self.failureResultOf(auth.authenticate(basic(b"bob", b"pw1")), AuthFailed)
         self.failureResultOf(auth.authenticate(basic(b"carol", b"pw1")), AuthFailed)
 
@@ -436,10 +469,14 @@ class FileCheckerTests(SynchronousTestCase):
         """
         auth = Authenticator.fromStrings([f"file:{self.path.path}"])
         self.path.setContent(b"alice:new\n")
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob"
+        )
         auth.reload()
         self.failureResultOf(auth.authenticate(basic(b"bob", b"pw2")), AuthFailed)
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"new"))), "alice")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"alice", b"new"))), "alice"
+        )
 
     def test_reloadKeepsOldDataOnError(self) -> None:
         """
@@ -451,7 +488,9 @@ class FileCheckerTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as caught:
             auth.reload()
         self.assertIn(self.path.path, str(caught.exception))
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"pw1"))), "alice")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"alice", b"pw1"))), "alice"
+        )
 
 
 class HtpasswdTests(SynchronousTestCase):
@@ -471,8 +510,11 @@ class HtpasswdTests(SynchronousTestCase):
 
     def authenticator(self, **kw: Any) -> Authenticator:
         return Authenticator.fromStrings(
-            [f"htpasswd:{self.path.path}"], reactor=self.reactor, threadpool=self.pool,
-            clock=kw.pop("clock", self.clock), **kw,
+            [f"htpasswd:{self.path.path}"],
+            reactor=self.reactor,
+            threadpool=self.pool,
+            clock=kw.pop("clock", self.clock),
+            **kw,
         )
 
     def test_bcryptVariants(self) -> None:
@@ -491,9 +533,12 @@ class HtpasswdTests(SynchronousTestCase):
         auth = self.authenticator()
         for user, password in ((b"yan", b"pw-y"), (b"bea", b"pw-b"), (b"ada", b"pw-a")):
             self.assertEqual(
-                self.successResultOf(auth.authenticate(basic(user, password))), user.decode()
+                self.successResultOf(auth.authenticate(basic(user, password))),
+                user.decode(),
             )
-            self.failureResultOf(auth.authenticate(basic(user, password + b"x")), AuthFailed)
+            self.failureResultOf(
+                auth.authenticate(basic(user, password + b"x")), AuthFailed
+            )
 
     def test_checkerInterface(self) -> None:
         """
@@ -507,7 +552,9 @@ class HtpasswdTests(SynchronousTestCase):
         self.assertEqual(checker.usernames, frozenset({"alice"}))
         # Without a thread pool it checks inline (for tools and tests).
         self.assertEqual(
-            self.successResultOf(checker.requestAvatarId(UsernamePassword(b"alice", b"pw"))),
+            self.successResultOf(
+                checker.requestAvatarId(UsernamePassword(b"alice", b"pw"))
+            ),
             b"alice",
         )
 
@@ -622,7 +669,9 @@ class HtpasswdTests(SynchronousTestCase):
         password = b"p" * 100
         self.write(b"alice:" + bcrypt.hashpw(password[:72], bcrypt.gensalt(rounds=4)))
         auth = self.authenticator()
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", password))), "alice")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"alice", password))), "alice"
+        )
         self.failureResultOf(auth.authenticate(basic(b"alice", b"q" * 100)), AuthFailed)
 
     def test_rejectedEntries(self) -> None:
@@ -682,8 +731,12 @@ class HtpasswdTests(SynchronousTestCase):
         self.write(b"alice:" + bcryptHash(b"new"), b"bob:" + bcryptHash(b"pw"))
         auth.reload()
         self.failureResultOf(auth.authenticate(basic(b"alice", b"old")), AuthFailed)
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"new"))), "alice")
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"bob", b"pw"))), "bob")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"alice", b"new"))), "alice"
+        )
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"bob", b"pw"))), "bob"
+        )
 
     def test_reloadKeepsOldDataOnBadFile(self) -> None:
         """
@@ -696,15 +749,20 @@ class HtpasswdTests(SynchronousTestCase):
         other.setContent(b"bob:" + bcryptHash(b"pw2") + b"\n")
         auth = Authenticator.fromStrings(
             [f"htpasswd:{other.path}", f"htpasswd:{self.path.path}"],
-            reactor=self.reactor, threadpool=self.pool,
+            reactor=self.reactor,
+            threadpool=self.pool,
         )
         other.setContent(b"carol:" + bcryptHash(b"pw3") + b"\n")
         self.write(b"alice:" + bcryptHash(b"pw"), b"bob:not-a-hash")
         with self.assertRaises(ValueError) as caught:
             auth.reload()
         self.assertIn(f"{self.path.path}, line 2", str(caught.exception))
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"pw"))), "alice")
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob")
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"alice", b"pw"))), "alice"
+        )
+        self.assertEqual(
+            self.successResultOf(auth.authenticate(basic(b"bob", b"pw2"))), "bob"
+        )
         self.failureResultOf(auth.authenticate(basic(b"carol", b"pw3")), AuthFailed)
         checker = HtpasswdChecker(other.path)
         other.setContent(b"broken\n")
@@ -724,8 +782,11 @@ class CacheTests(SynchronousTestCase):
         self.pool = SyncThreadPool()
         self.clock = Clock()
         self.auth = Authenticator.fromStrings(
-            [f"htpasswd:{path.path}"], reactor=FakeThreadReactor(), threadpool=self.pool,
-            clock=self.clock, cacheTTL=60,
+            [f"htpasswd:{path.path}"],
+            reactor=FakeThreadReactor(),
+            threadpool=self.pool,
+            clock=self.clock,
+            cacheTTL=60,
         )
 
     def test_successRememberedForTTL(self) -> None:
@@ -749,7 +810,9 @@ class CacheTests(SynchronousTestCase):
         remembered user is still checked, and refused.
         """
         self.successResultOf(self.auth.authenticate(basic(b"alice", b"pw")))
-        self.failureResultOf(self.auth.authenticate(basic(b"alice", b"pw2")), AuthFailed)
+        self.failureResultOf(
+            self.auth.authenticate(basic(b"alice", b"pw2")), AuthFailed
+        )
         self.assertEqual(len(self.pool.calls), 2)
 
     def test_failuresNotRemembered(self) -> None:
@@ -757,7 +820,9 @@ class CacheTests(SynchronousTestCase):
         A failed check is not remembered: each wrong attempt is checked.
         """
         for _ in range(3):
-            self.failureResultOf(self.auth.authenticate(basic(b"alice", b"no")), AuthFailed)
+            self.failureResultOf(
+                self.auth.authenticate(basic(b"alice", b"no")), AuthFailed
+            )
         self.assertEqual(len(self.pool.calls), 3)
 
     def test_noClockNoCache(self) -> None:
@@ -824,9 +889,12 @@ class UnauthorizedLoginIsAFailureTests(SynchronousTestCase):
         """
         path = FilePath(self.mktemp())
         path.setContent(b"alice:" + bcryptHash(b"pw") + b"\n")
-        checker = HtpasswdChecker(path.path, reactor=FakeThreadReactor(), threadpool=SyncThreadPool())
+        checker = HtpasswdChecker(
+            path.path, reactor=FakeThreadReactor(), threadpool=SyncThreadPool()
+        )
         self.failureResultOf(
-            checker.requestAvatarId(UsernamePassword(b"alice", b"nope")), UnauthorizedLogin
+            checker.requestAvatarId(UsernamePassword(b"alice", b"nope")),
+            UnauthorizedLogin,
         )
         self.failureResultOf(
             checker.requestAvatarId(UsernamePassword(b"bob", b"pw")), UnauthorizedLogin
@@ -841,10 +909,14 @@ class ReloadInFlightTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.path = FilePath(self.mktemp())
-        self.path.setContent(b"alice:" + bcryptHash(b"pw") + b"\n" + b"bob:" + bcryptHash(b"pw2") + b"\n")
+        self.path.setContent(
+            b"alice:" + bcryptHash(b"pw") + b"\n" + b"bob:" + bcryptHash(b"pw2") + b"\n"
+        )
         self.pool = QueuedThreadPool()
         self.auth = Authenticator.fromStrings(
-            [f"htpasswd:{self.path.path}"], reactor=FakeThreadReactor(), threadpool=self.pool,
+            [f"htpasswd:{self.path.path}"],
+            reactor=FakeThreadReactor(),
+            threadpool=self.pool,
             clock=Clock(),
         )
 
@@ -874,7 +946,9 @@ class ReloadInFlightTests(SynchronousTestCase):
         first = self.auth.authenticate(basic(b"bob", b"pw2"))
         self.pool.runAll()
         self.assertEqual(self.successResultOf(first), "bob")
-        self.assertEqual(self.successResultOf(self.auth.authenticate(basic(b"bob", b"pw2"))), "bob")
+        self.assertEqual(
+            self.successResultOf(self.auth.authenticate(basic(b"bob", b"pw2"))), "bob"
+        )
         self.assertEqual(self.pool.pending, [])
 
 
@@ -886,7 +960,9 @@ class PasswordCheckPoolTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.threads = QueuedThreadPool()
-        self.pool = PasswordCheckPool(FakeThreadReactor(), threads=2, backlog=3, threadpool=self.threads)
+        self.pool = PasswordCheckPool(
+            FakeThreadReactor(), threads=2, backlog=3, threadpool=self.threads
+        )
         self.pool.startService()
 
     def test_backlogBounded(self) -> None:
@@ -915,6 +991,7 @@ class PasswordCheckPoolTests(SynchronousTestCase):
         """
         A check that raises frees its place in the backlog too.
         """
+
         def broken() -> None:
             raise RuntimeError("boom")
 
@@ -944,12 +1021,17 @@ class PasswordCheckPoolTests(SynchronousTestCase):
         path = FilePath(self.mktemp())
         path.setContent(b"alice:" + bcryptHash(b"pw") + b"\n")
         auth = Authenticator.fromStrings(
-            [f"htpasswd:{path.path}"], reactor=FakeThreadReactor(), threadpool=self.pool,
-            clock=Clock(), failuresPerMinute=1,
+            [f"htpasswd:{path.path}"],
+            reactor=FakeThreadReactor(),
+            threadpool=self.pool,
+            clock=Clock(),
+            failuresPerMinute=1,
         )
         for _ in range(5):
             auth.authenticate(basic(b"alice", b"pw"), "192.0.2.1")
-        refused = self.failureResultOf(auth.authenticate(basic(b"alice", b"no"), "192.0.2.9"), Overloaded)
+        refused = self.failureResultOf(
+            auth.authenticate(basic(b"alice", b"no"), "192.0.2.9"), Overloaded
+        )
         self.assertEqual(refused.value.status, 503)
         self.threads.runAll()
         # The refusal did not use up 192.0.2.9's only allowed failure.
@@ -970,11 +1052,16 @@ class FailureLimitTests(SynchronousTestCase):
         self.pool = SyncThreadPool()
         self.clock = Clock()
         self.auth = Authenticator.fromStrings(
-            [f"htpasswd:{path.path}"], reactor=FakeThreadReactor(), threadpool=self.pool,
-            clock=self.clock, failuresPerMinute=3,
+            [f"htpasswd:{path.path}"],
+            reactor=FakeThreadReactor(),
+            threadpool=self.pool,
+            clock=self.clock,
+            failuresPerMinute=3,
         )
 
-    def attempt(self, password: bytes, client: str = "192.0.2.1", user: bytes = b"alice") -> Deferred[str]:
+    def attempt(
+        self, password: bytes, client: str = "192.0.2.1", user: bytes = b"alice"
+    ) -> Deferred[str]:
         return self.auth.authenticate(basic(user, password), client)
 
     def accepted(self, client: str = "192.0.2.1") -> str:
@@ -1027,7 +1114,9 @@ class FailureLimitTests(SynchronousTestCase):
         """
         for _ in range(5):
             self.failureResultOf(self.auth.authenticate(None, "192.0.2.1"), AuthFailed)
-            self.failureResultOf(self.auth.authenticate(b"Basic !!", "192.0.2.1"), AuthFailed)
+            self.failureResultOf(
+                self.auth.authenticate(b"Basic !!", "192.0.2.1"), AuthFailed
+            )
         self.assertEqual(self.accepted(), "alice")
 
     def test_counterPerAddressAndPrefix(self) -> None:
@@ -1060,8 +1149,15 @@ class FailureLimitTests(SynchronousTestCase):
         """
         auth = Authenticator(self.auth.checkers, clock=self.clock, failuresPerMinute=0)
         for _ in range(10):
-            self.failureResultOf(auth.authenticate(basic(b"alice", b"x"), "192.0.2.1"), AuthFailed)
-        self.assertEqual(self.successResultOf(auth.authenticate(basic(b"alice", b"pw"), "192.0.2.1")), "alice")
+            self.failureResultOf(
+                auth.authenticate(basic(b"alice", b"x"), "192.0.2.1"), AuthFailed
+            )
+        self.assertEqual(
+            self.successResultOf(
+                auth.authenticate(basic(b"alice", b"pw"), "192.0.2.1")
+            ),
+            "alice",
+        )
 
 
 @implementer(IResolutionReceiver)
@@ -1124,8 +1220,12 @@ class ResolutionNotStarvedTests(TestCase):
         outcomes = []
         for i in range(count):
             header = basic(f"user{i}".encode(), b"wrong")
-            d = access.identify(None, [(b"proxy-authorization", header)], f"192.0.2.{i}")
-            outcomes.append(d.addErrback(lambda f: f.trap(AuthFailed, Overloaded) and f.value))
+            d = access.identify(
+                None, [(b"proxy-authorization", header)], f"192.0.2.{i}"
+            )
+            outcomes.append(
+                d.addErrback(lambda f: f.trap(AuthFailed, Overloaded) and f.value)
+            )
         refused = [self.successResultOf(d) for d in outcomes[capacity:]]
         self.assertEqual({e.status for e in refused}, {503})
         for d in outcomes[:capacity]:

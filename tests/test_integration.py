@@ -168,11 +168,15 @@ class LoopbackTests(TestCase):
         403/1000 naming the address, and the origin never sees it.
         """
         policy = AddressPolicy(allowRanges=["127.0.0.2/32"])
-        self.factory.resolver = SafeResolver(policy, reactor.nameResolver, reactor, timeout=5)
+        self.factory.resolver = SafeResolver(
+            policy, reactor.nameResolver, reactor, timeout=5
+        )
         response = yield self.agent().request(b"GET", self.url())
         body = yield readBody(response)
         self.assertEqual(response.code, 403)
-        self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1000"])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1000"]
+        )
         self.assertIn(b"(127.0.0.1)", body)
 
     @inlineCallbacks
@@ -255,13 +259,19 @@ class DestinationSafetyTests(TestCase):
         options = Options(environ={})
         options.parseOptions(
             [
-                "--listen", f"tcp:{self.proxyPort}:interface=127.0.0.1",
-                "--allow-range", "127.0.0.2/32",
+                "--listen",
+                f"tcp:{self.proxyPort}:interface=127.0.0.1",
+                "--allow-range",
+                "127.0.0.2/32",
                 # Even an explicit allow cannot open the proxy's own port.
-                "--allow-address", f"127.0.0.1:{self.proxyPort}",
-                "--nameserver", f"127.0.0.1:{dns_.getHost().port}",
-                "--access-log", self.mktemp(),
-                "--metrics", "none",
+                "--allow-address",
+                f"127.0.0.1:{self.proxyPort}",
+                "--nameserver",
+                f"127.0.0.1:{dns_.getHost().port}",
+                "--access-log",
+                self.mktemp(),
+                "--metrics",
+                "none",
             ]
         )
         service = makeService(options)
@@ -272,16 +282,23 @@ class DestinationSafetyTests(TestCase):
 
     def get(self, url: str) -> Deferred:
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort)
-        return ProxyAgent(endpoint, reactor, pool=self.pool).request(b"GET", url.encode())
+        return ProxyAgent(endpoint, reactor, pool=self.pool).request(
+            b"GET", url.encode()
+        )
 
     @inlineCallbacks
-    def assertDenied(self, url: str, address: str, rule: str = "Deny: Not Global Unicast"):  # type: ignore[no-untyped-def]
+    def assertDenied(
+        self, url: str, address: str, rule: str = "Deny: Not Global Unicast"
+    ):  # type: ignore[no-untyped-def]
         response = yield self.get(url)
         body = yield readBody(response)
         self.assertEqual(response.code, 403)
-        self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1000"])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1000"]
+        )
         self.assertIn(
-            f"The destination address ({address}) was denied by rule '{rule}'.".encode(), body
+            f"The destination address ({address}) was denied by rule '{rule}'.".encode(),
+            body,
         )
         self.assertEqual(self.seen, [])
 
@@ -332,7 +349,9 @@ class DestinationSafetyTests(TestCase):
         response = yield self.get(f"http://nowhere.test:{self.allowedPort}/")
         body = yield readBody(response)
         self.assertEqual(response.code, 502)
-        self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1001"])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1001"]
+        )
         self.assertIn(b"nowhere.test", body)
 
     @inlineCallbacks
@@ -342,8 +361,12 @@ class DestinationSafetyTests(TestCase):
         403/1000.
         """
         client = _Collect()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort), client)
-        client.transport.write(b"CONNECT bad.test:%d HTTP/1.1\r\nHost: bad.test\r\n\r\n" % self.deniedPort)
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort), client
+        )
+        client.transport.write(
+            b"CONNECT bad.test:%d HTTP/1.1\r\nHost: bad.test\r\n\r\n" % self.deniedPort
+        )
         data = yield client.waitFor(b"\r\n\r\n")
         self.assertTrue(data.startswith(b"HTTP/1.1 403 Forbidden\r\n"), data)
         self.assertIn(b"X-WhSentry-ReasonCode: 1000", data)
@@ -377,10 +400,14 @@ class IPv6Tests(TestCase):
         options = Options(environ={})
         options.parseOptions(
             [
-                "--listen", f"tcp6:{port}:interface=\\:\\:1",
-                "--allow-address", "::1",
-                "--access-log", self.mktemp(),
-                "--metrics", "none",
+                "--listen",
+                f"tcp6:{port}:interface=\\:\\:1",
+                "--allow-address",
+                "::1",
+                "--access-log",
+                self.mktemp(),
+                "--metrics",
+                "none",
             ]
         )
         service = makeService(options)
@@ -416,18 +443,27 @@ class AccessControlTests(TestCase):
         self.acl = directory.child("acl.yaml")
         self.writeACL(["127.0.0.2"])
         htpasswd = directory.child("htpasswd")
-        htpasswd.setContent(b"alice:" + bcrypt.hashpw(b"secret", bcrypt.gensalt(4)) + b"\n")
+        htpasswd.setContent(
+            b"alice:" + bcrypt.hashpw(b"secret", bcrypt.gensalt(4)) + b"\n"
+        )
         self.proxyPort = freePort("127.0.0.1")
         options = Options(environ={})
         options.parseOptions(
             [
-                "--listen", f"tcp:{self.proxyPort}:interface=127.0.0.1",
-                "--allow-range", "127.0.0.2/32",
-                "--acl", self.acl.path,
-                "--auth", f"htpasswd:{htpasswd.path}",
-                "--access-log", "none",
-                "--decision-log", "none",
-                "--metrics", "none",
+                "--listen",
+                f"tcp:{self.proxyPort}:interface=127.0.0.1",
+                "--allow-range",
+                "127.0.0.2/32",
+                "--acl",
+                self.acl.path,
+                "--auth",
+                f"htpasswd:{htpasswd.path}",
+                "--access-log",
+                "none",
+                "--decision-log",
+                "none",
+                "--metrics",
+                "none",
             ]
         )
         self.service = makeService(options)
@@ -450,8 +486,14 @@ class AccessControlTests(TestCase):
 
         headers = Headers()
         if credentials is not None:
-            headers.addRawHeader(b"Proxy-Authorization", b"Basic " + base64.b64encode(credentials))
-        agent = ProxyAgent(TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort), reactor, pool=self.pool)
+            headers.addRawHeader(
+                b"Proxy-Authorization", b"Basic " + base64.b64encode(credentials)
+            )
+        agent = ProxyAgent(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort),
+            reactor,
+            pool=self.pool,
+        )
         response = yield agent.request(
             b"GET", f"http://127.0.0.2:{self.originPort}/x".encode(), headers
         )
@@ -471,7 +513,8 @@ class AccessControlTests(TestCase):
         response, _ = yield self.get()
         self.assertEqual(response.code, 407)
         self.assertEqual(
-            response.headers.getRawHeaders(b"proxy-authenticate"), [b'Basic realm="egressproxy"']
+            response.headers.getRawHeaders(b"proxy-authenticate"),
+            [b'Basic realm="egressproxy"'],
         )
         response, body = yield self.get(b"alice:secret")
         self.assertEqual(response.code, 200, body)
@@ -496,7 +539,9 @@ class AccessControlTests(TestCase):
         yield reloaded
         response, body = yield self.get(b"alice:secret")
         self.assertEqual(response.code, 403, body)
-        self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1011"])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1011"]
+        )
 
         self.acl.setContent(b"version: v1\nservices: [[[\n")
         refused = logged("ACL not reloaded")

@@ -61,7 +61,11 @@ class MetricsTests(SynchronousTestCase):
             expected = "deny" if reason in DENIALS else "allow"
             value = registry.get_sample_value(
                 "egressproxy_requests_total",
-                {"proxy_type": "http", "decision": expected, "reason_code": str(int(reason))},
+                {
+                    "proxy_type": "http",
+                    "decision": expected,
+                    "reason_code": str(int(reason)),
+                },
             )
             self.assertEqual(value, 1, reason)
         self.assertIn(Reason.CLIENT_CERT_NOT_PERMITTED, DENIALS)
@@ -73,33 +77,77 @@ class MetricsTests(SynchronousTestCase):
         the bytes relayed and the resolver denial by rule.
         """
         denied = DestinationDenied(
-            "internal.example", 80, AddressDecision(False, "10.0.0.1", "Deny: Private Range")
+            "internal.example",
+            80,
+            AddressDecision(False, "10.0.0.1", "Deny: Private Range"),
         )
-        h = makeHarness({"origin.example": ["203.0.113.10"], "internal.example": denied})
+        h = makeHarness(
+            {"origin.example": ["203.0.113.10"], "internal.example": denied}
+        )
         resource = MetricsResource(h.factory.metrics.registry, lambda: True)
         h.send(GET)
         up, _ = h.connectUpstream()
         up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-        h.send(b"GET http://internal.example/ HTTP/1.1\r\nHost: internal.example\r\n\r\n")
+        h.send(
+            b"GET http://internal.example/ HTTP/1.1\r\nHost: internal.example\r\n\r\n"
+        )
         h.send(b"GET http://origin.example:0/ HTTP/1.1\r\nHost: x\r\n\r\n")
 
         samples = scrape(resource)
         requests = "egressproxy_requests_total"
         self.assertEqual(
-            samples[(requests, (("decision", "allow"), ("proxy_type", "http"), ("reason_code", "")))], 1
+            samples[
+                (
+                    requests,
+                    (
+                        ("decision", "allow"),
+                        ("proxy_type", "http"),
+                        ("reason_code", ""),
+                    ),
+                )
+            ],
+            1,
         )
         self.assertEqual(
-            samples[(requests, (("decision", "deny"), ("proxy_type", "http"), ("reason_code", "1000")))], 1
+            samples[
+                (
+                    requests,
+                    (
+                        ("decision", "deny"),
+                        ("proxy_type", "http"),
+                        ("reason_code", "1000"),
+                    ),
+                )
+            ],
+            1,
         )
         self.assertEqual(
-            samples[(requests, (("decision", "allow"), ("proxy_type", "http"), ("reason_code", "1002")))], 1
+            samples[
+                (
+                    requests,
+                    (
+                        ("decision", "allow"),
+                        ("proxy_type", "http"),
+                        ("reason_code", "1002"),
+                    ),
+                )
+            ],
+            1,
         )
-        self.assertEqual(samples[("egressproxy_bytes_total", (("direction", "down"),))], 5)
         self.assertEqual(
-            samples[("egressproxy_resolver_denials_total", (("rule", "private_range"),))], 1
+            samples[("egressproxy_bytes_total", (("direction", "down"),))], 5
         )
         self.assertEqual(
-            samples[("egressproxy_active_client_connections", (("listener", "default"),))], 1
+            samples[
+                ("egressproxy_resolver_denials_total", (("rule", "private_range"),))
+            ],
+            1,
+        )
+        self.assertEqual(
+            samples[
+                ("egressproxy_active_client_connections", (("listener", "default"),))
+            ],
+            1,
         )
         self.assertEqual(samples[("egressproxy_upstream_connect_seconds_count", ())], 1)
 
@@ -110,7 +158,9 @@ class MetricsTests(SynchronousTestCase):
         """
         h = makeHarness()
         resource = MetricsResource(h.factory.metrics.registry, lambda: True)
-        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
+        h.send(
+            b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n"
+        )
         h.connectUpstream()
         self.assertEqual(scrape(resource)[("egressproxy_active_tunnels", ())], 1)
         h.protocol.connectionLost(None)
@@ -120,13 +170,20 @@ class MetricsTests(SynchronousTestCase):
             samples[
                 (
                     "egressproxy_requests_total",
-                    (("decision", "allow"), ("proxy_type", "connect"), ("reason_code", "")),
+                    (
+                        ("decision", "allow"),
+                        ("proxy_type", "connect"),
+                        ("reason_code", ""),
+                    ),
                 )
             ],
             1,
         )
         self.assertEqual(
-            samples[("egressproxy_active_client_connections", (("listener", "default"),))], 0
+            samples[
+                ("egressproxy_active_client_connections", (("listener", "default"),))
+            ],
+            0,
         )
 
     def test_dnsTimeHistogram(self) -> None:
@@ -146,7 +203,13 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(samples[("egressproxy_dns_lookup_seconds_count", ())], 1)
         self.assertEqual(samples[("egressproxy_dns_lookup_seconds_sum", ())], 0.25)
         self.assertEqual(
-            samples[("egressproxy_resolver_denials_total", (("rule", "not_global_unicast"),))], 1
+            samples[
+                (
+                    "egressproxy_resolver_denials_total",
+                    (("rule", "not_global_unicast"),),
+                )
+            ],
+            1,
         )
 
 
@@ -161,7 +224,9 @@ class HealthTests(SynchronousTestCase):
         once it drains.
         """
         h = makeHarness()
-        resource = MetricsResource(h.factory.metrics.registry, lambda: not h.factory.draining)
+        resource = MetricsResource(
+            h.factory.metrics.registry, lambda: not h.factory.draining
+        )
         treq = StubTreq(resource)
 
         def status() -> int:
@@ -213,7 +278,11 @@ class RequestIDTests(SynchronousTestCase):
         )
         _, upTransport = h.connectUpstream()
         self.assertNotIn(b"bad id", upTransport.value())
-        sent = [line for line in upTransport.value().split(b"\r\n") if line.lower().startswith(b"request-id")]
+        sent = [
+            line
+            for line in upTransport.value().split(b"\r\n")
+            if line.lower().startswith(b"request-id")
+        ]
         self.assertEqual(len(sent), 1)
 
     def test_onErrors(self) -> None:

@@ -12,7 +12,9 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 _ROOT = FilePath(__file__).parent().parent()
-_REQUIREMENT = re.compile(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*(>=|==)\s*([0-9.]+)\s*$")
+_REQUIREMENT = re.compile(
+    r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*(>=|==)\s*([0-9.]+)\s*$"
+)
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -22,7 +24,9 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _requirements(lines: str, operator: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
+def _requirements(
+    lines: str, operator: str, prefix: str = ""
+) -> dict[str, tuple[int, ...]]:
     found = {}
     for line in lines.splitlines():
         line = line.strip()
@@ -51,5 +55,7 @@ class LowestPinsTests(SynchronousTestCase):
         tox = ConfigParser(interpolation=None)
         tox.read(_ROOT.child("tox.ini").path)
         pins = _requirements(tox["testenv"]["deps"], "==", "lowest:")
-        self.assertTrue({"twisted", "treq", "pyopenssl", "service-identity"} <= set(pins), pins)
+        self.assertTrue(
+            {"twisted", "treq", "pyopenssl", "service-identity"} <= set(pins), pins
+        )
         self.assertEqual({name: floors.get(name) for name in pins}, pins)

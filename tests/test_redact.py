@@ -36,7 +36,9 @@ from .test_webhook import ControlServer
 
 # Names: what a query parameter is usually called.
 _names = st.text(
-    st.characters(whitelist_categories=("Ll", "Lu", "Nd"), whitelist_characters="_-.[]%"),
+    st.characters(
+        whitelist_categories=("Ll", "Lu", "Nd"), whitelist_characters="_-.[]%"
+    ),
     min_size=1,
     max_size=12,
 )
@@ -62,7 +64,9 @@ _values = _secrets("&#")
 
 
 def _query(pairs: list[tuple[str, str | None]]) -> str:
-    return "&".join(name if value is None else f"{name}={value}" for name, value in pairs)
+    return "&".join(
+        name if value is None else f"{name}={value}" for name, value in pairs
+    )
 
 
 class RedactQueryTests(SynchronousTestCase):
@@ -106,7 +110,9 @@ class RedactQueryTests(SynchronousTestCase):
 
     @settings(max_examples=300, deadline=None)
     @given(
-        st.lists(st.tuples(_names, st.one_of(st.none(), _values)), min_size=1, max_size=12)
+        st.lists(
+            st.tuples(_names, st.one_of(st.none(), _values)), min_size=1, max_size=12
+        )
     )
     def test_noValueWritten(self, pairs: list[tuple[str, str | None]]) -> None:
         """
@@ -143,12 +149,16 @@ class RedactQueryTests(SynchronousTestCase):
         raw = target.encode("utf-8")
         logged = loggedTarget(raw)
         self.assertNotIn(password, logged)
-        self.assertTrue(logged.startswith(f"{scheme}…@origin.example:8080{path}?"), logged)
+        self.assertTrue(
+            logged.startswith(f"{scheme}…@origin.example:8080{path}?"), logged
+        )
         for _, value in pairs:
             self.assertNotIn(value, logged)
         self.assertTrue(logged.endswith("#…"))
         kept = loggedTarget(raw, keepQuery=True)
-        self.assertEqual(kept, f"{scheme}…@origin.example:8080{path}?{_query(pairs)}#{fragment}")
+        self.assertEqual(
+            kept, f"{scheme}…@origin.example:8080{path}?{_query(pairs)}#{fragment}"
+        )
 
     def test_plainTargetUnchanged(self) -> None:
         """
@@ -228,7 +238,10 @@ class ProxyRedactionTests(SynchronousTestCase):
         self.server = ControlServer("ok")
         self.stub = StubTreq(self.server)
         h.factory.webhook = WebhookService(
-            "http://127.0.0.1:5000/webhook/X", clock=h.reactor, treqClient=self.stub, hostid="p"
+            "http://127.0.0.1:5000/webhook/X",
+            clock=h.reactor,
+            treqClient=self.stub,
+            hostid="p",
         )
         h.protocol.connectionMade()
         self.decisions: list[dict[str, Any]] = []
@@ -280,7 +293,9 @@ class ProxyRedactionTests(SynchronousTestCase):
                 written = self.written(h, events)
             response = h.client.value()
             status, headers, body = parseResponse(response)
-            self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (400, b"1002"), request)
+            self.assertEqual(
+                (status, headers[b"x-whsentry-reasoncode"]), (400, b"1002"), request
+            )
             self.assertIn(b"Credentials in the", headers[b"x-whsentry-reason"])
             self.assertNotIn(b"bracket", response)
             self.assertNotIn(SECRET.encode(), response)
@@ -317,11 +332,17 @@ class ProxyRedactionTests(SynchronousTestCase):
             h = self.setUpProxy()
             sent = self.forwardWithToken(h)
             written = self.written(h, events)
-        self.assertTrue(sent.startswith(b"GET /a?token=s3cr3t&page=2 HTTP/1.1\r\n"), sent)
+        self.assertTrue(
+            sent.startswith(b"GET /a?token=s3cr3t&page=2 HTTP/1.1\r\n"), sent
+        )
         self.assertEqual(parseResponse(h.client.value())[0], 200)
         logged = "http://origin.example/a?token=…&page=…#…"
         self.assertEqual(h.access[-1]["url"], logged)
-        (stop,) = [r.json for r in self.server.requests if r.json["action"] == "connection-stop"]
+        (stop,) = [
+            r.json
+            for r in self.server.requests
+            if r.json["action"] == "connection-stop"
+        ]
         self.assertEqual(stop["details"]["info"]["l7"]["details"], [logged])
         self.assertNowhere(SECRET, written)
 
@@ -332,7 +353,9 @@ class ProxyRedactionTests(SynchronousTestCase):
         """
         with capturedLogs() as events:
             h = self.setUpProxy()
-            h.send(b"GET http://origin.example/a?token=s3cr3t HTTP/1.1\r\nHost: x\r\n\r\n")
+            h.send(
+                b"GET http://origin.example/a?token=s3cr3t HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
             h.failUpstream(ConnectionRefusedError())
             written = self.written(h, events)
         self.assertEqual(parseResponse(h.client.value())[0], 502)
@@ -349,7 +372,9 @@ class ProxyRedactionTests(SynchronousTestCase):
             h = self.setUpProxy(config)
             sent = self.forwardWithToken(h)
             written = self.written(h, events)
-        self.assertTrue(sent.startswith(b"GET /a?token=s3cr3t&page=2 HTTP/1.1\r\n"), sent)
+        self.assertTrue(
+            sent.startswith(b"GET /a?token=s3cr3t&page=2 HTTP/1.1\r\n"), sent
+        )
         logged = "http://origin.example/a?token=s3cr3t&page=2#frag-s3cr3t"
         self.assertEqual(h.access[-1]["url"], logged)
         self.assertIn(logged, written["access log (text)"])
@@ -362,7 +387,9 @@ class ProxyRedactionTests(SynchronousTestCase):
         config = Config(access_log=AccessLogSettings(log_query_values=True))
         with capturedLogs() as events:
             h = self.setUpProxy(config)
-            h.send(b"GET http://alice:s3cr3t@origin.example/?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            h.send(
+                b"GET http://alice:s3cr3t@origin.example/?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
             written = self.written(h, events)
         self.assertEqual(h.access[-1]["url"], "http://…@origin.example/?q=1")
         self.assertNowhere(SECRET, written)
@@ -372,6 +399,7 @@ class ProxyRedactionTests(SynchronousTestCase):
         C{--log-query-values} is a switch, off by default; the environment
         takes true or false.
         """
+
         def parse(argv: list[str], environ: dict[str, str]) -> bool:
             options = Options(environ=environ)
             options.parseOptions(argv)

@@ -508,15 +508,21 @@ class SafeResolverVetTests(SynchronousTestCase):
             self.resolver.vetNow(ALLOWED_V4, 80),
             VettedDestination(ALLOWED_V4, 80, (ALLOWED_V4,), (), 0),
         )
-        self.assertEqual(self.resolver.vetNow(f"[{ALLOWED_V6}]", 443).addresses, (ALLOWED_V6,))  # type: ignore[union-attr]
+        self.assertEqual(
+            self.resolver.vetNow(f"[{ALLOWED_V6}]", 443).addresses, (ALLOWED_V6,)
+        )  # type: ignore[union-attr]
         with self.assertRaises(DestinationDenied) as caught:
             self.resolver.vetNow(DENIED_V4, 80)
-        self.assertEqual(caught.exception.message, deniedMessage(DENIED_V4, 80, DENIED_V4))
+        self.assertEqual(
+            caught.exception.message, deniedMessage(DENIED_V4, 80, DENIED_V4)
+        )
         self.assertRaises(DestinationDenied, self.resolver.vetNow, "1.2.3.999", 80)
         self.assertIsNone(self.resolver.vetNow("www.example", 443))
         self.assertEqual(self.names.calls, [])
         # An allowed literal is a value: vetted once, then remembered.
-        self.assertIs(self.resolver.vetNow(ALLOWED_V4, 80), self.resolver.vetNow(ALLOWED_V4, 80))
+        self.assertIs(
+            self.resolver.vetNow(ALLOWED_V4, 80), self.resolver.vetNow(ALLOWED_V4, 80)
+        )
         self.assertRaises(DestinationDenied, self.resolver.vetNow, DENIED_V4, 80)
 
     def test_malformedLiteral(self) -> None:
@@ -553,7 +559,9 @@ class _CountingResolver:
         if self.fail:
             return defer.fail(ResolutionFailed(host, "nope"))
         return defer.succeed(
-            VettedDestination(host, port, ("203.0.113.9",), lookupTime=0.2, ttl=self.ttl)
+            VettedDestination(
+                host, port, ("203.0.113.9",), lookupTime=0.2, ttl=self.ttl
+            )
         )
 
 
@@ -640,7 +648,14 @@ class CachingResolverTests(SynchronousTestCase):
         """
         inner = _CountingResolver()
         cache = CachingResolver(inner, MemoryReactorClock(), maxTTL=30, maxEntries=2)
-        for host in ("a.example", "b.example", "a.example", "c.example", "a.example", "b.example"):
+        for host in (
+            "a.example",
+            "b.example",
+            "a.example",
+            "c.example",
+            "a.example",
+            "b.example",
+        ):
             cache.vet(host, 443)
         self.assertEqual(
             [host for host, _ in inner.calls],

@@ -21,7 +21,9 @@ from .helpers import ScriptedNameResolver, makeHarness, parseResponse
 def safeHarness(scripts: dict[str, list[list[str]]], **policy: Any) -> Any:
     h = makeHarness()
     names = ScriptedNameResolver(scripts)
-    h.factory.resolver = SafeResolver(AddressPolicy(**policy), names, h.reactor, timeout=5)
+    h.factory.resolver = SafeResolver(
+        AddressPolicy(**policy), names, h.reactor, timeout=5
+    )
     return h, names
 
 
@@ -83,12 +85,16 @@ class SafetyTests(SynchronousTestCase):
         h, names = safeHarness(
             {"rebind.example": [["198.51.200.7"], ["127.0.0.1"], ["127.0.0.1"]]}
         )
-        h.send(b"CONNECT rebind.example:443 HTTP/1.1\r\nHost: rebind.example:443\r\n\r\n")
+        h.send(
+            b"CONNECT rebind.example:443 HTTP/1.1\r\nHost: rebind.example:443\r\n\r\n"
+        )
         self.assertEqual(names.lookups, ["rebind.example"])
         self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("198.51.200.7", 443)])
         h.connectUpstream()
         self.assertEqual(names.lookups, ["rebind.example"])
-        self.assertEqual(h.client.value(), b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.assertEqual(
+            h.client.value(), b"HTTP/1.1 200 Connection established\r\n\r\n"
+        )
 
     def test_noAnswers(self) -> None:
         """

@@ -189,7 +189,9 @@ class ForwardingTests(SynchronousTestCase):
         up.connectionLost(Failure(ConnectionRefusedError()))
         self.assertEqual(len(h.reactor.tcpClients), 2)
         fresh, freshTransport = h.connectUpstream()
-        self.assertTrue(freshTransport.value().startswith(b"GET /path?q=1 HTTP/1.1\r\n"))
+        self.assertTrue(
+            freshTransport.value().startswith(b"GET /path?q=1 HTTP/1.1\r\n")
+        )
         fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
         status, _, body = parseResponse(h.client.value())
         self.assertEqual((status, body), (200, b"b"))
@@ -403,7 +405,9 @@ class BackpressureTests(SynchronousTestCase):
         # No step may take the Deferred-returning way: not the lookup, not
         # a callback chain.
         self.patch(h.resolver, "vet", lambda host, port: self.fail("vet() called"))
-        self.patch(Deferred, "addCallbacks", lambda *a, **k: self.fail("callback chain"))
+        self.patch(
+            Deferred, "addCallbacks", lambda *a, **k: self.fail("callback chain")
+        )
         h.send(request)
         self.assertTrue(upTransport.value().startswith(b"GET / HTTP/1.1\r\n"))
         self.assertEqual(len(h.reactor.tcpClients), 1)
@@ -449,10 +453,14 @@ class ErrorTests(SynchronousTestCase):
         Smokescreen's wording, and nothing is connected.
         """
         denied = DestinationDenied(
-            "internal.example", 80, AddressDecision(False, "10.0.0.1", "Deny: Private Range")
+            "internal.example",
+            80,
+            AddressDecision(False, "10.0.0.1", "Deny: Private Range"),
         )
         h = makeHarness({"internal.example": denied})
-        h.send(b"GET http://internal.example/ HTTP/1.1\r\nHost: internal.example\r\n\r\n")
+        h.send(
+            b"GET http://internal.example/ HTTP/1.1\r\nHost: internal.example\r\n\r\n"
+        )
         body = self.assertError(h.client.value(), 403, 1000)
         self.assertEqual(
             body,
@@ -466,7 +474,13 @@ class ErrorTests(SynchronousTestCase):
         """
         A name that does not resolve gets 502 with reason code 1001.
         """
-        h = makeHarness({"nx.example": ResolutionFailed("nx.example", "DNS lookup of 'nx.example' failed")})
+        h = makeHarness(
+            {
+                "nx.example": ResolutionFailed(
+                    "nx.example", "DNS lookup of 'nx.example' failed"
+                )
+            }
+        )
         h.send(b"GET http://nx.example/ HTTP/1.1\r\nHost: nx.example\r\n\r\n")
         self.assertError(h.client.value(), 502, 1001)
 
@@ -493,7 +507,9 @@ class ErrorTests(SynchronousTestCase):
         """
         for port in (b"0", b"99999", b"abc", b""):
             h = makeHarness()
-            h.send(b"GET http://origin.example:" + port + b"/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            h.send(
+                b"GET http://origin.example:" + port + b"/ HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
             self.assertError(h.client.value(), 400, 1002)
             self.assertEqual(h.resolver.calls, [])
 
@@ -753,7 +769,9 @@ class ConnectTests(SynchronousTestCase):
         self.assertEqual(h.reactor.tcpClients[0][:2], ("203.0.113.10", 443))
         self.assertEqual(h.client.value(), b"")
         up, upTransport = h.connectUpstream()
-        self.assertEqual(h.client.value(), b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.assertEqual(
+            h.client.value(), b"HTTP/1.1 200 Connection established\r\n\r\n"
+        )
         self.assertEqual(upTransport.value(), b"early")
         h.send(b"\x16\x03\x01 client hello")
         self.assertEqual(upTransport.value(), b"early\x16\x03\x01 client hello")
@@ -807,7 +825,11 @@ class ConnectTests(SynchronousTestCase):
         """
         A denied CONNECT gets 403/1000 and nothing is connected.
         """
-        denied = DestinationDenied("meta.example", 443, AddressDecision(False, "169.254.169.254", "Deny: Not Global Unicast"))
+        denied = DestinationDenied(
+            "meta.example",
+            443,
+            AddressDecision(False, "169.254.169.254", "Deny: Not Global Unicast"),
+        )
         h = makeHarness({"meta.example": denied})
         h.send(b"CONNECT meta.example:443 HTTP/1.1\r\nHost: meta.example:443\r\n\r\n")
         status, headers, body = parseResponse(h.client.value())
@@ -850,7 +872,9 @@ class ConnectTests(SynchronousTestCase):
         up.dataReceived(b"12345")
         h.protocol.connectionLost(Failure(ConnectionRefusedError()))
         line = h.access[-1]
-        self.assertEqual((line["method"], line["bytes_up"], line["bytes_down"]), ("CONNECT", 3, 5))
+        self.assertEqual(
+            (line["method"], line["bytes_up"], line["bytes_down"]), ("CONNECT", 3, 5)
+        )
         self.assertEqual(line["url"], "origin.example:443")
 
     def test_tunnelIdleTimeout(self) -> None:

@@ -34,7 +34,9 @@ class TLSSnifferTests(SynchronousTestCase):
         """
         sniffer = TLSSniffer()
         sniffer.feed(clientHello(b"Example.COM"))
-        self.assertEqual((sniffer.done, sniffer.isTLS, sniffer.sni), (True, True, "example.com"))
+        self.assertEqual(
+            (sniffer.done, sniffer.isTLS, sniffer.sni), (True, True, "example.com")
+        )
 
     def test_byteByByte(self) -> None:
         """
@@ -63,7 +65,9 @@ class TLSSnifferTests(SynchronousTestCase):
         """
         sniffer = TLSSniffer()
         sniffer.feed(b"G")
-        self.assertEqual((sniffer.done, sniffer.isTLS, sniffer.sni), (True, False, None))
+        self.assertEqual(
+            (sniffer.done, sniffer.isTLS, sniffer.sni), (True, False, None)
+        )
 
     def test_splitRecords(self) -> None:
         """
@@ -73,7 +77,8 @@ class TLSSnifferTests(SynchronousTestCase):
         body = hello[5:]
         first, second = body[:40], body[40:]
         records = b"".join(
-            b"\x16" + hello[1:3] + len(part).to_bytes(2, "big") + part for part in (first, second)
+            b"\x16" + hello[1:3] + len(part).to_bytes(2, "big") + part
+            for part in (first, second)
         )
         sniffer = TLSSniffer()
         sniffer.feed(records)

@@ -192,9 +192,27 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(
             flow["aggregate_rates"],
             [
-                {"interval_index": 0, "aggBU": 100, "aggBD": 300, "aggRU": 1.0, "aggRD": 1.0},
-                {"interval_index": 1, "aggBU": 50, "aggBD": 600, "aggRU": -0.5, "aggRD": 0.5},
-                {"interval_index": 3, "aggBU": 10, "aggBD": 0, "aggRU": 1.0, "aggRD": 0.0},
+                {
+                    "interval_index": 0,
+                    "aggBU": 100,
+                    "aggBD": 300,
+                    "aggRU": 1.0,
+                    "aggRD": 1.0,
+                },
+                {
+                    "interval_index": 1,
+                    "aggBU": 50,
+                    "aggBD": 600,
+                    "aggRU": -0.5,
+                    "aggRD": 0.5,
+                },
+                {
+                    "interval_index": 3,
+                    "aggBU": 10,
+                    "aggBD": 0,
+                    "aggRU": 1.0,
+                    "aggRD": 0.0,
+                },
             ],
         )
         self.assertEqual(flow["skew"], (300 - 100) / 400)
@@ -227,7 +245,8 @@ class FlowTests(SynchronousTestCase):
         stats.left(b"")
         stats.right(b"")
         self.assertEqual(
-            stats.report()["flow"], {"aggregate_rates": [], "skew": 0.0, "skew_all": 0.0}
+            stats.report()["flow"],
+            {"aggregate_rates": [], "skew": 0.0, "skew_all": 0.0},
         )
 
     def test_flowUncapped(self) -> None:
@@ -249,7 +268,9 @@ class FlowTests(SynchronousTestCase):
             stats.right(b"d")
             clock.advance(1)
         flow = stats.report()["flow"]
-        self.assertEqual([r["interval_index"] for r in flow["aggregate_rates"]], [0, 1, 2])
+        self.assertEqual(
+            [r["interval_index"] for r in flow["aggregate_rates"]], [0, 1, 2]
+        )
         self.assertEqual(flow["skew_all"], 1.0)
         self.assertEqual(stats.bytesDown, 5)
 
@@ -261,7 +282,9 @@ class FlowTests(SynchronousTestCase):
         stats = ConnectionStatistics(clock, interval=10.0)
         clock.advance(25)
         stats.left(b"a")
-        self.assertEqual(stats.report()["flow"]["aggregate_rates"][0]["interval_index"], 2)
+        self.assertEqual(
+            stats.report()["flow"]["aggregate_rates"][0]["interval_index"], 2
+        )
 
     def test_clockBackwards(self) -> None:
         """
@@ -272,7 +295,9 @@ class FlowTests(SynchronousTestCase):
         stats = ConnectionStatistics(clock)
         clock.rightNow = 50.0
         stats.left(b"a")
-        self.assertEqual(stats.report()["flow"]["aggregate_rates"][0]["interval_index"], 0)
+        self.assertEqual(
+            stats.report()["flow"]["aggregate_rates"][0]["interval_index"], 0
+        )
 
     def test_changeRatio(self) -> None:
         """

@@ -66,7 +66,14 @@ class MakeServiceTests(SynchronousTestCase):
         reactor = PluggableMemoryReactor()
         options = Options(environ={})
         options.parseOptions(
-            ["--listen", "tcp:9090:interface=127.0.0.1", "--listen", "tcp:9091", "--access-log", self.mktemp()]
+            [
+                "--listen",
+                "tcp:9090:interface=127.0.0.1",
+                "--listen",
+                "tcp:9091",
+                "--access-log",
+                self.mktemp(),
+            ]
         )
         service = makeService(options, reactor=reactor)
         self.assertTrue(IServiceCollection.providedBy(service))
@@ -76,17 +83,25 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(ports, [(2112, "127.0.0.1"), (9090, "127.0.0.1"), (9091, "")])
         service.stopService()
 
-
     def test_passwordCheckThreads(self) -> None:
         """
         With --auth, password checks get threads of their own, which start
         with the service and stop with it, after the drain.
         """
         path = FilePath(self.mktemp())
-        path.setContent(b"alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)) + b"\n")
+        path.setContent(
+            b"alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)) + b"\n"
+        )
         options = Options(environ={})
         options.parseOptions(
-            ["--auth", f"htpasswd:{path.path}", "--auth-check-threads", "3", "--access-log", "none"]
+            [
+                "--auth",
+                f"htpasswd:{path.path}",
+                "--auth-check-threads",
+                "3",
+                "--access-log",
+                "none",
+            ]
         )
         service = makeService(options, reactor=PluggableMemoryReactor())
         (checks,) = [s for s in service if isinstance(s, PasswordCheckPool)]
@@ -97,7 +112,11 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(checks.threads, 3)
 
         def checkThreads() -> list[threading.Thread]:
-            return [t for t in threading.enumerate() if "egressproxy-password-checks" in t.name]
+            return [
+                t
+                for t in threading.enumerate()
+                if "egressproxy-password-checks" in t.name
+            ]
 
         before = len(checkThreads())
         service.privilegedStartService()
@@ -136,10 +155,14 @@ class DrainTests(SynchronousTestCase):
         """
         What has not finished when the drain time is up is aborted.
         """
-        h = makeHarness(config=Config(timeouts=Timeouts(read=60, lifetime=100, drain=15)))
+        h = makeHarness(
+            config=Config(timeouts=Timeouts(read=60, lifetime=100, drain=15))
+        )
         service = ProxyService(h.factory, h.reactor)
         service.startService()
-        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
+        h.send(
+            b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n"
+        )
         h.connectUpstream()
         stopped = service.stopService()
         h.reactor.advance(h.factory.config.timeouts.drain - 1)
@@ -176,16 +199,27 @@ class AccessLogTests(SynchronousTestCase):
         out = io.StringIO()
         log = AccessLog(out, "json")
         log.record(
-            rq_id="a-1", client_addr="127.0.0.1:1", method="GET", url="http://x/",
-            response_code=200, response_time=0.5, bytes_up=1, bytes_down=2,
+            rq_id="a-1",
+            client_addr="127.0.0.1:1",
+            method="GET",
+            url="http://x/",
+            response_code=200,
+            response_time=0.5,
+            bytes_up=1,
+            bytes_down=2,
         )
         record = json.loads(out.getvalue())
         self.assertEqual(
             {k: v for k, v in record.items() if k != "time"},
             {
-                "rq_id": "a-1", "client_addr": "127.0.0.1:1", "method": "GET",
-                "url": "http://x/", "response_code": 200, "response_time": 0.5,
-                "bytes_up": 1, "bytes_down": 2,
+                "rq_id": "a-1",
+                "client_addr": "127.0.0.1:1",
+                "method": "GET",
+                "url": "http://x/",
+                "response_code": 200,
+                "response_time": 0.5,
+                "bytes_up": 1,
+                "bytes_down": 2,
             },
         )
         self.assertIsInstance(record["time"], float)
@@ -195,8 +229,12 @@ class AccessLogTests(SynchronousTestCase):
         Text lines are key=value pairs, quoting values with spaces.
         """
         out = io.StringIO()
-        AccessLog(out, "text").record(rq_id="a-1", method="GET", error="it broke", response_code=502)
-        self.assertEqual(out.getvalue(), 'rq_id=a-1 method=GET response_code=502 error="it broke"\n')
+        AccessLog(out, "text").record(
+            rq_id="a-1", method="GET", error="it broke", response_code=502
+        )
+        self.assertEqual(
+            out.getvalue(), 'rq_id=a-1 method=GET response_code=502 error="it broke"\n'
+        )
 
 
 class FileLimitTests(SynchronousTestCase):
@@ -260,8 +298,12 @@ class _PortTaken(MemoryReactorClock):
     A memory reactor on which every TCP port is already taken.
     """
 
-    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
-        raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "Address already in use"))
+    def listenTCP(
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> Any:
+        raise CannotListenError(
+            interface, port, OSError(errno.EADDRINUSE, "Address already in use")
+        )
 
 
 class StartupFailureTests(SynchronousTestCase):
@@ -283,7 +325,9 @@ class StartupFailureTests(SynchronousTestCase):
         C{egressproxy: line} and exits with status 1 from L{makeService}.
         """
         if reactor is None:
-            error = self.assertRaises(ConfigError, buildProxy, options.config, MemoryReactorClock())
+            error = self.assertRaises(
+                ConfigError, buildProxy, options.config, MemoryReactorClock()
+            )
         else:
             built = buildProxy(options.config, reactor)
             error = self.assertRaises(ConfigError, built.privilegedStartService)
@@ -292,7 +336,9 @@ class StartupFailureTests(SynchronousTestCase):
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         if reactor is None:
-            exited = self.assertRaises(SystemExit, makeService, options, MemoryReactorClock())
+            exited = self.assertRaises(
+                SystemExit, makeService, options, MemoryReactorClock()
+            )
         else:
             service = makeService(options, reactor)
             exited = self.assertRaises(SystemExit, service.privilegedStartService)
@@ -339,11 +385,14 @@ class StartupFailureTests(SynchronousTestCase):
         it is broken after parsing here, as by a deploy racing start-up.)
         """
         acl = FilePath(self.mktemp())
-        acl.setContent(b"version: v1\nservices: []\ndefault:\n  project: p\n  action: open\n")
+        acl.setContent(
+            b"version: v1\nservices: []\ndefault:\n  project: p\n  action: open\n"
+        )
         options = self.parse("--acl", acl.path)
         acl.remove()
         self.assertFails(
-            options, f"acl.file: {acl.path}: cannot read ACL file: No such file or directory"
+            options,
+            f"acl.file: {acl.path}: cannot read ACL file: No such file or directory",
         )
 
     def test_authUnreadable(self) -> None:
@@ -449,7 +498,10 @@ class StartupFailureTests(SynchronousTestCase):
         result = self.runTwistd("--access-log", path)
         self.assertEqual(
             (result.returncode, result.stderr),
-            (1, f"egressproxy: access_log.file = {path!r}: cannot open it: No such file or directory\n"),
+            (
+                1,
+                f"egressproxy: access_log.file = {path!r}: cannot open it: No such file or directory\n",
+            ),
         )
 
     def test_twistdListenFailure(self) -> None:
@@ -462,7 +514,9 @@ class StartupFailureTests(SynchronousTestCase):
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            result = self.runTwistd("--access-log", "none", "--listen", f"tcp:{port}:interface=127.0.0.1")
+            result = self.runTwistd(
+                "--access-log", "none", "--listen", f"tcp:{port}:interface=127.0.0.1"
+            )
         self.assertEqual(result.returncode, 1)
         output = result.stdout + result.stderr
         self.assertNotIn("Traceback", output)
@@ -515,7 +569,9 @@ class ValidateTests(SynchronousTestCase):
         config = load({"listen": ["tcp:9090:interface=127.0.0.1", "tcp:nope"]}, {})
         error = self.assertRaises(ConfigError, validate, config)
         self.assertTrue(
-            str(error).startswith("listen = 'tcp:nope': not a usable endpoint description ("),
+            str(error).startswith(
+                "listen = 'tcp:nope': not a usable endpoint description ("
+            ),
             str(error),
         )
 
@@ -593,7 +649,9 @@ class SignalTests(SynchronousTestCase):
             calls.append("old")
 
         signal.signal(signal.SIGUSR1, old)
-        signum, previous, installed = chainSignal(signal.SIGUSR1, lambda: calls.append("new"))
+        signum, previous, installed = chainSignal(
+            signal.SIGUSR1, lambda: calls.append("new")
+        )
         self.assertEqual((signum, previous), (signal.SIGUSR1, old))
         self.assertIs(signal.getsignal(signal.SIGUSR1), installed)
         installed(signal.SIGUSR1, None)

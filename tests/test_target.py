@@ -33,7 +33,14 @@ class NormalizeHostTests(SynchronousTestCase):
         Every form of an IP literal a C library accepts becomes the address
         it would dial.
         """
-        for text in ("2130706433", "0x7f000001", "0177.0.0.1", "127.1", "127.0.0.1", "0x7f.1"):
+        for text in (
+            "2130706433",
+            "0x7f000001",
+            "0177.0.0.1",
+            "127.1",
+            "127.0.0.1",
+            "0x7f.1",
+        ):
             self.assertEqual(normalizeHost(text), "127.0.0.1", text)
         self.assertEqual(normalizeHost("[::ffff:127.0.0.1]"), "::ffff:7f00:1")
         self.assertEqual(normalizeHost("[0:0:0:0:0:0:0:1]"), "::1")
@@ -93,9 +100,15 @@ class ParseTests(SynchronousTestCase):
         The Host sent upstream names a port only when it is not the
         scheme's default, and brackets IPv6.
         """
-        self.assertEqual(parseAbsoluteTarget(b"http://example.com:80/").hostHeader, b"example.com")
-        self.assertEqual(parseAbsoluteTarget(b"http://example.com:81/").hostHeader, b"example.com:81")
-        self.assertEqual(parseAbsoluteTarget(b"http://[::1]:81/").hostHeader, b"[::1]:81")
+        self.assertEqual(
+            parseAbsoluteTarget(b"http://example.com:80/").hostHeader, b"example.com"
+        )
+        self.assertEqual(
+            parseAbsoluteTarget(b"http://example.com:81/").hostHeader, b"example.com:81"
+        )
+        self.assertEqual(
+            parseAbsoluteTarget(b"http://[::1]:81/").hostHeader, b"[::1]:81"
+        )
 
     def test_absoluteErrors(self) -> None:
         """
@@ -123,9 +136,19 @@ class ParseTests(SynchronousTestCase):
         """
         CONNECT takes host:port, IPv6 in brackets; the port is required.
         """
-        self.assertEqual(parseConnectTarget(b"Example.com:443"), Target("example.com", 443))
-        self.assertEqual(parseConnectTarget(b"[2001:db8::1]:8443"), Target("2001:db8::1", 8443))
+        self.assertEqual(
+            parseConnectTarget(b"Example.com:443"), Target("example.com", 443)
+        )
+        self.assertEqual(
+            parseConnectTarget(b"[2001:db8::1]:8443"), Target("2001:db8::1", 8443)
+        )
         self.assertEqual(parseConnectTarget(b"2130706433:443").host, "127.0.0.1")
-        for raw in (b"example.com", b"example.com:", b"2001:db8::1:443", b"[::1]", b":443"):
+        for raw in (
+            b"example.com",
+            b"example.com:",
+            b"2001:db8::1:443",
+            b"[::1]",
+            b":443",
+        ):
             with self.assertRaises(ProxyError, msg=repr(raw)):
                 parseConnectTarget(raw)

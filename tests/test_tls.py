@@ -81,20 +81,26 @@ class OriginationTests(TestCase):
         tls13: bool = False,
         authority: Authority | None = None,
     ) -> int:
-        certPEM, keyPEM, _ = (authority or self.ca).issue(names[0], names, expired=expired)
+        certPEM, keyPEM, _ = (authority or self.ca).issue(
+            names[0], names, expired=expired
+        )
         private = ssl.PrivateCertificate.loadPEM(certPEM + keyPEM)
         options: dict[str, Any] = {}
         if requireClient:
             options["trustRoot"] = ssl.trustRootFromCertificates(
                 [ssl.Certificate.loadPEM(self.clientCA.pem)]
             )
-        options["raiseMinimumTo"] = ssl.TLSVersion.TLSv1_3 if tls13 else ssl.TLSVersion.TLSv1_2
+        options["raiseMinimumTo"] = (
+            ssl.TLSVersion.TLSv1_3 if tls13 else ssl.TLSVersion.TLSv1_2
+        )
         contextFactory = ssl.CertificateOptions(
             privateKey=private.privateKey.original,
             certificate=private.original,
             **options,
         )
-        port = reactor.listenSSL(0, Site(WhoAmI()), contextFactory, interface="127.0.0.1")
+        port = reactor.listenSSL(
+            0, Site(WhoAmI()), contextFactory, interface="127.0.0.1"
+        )
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
@@ -102,7 +108,11 @@ class OriginationTests(TestCase):
         tls = tls or TLS(
             ca_bundle=self.dir.child("ca.pem").path,
             client_certs=(
-                ("billing", self.dir.child("billing.pem").path, self.dir.child("billing.key").path),
+                (
+                    "billing",
+                    self.dir.child("billing.pem").path,
+                    self.dir.child("billing.key").path,
+                ),
             ),
         )
         config = Config(tls=tls)
@@ -113,12 +123,19 @@ class OriginationTests(TestCase):
                 "foo_bar.origin.test": [["127.0.0.1"]],
             }
         )
-        resolver = SafeResolver(AddressPolicy(allowRanges=["127.0.0.1/32"]), names, reactor)
+        resolver = SafeResolver(
+            AddressPolicy(allowRanges=["127.0.0.1/32"]), names, reactor
+        )
         self.access: list[dict] = []
         accessLog = AccessLog(None)
         accessLog.addObserver(self.access.append)
         factory = ProxyFactory(
-            config, resolver, reactor, Connector(reactor, 5), accessLog, buildOrigination(tls)
+            config,
+            resolver,
+            reactor,
+            Connector(reactor, 5),
+            accessLog,
+            buildOrigination(tls),
         )
         self.addCleanup(factory.pool.closeIdle)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -129,18 +146,27 @@ class OriginationTests(TestCase):
 
     @inlineCallbacks
     def get(self, proxyPort: int, url: str, **headers: str):  # type: ignore[no-untyped-def]
-        agent = ProxyAgent(TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort), reactor, pool=self.pool)
+        agent = ProxyAgent(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort), reactor, pool=self.pool
+        )
         response = yield agent.request(
             b"GET",
             url.encode(),
-            Headers({k.replace("_", "-").encode(): [v.encode()] for k, v in headers.items()}),
+            Headers(
+                {k.replace("_", "-").encode(): [v.encode()] for k, v in headers.items()}
+            ),
         )
         body = yield readBody(response)
         return response, body
 
-    def assertReason(self, response: Any, body: bytes, status: int, code: int, text: str) -> None:
+    def assertReason(
+        self, response: Any, body: bytes, status: int, code: int, text: str
+    ) -> None:
         self.assertEqual(response.code, status, body)
-        self.assertEqual(response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [str(code).encode()])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-whsentry-reasoncode"),
+            [str(code).encode()],
+        )
         self.assertIn(text.encode(), body)
 
     @inlineCallbacks
@@ -175,7 +201,9 @@ class OriginationTests(TestCase):
         literal is verified against the certificate's IP SAN.
         """
         originPort = self.origin()
-        response, body = yield self.get(self.proxy(), f"https://127.0.0.1:{originPort}/ip")
+        response, body = yield self.get(
+            self.proxy(), f"https://127.0.0.1:{originPort}/ip"
+        )
         self.assertEqual(response.code, 200, body)
         self.assertTrue(body.startswith(b"/ip "), body)
 
@@ -189,7 +217,9 @@ class OriginationTests(TestCase):
         response, body = yield self.get(
             self.proxy(), f"http://origin.test:{originPort}/", X_WhSentry_TLS="1"
         )
-        self.assertReason(response, body, 502, 1007, "unable to get local issuer certificate")
+        self.assertReason(
+            response, body, 502, 1007, "unable to get local issuer certificate"
+        )
 
     @inlineCallbacks
     def test_defaultBundleRejectsTestCA(self):  # type: ignore[no-untyped-def]
@@ -213,7 +243,10 @@ class OriginationTests(TestCase):
             self.proxy(), f"http://origin.test:{originPort}/", X_WhSentry_TLS="true"
         )
         self.assertReason(
-            response, body, 502, 1007,
+            response,
+            body,
+            502,
+            1007,
             "hostname mismatch: wanted origin.test, certificate is for other.example",
         )
 
@@ -225,9 +258,14 @@ class OriginationTests(TestCase):
         address gets 502/1007 naming both.
         """
         originPort = self.origin(names=("origin.test",))
-        response, body = yield self.get(self.proxy(), f"https://127.0.0.1:{originPort}/")
+        response, body = yield self.get(
+            self.proxy(), f"https://127.0.0.1:{originPort}/"
+        )
         self.assertReason(
-            response, body, 502, 1007,
+            response,
+            body,
+            502,
+            1007,
             "hostname mismatch: wanted 127.0.0.1, certificate is for origin.test",
         )
 
@@ -263,6 +301,7 @@ class OriginationTests(TestCase):
         TLS to an origin that does not speak TLS fails the handshake:
         502/1005.
         """
+
         class NotTLS(Protocol):
             def dataReceived(self, data: bytes) -> None:
                 self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
@@ -271,7 +310,9 @@ class OriginationTests(TestCase):
         plain = reactor.listenTCP(0, Factory.forProtocol(NotTLS), interface="127.0.0.1")
         self.addCleanup(plain.stopListening)
         response, body = yield self.get(
-            self.proxy(), f"http://origin.test:{plain.getHost().port}/", X_WhSentry_TLS="true"
+            self.proxy(),
+            f"http://origin.test:{plain.getHost().port}/",
+            X_WhSentry_TLS="true",
         )
         self.assertReason(response, body, 502, 1005, "TLS handshake with origin.test")
 
@@ -293,7 +334,11 @@ class OriginationTests(TestCase):
                 client_cert=self.dir.child("default.pem").path,
                 client_key=self.dir.child("default.key").path,
                 client_certs=(
-                    ("billing", self.dir.child("billing.pem").path, self.dir.child("billing.key").path),
+                    (
+                        "billing",
+                        self.dir.child("billing.pem").path,
+                        self.dir.child("billing.key").path,
+                    ),
                 ),
             )
         )
@@ -361,7 +406,9 @@ class CreatorTests(SynchronousTestCase):
         connection = named.clientConnectionForTLS(_TLSProtocol())
         self.assertEqual(connection.get_servername(), b"foo_bar.origin.test")
         literal = self.origination.creator("2001:db8::1", None)
-        self.assertIsNone(literal.clientConnectionForTLS(_TLSProtocol()).get_servername())
+        self.assertIsNone(
+            literal.clientConnectionForTLS(_TLSProtocol()).get_servername()
+        )
 
     def test_refusedName(self) -> None:
         """
@@ -398,12 +445,15 @@ class CreatorTests(SynchronousTestCase):
         """
         import proxy_app
 
-        private = re.compile(r"^\s*(?:from|import)\s+twisted(?:\.\w+)*\._", re.MULTILINE)
+        private = re.compile(
+            r"^\s*(?:from|import)\s+twisted(?:\.\w+)*\._", re.MULTILINE
+        )
         package = FilePath(proxy_app.__file__).parent()
         offenders = [
             path.path
             for path in package.walk()
-            if path.path.endswith(".py") and private.search(path.getContent().decode("utf-8"))
+            if path.path.endswith(".py")
+            and private.search(path.getContent().decode("utf-8"))
         ]
         self.assertEqual(offenders, [])
 
@@ -427,10 +477,15 @@ class LoadingTests(SynchronousTestCase):
         directory.child("b.key").setContent(keyB)
         with self.assertRaises(TLSConfigError) as raised:
             buildOrigination(
-                TLS(client_cert=directory.child("a.pem").path, client_key=directory.child("b.key").path)
+                TLS(
+                    client_cert=directory.child("a.pem").path,
+                    client_key=directory.child("b.key").path,
+                )
             )
         self.assertIn("b.key", str(raised.exception))
-        self.assertIn("is not the private key of the certificate in", str(raised.exception))
+        self.assertIn(
+            "is not the private key of the certificate in", str(raised.exception)
+        )
 
     def test_bundleReadWhole(self) -> None:
         """
@@ -470,7 +525,9 @@ class ListenerTests(TestCase):
         self.write("server.pem", cert)
         self.write("server.key", key)
         self.write("clients.pem", self.clientCA.pem)
-        self.good = self.clientCA.issue("billing", client=True, organizationalUnit="payments")
+        self.good = self.clientCA.issue(
+            "billing", client=True, organizationalUnit="payments"
+        )
         self.revoked = self.clientCA.issue("mallory", client=True)
         self.clientCA.revoked.append(self.revoked[2])
         self.write("clients.crl", self.clientCA.crl())
@@ -490,10 +547,14 @@ class ListenerTests(TestCase):
                 f"mtls:{self.port}:interface=127.0.0.1:cert={self.dir.child('server.pem').path}"
                 f":key={self.dir.child('server.key').path}:client_ca={self.dir.child('clients.pem').path}"
                 f":client_cert={self.clientCertMode}:crl={self.dir.child('clients.crl').path}",
-                "--allow-range", "127.0.0.2/32",
-                "--access-log", self.accessLog.path,
-                "--metrics", "none",
-                "--access-log-format", "json",
+                "--allow-range",
+                "127.0.0.2/32",
+                "--access-log",
+                self.accessLog.path,
+                "--metrics",
+                "none",
+                "--access-log-format",
+                "json",
             ]
         )
         service = self.service = makeService(options)
@@ -527,7 +588,9 @@ class ListenerTests(TestCase):
         from .test_integration import _Collect
 
         certificate = (
-            ssl.PrivateCertificate.loadPEM(client[0] + client[1]) if client is not None else None
+            ssl.PrivateCertificate.loadPEM(client[0] + client[1])
+            if client is not None
+            else None
         )
         options = ssl.optionsForClientTLS(
             "proxy.test",
@@ -535,7 +598,9 @@ class ListenerTests(TestCase):
             clientCertificate=certificate,
         )
         collector = _Collect()
-        d = connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", self.port, options), collector)
+        d = connectProtocol(
+            SSL4ClientEndpoint(reactor, "127.0.0.1", self.port, options), collector
+        )
 
         def connected(protocol: Any) -> Any:
             protocol.transport.write(
@@ -560,7 +625,8 @@ class ListenerTests(TestCase):
         self.flushAccessLog()
         line = json.loads(self.accessLog.getContent().splitlines()[-1])
         self.assertEqual(
-            (line["role"], line["client_cn"], line["client_ou"]), ("billing", "billing", "payments")
+            (line["role"], line["client_cn"], line["client_ou"]),
+            ("billing", "billing", "payments"),
         )
 
     @inlineCallbacks

@@ -135,7 +135,9 @@ class ServiceMixin:
     Builds a L{WebhookService} on a L{ControlServer} and a L{Clock}.
     """
 
-    def makeService(self, mode: str = "ok", **kwargs: Any) -> tuple[WebhookService, ControlServer, StubTreq]:
+    def makeService(
+        self, mode: str = "ok", **kwargs: Any
+    ) -> tuple[WebhookService, ControlServer, StubTreq]:
         self.clock = Clock()
         self.server = ControlServer(mode)
         self.stub = StubTreq(self.server)
@@ -241,7 +243,9 @@ class MessageTests(ServiceMixin, SynchronousTestCase):
                 "action": "connection-start",
                 "source": HOSTID,
                 "id": cid,
-                "details": {"info": {"session": "tcp_172.30.1.10:32954+ssli_1.2.3.4:443"}},
+                "details": {
+                    "info": {"session": "tcp_172.30.1.10:32954+ssli_1.2.3.4:443"}
+                },
             },
         )
 
@@ -281,7 +285,10 @@ class MessageTests(ServiceMixin, SynchronousTestCase):
                         "tls": {"sni": "example.com"},
                         "l7": {
                             "app": "http/1.1",
-                            "details": ["https://example.com/a", "https://example.com/b"],
+                            "details": [
+                                "https://example.com/a",
+                                "https://example.com/b",
+                            ],
                         },
                     }
                 },
@@ -340,9 +347,12 @@ class MessageTests(ServiceMixin, SynchronousTestCase):
         When no feature collected anything, no connection-info is sent.
         """
         service, server, _ = self.makeService()
-        service.connectionInfo(service.newConnectionID(), connectionInfoDetails(None, None))
         service.connectionInfo(
-            service.newConnectionID(), connectionInfoDetails(None, GateResult(True, "x"))
+            service.newConnectionID(), connectionInfoDetails(None, None)
+        )
+        service.connectionInfo(
+            service.newConnectionID(),
+            connectionInfoDetails(None, GateResult(True, "x")),
         )
         self.assertEqual(server.requests, [])
 
@@ -373,7 +383,10 @@ class MessageTests(ServiceMixin, SynchronousTestCase):
         """
         service, server, _ = self.makeService(accessRequest=self.gate())
         service.accessRequest(
-            "id", 3, "tcp_10.0.0.1:5000+tcp_1.2.3.4:80", addresses=("1.2.3.4", "2001:db8::1")
+            "id",
+            3,
+            "tcp_10.0.0.1:5000+tcp_1.2.3.4:80",
+            addresses=("1.2.3.4", "2001:db8::1"),
         )
         self.assertEqual(
             server.requests[0].json["details"],
@@ -394,11 +407,15 @@ class MessageTests(ServiceMixin, SynchronousTestCase):
         self.assertEqual(approvedAddresses({"access-response": "accept"}, asked), asked)
         self.assertEqual(approvedAddresses("not json", asked), asked)
         self.assertEqual(
-            approvedAddresses({"addresses": ["5.6.7.8", "2001:DB8:0::1", "9.9.9.9"]}, asked),
+            approvedAddresses(
+                {"addresses": ["5.6.7.8", "2001:DB8:0::1", "9.9.9.9"]}, asked
+            ),
             ("2001:db8::1", "5.6.7.8"),
         )
         for listed in ([], ["example.com"], "1.2.3.4", [16909060], None):
-            self.assertEqual(approvedAddresses({"addresses": listed}, asked), (), listed)
+            self.assertEqual(
+                approvedAddresses({"addresses": listed}, asked), (), listed
+            )
 
     def test_postedAsJSON(self) -> None:
         """
@@ -426,9 +443,17 @@ class NeighborTests(ServiceMixin, SynchronousTestCase):
         Each client address is reported once, the first time it is seen.
         """
         service, server, _ = self.makeService()
-        for address in ["10.0.0.1", "10.0.0.1", "2001:db8::1", "10.0.0.1", "2001:db8::1"]:
+        for address in [
+            "10.0.0.1",
+            "10.0.0.1",
+            "2001:db8::1",
+            "10.0.0.1",
+            "2001:db8::1",
+        ]:
             service.neighbor(address)
-        self.assertEqual([r.json["address"] for r in server.requests], ["10.0.0.1", "2001:db8::1"])
+        self.assertEqual(
+            [r.json["address"] for r in server.requests], ["10.0.0.1", "2001:db8::1"]
+        )
 
     def test_memoryBounded(self) -> None:
         """
@@ -439,7 +464,9 @@ class NeighborTests(ServiceMixin, SynchronousTestCase):
         service, server, _ = self.makeService(neighborMemory=2)
         for address in ["a", "b", "a", "c", "a", "b"]:
             service.neighbor(address)
-        self.assertEqual([r.json["address"] for r in server.requests], ["a", "b", "c", "b"])
+        self.assertEqual(
+            [r.json["address"] for r in server.requests], ["a", "b", "c", "b"]
+        )
 
 
 class IdentityTests(ServiceMixin, SynchronousTestCase):
@@ -466,9 +493,7 @@ class IdentityTests(ServiceMixin, SynchronousTestCase):
         )
         self.assertEqual(service.newConnectionID(), "Proxy-A65E609B-OID-FEE9B1098109")
         self.assertEqual(service.newConnectionID(), "Proxy-A65E609B-OID-FEE9B109810A")
-        wrapping, _, _ = self.makeService(
-            idSource=fixedIDs(b"\x00" * 4, b"\xff" * 6)
-        )
+        wrapping, _, _ = self.makeService(idSource=fixedIDs(b"\x00" * 4, b"\xff" * 6))
         self.assertEqual(wrapping.newConnectionID(), "Proxy-00000000-OID-FFFFFFFFFFFF")
         self.assertEqual(wrapping.newConnectionID(), "Proxy-00000000-OID-000000000000")
 
@@ -557,9 +582,13 @@ class GateTests(ServiceMixin, SynchronousTestCase):
     """
 
     def ask(self, mode: str, onError: str, timeout: float = 5.0) -> GateResult:
-        service, server, _ = self.makeService(mode, accessRequest=self.gate(onError, timeout))
+        service, server, _ = self.makeService(
+            mode, accessRequest=self.gate(onError, timeout)
+        )
         self.service = service
-        d = service.accessRequest(service.newConnectionID(), 3, "tcp_10.0.0.1:1+tcp_1.2.3.4:80")
+        d = service.accessRequest(
+            service.newConnectionID(), 3, "tcp_10.0.0.1:1+tcp_1.2.3.4:80"
+        )
         if mode == "never":
             self.assertNoResult(d)
             self.clock.advance(timeout)
@@ -573,7 +602,10 @@ class GateTests(ServiceMixin, SynchronousTestCase):
         for onError in ("accept", "reject"):
             result = self.ask("reject", onError)
             self.assertEqual(
-                result, GateResult(False, "rejected by webhook", {"access-response": "reject"}, 0.0)
+                result,
+                GateResult(
+                    False, "rejected by webhook", {"access-response": "reject"}, 0.0
+                ),
             )
             self.assertEqual((self.service.sent, self.service.failed), (1, 0))
 
@@ -584,7 +616,10 @@ class GateTests(ServiceMixin, SynchronousTestCase):
         for onError in ("accept", "reject"):
             result = self.ask("accept", onError)
             self.assertEqual(
-                result, GateResult(True, "accepted by webhook", {"access-response": "accept"}, 0.0)
+                result,
+                GateResult(
+                    True, "accepted by webhook", {"access-response": "accept"}, 0.0
+                ),
             )
 
     def test_timeout(self) -> None:
@@ -595,12 +630,18 @@ class GateTests(ServiceMixin, SynchronousTestCase):
         """
         result = self.ask("never", "accept", timeout=2.5)
         self.assertEqual(
-            result, GateResult(True, "webhook timed out after 2.5 s; on_error=accept", None, 2.5)
+            result,
+            GateResult(
+                True, "webhook timed out after 2.5 s; on_error=accept", None, 2.5
+            ),
         )
         self.assertEqual(self.service.failed, 1)
         result = self.ask("never", "reject", timeout=2.5)
         self.assertEqual(
-            result, GateResult(False, "webhook timed out after 2.5 s; on_error=reject", None, 2.5)
+            result,
+            GateResult(
+                False, "webhook timed out after 2.5 s; on_error=reject", None, 2.5
+            ),
         )
 
     def test_timeoutCancelsRequest(self) -> None:
@@ -619,7 +660,12 @@ class GateTests(ServiceMixin, SynchronousTestCase):
         result = self.ask("500", "accept")
         self.assertEqual(
             result,
-            GateResult(True, "webhook answered HTTP 500; on_error=accept", "internal error", 0.0),
+            GateResult(
+                True,
+                "webhook answered HTTP 500; on_error=accept",
+                "internal error",
+                0.0,
+            ),
         )
         self.assertEqual((self.service.sent, self.service.failed), (0, 1))
         self.assertFalse(self.ask("500", "reject").accepted)
@@ -646,7 +692,12 @@ class GateTests(ServiceMixin, SynchronousTestCase):
         result = self.ask("garbage", "accept")
         self.assertEqual(
             result,
-            GateResult(True, "webhook reply is not JSON; on_error=accept", "<html>not json</html>", 0.0),
+            GateResult(
+                True,
+                "webhook reply is not JSON; on_error=accept",
+                "<html>not json</html>",
+                0.0,
+            ),
         )
         self.assertEqual((self.service.sent, self.service.failed), (1, 0))
         self.assertFalse(self.ask("garbage", "reject").accepted)
@@ -693,7 +744,11 @@ class GateTests(ServiceMixin, SynchronousTestCase):
             )
             result = self.successResultOf(service.accessRequest("id", 1, "s"))
             self.assertEqual(result.accepted, accepted)
-            self.assertTrue(result.reason.startswith("webhook request failed: ConnectionRefusedError"))
+            self.assertTrue(
+                result.reason.startswith(
+                    "webhook request failed: ConnectionRefusedError"
+                )
+            )
             self.assertTrue(result.reason.endswith(f"; on_error={onError}"))
             self.assertEqual(service.failed, 1)
 
@@ -706,7 +761,9 @@ class GateTests(ServiceMixin, SynchronousTestCase):
             [ResponseNeverReceived([ConnectionRefusedError()])],
             then=FakeResponse(200, b'{"access-response": "reject"}'),
         )
-        service = WebhookService(URL, clock=Clock(), treqClient=client, accessRequest=self.gate())
+        service = WebhookService(
+            URL, clock=Clock(), treqClient=client, accessRequest=self.gate()
+        )
         result = self.successResultOf(service.accessRequest("id", 1, "s"))
         self.assertEqual(result.reason, "rejected by webhook")
         self.assertEqual(client.calls, 2)
@@ -728,7 +785,9 @@ class GateTests(ServiceMixin, SynchronousTestCase):
         """
         service, server, _ = self.makeService()
         result = self.successResultOf(service.accessRequest("id", 1, "s"))
-        self.assertEqual(result, GateResult(True, "access-request gate is off", None, 0.0))
+        self.assertEqual(
+            result, GateResult(True, "access-request gate is off", None, 0.0)
+        )
         self.assertEqual(server.requests, [])
         self.assertFalse(service.gateEnabled)
 
@@ -752,7 +811,9 @@ class GateTests(ServiceMixin, SynchronousTestCase):
         Many gate calls wait at once, and each gets the answer to its own
         request, in whatever order the answers come.
         """
-        service, server, stub = self.makeService("never", accessRequest=self.gate("reject"))
+        service, server, stub = self.makeService(
+            "never", accessRequest=self.gate("reject")
+        )
         calls = {}
         for i in range(20):
             cid = service.newConnectionID()
@@ -760,11 +821,18 @@ class GateTests(ServiceMixin, SynchronousTestCase):
         self.assertEqual(len(server.pending()), 20)
         for recorded in reversed(server.requests):
             i = recorded.json["details"]["policy"]
-            recorded.answer(200, json.dumps({"access-response": "reject" if i % 2 else "accept"}).encode())
+            recorded.answer(
+                200,
+                json.dumps(
+                    {"access-response": "reject" if i % 2 else "accept"}
+                ).encode(),
+            )
             stub.flush()
         for recorded in server.requests:
             result = self.successResultOf(calls[recorded.json["id"]])
-            self.assertEqual(result.accepted, recorded.json["details"]["policy"] % 2 == 0)
+            self.assertEqual(
+                result.accepted, recorded.json["details"]["policy"] % 2 == 0
+            )
         self.assertEqual(service.sent, 20)
 
 
@@ -804,7 +872,8 @@ class QueueTests(ServiceMixin, SynchronousTestCase):
             stub.flush()
         self.assertEqual((service.sent, service.queueDepth), (5, 0))
         self.assertEqual(
-            [r.json["address"] for r in server.requests], [f"10.0.0.{i}" for i in range(5)]
+            [r.json["address"] for r in server.requests],
+            [f"10.0.0.{i}" for i in range(5)],
         )
         service.neighbor("10.0.0.99")
         self.assertEqual(server.requests[-1].json["address"], "10.0.0.99")
@@ -817,7 +886,11 @@ class QueueTests(ServiceMixin, SynchronousTestCase):
         meanwhile is decided by its own timeout.
         """
         service, server, _ = self.makeService(
-            "never", timeout=5.0, retries=0, maxConcurrent=2, accessRequest=self.gate("accept", 1.0)
+            "never",
+            timeout=5.0,
+            retries=0,
+            maxConcurrent=2,
+            accessRequest=self.gate("accept", 1.0),
         )
         for i in range(4):
             service.neighbor(f"10.0.0.{i}")
@@ -825,7 +898,8 @@ class QueueTests(ServiceMixin, SynchronousTestCase):
         self.assertNoResult(gate)
         self.clock.advance(1.0)
         self.assertEqual(
-            self.successResultOf(gate).reason, "webhook timed out after 1 s; on_error=accept"
+            self.successResultOf(gate).reason,
+            "webhook timed out after 1 s; on_error=accept",
         )
         self.assertEqual(service.queueDepth, 4)
         self.clock.advance(4.0)
@@ -992,7 +1066,9 @@ class QueueTests(ServiceMixin, SynchronousTestCase):
         self.assertNoResult(d)
         self.clock.advance(0.1)
         self.successResultOf(d)
-        self.assertEqual((service.dropped, service.failed, service.queueDepth), (5, 0, 0))
+        self.assertEqual(
+            (service.dropped, service.failed, service.queueDepth), (5, 0, 0)
+        )
         stub.flush()
         self.assertEqual([len(r.lost) for r in server.requests], [1, 1])
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -1048,10 +1124,18 @@ class SettingsTests(SynchronousTestCase):
             {"retries": -1},
             {"maxConcurrent": 0},
         ):
-            error = self.assertRaises(ValueError, WebhookService, URL, clock=clock, treqClient=stub, **kwargs)
+            error = self.assertRaises(
+                ValueError, WebhookService, URL, clock=clock, treqClient=stub, **kwargs
+            )
             self.assertNotIn(SECRET, str(error))
-        for bad in (f"ftp://h/{SECRET}", f"http:///{SECRET}", f"http://h:99999/{SECRET}"):
-            error = self.assertRaises(ValueError, WebhookService, bad, clock=clock, treqClient=stub)
+        for bad in (
+            f"ftp://h/{SECRET}",
+            f"http:///{SECRET}",
+            f"http://h:99999/{SECRET}",
+        ):
+            error = self.assertRaises(
+                ValueError, WebhookService, bad, clock=clock, treqClient=stub
+            )
             self.assertNotIn(SECRET, str(error))
 
     def test_needsClientOrReactor(self) -> None:
@@ -1068,10 +1152,16 @@ class RedactionTests(ServiceMixin, SynchronousTestCase):
         in, IPv6 bracketed, credentials, path and query hidden.
         """
         self.assertEqual(redactURL(URL), "http://hook.example:5000/…")
-        self.assertEqual(redactURL("https://h.example/webhook/x?k=v"), "https://h.example:443/…")
-        self.assertEqual(redactURL("http://user:pw@[::1]:8080/a"), "http://[::1]:8080/…")
+        self.assertEqual(
+            redactURL("https://h.example/webhook/x?k=v"), "https://h.example:443/…"
+        )
+        self.assertEqual(
+            redactURL("http://user:pw@[::1]:8080/a"), "http://[::1]:8080/…"
+        )
         self.assertEqual(redactURL("http://h.example"), "http://h.example:80/")
-        self.assertEqual(redactURL("http://h.example/?token=x"), "http://h.example:80/…")
+        self.assertEqual(
+            redactURL("http://h.example/?token=x"), "http://h.example:80/…"
+        )
         self.assertEqual(redactURL("http://h:bad/x"), "<unparseable URL>")
 
     def test_noSecretInLogs(self) -> None:
@@ -1115,7 +1205,9 @@ class RedactionTests(ServiceMixin, SynchronousTestCase):
             text = formatEvent(event) + repr(event)
             self.assertNotIn(SECRET, text)
         texts = [formatEvent(e) for e in events]
-        self.assertTrue(any("http://hook.example:5000/…" in t and "failing" in t for t in texts))
+        self.assertTrue(
+            any("http://hook.example:5000/…" in t and "failing" in t for t in texts)
+        )
         self.assertTrue(any("queue full" in t for t in texts))
 
     def _stopAfter(self, service: WebhookService, seconds: float) -> Deferred[None]:
@@ -1149,7 +1241,9 @@ class RealServerTests(TestCase):
         return port.getHost().port  # type: ignore[attr-defined,no-any-return]
 
     def service(self, url: str, **kwargs: Any) -> WebhookService:
-        service = WebhookService(url, clock=globalReactor, reactor=globalReactor, **kwargs)
+        service = WebhookService(
+            url, clock=globalReactor, reactor=globalReactor, **kwargs
+        )
         self.addCleanup(service.stopService)
         return service
 
@@ -1163,7 +1257,9 @@ class RealServerTests(TestCase):
         port = self.listen(server)
         url = f"http://127.0.0.1:{port}/webhook/{SECRET}"
         with capturedLogs() as events:
-            service = self.service(url, accessRequest=Gate(enabled=True), maxConcurrent=1)
+            service = self.service(
+                url, accessRequest=Gate(enabled=True), maxConcurrent=1
+            )
             cid = service.newConnectionID()
             service.neighbor("10.0.0.1")
             service.connectionStarted(cid, "s")
@@ -1176,13 +1272,21 @@ class RealServerTests(TestCase):
         self.assertEqual(result.reason, "rejected by webhook")
         self.assertEqual(
             sorted(server.actions()),
-            sorted(["neighbor", "connection-start", "access-request", "connection-stop"]),
+            sorted(
+                ["neighbor", "connection-start", "access-request", "connection-stop"]
+            ),
         )
         self.assertEqual((service.sent, service.failed, service.dropped), (4, 0, 0))
-        ports = {r.request.getClientAddress().port for r in server.requests if r.json["action"] != "access-request"}
+        ports = {
+            r.request.getClientAddress().port
+            for r in server.requests
+            if r.json["action"] != "access-request"
+        }
         # Three events on fresh connections would use three ports; the gate
         # call may borrow the pooled connection meanwhile, so allow two.
-        self.assertLessEqual(len(ports), 2, "events should reuse persistent connections")
+        self.assertLessEqual(
+            len(ports), 2, "events should reuse persistent connections"
+        )
         for event in events:
             self.assertNotIn(SECRET, formatEvent(event) + repr(event))
         self.assertFalse(
@@ -1234,10 +1338,14 @@ class RealServerTests(TestCase):
             accessRequest=gate,
             trustRoot=ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(cert)]),
         )
-        self.assertEqual((await trusting.accessRequest("id", 1, "s")).reason, "accepted by webhook")
+        self.assertEqual(
+            (await trusting.accessRequest("id", 1, "s")).reason, "accepted by webhook"
+        )
 
         unverified = self.service(url, accessRequest=gate, tlsVerify=False)
-        self.assertEqual((await unverified.accessRequest("id", 1, "s")).reason, "accepted by webhook")
+        self.assertEqual(
+            (await unverified.accessRequest("id", 1, "s")).reason, "accepted by webhook"
+        )
         self.assertEqual(len(server.requests), 2)
 
     async def test_quietOverTLS(self) -> None:
@@ -1246,7 +1354,10 @@ class RealServerTests(TestCase):
         "Starting factory" or "Stopping factory" line.
         """
         key, cert = selfSigned("localhost")
-        port = self.listen(ControlServer("accept"), ssl.PrivateCertificate.loadPEM(key + cert).options())
+        port = self.listen(
+            ControlServer("accept"),
+            ssl.PrivateCertificate.loadPEM(key + cert).options(),
+        )
         with capturedLogs() as events:
             service = self.service(
                 f"https://localhost:{port}/webhook/{SECRET}",
@@ -1271,7 +1382,9 @@ async def queueEmptied(service: Any, within: float = 10.0) -> None:
         if not service.queueDepth:
             return
         await deferLater(globalReactor, 0.01)  # type: ignore[arg-type]
-    raise AssertionError(f"the webhook queue still held {service.queueDepth} events after {within} s")
+    raise AssertionError(
+        f"the webhook queue still held {service.queueDepth} events after {within} s"
+    )
 
 
 def selfSigned(name: str) -> tuple[bytes, bytes]:

@@ -59,8 +59,14 @@ class WebhookProxyTests(SynchronousTestCase):
         (neighbor,) = self.messages("neighbor")
         self.assertEqual(
             neighbor,
-            {"type": "proxy", "action": "neighbor", "source": "proxy-1",
-             "address": "127.0.0.1", "addresses": ["127.0.0.1"], "state": "new"},
+            {
+                "type": "proxy",
+                "action": "neighbor",
+                "source": "proxy-1",
+                "address": "127.0.0.1",
+                "addresses": ["127.0.0.1"],
+                "state": "new",
+            },
         )
         (start,) = self.messages("connection-start")
         session = "tcp_127.0.0.1:40000+tcp_203.0.113.10:80"
@@ -113,7 +119,9 @@ class WebhookProxyTests(SynchronousTestCase):
         h.send(GET)
         self.stub.flush()
         self.assertEqual(h.reactor.tcpClients, [])
-        (pending,) = [r for r in self.server.pending() if r.json["action"] == "access-request"]
+        (pending,) = [
+            r for r in self.server.pending() if r.json["action"] == "access-request"
+        ]
         pending.answer(200, b'{"access-response": "accept", "note": "ok by me"}')
         self.stub.flush()
         self.assertEqual(len(h.reactor.tcpClients), 1)
@@ -122,7 +130,8 @@ class WebhookProxyTests(SynchronousTestCase):
         up.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
         (info,) = self.messages("connection-info")
         self.assertEqual(
-            info["details"]["access-request"], {"access-response": "accept", "note": "ok by me"}
+            info["details"]["access-request"],
+            {"access-response": "accept", "note": "ok by me"},
         )
 
     def test_gateTimeoutBothModes(self) -> None:
@@ -154,7 +163,9 @@ class WebhookProxyTests(SynchronousTestCase):
         self.stub.flush()
         h.protocol.connectionLost(None)
         self.stub.flush()
-        (pending,) = [r for r in self.server.requests if r.json["action"] == "access-request"]
+        (pending,) = [
+            r for r in self.server.requests if r.json["action"] == "access-request"
+        ]
         self.assertTrue(pending.lost)
         h.reactor.advance(60)
         self.assertEqual(h.reactor.tcpClients, [])
@@ -183,7 +194,9 @@ class WebhookProxyTests(SynchronousTestCase):
         """
         h = self.setUpProxy(statistics=Statistics(enabled=True))
         hello = clientHello(b"api.example.com")
-        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n")
+        h.send(
+            b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n"
+        )
         up, _ = h.connectUpstream()
         h.send(hello)
         up.dataReceived(b"\x16\x03\x03server")
@@ -230,7 +243,9 @@ class GateAddressTests(SynchronousTestCase):
         """
         self.h.send(GET)
         self.stub.flush()
-        (pending,) = [r for r in self.server.pending() if r.json["action"] == "access-request"]
+        (pending,) = [
+            r for r in self.server.pending() if r.json["action"] == "access-request"
+        ]
         pending.answer(200, reply)
         self.stub.flush()
         return pending.json
@@ -282,7 +297,9 @@ class GateAddressTests(SynchronousTestCase):
         refuses, the other approved one is tried, and the unapproved one
         never is.
         """
-        self.ask(b'{"access-response": "accept", "addresses": ["203.0.113.11", "203.0.113.10"]}')
+        self.ask(
+            b'{"access-response": "accept", "addresses": ["203.0.113.11", "203.0.113.10"]}'
+        )
         self.assertEqual(self.attempted(), [A])
         self.h.failUpstream(ConnectionRefusedError())
         self.assertEqual(self.attempted(), [A, B])
@@ -304,7 +321,9 @@ class GateAddressTests(SynchronousTestCase):
             self.ask(reply)
             self.assertEqual(self.h.reactor.tcpClients, [], reply)
             status, headers, body = parseResponse(self.h.client.value())
-            self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (403, b"1012"), reply)
+            self.assertEqual(
+                (status, headers[b"x-whsentry-reasoncode"]), (403, b"1012"), reply
+            )
             self.assertIn(b"approved none of the addresses", body)
 
     def poolConnectionTo(self, address: str) -> Harness:
@@ -312,7 +331,9 @@ class GateAddressTests(SynchronousTestCase):
         Leave an idle pooled connection to C{address} behind one request
         whose gate approved it alone.
         """
-        self.ask(b'{"access-response": "accept", "addresses": ["%s"]}' % address.encode())
+        self.ask(
+            b'{"access-response": "accept", "addresses": ["%s"]}' % address.encode()
+        )
         self.assertEqual(self.attempted()[-1], address)
         up, _ = self.h.connectUpstream()
         up.dataReceived(OK)

@@ -93,7 +93,9 @@ def _stop(process: Any, exit: _Exit) -> Deferred:
     if exit.ended.called:
         return exit.ended
     process.signalProcess("TERM")
-    killer = reactor.callLater(10, lambda: exit.ended.called or process.signalProcess("KILL"))
+    killer = reactor.callLater(
+        10, lambda: exit.ended.called or process.signalProcess("KILL")
+    )
     return exit.ended.addBoth(lambda result: killer.active() and killer.cancel())
 
 
@@ -121,13 +123,24 @@ class WorkersTests(TestCase):
             exit,
             sys.executable,
             [
-                sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "--logfile", self.mktemp(), "egressproxy",
-                "--workers", "2",
-                "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--metrics", f"tcp:{metrics}:interface=127.0.0.1",
-                "--allow-range", "127.0.0.2/32",
-                "--access-log", "none",
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "--logfile",
+                self.mktemp(),
+                "egressproxy",
+                "--workers",
+                "2",
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--metrics",
+                f"tcp:{metrics}:interface=127.0.0.1",
+                "--allow-range",
+                "127.0.0.2/32",
+                "--access-log",
+                "none",
             ],
             env=env,
         )
@@ -137,7 +150,9 @@ class WorkersTests(TestCase):
         for metricsPort in (metrics, metrics + 1):
             for _ in range(100):
                 try:
-                    response = yield agent.request(b"GET", f"http://127.0.0.1:{metricsPort}/healthcheck".encode())
+                    response = yield agent.request(
+                        b"GET", f"http://127.0.0.1:{metricsPort}/healthcheck".encode()
+                    )
                     yield readBody(response)
                     break
                 except Exception:
@@ -146,19 +161,28 @@ class WorkersTests(TestCase):
                 self.fail(f"worker metrics on {metricsPort} never came up")
 
         pool = HTTPConnectionPool(reactor, persistent=False)
-        proxy = ProxyAgent(TCP4ClientEndpoint(reactor, "127.0.0.1", port), reactor, pool=pool)
+        proxy = ProxyAgent(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port), reactor, pool=pool
+        )
         for _ in range(40):
-            response = yield proxy.request(b"GET", f"http://127.0.0.2:{origin.getHost().port}/w".encode())
+            response = yield proxy.request(
+                b"GET", f"http://127.0.0.2:{origin.getHost().port}/w".encode()
+            )
             yield readBody(response)
             self.assertEqual(response.code, 200)
 
         served = []
         for metricsPort in (metrics, metrics + 1):
-            response = yield agent.request(b"GET", f"http://127.0.0.1:{metricsPort}/metrics".encode())
+            response = yield agent.request(
+                b"GET", f"http://127.0.0.1:{metricsPort}/metrics".encode()
+            )
             body = yield readBody(response)
             line = [
-                text for text in body.decode().splitlines()
-                if text.startswith('egressproxy_requests_total{decision="allow",proxy_type="http"')
+                text
+                for text in body.decode().splitlines()
+                if text.startswith(
+                    'egressproxy_requests_total{decision="allow",proxy_type="http"'
+                )
             ]
             served.append(float(line[0].split()[-1]) if line else 0.0)
         self.assertEqual(sum(served), 40)
@@ -188,8 +212,14 @@ class PartsTests(SynchronousTestCase):
         """
         Worker N's metrics endpoint is the configured port plus N.
         """
-        self.assertEqual(workerMetrics("tcp:2112:interface=127.0.0.1", 0), "tcp:2112:interface=127.0.0.1")
-        self.assertEqual(workerMetrics("tcp:2112:interface=127.0.0.1", 3), "tcp:2115:interface=127.0.0.1")
+        self.assertEqual(
+            workerMetrics("tcp:2112:interface=127.0.0.1", 0),
+            "tcp:2112:interface=127.0.0.1",
+        )
+        self.assertEqual(
+            workerMetrics("tcp:2112:interface=127.0.0.1", 3),
+            "tcp:2115:interface=127.0.0.1",
+        )
         self.assertEqual(workerMetrics("tcp:port=2112", 1), "tcp:port=2113")
 
     def test_workerCommand(self) -> None:
@@ -197,11 +227,23 @@ class PartsTests(SynchronousTestCase):
         Each worker runs twistd egressproxy with the supervisor's options
         and its index, on the same code.
         """
-        supervisor = WorkerSupervisor(reactor, 2, ["--workers", "2", "--listen", "tcp:9090"])
+        supervisor = WorkerSupervisor(
+            reactor, 2, ["--workers", "2", "--listen", "tcp:9090"]
+        )
         command = supervisor.command(1)
         self.assertEqual(
-            command[command.index("egressproxy"):],
-            ["egressproxy", "--workers", "2", "--listen", "tcp:9090", "--workers", "2", "--worker-index", "1"],
+            command[command.index("egressproxy") :],
+            [
+                "egressproxy",
+                "--workers",
+                "2",
+                "--listen",
+                "tcp:9090",
+                "--workers",
+                "2",
+                "--worker-index",
+                "1",
+            ],
         )
         self.assertTrue(supervisor.environment()["PYTHONPATH"].startswith(ROOT))
 
@@ -211,10 +253,12 @@ class PartsTests(SynchronousTestCase):
         command line, whatever the supervisor's own options say (C{auto}
         is not counted again), and its own index.
         """
-        supervisor = WorkerSupervisor(reactor, 3, ["--workers", "auto", "--listen", "tcp:9090"])
+        supervisor = WorkerSupervisor(
+            reactor, 3, ["--workers", "auto", "--listen", "tcp:9090"]
+        )
         command = supervisor.command(2)
         options = Options(environ={"EGRESSPROXY_WORKERS": "5"})
-        options.parseOptions(command[command.index("egressproxy") + 1:])
+        options.parseOptions(command[command.index("egressproxy") + 1 :])
         self.assertEqual((options.config.workers, options["worker-index"]), (3, 2))
 
 
@@ -226,11 +270,15 @@ def _workerOptions(*argv: str) -> Options:
     options = Options(environ={})
     options.parseOptions(
         [
-            "--listen", "tcp:9090:interface=127.0.0.1",
-            "--metrics", "tcp:2112:interface=127.0.0.1",
-            "--allow-range", "127.0.0.0/8",
+            "--listen",
+            "tcp:9090:interface=127.0.0.1",
+            "--metrics",
+            "tcp:2112:interface=127.0.0.1",
+            "--allow-range",
+            "127.0.0.0/8",
             *argv,
-            "--worker-index", "1",
+            "--worker-index",
+            "1",
         ]
     )
     return options
@@ -251,11 +299,18 @@ class SelfConnectionTests(SynchronousTestCase):
         config = _workerOptions("--workers", "3").config
         self.assertEqual(
             sorted(proxySelfAddresses(config)),
-            [("127.0.0.1", 2112), ("127.0.0.1", 2113), ("127.0.0.1", 2114), ("127.0.0.1", 9090)],
+            [
+                ("127.0.0.1", 2112),
+                ("127.0.0.1", 2113),
+                ("127.0.0.1", 2114),
+                ("127.0.0.1", 9090),
+            ],
         )
         policy = buildPolicy(config)
         for port in (9090, 2112, 2113, 2114):
-            self.assertEqual(policy.decide("127.0.0.1", port).rule, RULE_SELF_CONNECTION, port)
+            self.assertEqual(
+                policy.decide("127.0.0.1", port).rule, RULE_SELF_CONNECTION, port
+            )
         self.assertTrue(policy.decide("127.0.0.1", 2115).allowed)
 
     def test_singleProcess(self) -> None:
@@ -264,9 +319,12 @@ class SelfConnectionTests(SynchronousTestCase):
         configured metrics endpoint, and nothing else.
         """
         options = Options(environ={})
-        options.parseOptions(["--listen", "tcp:9090", "--metrics", "tcp:2112:interface=127.0.0.1"])
+        options.parseOptions(
+            ["--listen", "tcp:9090", "--metrics", "tcp:2112:interface=127.0.0.1"]
+        )
         self.assertEqual(
-            sorted(proxySelfAddresses(options.config)), [("", 9090), ("127.0.0.1", 2112)]
+            sorted(proxySelfAddresses(options.config)),
+            [("", 9090), ("127.0.0.1", 2112)],
         )
         options = Options(environ={})
         options.parseOptions(["--listen", "tcp:9090", "--metrics", "none"])
@@ -283,23 +341,35 @@ class SelfConnectionTests(SynchronousTestCase):
         reactor = PluggableMemoryReactor()
         resolver = SafeResolver(buildPolicy(config), ScriptedNameResolver({}), reactor)
         factory = ProxyFactory(
-            config, resolver, reactor, Connector(reactor, config.timeouts.connect), AccessLog(None)
+            config,
+            resolver,
+            reactor,
+            Connector(reactor, config.timeouts.connect),
+            AccessLog(None),
         )
         for port in (2112, 2113):
             client = StringTransport()
             protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
             protocol.makeConnection(client)
             protocol.dataReceived(
-                b"GET http://127.0.0.1:%d/metrics HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (port, port)
+                b"GET http://127.0.0.1:%d/metrics HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                % (port, port)
             )
             self.assertEqual(reactor.tcpClients, [], port)
             status, headers, _ = parseResponse(client.value())
-            self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (403, b"1000"), port)
+            self.assertEqual(
+                (status, headers[b"x-whsentry-reasoncode"]), (403, b"1000"), port
+            )
             self.assertIn(b"Self Connection", headers[b"x-whsentry-reason"])
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         protocol.makeConnection(StringTransport())
-        protocol.dataReceived(b"GET http://127.0.0.1:2114/ HTTP/1.1\r\nHost: 127.0.0.1:2114\r\n\r\n")
-        self.assertEqual([(host, port) for host, port, *_ in reactor.tcpClients], [("127.0.0.1", 2114)])
+        protocol.dataReceived(
+            b"GET http://127.0.0.1:2114/ HTTP/1.1\r\nHost: 127.0.0.1:2114\r\n\r\n"
+        )
+        self.assertEqual(
+            [(host, port) for host, port, *_ in reactor.tcpClients],
+            [("127.0.0.1", 2114)],
+        )
 
 
 def _workerService(index: int, *argv: str) -> tuple[MemoryReactorClock, ProxyFactory]:
@@ -369,7 +439,15 @@ class LimitShareTests(SynchronousTestCase):
         )
         first, second = (workerLimits(limits, 2, index) for index in range(2))
         self.assertEqual(
-            [(w.max_request_rate, w.request_burst, w.max_concurrent_requests, w.max_concurrent_tunnels) for w in (first, second)],
+            [
+                (
+                    w.max_request_rate,
+                    w.request_burst,
+                    w.max_concurrent_requests,
+                    w.max_concurrent_tunnels,
+                )
+                for w in (first, second)
+            ],
             [(5.0, 1, 3, 0), (5.0, 1, 2, 0)],
         )
         for name in PER_REQUEST:
@@ -396,7 +474,9 @@ class LimitShareTests(SynchronousTestCase):
             1, "--workers", "2", "--max-request-rate", "10", "--request-burst", "1"
         )
         assert factory.rateLimiter is not None
-        self.assertEqual((factory.rateLimiter.rate, factory.rateLimiter.burst), (5.0, 1))
+        self.assertEqual(
+            (factory.rateLimiter.rate, factory.rateLimiter.burst), (5.0, 1)
+        )
         # 10.0.0.1 is denied by the address policy, after the rate limit.
         self.assertEqual(_get(factory, b"http://10.0.0.1/")[0], 403)
         status, headers, _ = _get(factory, b"http://10.0.0.1/")
@@ -413,7 +493,13 @@ class LimitShareTests(SynchronousTestCase):
         """
         for index, share in ((0, 2), (1, 1)):
             reactor, factory = _workerService(
-                index, "--workers", "2", "--max-concurrent-requests", "3", "--allow-range", "10.0.0.0/8"
+                index,
+                "--workers",
+                "2",
+                "--max-concurrent-requests",
+                "3",
+                "--allow-range",
+                "10.0.0.0/8",
             )
             for _ in range(share):
                 self.assertEqual(_get(factory, b"http://10.0.0.1/")[0], 0)

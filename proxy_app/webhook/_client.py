@@ -88,7 +88,9 @@ def checkURL(url: str) -> None:
     except ValueError:
         validURL = False
     if not validURL:
-        raise ValueError(f"webhook url must be an http:// or https:// URL with a host, not {redactURL(url)}")
+        raise ValueError(
+            f"webhook url must be an http:// or https:// URL with a host, not {redactURL(url)}"
+        )
 
 
 # Building the client.
@@ -186,7 +188,9 @@ class _WebhookEndpoints:
     wrapped in TLS by the HTTPS policy for C{https://}, and quiet.
     """
 
-    def __init__(self, reactor: Any, tlsPolicy: IPolicyForHTTPS, connectTimeout: float | None) -> None:
+    def __init__(
+        self, reactor: Any, tlsPolicy: IPolicyForHTTPS, connectTimeout: float | None
+    ) -> None:
         self._reactor = reactor
         self._tlsPolicy = tlsPolicy
         self._connectTimeout = connectTimeout
@@ -199,7 +203,9 @@ class _WebhookEndpoints:
             self._reactor, uri.host.decode("ascii"), uri.port, **kwargs
         )
         if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._tlsPolicy.creatorForNetloc(uri.host, uri.port), endpoint)
+            endpoint = wrapClientTLS(
+                self._tlsPolicy.creatorForNetloc(uri.host, uri.port), endpoint
+            )
         elif uri.scheme != b"http":
             raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
         return _QuietEndpoint(endpoint)
@@ -319,7 +325,9 @@ def _isStale(failure: Failure) -> bool:
     Whether a request failed the way one does on a pooled connection that
     the server had closed; it is then sent once more at once.
     """
-    return bool(failure.check(RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived))
+    return bool(
+        failure.check(RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+    )
 
 
 def _failureText(failure: Failure) -> str:

@@ -161,7 +161,9 @@ class EventQueue:
         url = self._client.redactedURL
         if self._closed:
             self._tally.dropped += 1
-            log.debug("Webhook {url}: stopped; dropped {action}", url=url, action=action)
+            log.debug(
+                "Webhook {url}: stopped; dropped {action}", url=url, action=action
+            )
             return
         if self.depth >= self._queueSize:
             self._tally.dropped += 1
@@ -219,7 +221,9 @@ class EventQueue:
                     next=event.tries + 1,
                     delay=delay,
                 )
-                self._retrying[event] = self._clock.callLater(delay, self._retryDue, event)
+                self._retrying[event] = self._clock.callLater(
+                    delay, self._retryDue, event
+                )
             else:
                 self._tally.failed += 1
                 log.debug(
@@ -314,4 +318,3 @@ class EventQueue:
         closing = self._client.close()
         if flushed is not None:
             closing.addBoth(lambda _: flushed.callback(None))
-

@@ -143,7 +143,9 @@ class AccessGate:
         post = self._client.post(serialize(message), settings.timeout)
 
         def decided(result: Reply | Failure) -> GateResult:
-            gate = self._judge(result, settings.on_error, self._clock.seconds() - started)
+            gate = self._judge(
+                result, settings.on_error, self._clock.seconds() - started
+            )
             # A plain accept is the common case; anything else is worth a
             # line at the default level.
             emit = log.debug if gate.reason == "accepted by webhook" else log.info
@@ -165,7 +167,9 @@ class AccessGate:
 
         return post.result.addBoth(outcome)
 
-    def _judge(self, result: Reply | Failure, onError: str, latency: float) -> GateResult:
+    def _judge(
+        self, result: Reply | Failure, onError: str, latency: float
+    ) -> GateResult:
         """
         Turn the webhook's answer into a L{GateResult}, counting it.
         """
@@ -198,4 +202,6 @@ class AccessGate:
                 return GateResult(True, "accepted by webhook", reply, latency)
             else:
                 problem = "webhook reply has no access-response accept or reject"
-        return GateResult(onError == "accept", f"{problem}; on_error={onError}", reply, latency)
+        return GateResult(
+            onError == "accept", f"{problem}; on_error={onError}", reply, latency
+        )

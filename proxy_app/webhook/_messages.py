@@ -132,8 +132,14 @@ class Messages:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def _envelope(self, action: str, connectionID: str | None = None, **fields: Any) -> dict[str, Any]:
-        message: dict[str, Any] = {"type": "proxy", "action": action, "source": self.source}
+    def _envelope(
+        self, action: str, connectionID: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "type": "proxy",
+            "action": action,
+            "source": self.source,
+        }
         if connectionID is not None:
             message["id"] = connectionID
         message.update(fields)
@@ -149,21 +155,31 @@ class Messages:
         """
         C{neighbor}: a client address seen for the first time.
         """
-        return self._envelope("neighbor", address=address, addresses=[address], state="new")
+        return self._envelope(
+            "neighbor", address=address, addresses=[address], state="new"
+        )
 
     def connectionStart(self, connectionID: str, session: str) -> dict[str, Any]:
         """
         C{connection-start}, with the session label.
         """
-        return self._envelope("connection-start", connectionID, details={"info": {"session": session}})
+        return self._envelope(
+            "connection-start", connectionID, details={"info": {"session": session}}
+        )
 
-    def connectionStop(self, connectionID: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    def connectionStop(
+        self, connectionID: str, info: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """
         C{connection-stop}, with L{connectionStopInfo}'s C{info}.
         """
-        return self._envelope("connection-stop", connectionID, details={"info": dict(info)})
+        return self._envelope(
+            "connection-stop", connectionID, details={"info": dict(info)}
+        )
 
-    def connectionInfo(self, connectionID: str, details: Mapping[str, Any]) -> dict[str, Any]:
+    def connectionInfo(
+        self, connectionID: str, details: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """
         C{connection-info}, with L{connectionInfoDetails}' C{details}.
         """

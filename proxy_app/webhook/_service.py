@@ -128,7 +128,9 @@ class WebhookService(Service):
         if firstPing < 0 or flushTimeout < 0:
             raise ValueError("webhook first ping and flush timeout must be 0 or more")
         if queueSize < 1 or maxConcurrent < 1 or neighborMemory < 1:
-            raise ValueError("webhook queue_size, concurrency and neighbor memory must be 1 or more")
+            raise ValueError(
+                "webhook queue_size, concurrency and neighbor memory must be 1 or more"
+            )
         if retries < 0:
             raise ValueError(f"webhook retries must be 0 or more, not {retries!r}")
         if events is None:
@@ -179,7 +181,9 @@ class WebhookService(Service):
             maxConcurrent=maxConcurrent,
             timeout=timeout,
         )
-        self._gate = AccessGate(accessRequest or Gate(), client, self._tally, self._messages, clock)
+        self._gate = AccessGate(
+            accessRequest or Gate(), client, self._tally, self._messages, clock
+        )
 
         self._firstPingCall: IDelayedCall | None = None
         self._pingLoop: LoopingCall | None = None
@@ -305,7 +309,9 @@ class WebhookService(Service):
         Report a connection opening (it then counts as live for C{ping}).
         """
         self._live[connectionID] = None
-        self._enqueue("connection-start", self._messages.connectionStart(connectionID, session))
+        self._enqueue(
+            "connection-start", self._messages.connectionStart(connectionID, session)
+        )
 
     def connectionStopped(self, connectionID: str, info: Mapping[str, Any]) -> None:
         """
@@ -315,7 +321,9 @@ class WebhookService(Service):
             L{connectionStopInfo<proxy_app.webhook.connectionStopInfo>}.
         """
         self._live.pop(connectionID, None)
-        self._enqueue("connection-stop", self._messages.connectionStop(connectionID, info))
+        self._enqueue(
+            "connection-stop", self._messages.connectionStop(connectionID, info)
+        )
 
     def connectionInfo(self, connectionID: str, details: Mapping[str, Any]) -> None:
         """
@@ -327,7 +335,9 @@ class WebhookService(Service):
         """
         if not details:
             return
-        self._enqueue("connection-info", self._messages.connectionInfo(connectionID, details))
+        self._enqueue(
+            "connection-info", self._messages.connectionInfo(connectionID, details)
+        )
 
     # The access-request gate.
 
@@ -397,4 +407,3 @@ class WebhookService(Service):
             self._pingLoop.stop()
         self._pingLoop = None
         return self._queue.stop(self.flushTimeout)
-
