@@ -87,8 +87,8 @@ class AccessControl:
         @return: the role when it is known at once (no password to check),
             else a L{Deferred} firing with the role, or failing with
             L{AuthFailed} when the request did not pass authentication, or
-            with L{proxy_app.limits.Overloaded} when it was not checked (too many failures
-            from C{client}, or too many checks waiting).
+            with L{proxy_app.limits.Overloaded} when it was not checked (too
+            many failures from C{client}, or too many checks waiting).
         """
         if certificateRole:
             return certificateRole

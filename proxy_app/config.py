@@ -257,7 +257,8 @@ def parseOptionalEndpoint(value: Any) -> str | None:
     result = parseEndpoint(value)
     if not isinstance(result, str):
         raise ValueError(
-            "expected an endpoint description such as tcp:2112:interface=127.0.0.1, or none"
+            "expected an endpoint description such as tcp:2112:interface=127.0.0.1, or "
+            "none"
         )
     return result
 

@@ -221,7 +221,8 @@ class ForwardExchange(Exchange):
             self.fail(
                 ProxyError(
                     Reason.RESPONSE_TOO_LARGE,
-                    f"Response body of {length} bytes exceeds the limit of {self._limit} bytes",
+                    f"Response body of {length} bytes exceeds the limit of "
+                    f"{self._limit} bytes",
                 )
             )
             return

@@ -376,11 +376,13 @@ class HtpasswdChecker:
                 raise ValueError(f"{where}: the username contains control characters")
             if username in users:
                 raise ValueError(
-                    f"{where}: user {name!r} already appears on line {firstLine[username]}"
+                    f"{where}: user {name!r} already appears on line "
+                    f"{firstLine[username]}"
                 )
             if not _BCRYPT_HASH.match(hashed):
                 raise ValueError(
-                    f"{where}: the entry for user {name!r} is {_describeNonBcrypt(hashed)}; "
+                    f"{where}: the entry for user {name!r} is "
+                    f"{_describeNonBcrypt(hashed)}; "
                     "only bcrypt ($2y$, $2b$, $2a$) is accepted: create one with "
                     "htpasswd -nbB USER PASSWORD"
                 )
@@ -755,7 +757,8 @@ class Authenticator:
             wait = failures.wait(counted)
             if wait:
                 log.info(
-                    "Proxy authentication from {client} refused unchecked: too many failures",
+                    "Proxy authentication from {client} refused unchecked: too many "
+                    "failures",
                     client=counted,
                 )
                 return fail(

@@ -327,7 +327,8 @@ class NameserverResolver:
         @param servers: C{(ip, port)} of each DNS server, tried in order.
         @param reactor: an L{twisted.internet.interfaces.IReactorUDP},
             L{twisted.internet.interfaces.IReactorTCP} and
-            L{twisted.internet.interfaces.IReactorTime} provider to send queries and time them with.
+            L{twisted.internet.interfaces.IReactorTime} provider to send
+            queries and time them with.
         @param timeout: seconds a lookup may take.
         @param dnsClient: the L{twisted.names} resolver to query, for tests;
             by default a L{twisted.names.client.Resolver} for C{servers}.

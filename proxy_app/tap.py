@@ -212,13 +212,15 @@ def validate(config: Config) -> None:
         # Every worker's metrics endpoint is a self address of every worker.
         if host and parseIPLiteral(host) is None:
             raise ConfigError(
-                f"metrics = {config.metrics!r}: interface={host!r}: expected an IP address "
+                f"metrics = {config.metrics!r}: interface={host!r}: expected an IP "
+                "address "
                 "(the proxy must know the address to refuse connections to itself)"
             )
         last = port + config.workers - 1
         if last > 65535:
             raise ConfigError(
-                f"metrics = {config.metrics!r}: with --workers {config.workers}, the last "
+                f"metrics = {config.metrics!r}: with --workers {config.workers}, the "
+                "last "
                 f"worker would serve metrics on port {last}, above 65535"
             )
     for address in config.destinations.bind_addresses:
@@ -230,7 +232,8 @@ def validate(config: Config) -> None:
                 probe.bind((address, 0))
             except OSError as e:
                 raise ConfigError(
-                    f"destinations.bind_addresses = {address!r}: cannot bind: {e.strerror}"
+                    f"destinations.bind_addresses = {address!r}: cannot bind: "
+                    f"{e.strerror}"
                 ) from None
     if not hasRoles(config):
         for entry in config.tls.client_certs:
@@ -643,8 +646,10 @@ def _build(
             config, limits=workerLimits(config.limits, config.workers, workerIndex)
         )
         log.info(
-            "Worker {index} of {count}: its share of the limits is {rate:g} requests/s per "
-            "role (burst {burst}), {requests} concurrent requests, {tunnels} tunnels (0: no limit)",
+            "Worker {index} of {count}: its share of the limits is {rate:g} requests/s "
+            "per "
+            "role (burst {burst}), {requests} concurrent requests, {tunnels} tunnels "
+            "(0: no limit)",
             index=workerIndex,
             count=config.workers,
             rate=config.limits.max_request_rate,
@@ -673,7 +678,8 @@ def _build(
         accessLog = AccessLog.open(config.access_log.file, config.access_log.format)
     except OSError as e:
         raise ConfigError(
-            f"access_log.file = {config.access_log.file!r}: cannot open it: {e.strerror}"
+            f"access_log.file = {config.access_log.file!r}: cannot open it: "
+            f"{e.strerror}"
         ) from None
     try:
         origination = buildOrigination(config.tls, hasRoles(config))

@@ -511,7 +511,8 @@ def tlsError(
     if failure.check(VerificationError):
         return ProxyError(
             Reason.CERTIFICATE_INVALID,
-            f"TLS certificate of {where} is not valid: hostname mismatch: wanted {host}",
+            f"TLS certificate of {where} is not valid: hostname mismatch: wanted "
+            f"{host}",
         )
     if isinstance(failure.value, SSL.Error):
         reasons = _sslReason(failure.value)

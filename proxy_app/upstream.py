@@ -270,7 +270,8 @@ class _Race:
             return
         if self._waiting or self._pending:
             log.info(
-                "Connecting to {address} for {host} failed ({error}); trying the other addresses",
+                "Connecting to {address} for {host} failed ({error}); trying the other "
+                "addresses",
                 address=address,
                 host=self._destination.host,
                 error=failure.getErrorMessage(),
@@ -295,8 +296,10 @@ class _Race:
         return Failure(
             ProxyError(
                 Reason.CONNECT_FAILED,
-                f"TCP connection to {hostPort(destination.host, destination.port)} failed "
-                f"on all {len(self._tried)} addresses tried ({', '.join(self._tried)}), "
+                f"TCP connection to {hostPort(destination.host, destination.port)} "
+                "failed "
+                f"on all {len(self._tried)} addresses tried "
+                f"({', '.join(self._tried)}), "
                 f"the last: {_describe(failure)}",
             )
         )
@@ -308,7 +311,10 @@ class _Race:
         where = hostPort(destination.host, destination.port)
         timeout = self._connector.timeout
         if len(self._tried) == 1:
-            message = f"Connecting to {where} ({self._tried[0]}) timed out after {timeout:g} s"
+            message = (
+                f"Connecting to {where} ({self._tried[0]}) "
+                f"timed out after {timeout:g} s"
+            )
         else:
             message = (
                 f"Connecting to {where} timed out after {timeout:g} s trying "
@@ -684,7 +690,8 @@ class UpstreamHTTP(Protocol):
     def _lifetimeExpired(self) -> None:
         where = hostPort(self.key.address, self.key.port)
         self._timedOut(
-            f"The connection to {where} exceeded its lifetime of {self._lifetime.seconds:g} s"
+            f"The connection to {where} exceeded its lifetime of "
+            f"{self._lifetime.seconds:g} s"
         )
 
     def _timedOut(self, message: str) -> None:

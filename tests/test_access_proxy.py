@@ -189,7 +189,8 @@ class AccessProxyTests(SynchronousTestCase):
         self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (403, b"1011"))
         self.assertEqual(
             body,
-            b"Egress proxying is denied to host 'other.example:80': rule has enforce policy.\n",
+            b"Egress proxying is denied to host 'other.example:80': rule has enforce "
+            b"policy.\n",
         )
         self.assertEqual(h.resolver.calls, [])
         (line,) = self.decisionLines()

@@ -718,7 +718,8 @@ class LoadErrorTests(SynchronousTestCase):
             ("example.*", "domain globs are only supported as prefix"),
             (
                 "*example.com",
-                "domain glob must represent a full prefix (sub)domain; write '*.example.com'",
+                "domain glob must represent a full prefix (sub)domain; write "
+                "'*.example.com'",
             ),
             ("*", "domain glob must not match everything"),
             ("*.", "domain glob must not match everything"),
@@ -940,7 +941,8 @@ class LoadErrorTests(SynchronousTestCase):
             "duplicate key 'services'",
         )
         self.assertLoadError(
-            "version: v1\nservices:\n  - name: a\n    action: open\n    action: enforce\n",
+            "version: v1\nservices:\n  - name: a\n    action: open\n    action: "
+            "enforce\n",
             "line 5",
             "duplicate key 'action'",
         )

@@ -55,7 +55,10 @@ def tlsRequest(alias: str | None = None, extra: bytes = b"") -> bytes:
     """
     A request asking the proxy to originate TLS, naming C{alias}.
     """
-    lines = b"GET http://origin.example/hook HTTP/1.1\r\nHost: origin.example\r\nX-WhSentry-TLS: true\r\n"
+    lines = (
+        b"GET http://origin.example/hook HTTP/1.1\r\nHost: origin.example\r\n"
+        b"X-WhSentry-TLS: true\r\n"
+    )
     if alias is not None:
         lines += b"X-WhSentry-ClientCert: " + alias.encode() + b"\r\n"
     return lines + extra + b"\r\n"
@@ -153,7 +156,8 @@ class AliasRoleTests(SynchronousTestCase):
                 False,
                 "role-a",
                 403,
-                "Client certificate alias 'tenant-b' is not permitted for role 'role-a'",
+                "Client certificate alias 'tenant-b' is not permitted for role "
+                "'role-a'",
             ),
         )
 

@@ -69,7 +69,8 @@ class RetryTests(SynchronousTestCase):
         """
         h, up, _ = _pooled()
         h.send(
-            b"PUT http://origin.example/x HTTP/1.1\r\nHost: origin.example\r\nContent-Length: 0\r\n\r\n"
+            b"PUT http://origin.example/x HTTP/1.1\r\nHost: "
+            b"origin.example\r\nContent-Length: 0\r\n\r\n"
         )
         up.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(len(h.reactor.tcpClients), 2)
@@ -240,7 +241,8 @@ class SafetyNetTests(SynchronousTestCase):
 
         h.protocol.sendInformational = _broken  # type: ignore[method-assign]
         up.dataReceived(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: "
+            b"1\r\n\r\na"
         )
         self.assertInternalError(h)
         self.assertTrue(upTransport.disconnecting)

@@ -56,7 +56,8 @@ class HeadTests(SynchronousTestCase):
         Obsolete line folding is refused.
         """
         self.assertRefused(
-            b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\nX-A: 1\r\n 2\r\n\r\n"
+            b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\nX-A: "
+            b"1\r\n 2\r\n\r\n"
         )
 
     def test_nul(self) -> None:
@@ -91,7 +92,8 @@ class HeadTests(SynchronousTestCase):
         """
         self.assertRefused(
             b"POST http://origin.example/ws HTTP/1.1\r\nHost: origin.example\r\n"
-            b"Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello"
+            b"Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: "
+            b"5\r\n\r\nhello"
         )
 
     def test_splitAcrossReads(self) -> None:

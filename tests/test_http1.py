@@ -396,7 +396,8 @@ class RequestRefusalTests(SynchronousTestCase):
         Content-Length beside Transfer-Encoding: 400.
         """
         self.assertRefused(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: "
+            b"chunked\r\n\r\n"
             b"0\r\n\r\n",
             400,
         )
@@ -668,7 +669,8 @@ class ResponseReaderTests(SynchronousTestCase):
         """
         for reads in (
             [
-                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: "
+                b"2\r\n\r\nok"
             ],
             [
                 b"HTTP/1.1 100 Continue\r\n\r\n",
@@ -859,7 +861,8 @@ class ResponseReaderTests(SynchronousTestCase):
         self.assertFalse(reader.complete)
         self.assertFalse(reader.started)
         reader.feed(
-            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: "
+            b"chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n"
         )
         self.assertEqual(
             sink.calls,

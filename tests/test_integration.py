@@ -297,7 +297,8 @@ class DestinationSafetyTests(TestCase):
             response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1000"]
         )
         self.assertIn(
-            f"The destination address ({address}) was denied by rule '{rule}'.".encode(),
+            f"The destination address ({address}) was denied by rule "
+            f"'{rule}'.".encode(),
             body,
         )
         self.assertEqual(self.seen, [])

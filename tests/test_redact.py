@@ -145,7 +145,10 @@ class RedactQueryTests(SynchronousTestCase):
         gone.
         """
         path = "/p" if scheme else ""
-        target = f"{scheme}user:{password}@origin.example:8080{path}?{_query(pairs)}#{fragment}"
+        target = (
+            f"{scheme}user:{password}@origin.example:8080{path}"
+            f"?{_query(pairs)}#{fragment}"
+        )
         raw = target.encode("utf-8")
         logged = loggedTarget(raw)
         self.assertNotIn(password, logged)
@@ -282,8 +285,10 @@ class ProxyRedactionTests(SynchronousTestCase):
         looked up or connected.
         """
         for request in (
-            b"GET http://alice:s3cr3t@origin.example/a HTTP/1.1\r\nHost: origin.example\r\n\r\n",
-            b"GET http://alice:s3cr3t@origin.example:8080/a HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://alice:s3cr3t@origin.example/a HTTP/1.1\r\nHost: "
+            b"origin.example\r\n\r\n",
+            b"GET http://alice:s3cr3t@origin.example:8080/a HTTP/1.1\r\nHost: "
+            b"x\r\n\r\n",
             b"GET http://s3cr3t@origin.example/?q=1 HTTP/1.1\r\nHost: x\r\n\r\n",
             b"CONNECT alice:s3cr3t@origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n",
         ):
@@ -388,7 +393,8 @@ class ProxyRedactionTests(SynchronousTestCase):
         with capturedLogs() as events:
             h = self.setUpProxy(config)
             h.send(
-                b"GET http://alice:s3cr3t@origin.example/?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET http://alice:s3cr3t@origin.example/?q=1 HTTP/1.1\r\nHost: "
+                b"x\r\n\r\n"
             )
             written = self.written(h, events)
         self.assertEqual(h.access[-1]["url"], "http://…@origin.example/?q=1")

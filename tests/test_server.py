@@ -149,7 +149,8 @@ class ForwardingTests(SynchronousTestCase):
         h.send(GET)
         up, _ = h.connectUpstream()
         up.dataReceived(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: "
+            b"chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
         )
         _, headers, body = parseResponse(h.client.value())
         self.assertEqual(headers[b"transfer-encoding"], b"chunked")
@@ -241,7 +242,8 @@ class ForwardingTests(SynchronousTestCase):
         h.send(GET)
         up, _ = h.connectUpstream()
         up.dataReceived(
-            b"HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/\r\nContent-Length: 0\r\n\r\n"
+            b"HTTP/1.1 302 Found\r\nLocation: "
+            b"http://169.254.169.254/\r\nContent-Length: 0\r\n\r\n"
         )
         status, headers, _ = parseResponse(h.client.value())
         self.assertEqual(status, 302)

@@ -364,7 +364,8 @@ class StartupFailureTests(SynchronousTestCase):
         path = FilePath(self.mktemp()).child("decisions.log").path
         self.assertFails(
             self.parse("--decision-log", path),
-            f"access_log.decision_log = {path!r}: cannot open it: No such file or directory",
+            f"access_log.decision_log = {path!r}: cannot open it: No such file or "
+            "directory",
         )
 
     def test_tlsUnreadable(self) -> None:
@@ -375,7 +376,8 @@ class StartupFailureTests(SynchronousTestCase):
         path = FilePath(self.mktemp()).path
         self.assertFails(
             self.parse("--ca-bundle", path),
-            f"tls: ca_bundle/extra_ca: {path!r}: cannot read it: No such file or directory",
+            f"tls: ca_bundle/extra_ca: {path!r}: cannot read it: No such file or "
+            "directory",
         )
 
     def test_aclBroken(self) -> None:
@@ -403,7 +405,8 @@ class StartupFailureTests(SynchronousTestCase):
         path = FilePath(self.mktemp()).path
         self.assertFails(
             self.parse("--auth", f"htpasswd:{path}"),
-            f"auth.checkers: {path}: cannot read htpasswd file: No such file or directory",
+            f"auth.checkers: {path}: cannot read htpasswd file: No such file or "
+            "directory",
         )
 
     def test_listenerCannotBind(self) -> None:
@@ -441,7 +444,8 @@ class StartupFailureTests(SynchronousTestCase):
         self.assertEqual(
             str(error),
             f"listen = 'mtls:9443:interface=127.0.0.1': "
-            f"{directory.child('clients.pem').path!r}: cannot read it: No such file or directory",
+            f"{directory.child('clients.pem').path!r}: cannot read it: No such file or "
+            "directory",
         )
         self.assertFails(options, str(error))
 
@@ -454,7 +458,8 @@ class StartupFailureTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, buildProxy, config, MemoryReactorClock())
         self.assertEqual(
             str(error),
-            "workers = 2: one process is built here; run twistd egressproxy for more than one worker",
+            "workers = 2: one process is built here; run twistd egressproxy for more "
+            "than one worker",
         )
 
     def test_buildProxyValidates(self) -> None:
@@ -500,7 +505,8 @@ class StartupFailureTests(SynchronousTestCase):
             (result.returncode, result.stderr),
             (
                 1,
-                f"egressproxy: access_log.file = {path!r}: cannot open it: No such file or directory\n",
+                f"egressproxy: access_log.file = {path!r}: cannot open it: No such "
+                "file or directory\n",
             ),
         )
 
@@ -545,8 +551,10 @@ class ValidateTests(SynchronousTestCase):
             "from twisted.internet.testing import MemoryReactorClock\n"
             "from proxy_app.config import load\n"
             "from proxy_app.tap import buildProxy\n"
-            "config = load({'access-log': 'none', 'listen': ['tcp:9090', 'tcp6:9091'],\n"
-            "               'webhook-url': 'http://127.0.0.1:1/', 'nameserver': ['127.0.0.1:53'],\n"
+            "config = "
+            "load({'access-log': 'none', 'listen': ['tcp:9090', 'tcp6:9091'],\n"
+            "               'webhook-url': 'http://127.0.0.1:1/', 'nameserver': "
+            "['127.0.0.1:53'],\n"
             "               'dns-cache-ttl': '30'}, {})\n"
             "buildProxy(config, MemoryReactorClock()).privilegedStartService()\n"
             "print('twisted.internet.reactor' in sys.modules)\n"

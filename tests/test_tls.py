@@ -604,8 +604,8 @@ class ListenerTests(TestCase):
 
         def connected(protocol: Any) -> Any:
             protocol.transport.write(
-                b"GET http://127.0.0.2:%d/who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                % self.originPort
+                b"GET http://127.0.0.2:%d/who HTTP/1.1\r\nHost: x\r\nConnection: "
+                b"close\r\n\r\n" % self.originPort
             )
             return collector.done
 

@@ -713,7 +713,8 @@ class GateTests(ServiceMixin, SynchronousTestCase):
             result,
             GateResult(
                 True,
-                "webhook reply has no access-response accept or reject; on_error=accept",
+                "webhook reply has no access-response accept or reject; "
+                "on_error=accept",
                 {"status": "success"},
                 0.0,
             ),

@@ -298,7 +298,8 @@ class GateAddressTests(SynchronousTestCase):
         never is.
         """
         self.ask(
-            b'{"access-response": "accept", "addresses": ["203.0.113.11", "203.0.113.10"]}'
+            b'{"access-response": "accept", '
+            b'"addresses": ["203.0.113.11", "203.0.113.10"]}'
         )
         self.assertEqual(self.attempted(), [A])
         self.h.failUpstream(ConnectionRefusedError())

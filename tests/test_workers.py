@@ -352,8 +352,8 @@ class SelfConnectionTests(SynchronousTestCase):
             protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
             protocol.makeConnection(client)
             protocol.dataReceived(
-                b"GET http://127.0.0.1:%d/metrics HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
-                % (port, port)
+                b"GET http://127.0.0.1:%d/metrics HTTP/1.1\r\nHost: "
+                b"127.0.0.1:%d\r\n\r\n" % (port, port)
             )
             self.assertEqual(reactor.tcpClients, [], port)
             status, headers, _ = parseResponse(client.value())

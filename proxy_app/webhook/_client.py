@@ -89,7 +89,8 @@ def checkURL(url: str) -> None:
         validURL = False
     if not validURL:
         raise ValueError(
-            f"webhook url must be an http:// or https:// URL with a host, not {redactURL(url)}"
+            "webhook url must be an http:// or https:// URL with a host, not "
+            f"{redactURL(url)}"
         )
 
 

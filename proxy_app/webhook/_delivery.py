@@ -79,7 +79,8 @@ class Tally:
         if self._healthy:
             self._healthy = False
             log.warn(
-                "Webhook {url} is failing: {action} POST: {error}; events are retried up to {retries} times, traffic is unaffected",
+                "Webhook {url} is failing: {action} POST: {error}; events are retried "
+                "up to {retries} times, traffic is unaffected",
                 url=self._url,
                 action=action,
                 error=error,
@@ -170,14 +171,16 @@ class EventQueue:
             if self._droppingSince is None:
                 self._droppingSince = self._tally.dropped - 1
                 log.warn(
-                    "Webhook {url}: event queue full ({size} events); dropping events until it drains",
+                    "Webhook {url}: event queue full ({size} events); dropping events "
+                    "until it drains",
                     url=url,
                     size=self._queueSize,
                 )
             return
         if self._droppingSince is not None:
             log.info(
-                "Webhook {url}: event queue accepting again; {count} events were dropped",
+                "Webhook {url}: event queue accepting again; {count} events were "
+                "dropped",
                 url=url,
                 count=self._tally.dropped - self._droppingSince,
             )

@@ -54,7 +54,8 @@ def sessionLabel(
     """
     left = "ssli" if clientTLS else "tcp"
     right = "ssli" if originatedTLS else "tcp"
-    return f"{left}_{hostPort(clientHost, clientPort)}+{right}_{hostPort(destHost, destPort)}"
+    client = hostPort(clientHost, clientPort)
+    return f"{left}_{client}+{right}_{hostPort(destHost, destPort)}"
 
 
 def connectionStopInfo(
