@@ -491,17 +491,12 @@ _VERIFY_ERRORS = {
 }
 
 
-def tlsError(
-    failure: Failure, host: str, where: str, transport: Any = None
-) -> ProxyError:
+def tlsError(failure: Failure, host: str, where: str) -> ProxyError:
     """
     Translate a failed TLS handshake into the L{ProxyError} the client sees:
     1007 when the certificate was refused (untrusted, expired, wrong name),
-    1005 for any other handshake failure.
-
-    @param transport: unused: the failure itself says why (see
-        L{ClientConnectionCreator}).  Accepted for callers written when
-        the reason was noted on the transport.
+    1005 for any other handshake failure.  The failure itself says why (see
+    L{ClientConnectionCreator}).
     """
     if failure.check(CertificateRefused, HostnameMismatch):
         return ProxyError(

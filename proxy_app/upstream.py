@@ -713,9 +713,7 @@ class UpstreamHTTP(Protocol):
                 self.tls.host if self.tls else self.key.address, self.key.port
             )
             self.ready.errback(
-                tlsError(
-                    reason, self.tls.host if self.tls else "", where, self.transport
-                )
+                tlsError(reason, self.tls.host if self.tls else "", where)
             )
             return
         if self.sink is None:
@@ -729,7 +727,7 @@ class UpstreamHTTP(Protocol):
             # absence) only after the client thinks the handshake is done.
             sink, self.sink = self.sink, None
             where = hostPort(self.tls.host, self.key.port)
-            sink.upstreamFailed(tlsError(reason, self.tls.host, where, self.transport))
+            sink.upstreamFailed(tlsError(reason, self.tls.host, where))
             return
         # A close is how a close-delimited response ends; anything else
         # cuts the response short.
