@@ -1,0 +1,1 @@
+``proxy_app.tap.buildProxy(config, reactor)`` builds the proxy from a ``Config`` and raises ``ConfigError`` instead of exiting, for embedding; SIGUSR1 and SIGHUP now run the handlers that were installed before the proxy's (twistd's ``--logfile`` rotation included).
