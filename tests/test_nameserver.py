@@ -25,7 +25,7 @@ from proxy_app.interfaces import IExplainedHostResolution
 from proxy_app.nameserver import NameserverResolver, makeNameResolver, parseNameserver
 from proxy_app.resolver import DestinationDenied, ResolutionFailed, SafeResolver
 
-from .helpers import startNameServer
+from .helpers import PluggableMemoryReactor, startNameServer
 from .test_resolver import (
     ALLOWED_V4,
     ALLOWED_V4_OTHER,
@@ -427,7 +427,7 @@ class MakeNameResolverTests(SynchronousTestCase):
         """
         With no nameservers, the reactor's own name resolver is used.
         """
-        reactor = MemoryReactorClock()
+        reactor = PluggableMemoryReactor()
         self.assertIs(makeNameResolver([], reactor), reactor.nameResolver)
 
     def test_nameservers(self) -> None:

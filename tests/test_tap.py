@@ -21,7 +21,6 @@ from typing import Any
 import bcrypt
 from twisted.application.service import IServiceCollection, IServiceMaker
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -293,7 +292,7 @@ class AllocatorTests(SynchronousTestCase):
         self.assertEqual(calls, ["files", "allocator"])
 
 
-class _PortTaken(MemoryReactorClock):
+class _PortTaken(PluggableMemoryReactor):
     """
     A memory reactor on which every TCP port is already taken.
     """
@@ -326,7 +325,7 @@ class StartupFailureTests(SynchronousTestCase):
         """
         if reactor is None:
             error = self.assertRaises(
-                ConfigError, buildProxy, options.config, MemoryReactorClock()
+                ConfigError, buildProxy, options.config, PluggableMemoryReactor()
             )
         else:
             built = buildProxy(options.config, reactor)
@@ -337,7 +336,7 @@ class StartupFailureTests(SynchronousTestCase):
         self.patch(sys, "stderr", stderr)
         if reactor is None:
             exited = self.assertRaises(
-                SystemExit, makeService, options, MemoryReactorClock()
+                SystemExit, makeService, options, PluggableMemoryReactor()
             )
         else:
             service = makeService(options, reactor)
@@ -455,7 +454,9 @@ class StartupFailureTests(SynchronousTestCase):
         is refused with one line naming the key and the value.
         """
         config = load({"workers": "2", "access-log": "none", "metrics": "none"}, {})
-        error = self.assertRaises(ConfigError, buildProxy, config, MemoryReactorClock())
+        error = self.assertRaises(
+            ConfigError, buildProxy, config, PluggableMemoryReactor()
+        )
         self.assertEqual(
             str(error),
             "workers = 2: one process is built here; run twistd egressproxy for more "
@@ -468,7 +469,9 @@ class StartupFailureTests(SynchronousTestCase):
         configuration loaded without L{Options} cannot skip those checks.
         """
         config = load({"access-log": "none", "listen": ["tcp:notaport"]}, {})
-        error = self.assertRaises(ConfigError, buildProxy, config, MemoryReactorClock())
+        error = self.assertRaises(
+            ConfigError, buildProxy, config, PluggableMemoryReactor()
+        )
         self.assertTrue(str(error).startswith("listen = 'tcp:notaport': "), str(error))
 
     def runTwistd(self, *argv: str) -> subprocess.CompletedProcess[str]:
