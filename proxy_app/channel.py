@@ -693,9 +693,8 @@ class ProxyProtocol(Protocol):
         response = self._response
         if response is None:
             log.error(
-                "Refused to write {size} body bytes to {client} without a response "
-                "head; "
-                "connection aborted",
+                "Refused to write {size} body bytes to {client} without a "
+                "response head; connection aborted",
                 size=len(data),
                 client=self.clientAddress,
             )
