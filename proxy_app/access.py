@@ -115,6 +115,15 @@ class AccessControl:
             return ACLDecision.withoutACL(role)
         return acl.decide(role, host, self.allowMissingRole)
 
+    def files(self) -> list[str]:
+        """
+        The files L{reload} re-reads: the ACL and every password file.
+        """
+        paths = [self.aclPath] if self.aclPath is not None else []
+        if self.authenticator is not None:
+            paths.extend(self.authenticator.files())
+        return paths
+
     def reload(self) -> bool:
         """
         Re-read the ACL and the password files.  A file that fails to load

@@ -1028,6 +1028,15 @@ class ACLSettings:
         "denying them (Smokescreen's --allow-missing-role).",
         metavar="BOOL",
     )
+    watch_interval: float = setting(
+        "watch-interval",
+        0.0,
+        parseSecondsOrZero,
+        "Check the ACL and password files this often and reload them, as on "
+        "SIGHUP, when one changes or is replaced (as Kubernetes updates a "
+        "mounted ConfigMap or Secret); 0: only on SIGHUP.",
+        metavar="SECONDS",
+    )
     role_header: str | None = setting(
         "role-header",
         None,

@@ -802,6 +802,16 @@ class Authenticator:
         d = self._portal.login(credentials, None, _IRole)
         return d.addCallbacks(loggedIn, failed)
 
+    def files(self) -> list[str]:
+        """
+        The password files L{reload} re-reads.
+        """
+        return [
+            checker.path
+            for checker in self.checkers
+            if isinstance(checker, (HtpasswdChecker, _PasswordFileChecker))
+        ]
+
     def reload(self) -> None:
         """
         Re-read every file-based checker.  All files are read before any is

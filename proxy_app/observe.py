@@ -480,8 +480,10 @@ class _WebhookCollector(Collector):
 
 class MetricsResource(Resource):
     """
-    C{/metrics} in Prometheus' text format and C{/healthcheck}, which
-    answers 503 while the proxy drains.
+    C{/metrics} in Prometheus' text format; C{/healthcheck}, which answers
+    503 while the proxy drains (for readiness and load balancers); and
+    C{/livez}, which answers 200 whenever the reactor serves it, draining
+    or not (for a liveness probe, which must not kill a draining proxy).
 
     @ivar healthy: a callable saying whether the proxy accepts connections.
     """
@@ -503,6 +505,8 @@ class MetricsResource(Resource):
                 return b"ok\n"
             request.setResponseCode(503)
             return b"draining\n"
-        request.setResponseCode(404)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return b"not found: try /metrics or /healthcheck\n"
+        if request.path == b"/livez":
+            return b"alive\n"
+        request.setResponseCode(404)
+        return b"not found: try /metrics, /healthcheck or /livez\n"

@@ -61,6 +61,7 @@ from proxy_app.tls import (
     serverOptions,
 )
 from proxy_app.upstream import Connector
+from proxy_app.watch import FileWatcher
 from proxy_app.webhook import WebhookService
 from proxy_app.workers import WorkerSupervisor, sharedListen
 
@@ -745,6 +746,10 @@ def _build(
     # One write per second of lines rather than one per request.
     accessLog.batchWrites(reactor)
     decisionLog.batchWrites(reactor)
+    if config.acl.watch_interval and access.files():
+        FileWatcher(
+            access.files(), access.reload, reactor, config.acl.watch_interval
+        ).setServiceParent(top)
     if access.passwordChecks is not None:
         # Starts before the listeners, and stops only once the drain is
         # over, so that requests in flight can still have passwords checked.

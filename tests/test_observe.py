@@ -244,6 +244,37 @@ class HealthTests(SynchronousTestCase):
         service.stopService()
         self.assertEqual(status(), 503)
 
+    def test_livenessDuringDrain(self) -> None:
+        """
+        /livez answers 200 before and during the drain, while /healthcheck
+        says 503: a liveness probe on it never kills a draining proxy.
+        """
+        h = makeHarness()
+        resource = MetricsResource(
+            h.factory.metrics.registry, lambda: not h.factory.draining
+        )
+        treq = StubTreq(resource)
+
+        def get(path: str) -> tuple[int, bytes]:
+            results: list = []
+            d = treq.get("http://metrics.test" + path)
+            d.addCallback(
+                lambda r: treq.content(r).addCallback(lambda body: (r.code, body))
+            )
+            d.addCallback(results.append)
+            treq.flush()
+            return results[0]
+
+        self.assertEqual(get("/livez"), (200, b"alive\n"))
+        service = ProxyService(h.factory, h.reactor)
+        service.startService()
+        h.send(GET)
+        service.stopService()
+        self.assertTrue(h.factory.draining)
+        self.assertEqual(get("/healthcheck")[0], 503)
+        self.assertEqual(get("/livez"), (200, b"alive\n"))
+        self.assertEqual(get("/nothing")[0], 404)
+
 
 class RequestIDTests(SynchronousTestCase):
     """
