@@ -249,7 +249,9 @@ def dashboardExpressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     for panel in dashboard["panels"]:
         for inner in [panel, *panel.get("panels", [])]:
             for target in inner.get("targets", []):
-                found.append((f"panel {inner['title']!r} {target['refId']}", target["expr"]))
+                found.append(
+                    (f"panel {inner['title']!r} {target['refId']}", target["expr"])
+                )
     return found
 
 
@@ -261,7 +263,9 @@ def checkLabels(prom: str, rule: str, selector: str, why: str) -> None:
     metric = selector.split("{")[0]
     labels = re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector[len(metric) :])
     outcome, result = query(prom, metric)
-    names = set().union(*(r["metric"] for r in result)) if outcome == "success" else set()
+    names = (
+        set().union(*(r["metric"] for r in result)) if outcome == "success" else set()
+    )
     missing = [label for label in labels if label not in names]
     report(
         bool(result) and not missing,
@@ -291,9 +295,19 @@ def checkQueries(prom: str, rulesPath: str, dashboardPath: str, timeout: float) 
             report(False, f"variable {variable['name']}", variable["definition"])
             continue
         selector, label = substitute(match.group(1)), match.group(2)
-        outcome, result = waitForData(prom, f"group by ({label}) ({selector})", deadline)
-        values = sorted(r["metric"].get(label, "") for r in result) if outcome == "success" else []
-        report(bool(values) and all(values), f"variable {variable['name']}: {variable['definition']}", str(values or result))
+        outcome, result = waitForData(
+            prom, f"group by ({label}) ({selector})", deadline
+        )
+        values = (
+            sorted(r["metric"].get(label, "") for r in result)
+            if outcome == "success"
+            else []
+        )
+        report(
+            bool(values) and all(values),
+            f"variable {variable['name']}: {variable['definition']}",
+            str(values or result),
+        )
 
     for what, raw in dashboardExpressions(dashboard):
         expr = substitute(raw)
@@ -332,7 +346,9 @@ def checkQueries(prom: str, rulesPath: str, dashboardPath: str, timeout: float) 
                 report(
                     outcome == "success" and bool(result),
                     f"rule {name}: {selector}",
-                    f"{len(result)} series" if outcome == "success" else f"error {result}",
+                    f"{len(result)} series"
+                    if outcome == "success"
+                    else f"error {result}",
                 )
 
     # Prometheus loaded the same file and evaluates every rule without error.
@@ -349,7 +365,9 @@ def checkQueries(prom: str, rulesPath: str, dashboardPath: str, timeout: float) 
             report(
                 got is not None and got.get("health") == "ok",
                 f"rule {name}: loaded by Prometheus, health ok",
-                "missing" if got is None else f"{got.get('health')} {got.get('lastError', '')}".strip(),
+                "missing"
+                if got is None
+                else f"{got.get('health')} {got.get('lastError', '')}".strip(),
             )
 
 
