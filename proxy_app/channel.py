@@ -212,6 +212,7 @@ class ProxyFactory(Factory):
             client connection is left.
         """
         self.draining = True
+        self.metrics.draining.set(1)
         self._drained = Deferred()
         for connection in list(self.connections):
             connection.drain()

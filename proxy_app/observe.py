@@ -343,6 +343,14 @@ class Metrics:
         self.tunnels = Gauge(
             "egressproxy_active_tunnels", "Established CONNECT tunnels.", registry=r
         )
+        # What /healthcheck's 503 says, as a sample: alerts and dashboards
+        # see a drain (and one that does not end) without probing.
+        self.draining = Gauge(
+            "egressproxy_draining",
+            "1 from SIGTERM until the process exits (new requests are refused, "
+            "in-flight ones finish), else 0.",
+            registry=r,
+        )
         self.bytes = Counter(
             "egressproxy_bytes",
             "Payload bytes relayed: up is client to destination, down the reverse.",

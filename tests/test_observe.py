@@ -275,6 +275,23 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(get("/livez"), (200, b"alive\n"))
         self.assertEqual(get("/nothing")[0], 404)
 
+    def test_drainingGauge(self) -> None:
+        """
+        C{egressproxy_draining} is 0 while the proxy accepts connections and
+        1 from the start of the drain, on the scrape that /healthcheck's 503
+        goes with.
+        """
+        h = makeHarness()
+        resource = MetricsResource(
+            h.factory.metrics.registry, lambda: not h.factory.draining
+        )
+        self.assertEqual(scrape(resource)[("egressproxy_draining", ())], 0)
+        service = ProxyService(h.factory, h.reactor)
+        service.startService()
+        h.send(GET)
+        service.stopService()
+        self.assertEqual(scrape(resource)[("egressproxy_draining", ())], 1)
+
 
 class RequestIDTests(SynchronousTestCase):
     """
