@@ -35,6 +35,7 @@ from proxy_app.tap import (
     chainSignal,
     makeService,
     validate,
+    withBacklog,
 )
 
 from .certs import Authority
@@ -667,3 +668,105 @@ class SignalTests(SynchronousTestCase):
         self.assertIs(signal.getsignal(signal.SIGUSR1), installed)
         installed(signal.SIGUSR1, None)
         self.assertEqual(calls, ["new", "old"])
+
+
+class BacklogTests(SynchronousTestCase):
+    """
+    The listen backlog of the proxy's listeners (C{listen_backlog}).
+    """
+
+    def listen(self, *argv: str) -> PluggableMemoryReactor:
+        reactor = PluggableMemoryReactor()
+        options = Options(environ={})
+        options.parseOptions(["--access-log", "none", "--metrics", "none", *argv])
+        service = makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        return reactor
+
+    def test_default(self) -> None:
+        """
+        Every tcp and tcp6 listener listens with a backlog of 1024 by
+        default, not Twisted's 50.
+        """
+        reactor = self.listen(
+            "--listen", "tcp:9090:interface=127.0.0.1", "--listen", "tcp6:9091"
+        )
+        self.assertEqual(
+            [(port, backlog) for port, _, backlog, _ in reactor.tcpServers],
+            [(9090, 1024), (9091, 1024)],
+        )
+
+    def test_configured(self) -> None:
+        """
+        C{--listen-backlog} (or its variable or key) reaches every listener,
+        the TLS listener asking for client certificates too, except one
+        whose description gives its own; the metrics listener keeps
+        Twisted's.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        authority = Authority()
+        cert, key, _ = authority.issue("proxy.test", ("127.0.0.1",))
+        directory.child("server.pem").setContent(cert)
+        directory.child("server.key").setContent(key)
+        directory.child("clients.pem").setContent(authority.pem)
+        mtls = (
+            f"mtls:9443:interface=127.0.0.1:cert={directory.child('server.pem').path}"
+            f":key={directory.child('server.key').path}"
+            f":client_ca={directory.child('clients.pem').path}"
+        )
+        reactor = PluggableMemoryReactor()
+        options = Options(environ={"EGRESSPROXY_LISTEN_BACKLOG": "4096"})
+        options.parseOptions(
+            [
+                "--access-log",
+                "none",
+                "--listen",
+                "tcp:9090:interface=127.0.0.1",
+                "--listen",
+                "tcp:9092:interface=127.0.0.1:backlog=7",
+                "--listen",
+                mtls,
+            ]
+        )
+        self.assertEqual(options.config.listen_backlog, 4096)
+        service = makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(
+            [(port, backlog) for port, _, backlog, _ in reactor.tcpServers],
+            [(2112, 50), (9090, 4096), (9092, 7)],
+        )
+        self.assertEqual(
+            [(port, backlog) for port, _, _, backlog, _ in reactor.sslServers],
+            [(9443, 4096)],
+        )
+
+    def test_descriptions(self) -> None:
+        """
+        C{backlog=} is added to the kinds of endpoint that take it, unless
+        given, and not to others (a systemd socket listens already), nor
+        where a positional argument may already be the backlog.
+        """
+        self.assertEqual(withBacklog("tcp:9090", 9), "tcp:9090:backlog=9")
+        self.assertEqual(
+            withBacklog("unix:/run/p.sock:mode=600", 9),
+            "unix:/run/p.sock:mode=600:backlog=9",
+        )
+        for unchanged in (
+            "tcp:9090:backlog=3",
+            "tcp:9090:127.0.0.1",
+            "systemd:domain=INET:index=0",
+        ):
+            self.assertEqual(withBacklog(unchanged, 9), unchanged)
+
+    def test_bounds(self) -> None:
+        """
+        A backlog must be 1 to 65535.
+        """
+        for bad in ("0", "65536", "many"):
+            with self.assertRaises(ConfigError) as raised:
+                load({"listen-backlog": bad}, {})
+            self.assertIn("--listen-backlog", str(raised.exception))
+        self.assertEqual(load({}, {}).listen_backlog, 1024)
