@@ -599,7 +599,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     the worker processes instead, each a C{twistd egressproxy} of its own,
     and serves the metrics endpoint for all of them.
 
-    With C{log_format} C{json}, the returned service, once given twistd's
+    With C{log_format} C{json}, when C{options} are twistd's subcommand's
+    (they have a C{parent}), the returned service, once given twistd's
     application as its parent, sets the application's log observer (see
     L{jsonProcessLog}), which twistd then logs to.
 
@@ -611,8 +612,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     config = options.config
     workerIndex = options.get("worker-index")
     top = _CommandLineService()
-    if config.log_format == "json":
-        top.logOptions = getattr(options, "parent", None) or {}
+    twistdOptions = getattr(options, "parent", None)
+    if config.log_format == "json" and twistdOptions is not None:
+        # Only twistd's own options say where its log goes; an application
+        # mounting the proxy (a .tac) chooses its log observer itself.
+        top.logOptions = twistdOptions
     if config.workers > 1 and workerIndex is None:
         supervisor = WorkerSupervisor(
             reactor,

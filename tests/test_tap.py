@@ -852,15 +852,22 @@ class JSONProcessLogTests(SynchronousTestCase):
         Given twistd's application as its parent, the service of
         C{--log-format json} sets the application's log observer, which
         twistd then logs to; with the default, text, it sets none and
-        twistd's own observer stays.
+        twistd's own observer stays, and so it does for options not parsed
+        by twistd.
         """
         from twisted.application.service import Application
         from twisted.logger import ILogObserver
 
-        for argv, expected in ((["--log-format", "json"], True), ([], False)):
+        for argv, parent, expected in (
+            (["--log-format", "json"], {"nodaemon": True, "logfile": None}, True),
+            ([], {"nodaemon": True, "logfile": None}, False),
+            # Not under twistd (a .tac mounting the proxy): its choice.
+            (["--log-format", "json"], None, False),
+        ):
             options = Options(environ={})
             options.parseOptions(["--access-log", "none", *argv])
-            options.parent = {"nodaemon": True, "logfile": None}  # type: ignore[attr-defined]
+            if parent is not None:
+                options.parent = parent  # type: ignore[attr-defined]
             application = Application("egressproxy")
             makeService(options, reactor=PluggableMemoryReactor()).setServiceParent(
                 application
