@@ -200,6 +200,16 @@ def parseWorkers(value: Any) -> int:
     return result
 
 
+def parseBacklog(value: Any) -> int:
+    """
+    A listen backlog: 1 to 65535.
+    """
+    result = parsePositive(value)
+    if result > 65535:
+        raise ValueError("expected a whole number from 1 to 65535")
+    return result
+
+
 def parseIPAddress(value: Any) -> str:
     """
     An IPv4 or IPv6 address, canonical.
@@ -1106,8 +1116,8 @@ class Config:
         1,
         parseWorkers,
         "Processes sharing the listening ports (SO_REUSEPORT), or auto for "
-        "one per CPU; each worker N serves metrics on the metrics port + N, "
-        "and enforces its share of the rate and concurrency limits.",
+        "one per CPU; each enforces its share of the rate and concurrency "
+        "limits, and the supervisor serves the metrics of all of them.",
         metavar="N|auto",
     )
     metrics: str | None = setting(
@@ -1116,6 +1126,24 @@ class Config:
         parseOptionalEndpoint,
         "Endpoint serving Prometheus /metrics and /healthcheck, or none.",
         metavar="ENDPOINT|none",
+    )
+    listen_backlog: int = setting(
+        "listen-backlog",
+        1024,
+        parseBacklog,
+        "Connections the kernel queues on each proxy listener before the "
+        "proxy accepts them (listen(2)'s backlog; the kernel caps it at "
+        "net.core.somaxconn). A backlog= in a listen description wins.",
+        metavar="N",
+    )
+    log_format: str = setting(
+        "log-format",
+        "text",
+        parseChoice("text", "json"),
+        "Process log format under twistd: text, or json (one JSON object a "
+        "line, twisted.logger's event with its fields) to standard output or "
+        "twistd's --logfile.",
+        metavar="text|json",
     )
     timeouts: Timeouts = attr.ib(factory=Timeouts)
     limits: Limits = attr.ib(factory=Limits)

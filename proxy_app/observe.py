@@ -9,8 +9,11 @@ as one JSON object a line, and never mix with the process log's format.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, cast
 
 from prometheus_client import (
@@ -24,7 +27,10 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client import values as prometheusValues
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogPublisher
@@ -308,20 +314,48 @@ _LATENCY_BUCKETS = (
 )
 
 
+def multiprocessValues() -> bool:
+    """
+    Whether prometheus-client keeps metric values in its multiprocess mode's
+    files (C{PROMETHEUS_MULTIPROC_DIR} was set when it was imported), as in
+    a worker of C{--workers}.
+    """
+    return bool(getattr(prometheusValues.ValueClass, "_multiprocess", False))
+
+
 class Metrics:
     """
     The proxy's Prometheus metrics, in an injected registry.
 
     Labels are kept low in cardinality: no host names and no client
     addresses.  Roles are bounded by the ACL file, so they may label.
+
+    In a worker of C{--workers} (C{multiprocess}), the counters, histograms
+    and gauges write their values to prometheus-client's multiprocess files,
+    which the supervisor reads (L{instanceRegistry}); gauges are summed over
+    the live workers there.  What collectors read at scrape time in one
+    process (garbage collection, the webhook's counters and queue) cannot be
+    read from another, so the worker copies it into such files every second
+    (L{syncMirror}); the process metrics the supervisor reads from C{/proc}
+    for every worker itself.
+
+    @ivar mirrored: the registry of the collectors L{syncMirror} copies.
     """
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, process: bool = True
+        self,
+        registry: CollectorRegistry | None = None,
+        process: bool = True,
+        multiprocess: bool = False,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess
+        self.mirrored = CollectorRegistry(auto_describe=False)
+        self._mirror = _Mirror(self.mirrored)
         r = self.registry
-        if process:
+        if multiprocess:
+            GCCollector(registry=self.mirrored)
+        elif process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
@@ -333,15 +367,21 @@ class Metrics:
             ["proxy_type", "decision", "reason_code"],
             registry=r,
         )
+        # With --workers, the instance's value is the sum over the workers
+        # alive (multiprocess_mode has no effect in one process).
         self.connections = Gauge(
             "egressproxy_active_client_connections",
             "Open client connections, per listener.",
             ["listener"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self._listenerConnections: dict[str, Any] = {}
         self.tunnels = Gauge(
-            "egressproxy_active_tunnels", "Established CONNECT tunnels.", registry=r
+            "egressproxy_active_tunnels",
+            "Established CONNECT tunnels.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         # What /healthcheck's 503 says, as a sample: alerts and dashboards
         # see a drain (and one that does not end) without probing.
@@ -350,6 +390,8 @@ class Metrics:
             "1 from SIGTERM until the process exits (new requests are refused, "
             "in-flight ones finish), else 0.",
             registry=r,
+            # Under --workers: draining if any worker is.
+            multiprocess_mode="max",
         )
         self.bytes = Counter(
             "egressproxy_bytes",
@@ -415,7 +457,17 @@ class Metrics:
         """
         Export the webhook's delivery counters and queue depth.
         """
-        self.registry.register(_WebhookCollector(webhook))
+        collector = _WebhookCollector(webhook)
+        self.registry.register(collector)
+        if self.multiprocess:
+            self.mirrored.register(collector)
+
+    def syncMirror(self) -> None:
+        """
+        Copy what the L{mirrored} collectors say now into the multiprocess
+        files, for the supervisor's scrapes.
+        """
+        self._mirror.sync()
 
     def listenerConnections(self, listener: str) -> Any:
         """
@@ -461,6 +513,141 @@ class Metrics:
             self._bytesDown.inc(bytesDown)
 
 
+class _Mirror:
+    """
+    Copies the families of a registry's scrape-time collectors into metrics
+    of prometheus-client's multiprocess mode: a counter is raised by what
+    it grew since the last copy, a gauge is set (and summed over the live
+    workers by the supervisor).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._metrics: dict[str, Any] = {}
+        self._children: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        self._copied: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def sync(self) -> None:
+        for family in self.registry.collect():
+            if family.type not in ("counter", "gauge"):
+                continue
+            for sample in family.samples:
+                if family.type == "counter" and not sample.name.endswith("_total"):
+                    # _created: the supervisor's sums have none.
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self._child(family, sample.labels)
+                if family.type == "gauge":
+                    child.set(sample.value)
+                    continue
+                grown = sample.value - self._copied.get(key, 0.0)
+                if grown > 0:
+                    child.inc(grown)
+                    self._copied[key] = sample.value
+
+    def _child(self, family: Metric, labels: Mapping[str, str]) -> Any:
+        metric = self._metrics.get(family.name)
+        if metric is None:
+            names = sorted(labels)
+            if family.type == "counter":
+                metric = Counter(
+                    family.name, family.documentation, names, registry=None
+                )
+            else:
+                metric = Gauge(
+                    family.name,
+                    family.documentation,
+                    names,
+                    registry=None,
+                    multiprocess_mode="livesum",
+                )
+            self._metrics[family.name] = metric
+        return metric.labels(**labels) if labels else metric
+
+
+class _WorkerProcesses(Collector):
+    """
+    The C{process_*} metrics of the supervisor and of every worker, read
+    from C{/proc}, each labelled C{worker} (C{supervisor}, C{0}, C{1}, ...):
+    a file-descriptor limit or a memory size means something per process,
+    and C{sum} gives the instance's.
+    """
+
+    def __init__(self, processes: Callable[[], Mapping[str, int]]) -> None:
+        self._processes = processes
+        self._collectors: dict[int | str, ProcessCollector] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        wanted: dict[str, int | str] = {"supervisor": "self"}
+        wanted.update(self._processes())
+        collectors = {}
+        for name, pid in wanted.items():
+            collector = self._collectors.get(pid)
+            if collector is None:
+                collector = ProcessCollector(pid=_constant(pid), registry=None)
+            collectors[pid] = collector
+            for family in collector.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                for sample in family.samples:
+                    merged.add_sample(
+                        sample.name, {**sample.labels, "worker": name}, sample.value
+                    )
+        # Ended workers' collectors go.
+        self._collectors = collectors
+        yield from families.values()
+
+
+def _constant(value: int | str) -> Callable[[], int | str]:
+    return lambda: value
+
+
+class _WorkerFiles(Collector):
+    """
+    The sums of what the workers wrote in prometheus-client's multiprocess
+    files, in the directory C{directory()} names (none: nothing).
+    """
+
+    def __init__(self, directory: Callable[[], str | None]) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterator[Metric]:
+        path = self._directory()
+        if path is None:
+            return
+        try:
+            yield from MultiProcessCollector.merge(
+                glob.glob(os.path.join(path, "*.db")), accumulate=True
+            )
+        except FileNotFoundError:
+            # The directory went while the supervisor stops.
+            return
+
+
+def instanceRegistry(
+    directory: Callable[[], str | None], processes: Callable[[], Mapping[str, int]]
+) -> CollectorRegistry:
+    """
+    The registry the supervisor of C{--workers} serves: the proxy's metrics
+    summed over its workers, and the process metrics of every process.
+
+    @param directory: gives the directory the workers write their metrics
+        in, or L{None}.
+    @param processes: gives the process id of each running worker, by index.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_WorkerFiles(directory))
+    registry.register(_WorkerProcesses(processes))
+    PlatformCollector(registry=registry)
+    return registry
+
+
 class _WebhookCollector(Collector):
     """
     Reads the webhook service's counters at scrape time.
@@ -494,14 +681,21 @@ class MetricsResource(Resource):
     or not (for a liveness probe, which must not kill a draining proxy).
 
     @ivar healthy: a callable saying whether the proxy accepts connections.
+    @ivar reason: a callable giving the body of a 503, in a few words.
     """
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry, healthy: Any) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        healthy: Callable[[], bool],
+        reason: Callable[[], str | None] | None = None,
+    ) -> None:
         super().__init__()
         self.registry = registry
         self.healthy = healthy
+        self.reason = reason
 
     def render_GET(self, request: Any) -> bytes:
         if request.path == b"/metrics":
@@ -512,7 +706,8 @@ class MetricsResource(Resource):
             if self.healthy():
                 return b"ok\n"
             request.setResponseCode(503)
-            return b"draining\n"
+            reason = (self.reason() if self.reason is not None else None) or "draining"
+            return reason.encode("utf-8") + b"\n"
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         if request.path == b"/livez":
             return b"alive\n"

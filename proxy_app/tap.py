@@ -31,17 +31,20 @@ import ctypes
 import gc
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import attr
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 from twisted.web.server import Site
 
 from proxy_app import config as configModule
@@ -50,7 +53,14 @@ from proxy_app.acl import ACLError, loadACL
 from proxy_app.addresses import AddressPolicy, parseIPLiteral
 from proxy_app.config import Config, ConfigError, TLSListener, splitDescription
 from proxy_app.limits import workerLimits
-from proxy_app.observe import AccessLog, DecisionLog, Metrics, MetricsResource
+from proxy_app.observe import (
+    AccessLog,
+    DecisionLog,
+    Metrics,
+    MetricsResource,
+    instanceRegistry,
+    multiprocessValues,
+)
 from proxy_app.resolver import CachingResolver, SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
 from proxy_app.tls import (
@@ -63,7 +73,7 @@ from proxy_app.tls import (
 from proxy_app.upstream import Connector
 from proxy_app.watch import FileWatcher
 from proxy_app.webhook import WebhookService
-from proxy_app.workers import WorkerSupervisor, sharedListen
+from proxy_app.workers import WorkerStatus, WorkerSupervisor, sharedListen
 
 log = Logger()
 
@@ -80,9 +90,16 @@ def _isSwitch(field: configModule.Field) -> bool:
     return field.setting.parse is configModule.parseBoolean and field.default is False
 
 
-# Not a setting: the supervisor of --workers gives it to each worker.
+# Not settings: the supervisor of --workers gives them to each worker.
 _WORKER_INDEX: list[Any] = [
     "worker-index",
+    None,
+    None,
+    "Internal: set by --workers for each worker process.",
+    int,
+]
+_WORKER_STATUS_FD: list[Any] = [
+    "worker-status-fd",
     None,
     None,
     "Internal: set by --workers for each worker process.",
@@ -108,6 +125,7 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["config", "c", None, "YAML configuration file."],
         _WORKER_INDEX,
+        _WORKER_STATUS_FD,
     ] + [
         [f.setting.flag, None, None, f"{f.setting.doc} [default: {f.default}]"]
         for f in configModule.fields()
@@ -209,20 +227,12 @@ def validate(config: Config) -> None:
                 f"listen: interface={host!r}: expected an IP address "
                 "(a name would need DNS before the proxy can vet anything)"
             )
-    for host, port in selfAddresses((config.metrics,) if config.metrics else ()):
-        # Every worker's metrics endpoint is a self address of every worker.
+    for host, _port in selfAddresses((config.metrics,) if config.metrics else ()):
         if host and parseIPLiteral(host) is None:
             raise ConfigError(
                 f"metrics = {config.metrics!r}: interface={host!r}: expected an IP "
                 "address "
                 "(the proxy must know the address to refuse connections to itself)"
-            )
-        last = port + config.workers - 1
-        if last > 65535:
-            raise ConfigError(
-                f"metrics = {config.metrics!r}: with --workers {config.workers}, the "
-                "last "
-                f"worker would serve metrics on port {last}, above 65535"
             )
     for address in config.destinations.bind_addresses:
         import socket
@@ -343,18 +353,12 @@ def selfAddresses(listeners: Sequence[str | TLSListener]) -> list[tuple[str, int
 
 def proxySelfAddresses(config: Config) -> list[tuple[str, int]]:
     """
-    The C{(host, port)} pairs that every process of the proxy listens on:
-    the listeners, which all workers share, and the metrics endpoint of
-    every worker (see L{workerMetrics}).  Each worker must refuse all of
-    them, not only its own: worker 0's port reaches worker 1 as easily as
-    it reaches worker 0.  (The supervisor of C{--workers} listens on
-    nothing.)
+    The C{(host, port)} pairs that the processes of the proxy listen on:
+    the listeners, which all workers of C{--workers} share, and the metrics
+    endpoint, which the process serves itself or, with C{--workers}, the
+    supervisor serves for all of them.  Every worker refuses all of them.
     """
-    metrics: tuple[str, ...] = ()
-    if config.metrics:
-        metrics = tuple(
-            workerMetrics(config.metrics, index) for index in range(config.workers)
-        )
+    metrics = (config.metrics,) if config.metrics else ()
     return selfAddresses(config.listen + metrics)
 
 
@@ -477,11 +481,32 @@ def chainSignal(signum: int, handler: Callable[[], object]) -> tuple[int, Any, A
     return signum, previous, chained
 
 
+# Endpoint kinds whose parsers take backlog=, with how many positional
+# arguments a description may have before one of them would be the backlog.
+_BACKLOG_KINDS = {"tcp": 2, "tcp6": 2, "ssl": 2, "unix": 2}
+
+
+def withBacklog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{backlog=} added, for the endpoint kinds that take
+    one and unless it gives one itself; other kinds (C{systemd:}, whose
+    socket listens already) are left as they are.
+    """
+    positional, keywords = splitDescription(description)
+    most = _BACKLOG_KINDS.get(positional[0].lower())
+    if most is None or "backlog" in keywords or len(positional) > most:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 class _Listener(Service):
     """
     One listening endpoint.  Binding happens in C{privilegedStartService},
     and a failure to bind raises L{ConfigError} naming the endpoint (which
     the command line prints as its one line; see L{makeService}).
+
+    @ivar backlog: the listen backlog, or L{None} for the endpoint's own
+        default (the metrics listener).
     """
 
     def __init__(
@@ -490,12 +515,14 @@ class _Listener(Service):
         factory: Any,
         reactor: Any,
         shared: bool = False,
+        backlog: int | None = None,
     ) -> None:
         self.factory = factory
         self.port: Any = None
         self.listener = listener
         self.reactor = reactor
         self.shared = shared
+        self.backlog = backlog
         self.contextFactory: Any = None
         if isinstance(listener, TLSListener):
             self.description = listener.description
@@ -510,10 +537,14 @@ class _Listener(Service):
                 listener.port,
                 self.contextFactory,
                 interface=listener.interface,
+                **({} if backlog is None else {"backlog": backlog}),
             )
         else:
             self.description = listener
-            self.endpoint = serverFromString(reactor, listener)
+            self.endpoint = serverFromString(
+                reactor,
+                listener if backlog is None else withBacklog(listener, backlog),
+            )
 
     def _listen(self) -> Deferred:
         if not self.shared:
@@ -522,7 +553,12 @@ class _Listener(Service):
         from twisted.internet.defer import maybeDeferred
 
         return maybeDeferred(
-            sharedListen, self.reactor, self.listener, self.factory, self.contextFactory
+            sharedListen,
+            self.reactor,
+            self.listener,
+            self.factory,
+            self.contextFactory,
+            50 if self.backlog is None else self.backlog,
         )
 
     def privilegedStartService(self) -> None:
@@ -561,7 +597,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     logs, then whatever handled SIGUSR1 before).
 
     With C{--workers} above 1 and no C{--worker-index}, the service runs
-    the worker processes instead, each a C{twistd egressproxy} of its own.
+    the worker processes instead, each a C{twistd egressproxy} of its own,
+    and serves the metrics endpoint for all of them.
+
+    With C{log_format} C{json}, when C{options} are twistd's subcommand's
+    (they have a C{parent}), the returned service, once given twistd's
+    application as its parent, sets the application's log observer (see
+    L{jsonProcessLog}), which twistd then logs to.
 
     @param options: parsed, hence validated, options.
     @param reactor: the reactor to use; the global one by default.
@@ -570,17 +612,45 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor
     config = options.config
     workerIndex = options.get("worker-index")
+    top = _CommandLineService()
+    twistdOptions = getattr(options, "parent", None)
+    if config.log_format == "json" and twistdOptions is not None:
+        # Only twistd's own options say where its log goes; an application
+        # mounting the proxy (a .tac) chooses its log observer itself.
+        top.logOptions = twistdOptions
     if config.workers > 1 and workerIndex is None:
-        top = MultiService()
-        WorkerSupervisor(reactor, config.workers, options.argv).setServiceParent(top)
+        supervisor = WorkerSupervisor(
+            reactor,
+            config.workers,
+            options.argv,
+            collectMetrics=config.metrics is not None,
+        )
+        if config.metrics is not None:
+            # Added first, so stopped last: /healthcheck says 503 while the
+            # workers drain.
+            registry = instanceRegistry(
+                lambda: supervisor.metricsDirectory, supervisor.processes
+            )
+            _Listener(
+                config.metrics,
+                _metricsSite(
+                    MetricsResource(
+                        registry, supervisor.healthy, supervisor.unhealthyReason
+                    ),
+                    reactor,
+                ),
+                reactor,
+            ).setServiceParent(top)
+        supervisor.setServiceParent(top)
         return top
     try:
         return _build(
-            _CommandLineService(),
+            top,
             config,
             reactor,
             workerIndex,
             reactor is _globalReactor(),
+            options.get("worker-status-fd"),
         )
     except ConfigError as e:
         _exit(e, 1)
@@ -629,15 +699,19 @@ def _build(
     reactor: Any,
     workerIndex: int | None,
     processWide: bool,
+    statusFD: int | None = None,
 ) -> MultiService:
     """
     Build the proxy's services into C{top}; L{buildProxy} and
     L{makeService} differ only in what they pass.
 
     @param workerIndex: which worker of C{--workers} this process is, or
-        L{None} for the only one.
+        L{None} for the only one.  A worker serves no metrics endpoint: its
+        supervisor does, from the files the worker's metrics are kept in.
     @param processWide: whether to act for the process (signals, file
         limit, allocator), as under twistd.
+    @param statusFD: where a worker tells its supervisor that it listens
+        and that it drains (L{WorkerStatus}), or L{None}.
     @raise ConfigError: naming the key and the value at fault.
     """
     if workerIndex is not None:
@@ -709,7 +783,9 @@ def _build(
             f"access_log.decision_log = {config.access_log.decision_log!r}: "
             f"cannot open it: {e.strerror}"
         ) from None
-    metrics = Metrics()
+    # Only a worker whose supervisor serves metrics has multiprocess values.
+    multiprocess = workerIndex is not None and multiprocessValues()
+    metrics = Metrics(multiprocess=multiprocess)
     webhook = buildWebhook(config, reactor)
     if webhook is not None:
         metrics.watchWebhook(webhook)
@@ -729,17 +805,14 @@ def _build(
     # Children stop one at a time, last added first: the proxy listeners
     # stop accepting, then the proxy drains, and the metrics listener goes
     # last so that /healthcheck can say 503 throughout the drain.
-    if config.metrics is not None:
-        site = Site(
-            MetricsResource(metrics.registry, lambda: not factory.draining),
-            reactor=reactor,
+    if config.metrics is not None and workerIndex is None:
+        site = _metricsSite(
+            MetricsResource(metrics.registry, lambda: not factory.draining), reactor
         )
-        site.noisy = False
-        # Scrapes every few seconds would flood the process log.
-        site.log = lambda request: None  # type: ignore[method-assign]
-        _Listener(
-            workerMetrics(config.metrics, workerIndex), site, reactor
-        ).setServiceParent(top)
+        _Listener(config.metrics, site, reactor).setServiceParent(top)
+    if multiprocess:
+        # Stops last, after the webhook: its final counts are copied too.
+        _MirrorService(metrics, reactor).setServiceParent(top)
     if webhook is not None:
         # Stops after the drain, so the last connection-stop events go out.
         webhook.setServiceParent(top)
@@ -763,9 +836,51 @@ def _build(
     for listener in config.listen:
         name = listener.description if isinstance(listener, TLSListener) else listener
         _Listener(
-            listener, factory.forListener(name), reactor, shared=workerIndex is not None
+            listener,
+            factory.forListener(name),
+            reactor,
+            shared=workerIndex is not None,
+            backlog=config.listen_backlog,
         ).setServiceParent(top)
+    if statusFD is not None:
+        # Last: starts once everything listens, stops first.
+        WorkerStatus(statusFD).setServiceParent(top)
     return top
+
+
+def _metricsSite(resource: MetricsResource, reactor: Any) -> Site:
+    site = Site(resource, reactor=reactor)
+    site.noisy = False
+    # Scrapes every few seconds would flood the process log.
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site
+
+
+class _MirrorService(Service):
+    """
+    In a worker of C{--workers}, copies the metrics read at scrape time into
+    the multiprocess files every second (L{Metrics.syncMirror}), and once
+    more when it stops.
+    """
+
+    interval = 1.0
+
+    def __init__(self, metrics: Metrics, clock: Any) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.metrics.syncMirror)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.metrics.syncMirror()
 
 
 def buildWebhook(config: Config, reactor: Any) -> WebhookService | None:
@@ -853,26 +968,6 @@ def tuneAllocator() -> bool:
     return tuned
 
 
-def workerMetrics(description: str, index: int | None) -> str:
-    """
-    Worker C{index}'s metrics endpoint: the configured one, its port moved
-    up by C{index} so that each worker is scraped on its own.
-    """
-    if not index:
-        return description
-    positional, keywords = splitDescription(description)
-    if "port" in keywords:
-        port = int(keywords["port"])
-        return description.replace(
-            f"port={port}", f"port={port + index}" if port else "port=0"
-        )
-    if len(positional) > 1 and positional[1].isdigit() and int(positional[1]):
-        parts = description.split(":")
-        parts[1] = str(int(parts[1]) + index)
-        return ":".join(parts)
-    return description
-
-
 def _globalReactor() -> Any:
     from twisted.internet import reactor
 
@@ -904,10 +999,66 @@ class _CommandLineService(_SequentialService):
     The proxy as the command line runs it (L{makeService}): a listener that
     cannot bind ends start-up with one line, like any other configuration
     mistake, instead of a traceback from twistd.
+
+    @ivar logOptions: twistd's options, when the process log is to be JSON
+        (L{jsonProcessLog}); else L{None}.
     """
+
+    logOptions: Mapping[str, Any] | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd gives a plugin's service its application as the parent,
+        # and logs to the application's ILogObserver when it has one (as a
+        # .tac file would set it).
+        if self.logOptions is not None and isinstance(parent, Componentized):
+            try:
+                observer = jsonProcessLog(self.logOptions)
+            except ConfigError as e:
+                _exit(e, 1)
+            parent.setComponent(ILogObserver, observer)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except ConfigError as e:
             _exit(e, 1)
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ConfigError as e:
+            _exit(e, 1)
+
+
+def jsonProcessLog(twistdOptions: Mapping[str, Any]) -> ILogObserver:
+    """
+    The process log's observer for C{log_format: json}: one JSON object a
+    line (twisted.logger's L{eventAsJSON}, with no record separator, so
+    that each line parses on its own), written where twistd would write
+    its text: standard output with C{-n} and no C{--logfile} (or
+    C{--logfile -}), else the C{--logfile} (C{twistd.log} by default),
+    which SIGUSR1 rotates as twistd's own does.
+
+    @param twistdOptions: twistd's parsed options.
+    @raise ConfigError: with C{--syslog} or C{--logger}, which choose the
+        process log themselves.
+    """
+    for option in ("syslog", "logger"):
+        if twistdOptions.get(option):
+            raise ConfigError(
+                f"log_format = 'json': twistd's --{option} chooses the process "
+                "log's format itself; drop one of them"
+            )
+    path = twistdOptions.get("logfile")
+    nodaemon = twistdOptions.get("nodaemon")
+    if path == "-" or (nodaemon and not path):
+        return jsonFileLogObserver(sys.stdout, recordSeparator="")
+    logFile = LogFile.fromFullPath(path or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signum: int, frame: Any) -> None:
+            _globalReactor().callFromThread(logFile.rotate)
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return jsonFileLogObserver(logFile, recordSeparator="")

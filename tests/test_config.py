@@ -314,19 +314,6 @@ class OptionsTests(SynchronousTestCase):
             "shared between --workers",
         )
 
-    def test_metricsPortsOfEveryWorker(self) -> None:
-        """
-        With --workers, a metrics port whose last worker's port (the port
-        plus the number of workers less one) would pass 65535 stops start-up
-        with one line naming the key, instead of a traceback in every
-        worker.
-        """
-        self.assertOneLineExit(
-            ["--workers", "2", "--metrics", "tcp:65535:interface=127.0.0.1"],
-            "metrics = 'tcp:65535:interface=127.0.0.1': with --workers 2",
-        )
-        self.parse(["--workers", "2", "--metrics", "tcp:65534:interface=127.0.0.1"])
-
     def test_metricsInterfaceName(self) -> None:
         """
         A metrics endpoint on a host name, which the address policy could

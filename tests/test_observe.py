@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from typing import Any
 
+from prometheus_client import generate_latest
+from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.defer import succeed
@@ -15,7 +19,13 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import AddressDecision
-from proxy_app.observe import AccessLog, Metrics, MetricsResource
+from proxy_app.observe import (
+    AccessLog,
+    Metrics,
+    MetricsResource,
+    instanceRegistry,
+    multiprocessValues,
+)
 from proxy_app.reasons import DENIALS, Reason
 from proxy_app.resolver import DestinationDenied, VettedDestination
 from proxy_app.tap import ProxyService
@@ -399,3 +409,212 @@ class AccessLogFileTests(SynchronousTestCase):
         log.record(rq_id="two")
         self.assertEqual(path.getContent(), b"rq_id=two\n")
         self.assertEqual(path.sibling("rotated").getContent(), b"rq_id=one\n")
+
+
+class _Webhook:
+    """
+    The counters and queue depth L{Metrics.watchWebhook} reads.
+    """
+
+    def __init__(self, sent: int, failed: int, dropped: int, queueDepth: int) -> None:
+        self.sent, self.failed, self.dropped = sent, failed, dropped
+        self.queueDepth = queueDepth
+
+
+def _exercise(metrics: Metrics, webhook: _Webhook) -> None:
+    """
+    Touch every metric family of L{Metrics} once, the same way each time.
+    """
+    metrics.requestDone("http", None, 10, 200)
+    metrics.requestDone("http", 1000, 0, 0)
+    metrics.requestDone("connect", None, 5, 7, report=True)
+    metrics.listenerConnections("tcp:9090").inc()
+    metrics.tunnels.inc()
+    metrics.connectTime.observe(0.003)
+    metrics.dnsTime.observe(0.02)
+    metrics.resolverDenials.labels("private_range").inc()
+    metrics.gateLatency.observe(0.1)
+    metrics.gateOutcomes.labels("accept").inc()
+    metrics.authFailures.inc()
+    metrics.aclDecisions.labels("svc", "proj", "allow").inc()
+    metrics.tlsFailures.labels("handshake").inc()
+    metrics.watchWebhook(webhook)
+
+
+def _single(webhook: _Webhook) -> Metrics:
+    """
+    The metrics of one process, with prometheus-client's ordinary values,
+    exercised by L{_exercise}.
+    """
+    from prometheus_client import values
+
+    patched = values.ValueClass
+    values.ValueClass = values.MutexValue
+    try:
+        metrics = Metrics()
+        _exercise(metrics, webhook)
+    finally:
+        values.ValueClass = patched
+    return metrics
+
+
+def _families(registry: Any) -> dict[str, tuple[str, dict[tuple, float]]]:
+    """
+    A registry's families by name: the type, and the value of each sample
+    by its name and labels (no C{_created} samples, which the sums of
+    several processes do not have).
+    """
+    result = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+        if family.name.endswith("_created"):
+            # The text format shows labelled counters' _created apart.
+            continue
+        result[family.name] = (family.type, samples)
+    return result
+
+
+class MultiprocessTests(SynchronousTestCase):
+    """
+    With --workers, the metrics of every worker, summed by the supervisor
+    (L{instanceRegistry}).  prometheus-client's multiprocess mode is turned
+    on in this process as its own tests do it: a value class keyed by a
+    process id the test sets, writing in a directory of the test's.
+    """
+
+    def setUp(self) -> None:
+        from prometheus_client import values
+
+        self.directory = self.mktemp()
+        os.mkdir(self.directory)
+        self.pid = 1001
+        valueClass = values.MultiProcessValue(lambda: self.pid)
+        self.addCleanup(valueClass.close_all_files)
+        self.patch(values, "ValueClass", valueClass)
+        self.patch(
+            os, "environ", dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.directory)
+        )
+        self.assertTrue(multiprocessValues())
+
+    def instance(self, processes: dict[str, int] | None = None) -> Any:
+        return instanceRegistry(lambda: self.directory, lambda: processes or {})
+
+    def test_sums(self) -> None:
+        """
+        Two workers' counters, histograms, live gauges and webhook figures
+        add up in the supervisor's registry; a worker that ended keeps its
+        counters in the sums and no longer counts in the gauges.
+        """
+        first = Metrics(multiprocess=True)
+        _exercise(first, _Webhook(sent=2, failed=0, dropped=1, queueDepth=4))
+        first.syncMirror()
+        self.pid = 1002
+        second = Metrics(multiprocess=True)
+        _exercise(second, _Webhook(sent=5, failed=1, dropped=0, queueDepth=1))
+        second.listenerConnections("tcp:9090").inc()
+        second.syncMirror()
+
+        registry = self.instance()
+        value = registry.get_sample_value
+        self.assertEqual(
+            value(
+                "egressproxy_requests_total",
+                {"proxy_type": "http", "decision": "allow", "reason_code": ""},
+            ),
+            2,
+        )
+        self.assertEqual(
+            value(
+                "egressproxy_requests_total",
+                {"proxy_type": "connect", "decision": "report", "reason_code": ""},
+            ),
+            2,
+        )
+        self.assertEqual(
+            value("egressproxy_bytes_total", {"direction": "down"}), 2 * 207
+        )
+        self.assertEqual(value("egressproxy_upstream_connect_seconds_count"), 2)
+        self.assertEqual(
+            value("egressproxy_upstream_connect_seconds_bucket", {"le": "0.005"}), 2
+        )
+        self.assertEqual(
+            value("egressproxy_active_client_connections", {"listener": "tcp:9090"}),
+            3,
+        )
+        self.assertEqual(value("egressproxy_active_tunnels"), 2)
+        self.assertEqual(
+            value("egressproxy_webhook_events_total", {"outcome": "sent"}), 7
+        )
+        self.assertEqual(
+            value("egressproxy_webhook_events_total", {"outcome": "dropped"}), 1
+        )
+        self.assertEqual(value("egressproxy_webhook_queue_depth"), 5)
+        self.assertIsNotNone(value("python_gc_collections_total", {"generation": "0"}))
+
+        mark_process_dead(1001, self.directory)
+        self.assertEqual(
+            value(
+                "egressproxy_requests_total",
+                {"proxy_type": "http", "decision": "allow", "reason_code": ""},
+            ),
+            2,
+        )
+        self.assertEqual(
+            value("egressproxy_active_client_connections", {"listener": "tcp:9090"}),
+            2,
+        )
+        self.assertEqual(value("egressproxy_active_tunnels"), 1)
+        self.assertEqual(value("egressproxy_webhook_queue_depth"), 1)
+
+    def test_mirrorCopiesGrowth(self) -> None:
+        """
+        Copying the webhook's counters again adds only what they grew by
+        since; its queue depth is set to what it is now.
+        """
+        metrics = Metrics(multiprocess=True)
+        webhook = _Webhook(sent=2, failed=0, dropped=0, queueDepth=4)
+        metrics.watchWebhook(webhook)
+        metrics.syncMirror()
+        metrics.syncMirror()
+        webhook.sent, webhook.queueDepth = 5, 0
+        metrics.syncMirror()
+        value = self.instance().get_sample_value
+        self.assertEqual(
+            value("egressproxy_webhook_events_total", {"outcome": "sent"}), 5
+        )
+        self.assertEqual(value("egressproxy_webhook_queue_depth"), 0)
+
+    def test_sameFamilies(self) -> None:
+        """
+        Every family one process exports appears in the supervisor's page
+        with the same name, type and labels, and, for one worker that saw
+        the same as the one process, the same values; the process metrics
+        gain the label worker, for the supervisor and each worker.
+        """
+        single = _single(_Webhook(sent=2, failed=1, dropped=1, queueDepth=4))
+        worker = Metrics(multiprocess=True)
+        _exercise(worker, _Webhook(sent=2, failed=1, dropped=1, queueDepth=4))
+        worker.syncMirror()
+        expected = _families(single.registry)
+        got = _families(self.instance({"0": os.getpid()}))
+        self.assertEqual(sorted(expected), sorted(got))
+        for name, (kind, samples) in expected.items():
+            self.assertEqual(got[name][0], kind, name)
+            if name.startswith("egressproxy_"):
+                self.assertEqual(got[name][1], samples, name)
+            elif name.startswith("process_"):
+                self.assertEqual(
+                    {(sample, labels) for sample, labels in got[name][1]},
+                    {
+                        (sample, labels + (("worker", worker),))
+                        for sample, labels in samples
+                        for worker in ("0", "supervisor")
+                    },
+                    name,
+                )
+            else:
+                self.assertEqual(set(got[name][1]), set(samples), name)

@@ -16,15 +16,18 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import bcrypt
 from twisted.application.service import IServiceCollection, IServiceMaker
 from twisted.internet.error import CannotListenError
+from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from proxy_app import tap
 from proxy_app.config import Config, ConfigError, Timeouts, load
 from proxy_app.identity import PasswordCheckPool
 from proxy_app.observe import AccessLog
@@ -35,6 +38,7 @@ from proxy_app.tap import (
     chainSignal,
     makeService,
     validate,
+    withBacklog,
 )
 
 from .certs import Authority
@@ -667,3 +671,264 @@ class SignalTests(SynchronousTestCase):
         self.assertIs(signal.getsignal(signal.SIGUSR1), installed)
         installed(signal.SIGUSR1, None)
         self.assertEqual(calls, ["new", "old"])
+
+
+class BacklogTests(SynchronousTestCase):
+    """
+    The listen backlog of the proxy's listeners (C{listen_backlog}).
+    """
+
+    def listen(self, *argv: str) -> PluggableMemoryReactor:
+        reactor = PluggableMemoryReactor()
+        options = Options(environ={})
+        options.parseOptions(["--access-log", "none", "--metrics", "none", *argv])
+        service = makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        return reactor
+
+    def test_default(self) -> None:
+        """
+        Every tcp and tcp6 listener listens with a backlog of 1024 by
+        default, not Twisted's 50.
+        """
+        reactor = self.listen(
+            "--listen", "tcp:9090:interface=127.0.0.1", "--listen", "tcp6:9091"
+        )
+        self.assertEqual(
+            [(port, backlog) for port, _, backlog, _ in reactor.tcpServers],
+            [(9090, 1024), (9091, 1024)],
+        )
+
+    def test_configured(self) -> None:
+        """
+        C{--listen-backlog} (or its variable or key) reaches every listener,
+        the TLS listener asking for client certificates too, except one
+        whose description gives its own; the metrics listener keeps
+        Twisted's.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        authority = Authority()
+        cert, key, _ = authority.issue("proxy.test", ("127.0.0.1",))
+        directory.child("server.pem").setContent(cert)
+        directory.child("server.key").setContent(key)
+        directory.child("clients.pem").setContent(authority.pem)
+        mtls = (
+            f"mtls:9443:interface=127.0.0.1:cert={directory.child('server.pem').path}"
+            f":key={directory.child('server.key').path}"
+            f":client_ca={directory.child('clients.pem').path}"
+        )
+        reactor = PluggableMemoryReactor()
+        options = Options(environ={"EGRESSPROXY_LISTEN_BACKLOG": "4096"})
+        options.parseOptions(
+            [
+                "--access-log",
+                "none",
+                "--listen",
+                "tcp:9090:interface=127.0.0.1",
+                "--listen",
+                "tcp:9092:interface=127.0.0.1:backlog=7",
+                "--listen",
+                mtls,
+            ]
+        )
+        self.assertEqual(options.config.listen_backlog, 4096)
+        service = makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(
+            [(port, backlog) for port, _, backlog, _ in reactor.tcpServers],
+            [(2112, 50), (9090, 4096), (9092, 7)],
+        )
+        self.assertEqual(
+            [(port, backlog) for port, _, _, backlog, _ in reactor.sslServers],
+            [(9443, 4096)],
+        )
+
+    def test_descriptions(self) -> None:
+        """
+        C{backlog=} is added to the kinds of endpoint that take it, unless
+        given, and not to others (a systemd socket listens already), nor
+        where a positional argument may already be the backlog.
+        """
+        self.assertEqual(withBacklog("tcp:9090", 9), "tcp:9090:backlog=9")
+        self.assertEqual(
+            withBacklog("unix:/run/p.sock:mode=600", 9),
+            "unix:/run/p.sock:mode=600:backlog=9",
+        )
+        for unchanged in (
+            "tcp:9090:backlog=3",
+            "tcp:9090:127.0.0.1",
+            "systemd:domain=INET:index=0",
+        ):
+            self.assertEqual(withBacklog(unchanged, 9), unchanged)
+
+    def test_bounds(self) -> None:
+        """
+        A backlog must be 1 to 65535.
+        """
+        for bad in ("0", "65536", "many"):
+            with self.assertRaises(ConfigError) as raised:
+                load({"listen-backlog": bad}, {})
+            self.assertIn("--listen-backlog", str(raised.exception))
+        self.assertEqual(load({}, {}).listen_backlog, 1024)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """
+    Whether process C{pid} has a handler for C{signum} (Linux).
+    """
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    return False
+
+
+class JSONProcessLogTests(SynchronousTestCase):
+    """
+    C{log_format: json}: the process log as one JSON object a line.
+    """
+
+    def event(self, observer: Any) -> None:
+        observer(
+            {
+                "log_format": "Blocked {address}",
+                "address": "10.0.0.1",
+                "log_level": LogLevel.warn,
+                "log_namespace": "test",
+                "log_time": 1795000000.0,
+            }
+        )
+
+    def test_standardOutput(self) -> None:
+        """
+        With C{-n} and no C{--logfile} (or C{--logfile -}), each event is one
+        line of JSON on standard output, with its fields, and no record
+        separator.
+        """
+        for twistdOptions in ({"nodaemon": True, "logfile": None}, {"logfile": "-"}):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            observer = tap.jsonProcessLog(twistdOptions)
+            self.event(observer)
+            self.event(observer)
+            lines = out.getvalue().split("\n")
+            self.assertEqual(lines[2:], [""])
+            for line in lines[:2]:
+                event = json.loads(line)
+                self.assertEqual(
+                    (event["log_format"], event["address"], event["log_time"]),
+                    ("Blocked {address}", "10.0.0.1", 1795000000.0),
+                )
+                self.assertEqual(event["log_level"]["name"], "warn")
+
+    def test_logFile(self) -> None:
+        """
+        With C{--logfile PATH}, the JSON lines go to that file.
+        """
+        path = self.mktemp()
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        observer = tap.jsonProcessLog({"nodaemon": False, "logfile": path})
+        self.event(observer)
+        with open(path, encoding="utf-8") as f:
+            [line] = f.read().splitlines()
+        self.assertEqual(json.loads(line)["address"], "10.0.0.1")
+
+    def test_otherLoggers(self) -> None:
+        """
+        twistd's C{--syslog} and C{--logger} choose the process log
+        themselves: with C{log_format: json}, start-up stops with one line.
+        """
+        for option in ("syslog", "logger"):
+            error = self.assertRaises(
+                ConfigError, tap.jsonProcessLog, {"nodaemon": True, option: "x"}
+            )
+            self.assertIn(f"twistd's --{option}", str(error))
+
+    def test_application(self) -> None:
+        """
+        Given twistd's application as its parent, the service of
+        C{--log-format json} sets the application's log observer, which
+        twistd then logs to; with the default, text, it sets none and
+        twistd's own observer stays, and so it does for options not parsed
+        by twistd.
+        """
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        for argv, parent, expected in (
+            (["--log-format", "json"], {"nodaemon": True, "logfile": None}, True),
+            ([], {"nodaemon": True, "logfile": None}, False),
+            # Not under twistd (a .tac mounting the proxy): its choice.
+            (["--log-format", "json"], None, False),
+        ):
+            options = Options(environ={})
+            options.parseOptions(["--access-log", "none", *argv])
+            if parent is not None:
+                options.parent = parent  # type: ignore[attr-defined]
+            application = Application("egressproxy")
+            makeService(options, reactor=PluggableMemoryReactor()).setServiceParent(
+                application
+            )
+            observer = application.getComponent(ILogObserver, None)
+            self.assertEqual(observer is not None, expected, argv)
+
+    def test_twistd(self) -> None:
+        """
+        Under twistd, with C{EGRESSPROXY_LOG_FORMAT=json}, every line the
+        process writes is one JSON object, an event with its fields: the
+        proxy's open-file limit line has its C{limit} as a number.
+        """
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "egressproxy",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--metrics",
+                "none",
+                "--access-log",
+                "none",
+            ],
+            env=dict(os.environ, PYTHONPATH=ROOT, EGRESSPROXY_LOG_FORMAT="json"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.kill)
+        assert process.stdout is not None
+        events = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            events.append(json.loads(line))
+            if "starting on" in events[-1].get("log_text", ""):
+                break
+        # SIGTERM only once the reactor runs and handles it (before, it
+        # would kill the process, which would write nothing more).
+        while time.monotonic() < deadline and not _catches(process.pid, signal.SIGTERM):
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        rest, errors = process.communicate(timeout=20)
+        for line in rest.splitlines():
+            events.append(json.loads(line))
+        self.assertEqual(errors, b"")
+        [limit] = [
+            e for e in events if e.get("log_format") == "Open-file limit: {limit}"
+        ]
+        self.assertIsInstance(limit["limit"], int)
+        self.assertEqual(limit["log_namespace"], "proxy_app.tap")
+        self.assertIn(
+            "Received SIGTERM, shutting down.", [e.get("log_format") for e in events]
+        )
+        for event in events:
+            self.assertIn("log_time", event)
+            self.assertIn("log_level", event)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -20,7 +21,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
-from twisted.web.server import Site
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 from proxy_app.addresses import RULE_SELF_CONNECTION
 from proxy_app.config import Limits
@@ -34,13 +36,12 @@ from proxy_app.tap import (
     buildPolicy,
     makeService,
     proxySelfAddresses,
-    workerMetrics,
 )
 from proxy_app.upstream import Connector
 from proxy_app.workers import WorkerSupervisor
 
 from .helpers import PluggableMemoryReactor, ScriptedNameResolver, parseResponse
-from .test_integration import Echo, freePort
+from .test_integration import Echo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,6 +100,56 @@ def _stop(process: Any, exit: _Exit) -> Deferred:
     return exit.ended.addBoth(lambda result: killer.active() and killer.cancel())
 
 
+class _Held(Resource):
+    """
+    An origin whose answers wait until the test releases them, so that a
+    request can be in flight while the proxy drains.
+
+    @ivar arrived: fires when a request has arrived.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Any] = []
+        self.arrived: Deferred = Deferred()
+
+    def render_GET(self, request):  # type: ignore[no-untyped-def]
+        self.waiting.append(request)
+        if not self.arrived.called:
+            self.arrived.callback(None)
+        return NOT_DONE_YET
+
+    def release(self) -> None:
+        for request in self.waiting:
+            request.write(b"held")
+            request.finish()
+        self.waiting = []
+
+
+@inlineCallbacks
+def _fetch(agent: Agent, url: str):  # type: ignore[no-untyped-def]
+    """
+    GET C{url}; the status and the body.
+    """
+    response = yield agent.request(b"GET", url.encode())
+    body = yield readBody(response)
+    return response.code, body
+
+
+def _samples(text: bytes, name: str) -> dict[str, float]:
+    """
+    The samples named C{name} in a Prometheus text page, by their labels.
+    """
+    result = {}
+    for line in text.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, value = line.rsplit(" ", 1)
+            result[series[len(name) :]] = float(value)
+    return result
+
+
 class WorkersTests(TestCase):
     """
     A supervisor with two workers, as twistd runs it.
@@ -109,14 +160,22 @@ class WorkersTests(TestCase):
     @inlineCallbacks
     def test_twoWorkers(self):  # type: ignore[no-untyped-def]
         """
-        Both workers serve the shared port, each reports its own metrics on
-        the metrics port plus its index, and SIGTERM to the supervisor stops
-        them all.
+        Both workers serve the shared port; one scrape of the configured
+        metrics port counts the requests of both, and shows each process;
+        /healthcheck there answers 503 until both workers listen, 200 then,
+        and 503 from SIGTERM to the supervisor until its workers have
+        drained, while a request in flight still completes; then nothing
+        listens any more.
         """
-        origin = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.2")
+        held = _Held()
+        root = Resource()
+        root.putChild(b"w", Echo())
+        root.putChild(b"held", held)
+        origin = reactor.listenTCP(0, Site(root), interface="127.0.0.2")
         self.addCleanup(origin.stopListening)
-        port = freePort("127.0.0.1")
-        metrics = _freePortRun("127.0.0.1", 2, avoid=port)
+        originURL = f"http://127.0.0.2:{origin.getHost().port}"
+        port = _freePortRun("127.0.0.1", 1, avoid=0)
+        metrics = _freePortRun("127.0.0.1", 1, avoid=port)
         env = dict(os.environ, PYTHONPATH=ROOT)
         exit = _Exit()
         process = reactor.spawnProcess(
@@ -146,49 +205,75 @@ class WorkersTests(TestCase):
         )
         self.addCleanup(_stop, process, exit)
 
-        agent = Agent(reactor)
-        for metricsPort in (metrics, metrics + 1):
-            for _ in range(100):
-                try:
-                    response = yield agent.request(
-                        b"GET", f"http://127.0.0.1:{metricsPort}/healthcheck".encode()
-                    )
-                    yield readBody(response)
-                    break
-                except Exception:
-                    yield deferLater(reactor, 0.1)
-            else:
-                self.fail(f"worker metrics on {metricsPort} never came up")
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        health = f"http://127.0.0.1:{metrics}/healthcheck"
+        seen = set()
+        for _ in range(200):
+            try:
+                status, body = yield _fetch(agent, health)
+            except Exception as e:
+                status, body = None, repr(e).encode()
+            seen.add((status, body))
+            if status == 200:
+                break
+            yield deferLater(reactor, 0.05)
+        else:
+            self.fail(f"the instance never became healthy: {seen}")
+        self.assertEqual(body, b"ok\n")
+        # While the workers start, the supervisor already answers, with 503.
+        for status, body in seen - {(200, b"ok\n")}:
+            if status is None:
+                # Not listening yet: the connection was refused.
+                self.assertIn(b"ConnectionRefusedError", body)
+                continue
+            self.assertEqual(status, 503)
+            self.assertTrue(body.startswith(b"workers not ready: "), body)
 
-        pool = HTTPConnectionPool(reactor, persistent=False)
         proxy = ProxyAgent(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port), reactor, pool=pool
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+            reactor,
+            pool=HTTPConnectionPool(reactor, persistent=False),
         )
+        servedBy = set()
         for _ in range(40):
-            response = yield proxy.request(
-                b"GET", f"http://127.0.0.2:{origin.getHost().port}/w".encode()
-            )
+            response = yield proxy.request(b"GET", f"{originURL}/w".encode())
             yield readBody(response)
             self.assertEqual(response.code, 200)
+            # The id's first part is the serving process's.
+            [requestID] = response.headers.getRawHeaders(b"request-id")
+            servedBy.add(requestID.split(b"-")[0])
+        self.assertEqual(len(servedBy), 2, servedBy)
 
-        served = []
-        for metricsPort in (metrics, metrics + 1):
-            response = yield agent.request(
-                b"GET", f"http://127.0.0.1:{metricsPort}/metrics".encode()
-            )
-            body = yield readBody(response)
-            line = [
-                text
-                for text in body.decode().splitlines()
-                if text.startswith(
-                    'egressproxy_requests_total{decision="allow",proxy_type="http"'
-                )
-            ]
-            served.append(float(line[0].split()[-1]) if line else 0.0)
-        self.assertEqual(sum(served), 40)
-        self.assertTrue(all(count > 0 for count in served), served)
+        status, page = yield _fetch(agent, f"http://127.0.0.1:{metrics}/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            _samples(page, "egressproxy_requests_total"),
+            {'{decision="allow",proxy_type="http",reason_code=""}': 40.0},
+        )
+        self.assertEqual(
+            _samples(page, "egressproxy_active_client_connections"),
+            {f'{{listener="tcp:{port}:interface=127.0.0.1"}}': 0.0},
+        )
+        self.assertEqual(
+            sorted(_samples(page, "process_open_fds")),
+            ['{worker="0"}', '{worker="1"}', '{worker="supervisor"}'],
+        )
 
+        # A request in flight when SIGTERM comes.
+        inFlight = proxy.request(b"GET", f"{originURL}/held".encode())
+        yield held.arrived
         process.signalProcess(signal.SIGTERM)
+        for _ in range(100):
+            status, body = yield _fetch(agent, health)
+            if status == 503:
+                break
+            yield deferLater(reactor, 0.05)
+        self.assertEqual((status, body), (503, b"draining\n"))
+        self.assertFalse(exit.ended.called)
+        held.release()
+        response = yield inFlight
+        self.assertEqual((response.code, (yield readBody(response))), (200, b"held"))
+
         yield exit.ended
         # twistd ends by re-raising the signal it stopped for.
         self.assertEqual(exit.reason.value.signal, signal.SIGTERM)  # type: ignore[attr-defined]
@@ -197,10 +282,13 @@ class WorkersTests(TestCase):
         from twisted.internet.error import ConnectionRefusedError
         from twisted.internet.protocol import Protocol
 
-        yield self.assertFailure(
-            connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol()),
-            ConnectionRefusedError,
-        )
+        for closed in (port, metrics):
+            yield self.assertFailure(
+                connectProtocol(
+                    TCP4ClientEndpoint(reactor, "127.0.0.1", closed), Protocol()
+                ),
+                ConnectionRefusedError,
+            )
 
 
 class PartsTests(SynchronousTestCase):
@@ -208,24 +296,11 @@ class PartsTests(SynchronousTestCase):
     The pieces of --workers.
     """
 
-    def test_workerMetrics(self) -> None:
-        """
-        Worker N's metrics endpoint is the configured port plus N.
-        """
-        self.assertEqual(
-            workerMetrics("tcp:2112:interface=127.0.0.1", 0),
-            "tcp:2112:interface=127.0.0.1",
-        )
-        self.assertEqual(
-            workerMetrics("tcp:2112:interface=127.0.0.1", 3),
-            "tcp:2115:interface=127.0.0.1",
-        )
-        self.assertEqual(workerMetrics("tcp:port=2112", 1), "tcp:port=2113")
-
     def test_workerCommand(self) -> None:
         """
-        Each worker runs twistd egressproxy with the supervisor's options
-        and its index, on the same code.
+        Each worker runs twistd egressproxy with the supervisor's options,
+        its index and the descriptor it reports its state on, on the same
+        code.
         """
         supervisor = WorkerSupervisor(
             reactor, 2, ["--workers", "2", "--listen", "tcp:9090"]
@@ -243,6 +318,8 @@ class PartsTests(SynchronousTestCase):
                 "2",
                 "--worker-index",
                 "1",
+                "--worker-status-fd",
+                "3",
             ],
         )
         self.assertTrue(supervisor.environment()["PYTHONPATH"].startswith(ROOT))
@@ -290,28 +367,35 @@ class SelfConnectionTests(SynchronousTestCase):
     not only that worker's own.
     """
 
-    def test_everyWorkersMetrics(self) -> None:
+    def test_supervisorsMetrics(self) -> None:
         """
         The self addresses of a worker of three are the shared listener and
-        the metrics ports of all three workers (the configured port plus 0,
-        1 and 2), and the address policy denies each as a self-connection.
+        the configured metrics endpoint, which the supervisor serves for
+        them all, and the address policy denies each as a self-connection;
+        the ports after the metrics port are not the proxy's.
         """
         config = _workerOptions("--workers", "3").config
         self.assertEqual(
             sorted(proxySelfAddresses(config)),
-            [
-                ("127.0.0.1", 2112),
-                ("127.0.0.1", 2113),
-                ("127.0.0.1", 2114),
-                ("127.0.0.1", 9090),
-            ],
+            [("127.0.0.1", 2112), ("127.0.0.1", 9090)],
         )
         policy = buildPolicy(config)
-        for port in (9090, 2112, 2113, 2114):
+        for port in (9090, 2112):
             self.assertEqual(
                 policy.decide("127.0.0.1", port).rule, RULE_SELF_CONNECTION, port
             )
-        self.assertTrue(policy.decide("127.0.0.1", 2115).allowed)
+        self.assertTrue(policy.decide("127.0.0.1", 2113).allowed)
+
+    def test_highMetricsPort(self) -> None:
+        """
+        Any metrics port will do with --workers: the workers need no ports
+        after it.
+        """
+        options = Options(environ={})
+        options.parseOptions(
+            ["--workers", "4", "--metrics", "tcp:65535:interface=127.0.0.1"]
+        )
+        self.assertEqual(options.config.metrics, "tcp:65535:interface=127.0.0.1")
 
     def test_singleProcess(self) -> None:
         """
@@ -330,11 +414,11 @@ class SelfConnectionTests(SynchronousTestCase):
         options.parseOptions(["--listen", "tcp:9090", "--metrics", "none"])
         self.assertEqual(proxySelfAddresses(options.config), [("", 9090)])
 
-    def test_otherWorkersMetricsRefused(self) -> None:
+    def test_metricsRefused(self) -> None:
         """
-        Worker 1 of two refuses a request for worker 0's and its own
-        C{/metrics} with 403 and reason code 1000 (self-connection) before
-        any connection is attempted, while another port on the same allowed
+        Worker 1 of two refuses a request for the supervisor's C{/metrics}
+        with 403 and reason code 1000 (self-connection) before any
+        connection is attempted, while another port on the same allowed
         address is connected to.
         """
         config = _workerOptions("--workers", "2").config
@@ -347,7 +431,7 @@ class SelfConnectionTests(SynchronousTestCase):
             Connector(reactor, config.timeouts.connect),
             AccessLog(None),
         )
-        for port in (2112, 2113):
+        for port in (2112,):
             client = StringTransport()
             protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
             protocol.makeConnection(client)
@@ -364,11 +448,11 @@ class SelfConnectionTests(SynchronousTestCase):
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         protocol.makeConnection(StringTransport())
         protocol.dataReceived(
-            b"GET http://127.0.0.1:2114/ HTTP/1.1\r\nHost: 127.0.0.1:2114\r\n\r\n"
+            b"GET http://127.0.0.1:2113/ HTTP/1.1\r\nHost: 127.0.0.1:2113\r\n\r\n"
         )
         self.assertEqual(
             [(host, port) for host, port, *_ in reactor.tcpClients],
-            [("127.0.0.1", 2114)],
+            [("127.0.0.1", 2113)],
         )
 
 
@@ -507,3 +591,311 @@ class LimitShareTests(SynchronousTestCase):
             status, headers, _ = _get(factory, b"http://10.0.0.1/")
             self.assertEqual(status, 503, index)
             self.assertEqual(headers[b"x-whsentry-reasoncode"], b"1014")
+
+
+class _FakeProcess:
+    """
+    What L{_SpawningReactor.spawnProcess} returns: a process that records
+    the signals sent to it.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[Any] = []
+
+    def signalProcess(self, signum: Any) -> None:
+        self.signals.append(signum)
+
+
+class _SpawningReactor(MemoryReactorClock):
+    """
+    A memory reactor whose C{spawnProcess} records each worker started.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, dict[str, str], dict[int, Any], Any]] = []
+
+    def spawnProcess(  # type: ignore[override]
+        self,
+        protocol: Any,
+        executable: str,
+        args: list[str],
+        env: dict[str, str],
+        childFDs: dict[int, Any],
+    ) -> _FakeProcess:
+        process = _FakeProcess(40000 + len(self.spawned))
+        self.spawned.append((protocol, env, childFDs, process))
+        return process
+
+
+def _ended(protocol: Any) -> None:
+    """
+    Tell the supervisor that the worker of C{protocol} ended, killed.
+    """
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+
+
+class SupervisorTests(SynchronousTestCase):
+    """
+    The supervisor's side of metrics and health: the directory the workers
+    write their metrics in, and what /healthcheck answers.
+    """
+
+    def setUp(self) -> None:
+        # startService installs handlers for these; give them back.
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        self.reactor = _SpawningReactor()
+
+    def supervisor(self, count: int = 2) -> WorkerSupervisor:
+        supervisor = WorkerSupervisor(
+            self.reactor, count, ["--workers", str(count)], collectMetrics=True
+        )
+        supervisor.startService()
+        self.addCleanup(supervisor._removeMetricsDirectory)
+        return supervisor
+
+    def test_metricsDirectory(self) -> None:
+        """
+        On start the supervisor makes a new directory only its user can
+        enter, points every worker's prometheus-client at it
+        (PROMETHEUS_MULTIPROC_DIR, whatever it inherited) and opens a pipe
+        for each worker's state on descriptor 3; once every worker has
+        ended after SIGTERM, the directory is gone.
+        """
+        self.patch(os, "environ", dict(os.environ, PROMETHEUS_MULTIPROC_DIR="/x"))
+        supervisor = self.supervisor()
+        directory = supervisor.metricsDirectory
+        assert directory is not None
+        info = os.stat(directory)
+        self.assertEqual(info.st_mode & 0o777, 0o700)
+        self.assertEqual(info.st_uid, os.getuid())
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for _, env, childFDs, _ in self.reactor.spawned:
+            self.assertEqual(env["PROMETHEUS_MULTIPROC_DIR"], directory)
+            self.assertEqual(childFDs, {0: "w", 1: 1, 2: 2, 3: "r"})
+        stopped = supervisor.stopService()
+        self.assertTrue(os.path.isdir(directory))
+        for protocol, _, _, process in self.reactor.spawned:
+            self.assertEqual(process.signals, ["TERM"])
+            _ended(protocol)
+        self.successResultOf(stopped)
+        self.assertFalse(os.path.exists(directory))
+        self.assertIsNone(supervisor.metricsDirectory)
+
+    def test_noMetrics(self) -> None:
+        """
+        Without a metrics endpoint there is no directory, and the workers'
+        prometheus-client is not in multiprocess mode even if the
+        supervisor's environment says so.
+        """
+        self.patch(os, "environ", dict(os.environ, PROMETHEUS_MULTIPROC_DIR="/x"))
+        supervisor = WorkerSupervisor(self.reactor, 1, [])
+        supervisor.startService()
+        self.assertIsNone(supervisor.metricsDirectory)
+        [(_, env, _, _)] = self.reactor.spawned
+        self.assertNotIn("PROMETHEUS_MULTIPROC_DIR", env)
+
+    def test_health(self) -> None:
+        """
+        The instance is healthy once every worker has said it listens, and
+        not while one is missing (ended, not yet restarted, or restarted
+        and not yet listening), while one drains, or from the supervisor's
+        stop.
+        """
+        supervisor = self.supervisor()
+        first, second = (spawned[0] for spawned in self.reactor.spawned)
+        self.assertEqual(
+            supervisor.unhealthyReason(), "workers not ready: 0 of 2 listening"
+        )
+        first.childDataReceived(3, b"rea")
+        first.childDataReceived(3, b"dy\n")
+        self.assertEqual(
+            supervisor.unhealthyReason(), "workers not ready: 1 of 2 listening"
+        )
+        # Only the status pipe counts.
+        second.childDataReceived(1, b"ready\n")
+        self.assertFalse(supervisor.healthy())
+        second.childDataReceived(3, b"ready\n")
+        self.assertTrue(supervisor.healthy())
+        self.assertIsNone(supervisor.unhealthyReason())
+
+        second.childDataReceived(3, b"draining\n")
+        self.assertEqual(supervisor.unhealthyReason(), "draining")
+        _ended(second)
+        self.assertEqual(
+            supervisor.unhealthyReason(), "workers not ready: 1 of 2 listening"
+        )
+        self.reactor.advance(supervisor.restartDelay)
+        restarted = self.reactor.spawned[-1][0]
+        self.assertFalse(supervisor.healthy())
+        restarted.childDataReceived(3, b"ready\n")
+        self.assertTrue(supervisor.healthy())
+
+        supervisor.stopService()
+        self.assertEqual(supervisor.unhealthyReason(), "draining")
+
+    def test_healthcheckResource(self) -> None:
+        """
+        The supervisor's /healthcheck answers 503 with the reason until the
+        instance is healthy, then 200.
+        """
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from proxy_app.observe import MetricsResource, instanceRegistry
+
+        supervisor = self.supervisor(1)
+        resource = MetricsResource(
+            instanceRegistry(lambda: None, supervisor.processes),
+            supervisor.healthy,
+            supervisor.unhealthyReason,
+        )
+
+        def get() -> tuple[int, bytes]:
+            request = DummyRequest([b"healthcheck"])
+            request.path = b"/healthcheck"
+            body = resource.render_GET(request)
+            return request.responseCode or 200, body
+
+        self.assertEqual(get(), (503, b"workers not ready: 0 of 1 listening\n"))
+        self.reactor.spawned[0][0].childDataReceived(3, b"ready\n")
+        self.assertEqual(get(), (200, b"ok\n"))
+        supervisor.stopService()
+        self.assertEqual(get(), (503, b"draining\n"))
+
+    def test_deadWorkersGauges(self) -> None:
+        """
+        When a worker ends, its live gauges' file goes (its open connections
+        are no longer counted) and its counters' file stays (the sums never
+        go back); the worker is no longer among the processes whose
+        metrics are read.
+        """
+        supervisor = self.supervisor(1)
+        directory = supervisor.metricsDirectory
+        assert directory is not None
+        [(protocol, _, _, process)] = self.reactor.spawned
+        self.assertEqual(supervisor.processes(), {"0": process.pid})
+        for name in (f"gauge_livesum_{process.pid}.db", f"counter_{process.pid}.db"):
+            with open(os.path.join(directory, name), "wb"):
+                pass
+        _ended(protocol)
+        self.assertEqual(sorted(os.listdir(directory)), [f"counter_{process.pid}.db"])
+        self.assertEqual(supervisor.processes(), {})
+
+
+class WorkerStatusTests(SynchronousTestCase):
+    """
+    A worker's side of the status pipe.
+    """
+
+    def test_readyThenDraining(self) -> None:
+        """
+        L{WorkerStatus} writes C{ready} when it starts and C{draining} when
+        it stops; a worker built with a status descriptor has it as its
+        last service, so that it starts after the listeners and stops
+        before them.
+        """
+        from proxy_app.workers import WorkerStatus
+
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        reactor = PluggableMemoryReactor()
+        options = Options(environ={})
+        options.parseOptions(
+            [
+                "--access-log",
+                "none",
+                "--workers",
+                "2",
+                "--worker-index",
+                "0",
+                "--worker-status-fd",
+                str(write),
+            ]
+        )
+        service = makeService(options, reactor=reactor)
+        status = list(service)[-1]
+        self.assertIsInstance(status, WorkerStatus)
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(os.read(read, 100), b"ready\n")
+        service.stopService()
+        self.assertEqual(os.read(read, 100), b"draining\n")
+
+    def test_workerServesNoMetrics(self) -> None:
+        """
+        A worker binds its shared listener but no metrics port: the
+        supervisor serves the metrics.
+        """
+        reactor = PluggableMemoryReactor()
+        options = Options(environ={})
+        options.parseOptions(
+            ["--access-log", "none", "--workers", "2", "--worker-index", "1"]
+        )
+        service = makeService(options, reactor=reactor)
+        listeners = [child for child in service if hasattr(child, "listener")]
+        self.assertEqual(
+            [(child.listener, child.shared) for child in listeners],
+            [("tcp:9090:interface=127.0.0.1", True)],
+        )
+
+    def test_supervisorServesMetrics(self) -> None:
+        """
+        The supervisor binds the configured metrics endpoint, and nothing
+        else, before it starts any worker; it is stopped after the workers.
+        """
+        reactor = _SpawningReactor()
+        options = Options(environ={})
+        options.parseOptions(
+            ["--workers", "2", "--metrics", "tcp:2112:interface=127.0.0.1"]
+        )
+        service = makeService(options, reactor=reactor)
+        children = list(service)
+        self.assertEqual(
+            [type(child).__name__ for child in children],
+            ["_Listener", "WorkerSupervisor"],
+        )
+        service.privilegedStartService()
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in reactor.tcpServers],
+            [(2112, "127.0.0.1")],
+        )
+        self.assertEqual(reactor.spawned, [])
+
+
+class SharedListenTests(SynchronousTestCase):
+    """
+    L{sharedListen}, the listener of a worker.
+    """
+
+    def test_backlog(self) -> None:
+        """
+        The shared socket listens with the configured backlog, or with the
+        one the description gives.
+        """
+        from proxy_app.workers import sharedListen
+
+        backlogs = []
+
+        class Recording(socket.socket):
+            def listen(self, backlog: int = 0) -> None:
+                backlogs.append(backlog)
+                super().listen(backlog)
+
+        class Adopting(MemoryReactorClock):
+            def adoptStreamPort(self, fd: int, family: Any, factory: Any) -> None:
+                pass
+
+        for description in (
+            "tcp:0:interface=127.0.0.1",
+            "tcp:0:interface=127.0.0.1:backlog=7",
+        ):
+            sharedListen(
+                Adopting(), description, None, backlog=1024, socketFactory=Recording
+            )
+        self.assertEqual(backlogs, [1024, 7])
