@@ -135,6 +135,9 @@ class _Worker(ProcessProtocol):
         C{"ready"}, then C{"draining"} once it says it stops.
     @ivar pid: its process id, kept after it ends (Twisted forgets it) so
         that its live gauges can be dropped.
+    @ivar pending: signals the supervisor passed on while the worker was
+        starting, sent once it is ready: until then it may not have its
+        handlers yet, and SIGHUP's default action would kill it.
     """
 
     def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
@@ -143,6 +146,7 @@ class _Worker(ProcessProtocol):
         self.ended: Deferred = Deferred()
         self.state = "starting"
         self.pid: int | None = None
+        self.pending: list[int] = []
         self._status = b""
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -154,6 +158,9 @@ class _Worker(ProcessProtocol):
         for line in lines:
             if line == READY and self.state == "starting":
                 self.state = "ready"
+                pending, self.pending = self.pending, []
+                for signum in pending:
+                    self.supervisor.signalWorker(self, signum)
             elif line == DRAINING:
                 self.state = "draining"
 
@@ -327,17 +334,31 @@ class WorkerSupervisor(Service):
 
     def signal(self, signum: int) -> None:
         """
-        Pass C{signum} on to every worker.
+        Pass C{signum} on to every worker; a worker still starting gets it
+        once it says it is ready (it has installed its handlers by then).
         """
-        for worker, process in self.workers.values():
-            try:
-                process.signalProcess(signum)
-            except Exception as e:
-                log.warn(
-                    "Could not signal worker {index}: {error}",
-                    index=worker.index,
-                    error=e,
-                )
+        for worker, _ in self.workers.values():
+            if worker.state == "starting":
+                if signum not in worker.pending:
+                    worker.pending.append(signum)
+                continue
+            self.signalWorker(worker, signum)
+
+    def signalWorker(self, worker: _Worker, signum: int) -> None:
+        """
+        Send C{signum} to C{worker}'s process, if it still runs.
+        """
+        entry = self.workers.get(worker.index)
+        if entry is None or entry[0] is not worker or worker.state == "ended":
+            return
+        try:
+            entry[1].signalProcess(signum)
+        except Exception as e:
+            log.warn(
+                "Could not signal worker {index}: {error}",
+                index=worker.index,
+                error=e,
+            )
 
     def workerEnded(self, worker: _Worker, reason: Any) -> None:
         if self.metricsDirectory is not None and worker.pid is not None:

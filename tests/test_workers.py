@@ -687,6 +687,28 @@ class SupervisorTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(directory))
         self.assertIsNone(supervisor.metricsDirectory)
 
+    def test_signalWaitsForReady(self) -> None:
+        """
+        SIGHUP sent while a worker starts reaches it only once it says it
+        listens (its handlers are installed by then; SIGHUP's default action
+        would kill it); a ready worker gets it at once, and a worker that
+        ends before it is ready is not signalled.
+        """
+        supervisor = self.supervisor()
+        (first, _, _, firstProcess), (second, _, _, secondProcess) = (
+            self.reactor.spawned
+        )
+        first.childDataReceived(3, b"ready\n")
+        supervisor.signal(signal.SIGHUP)
+        supervisor.signal(signal.SIGHUP)
+        self.assertEqual(firstProcess.signals, [signal.SIGHUP, signal.SIGHUP])
+        self.assertEqual(secondProcess.signals, [])
+        second.childDataReceived(3, b"ready\n")
+        self.assertEqual(secondProcess.signals, [signal.SIGHUP])
+        supervisor.stopService()
+        for protocol, _, _, _ in self.reactor.spawned:
+            _ended(protocol)
+
     def test_noMetrics(self) -> None:
         """
         Without a metrics endpoint there is no directory, and the workers'
