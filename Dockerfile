@@ -10,20 +10,21 @@
 #   deploy/build-image TAG
 # which makes the base with mmdebstrap and puts pre-built wheels in wheels/.
 #
-# BASE is the runtime image.  Python 3.10 or later as /usr/bin/python3 or on
-# PATH; if the image has no python3 (debian:bookworm-slim), the stages
-# install Debian's.  Both stages start from it, so that the virtual
-# environment built in the first runs on the Python of the second.
+# BASE is the base of both stages, so that the virtual environment built in
+# the first runs on the Python of the second: python3 (3.10 or later) on
+# PATH, or apt to install Debian's (debian:bookworm-slim has no python3).
+# Building the wheels here also needs Python's ensurepip (Debian:
+# python3-venv, installed with apt if missing).
 ARG BASE=docker.io/library/debian:bookworm-slim
 
 FROM ${BASE} AS build
 ARG DEBIAN_FRONTEND=noninteractive
-# Python and its venv module, from Debian unless the base has them.
-# ensurepip is needed only when the wheels are built here.
-RUN if ! python3 -c 'import venv' 2>/dev/null; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
+# Python, from Debian unless the base has it.
+RUN set -eu; \
+    if ! command -v python3 >/dev/null; then \
+        apt-get update; \
+        apt-get install -y --no-install-recommends python3; \
+        rm -rf /var/lib/apt/lists/*; \
     fi
 # wheels/ is empty in the repository (but for its README): the wheels are
 # then built here, from PyPI.  deploy/build-image fills it beforehand, with
@@ -45,9 +46,9 @@ COPY twisted/ /src/twisted/
 RUN set -eu; \
     if ! ls /wheels/*.whl >/dev/null 2>&1; then \
         if ! python3 -c 'import ensurepip' 2>/dev/null; then \
-            apt-get update \
-            && apt-get install -y --no-install-recommends python3-venv \
-            && rm -rf /var/lib/apt/lists/*; \
+            apt-get update; \
+            apt-get install -y --no-install-recommends python3-venv; \
+            rm -rf /var/lib/apt/lists/*; \
         fi; \
         python3 -m venv /opt/pip; \
         /opt/pip/bin/pip wheel --wheel-dir /wheels /src pip; \
@@ -76,13 +77,14 @@ ARG REVISION=unknown
 ARG CREATED=unknown
 # Python, unless the base has it; and the fixed UID and GID, named for tools
 # that look them up.
-RUN if ! python3 -c 'import sys' 2>/dev/null; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi \
-    && echo 'egressproxy:x:65532:65532:egressproxy:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
-    && echo 'egressproxy:x:65532:' >> /etc/group
+RUN set -eu; \
+    if ! command -v python3 >/dev/null; then \
+        apt-get update; \
+        apt-get install -y --no-install-recommends python3; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    echo 'egressproxy:x:65532:65532:egressproxy:/nonexistent:/usr/sbin/nologin' >> /etc/passwd; \
+    echo 'egressproxy:x:65532:' >> /etc/group
 COPY --from=build /opt/egressproxy/ /opt/egressproxy/
 COPY deploy/image/healthcheck.py /opt/egressproxy/healthcheck.py
 COPY deploy/image/egressproxy.yaml /etc/egressproxy/egressproxy.yaml
