@@ -1034,8 +1034,8 @@ class _CommandLineService(_SequentialService):
 def jsonProcessLog(twistdOptions: Mapping[str, Any]) -> ILogObserver:
     """
     The process log's observer for C{log_format: json}: one JSON object a
-    line (twisted.logger's L{eventAsJSON}, with no record separator, so
-    that each line parses on its own), written where twistd would write
+    line (L{twisted.logger.eventAsJSON}, with no record separator, so that
+    each line parses on its own), written where twistd would write
     its text: standard output with C{-n} and no C{--logfile} (or
     C{--logfile -}), else the C{--logfile} (C{twistd.log} by default),
     which SIGUSR1 rotates as twistd's own does.

@@ -48,7 +48,7 @@ class FileWatcher(Service):
     seconds, and calls C{onChange} once per check that finds any of them
     changed, replaced, gone or back.
 
-    A file that changes is reloaded whole, as on SIGHUP: L{onChange} is
+    A file that changes is reloaded whole, as on SIGHUP: C{onChange} is
     meant to be L{proxy_app.access.AccessControl.reload}, which keeps the
     old contents in force when the new ones do not load.  A file written
     in place, slowly, can be seen half-written; replace files by renaming
