@@ -45,6 +45,17 @@ exact deny address always beats an allow range, and an exact allow address
 always beats a deny range.  Smokescreen issue #236, where an allow range
 let through an address that was explicitly denied, cannot happen here.
 
+Port rules
+==========
+
+C{allowPorts} and C{denyPorts} limit the destination ports before any of
+the above is asked: L{AddressPolicy.portAllowed} judges the request target
+(a name, or an IP literal) before it is resolved.  A deny beats an allow;
+without allow rules every port is allowed.  An exact allow address rule
+that names the port (C{"10.0.0.5:6379"}) passes them for that address
+written as a literal.  They only refuse: an allowed port is then judged by
+L{AddressPolicy.decide} as always.
+
 IPv6 forms that carry an IPv4 address
 =====================================
 
@@ -106,6 +117,7 @@ RULE_PRIVATE_RANGE = "Deny: Private Range"
 RULE_CGNAT_RANGE = "Deny: CGNAT Range"
 RULE_IPV6_EMBEDDING = "Deny: IPv6 Embedding"
 RULE_SELF_CONNECTION = "Deny: Self Connection"
+RULE_PORT_DENIED = "Deny: Port Not Allowed"
 RULE_DENY_USER = "Deny: User Configured"
 RULE_ALLOW_USER = "Allow: User Configured"
 RULE_ALLOW_DEFAULT = "Allow: Default"
@@ -118,6 +130,7 @@ _LABELS = {
     RULE_CGNAT_RANGE: "cgnat_range",
     RULE_IPV6_EMBEDDING: "ipv6_embedding",
     RULE_SELF_CONNECTION: "self_connection",
+    RULE_PORT_DENIED: "port_denied",
     RULE_DENY_USER: "user_configured",
     RULE_ALLOW_USER: "user_configured",
     RULE_ALLOW_DEFAULT: "default",
@@ -145,8 +158,8 @@ class AddressDecision:
         """
         A low-cardinality name for the rule, fit for a metric label: one of
         C{not_global_unicast}, C{private_range}, C{cgnat_range},
-        C{ipv6_embedding}, C{self_connection}, C{user_configured},
-        C{default}.
+        C{ipv6_embedding}, C{self_connection}, C{port_denied},
+        C{user_configured}, C{default}.
         """
         return _LABELS[self.rule]
 
@@ -573,6 +586,70 @@ def _parseAddressRule(text: object) -> tuple[IPAddress, int | None]:
     return _unmapAddress(ip), port
 
 
+_PORT_RANGE = re.compile(r"(?P<low>[0-9]{1,5})(?:-(?P<high>[0-9]{1,5}))?", re.ASCII)
+_PORT_EXAMPLE = "such as 443 or 8000-8100"
+
+
+def parsePortRange(text: object) -> tuple[int, int]:
+    """
+    Parse a configured port or port range: C{443}, C{"443"} or
+    C{"8000-8100"} (both ends included).
+
+    @return: the lowest and the highest port of the range.
+    @raise ValueError: naming the value and what was expected.
+    """
+    # bool is an int, and True would quietly mean port 1.
+    if type(text) is int:
+        text = str(text)
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a port or port range, {_PORT_EXAMPLE}")
+    match = _PORT_RANGE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a port or port range, {_PORT_EXAMPLE}")
+    low = int(match["low"])
+    high = low if match["high"] is None else int(match["high"])
+    if not 1 <= low <= 65535 or not 1 <= high <= 65535:
+        raise ValueError(
+            f"{text!r} is not a port or port range: a port is a number from 1 to 65535"
+        )
+    if high < low:
+        raise ValueError(
+            f"{text!r} is not a port range: its first port is above its last; "
+            f"did you mean {high}-{low}?"
+        )
+    return low, high
+
+
+class _PortRules:
+    """
+    The user's port rules: which destination ports may be connected to at
+    all, whatever the address.
+
+    One byte per port, so that a check is one index, whatever the number of
+    ranges.
+    """
+
+    __slots__ = ("_allowed",)
+
+    def __init__(
+        self, allowPorts: Iterable[object], denyPorts: Iterable[object]
+    ) -> None:
+        allow = [parsePortRange(text) for text in allowPorts]
+        deny = [parsePortRange(text) for text in denyPorts]
+        # No allow rule: every port, as without any port rule.
+        allowed = bytearray(b"\x00" if allow else b"\x01") * 65536
+        for low, high in allow:
+            allowed[low : high + 1] = b"\x01" * (high + 1 - low)
+        # Deny beats allow, whatever the ranges' sizes.
+        for low, high in deny:
+            allowed[low : high + 1] = b"\x00" * (high + 1 - low)
+        allowed[0] = 0
+        self._allowed = bytes(allowed)
+
+    def allows(self, port: int) -> bool:
+        return 0 <= port <= 65535 and self._allowed[port] == 1
+
+
 _WILDCARD_HOSTS = frozenset(["", "0.0.0.0", "::"])
 
 
@@ -674,6 +751,8 @@ class AddressPolicy:
         allowAddresses: Iterable[str] = (),
         denyAddresses: Iterable[str] = (),
         selfAddresses: Iterable[tuple[str, int]] = (),
+        allowPorts: Iterable[str | int] = (),
+        denyPorts: Iterable[str | int] = (),
     ) -> None:
         """
         @param allowRanges: CIDR ranges to allow even though the built-in
@@ -689,6 +768,11 @@ class AddressPolicy:
             pairs, with the port actually bound; a host of C{"0.0.0.0"},
             C{"::"} or C{""} is a wildcard listener.  A wildcard cannot
             know this host's global addresses, so list those explicitly.
+        @param allowPorts: the only destination ports that may be connected
+            to (C{443}, C{"8000-8100"}); by default every port.  See
+            L{portAllowed}.
+        @param denyPorts: destination ports never to connect to, written
+            the same way; a deny beats an allow.
 
         @raise ValueError: a value is not what it should be; the message
             names the value and what was expected.
@@ -701,6 +785,8 @@ class AddressPolicy:
             "allowAddresses": allowAddresses,
             "denyAddresses": denyAddresses,
             "selfAddresses": selfAddresses,
+            "allowPorts": allowPorts,
+            "denyPorts": denyPorts,
         }
         for name, value in arguments.items():
             # A lone string would be read one character at a time.
@@ -741,10 +827,49 @@ class AddressPolicy:
                 bits, ((network, True) for network in ranges[version, False])
             )
         self._wildcardPorts = frozenset(wildcardPorts)
+        allowPorts = tuple(allowPorts)
+        denyPorts = tuple(denyPorts)
+        self._ports: _PortRules | None = None
+        if allowPorts or denyPorts:
+            self._ports = _PortRules(allowPorts, denyPorts)
         self._decisions: dict[tuple[str | IPAddress, int], AddressDecision] = {}
 
     def _family(self, version: int) -> _FamilyRules:
         return self._v4 if version == 4 else self._v6
+
+    @property
+    def limitsPorts(self) -> bool:
+        """
+        Whether port rules were given; without them L{portAllowed} is
+        always true and need not be asked.
+        """
+        return self._ports is not None
+
+    def portAllowed(self, address: IPAddress | None, port: int) -> bool:
+        """
+        Whether the port rules let a connection to C{port} be made at all.
+        They are asked before any lookup, with the target itself: a name
+        (C{address} is L{None}) or an IP literal.
+
+        An exact allow address rule that names this port
+        (C{allowAddresses=["10.0.0.5:8443"]}) passes the port rules for a
+        target that is that address written as a literal, since it names
+        both.  A name is judged by the port rules alone, whatever it
+        resolves to: nothing is looked up for a refused port.  Whether the
+        address itself may be connected to is L{decide}'s answer, asked
+        afterwards.
+
+        @param address: the target's IP address (IPv4-mapped forms are
+            read as the IPv4 address), or L{None} for a name.
+        @param port: the destination port.
+        """
+        ports = self._ports
+        if ports is None or ports.allows(port):
+            return True
+        if address is None:
+            return False
+        ip = _unmapAddress(address)
+        return (int(ip), port) in self._family(ip.version).allowPort
 
     def decide(self, address: str | IPAddress, port: int) -> AddressDecision:
         """

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from proxy_app.addresses import (
     DECISION_CACHE_SIZE,
+    RULE_PORT_DENIED,
     AddressDecision,
     AddressPolicy,
     parseIPLiteral,
@@ -57,6 +58,7 @@ __all__ = [
     "DestinationDenied",
     "IExplainedHostResolution",
     "NameserverResolver",
+    "PortDenied",
     "ResolutionFailed",
     "SafeResolver",
     "VettedDestination",
@@ -111,6 +113,27 @@ class DestinationDenied(ProxyError):
             f"Egress proxying is denied to host '{hostPort(host, port)}': "
             f"The destination address ({decision.address}) was denied by "
             f"rule '{decision.rule}'.",
+        )
+
+
+class PortDenied(DestinationDenied):
+    """
+    The port rules (C{destinations.allow_ports} and C{deny_ports}) refuse
+    the destination's port; nothing was looked up.
+
+    @ivar decision: an L{proxy_app.addresses.AddressDecision} with the rule
+        L{proxy_app.addresses.RULE_PORT_DENIED}, for the metrics.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.decision = AddressDecision(False, host, RULE_PORT_DENIED)
+        ProxyError.__init__(
+            self,
+            Reason.PORT_DENIED,
+            f"Egress proxying is denied to host '{hostPort(host, port)}': "
+            f"The destination port ({port}) is not allowed.",
         )
 
 
@@ -339,6 +362,7 @@ class SafeResolver:
         @param timeout: seconds a lookup may take before it is abandoned.
         """
         self._policy = policy
+        self._limitsPorts = policy.limitsPorts
         # Vetted IP literals: values, as the policy is fixed.
         self._literals: dict[tuple[str, int], VettedDestination] = {}
         self._nameResolver = nameResolver
@@ -361,6 +385,10 @@ class SafeResolver:
             raise DestinationDenied(
                 host, port, self._policy.decide(host, port)
             ) from None
+        # Before any lookup, and before a name's cached answer is ever
+        # stored: CachingResolver keeps only what got past this.
+        if self._limitsPorts and not self._policy.portAllowed(ip, port):
+            raise PortDenied(host, port)
         if ip is None:
             return None
         decision = self._policy.decide(ip, port)

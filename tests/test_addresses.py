@@ -29,6 +29,7 @@ from proxy_app.addresses import (
     AddressDecision,
     AddressPolicy,
     parseIPLiteral,
+    parsePortRange,
 )
 
 NGU = RULE_NOT_GLOBAL_UNICAST
@@ -1301,3 +1302,107 @@ class DecisionCacheTests(SynchronousTestCase):
             )
         self.assertLessEqual(len(policy._decisions), DECISION_CACHE_SIZE)
         self.assertFalse(policy.decide("10.0.0.1", 443).allowed)
+
+
+class PortRuleTests(SynchronousTestCase):
+    """
+    C{allowPorts} and C{denyPorts}: which destination ports may be
+    connected to at all, asked through L{AddressPolicy.portAllowed}.
+    """
+
+    def test_defaultAllPorts(self) -> None:
+        """
+        Without port rules every port is allowed, and the policy says it
+        need not be asked.
+        """
+        policy = AddressPolicy()
+        self.assertFalse(policy.limitsPorts)
+        for port in (1, 22, 80, 443, 65535):
+            self.assertTrue(policy.portAllowed(None, port))
+
+    def test_allowPortsOnly(self) -> None:
+        """
+        With allow rules, only the listed ports and ranges (both ends
+        included) are allowed, for names and literals alike.
+        """
+        policy = AddressPolicy(allowPorts=["80", 443, "8000-8100"])
+        self.assertTrue(policy.limitsPorts)
+        allowed = [
+            port
+            for port in (22, 79, 80, 81, 443, 7999, 8000, 8050, 8100, 8101)
+            if policy.portAllowed(None, port)
+        ]
+        self.assertEqual(allowed, [80, 443, 8000, 8050, 8100])
+        literal = ipaddress.ip_address("93.184.215.14")
+        self.assertFalse(policy.portAllowed(literal, 22))
+        self.assertTrue(policy.portAllowed(literal, 443))
+
+    def test_denyBeatsAllow(self) -> None:
+        """
+        A denied port is refused even inside an allowed range; deny rules
+        alone leave every other port allowed.
+        """
+        policy = AddressPolicy(allowPorts=["1-65535"], denyPorts=["25", "6000-6063"])
+        self.assertEqual(
+            [p for p in (24, 25, 26, 6000, 6063, 6064) if policy.portAllowed(None, p)],
+            [24, 26, 6064],
+        )
+        policy = AddressPolicy(denyPorts=["25"])
+        self.assertEqual(
+            [p for p in (24, 25, 26) if policy.portAllowed(None, p)], [24, 26]
+        )
+
+    def test_exactAllowAddressWithPort(self) -> None:
+        """
+        An exact allow address rule that names the port passes the port
+        rules for that address written as a literal (its mapped form
+        included), not for another address, another port, a name, nor for
+        an allow address without a port.
+        """
+        policy = AddressPolicy(
+            allowPorts=["443"],
+            allowAddresses=["10.0.0.5:6379", "10.0.0.6", "[fd00::5]:6379"],
+        )
+        ip = ipaddress.ip_address
+        self.assertTrue(policy.portAllowed(ip("10.0.0.5"), 6379))
+        self.assertTrue(policy.portAllowed(ip("::ffff:10.0.0.5"), 6379))
+        self.assertTrue(policy.portAllowed(ip("fd00::5"), 6379))
+        self.assertFalse(policy.portAllowed(ip("10.0.0.5"), 6380))
+        self.assertFalse(policy.portAllowed(ip("10.0.0.7"), 6379))
+        self.assertFalse(policy.portAllowed(ip("10.0.0.6"), 6379))
+        self.assertFalse(policy.portAllowed(None, 6379))
+        self.assertEqual(
+            policy.decide("10.0.0.5", 6379),
+            AddressDecision(True, "10.0.0.5", RULE_ALLOW_USER),
+        )
+
+    def test_badPorts(self) -> None:
+        """
+        A port rule that is not a port or an ordered range of them is a
+        L{ValueError} naming it.
+        """
+        for bad, expected in [
+            ("0", "from 1 to 65535"),
+            ("65536", "from 1 to 65535"),
+            ("http", "not a port or port range"),
+            ("80-", "not a port or port range"),
+            ("-80", "not a port or port range"),
+            ("8100-8000", "did you mean 8000-8100?"),
+            (True, "not a port or port range"),
+            (80.0, "not a port or port range"),
+        ]:
+            for kwarg in ("allowPorts", "denyPorts"):
+                with self.assertRaises(ValueError) as raised:
+                    AddressPolicy(**{kwarg: [bad]})  # type: ignore[arg-type]
+                self.assertIn(expected, str(raised.exception))
+                self.assertIn(repr(bad), str(raised.exception))
+        self.assertRaises(TypeError, AddressPolicy, allowPorts="443")
+
+    def test_parsePortRange(self) -> None:
+        """
+        L{parsePortRange} reads a port or a range, both ends included.
+        """
+        self.assertEqual(parsePortRange("443"), (443, 443))
+        self.assertEqual(parsePortRange(443), (443, 443))
+        self.assertEqual(parsePortRange(" 8000-8100 "), (8000, 8100))
+        self.assertEqual(parsePortRange("1-65535"), (1, 65535))

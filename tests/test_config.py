@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app import config
 from proxy_app.config import Config, ConfigError
-from proxy_app.tap import Options, selfAddresses
+from proxy_app.tap import Options, buildPolicy, selfAddresses
 
 
 class LoadTests(SynchronousTestCase):
@@ -243,6 +243,39 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(options.config.limits.max_response_body, 10)
         self.assertEqual(options.config.destinations.allow_ranges, ("127.0.0.2/32",))
+
+    def test_ports(self) -> None:
+        """
+        C{--allow-port} and C{--deny-port} take ports and ranges,
+        comma-separated or repeated, as do their environment variables and
+        YAML keys; the proxy's address policy applies them.
+        """
+        options = self.parse(
+            ["--allow-port", "80,443", "--allow-port", "8000-8100"],
+            {"EGRESSPROXY_DENY_PORT": "8080, 8081"},
+        )
+        destinations = options.config.destinations
+        self.assertEqual(destinations.allow_ports, ("80", "443", "8000-8100"))
+        self.assertEqual(destinations.deny_ports, ("8080", "8081"))
+        policy = buildPolicy(options.config)
+        self.assertEqual(
+            [p for p in (22, 80, 443, 8000, 8080, 8100) if policy.portAllowed(None, p)],
+            [80, 443, 8000, 8100],
+        )
+        path = FilePath(self.mktemp())
+        path.setContent(b"destinations:\n  allow_ports: [80, 443, ' 8000-8100']\n")
+        loaded = config.load({}, {}, path.path)
+        self.assertEqual(loaded.destinations.allow_ports, ("80", "443", "8000-8100"))
+        self.assertFalse(buildPolicy(Config()).limitsPorts)
+
+    def test_badPort(self) -> None:
+        """
+        A port rule that is not a port or a range of them stops start-up
+        with one line naming the flag and the value.
+        """
+        for argv in (["--allow-port", "80,https"], ["--deny-port", "0-80"]):
+            self.assertOneLineExit(argv, f"{argv[0]} = {[argv[1]]!r}")
+            self.assertOneLineExit(argv, "expected a port (1-65535)")
 
     def test_badBindAddress(self) -> None:
         """

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import AddressPolicy
-from proxy_app.resolver import SafeResolver
+from proxy_app.resolver import CachingResolver, SafeResolver
 
 from .helpers import ScriptedNameResolver, makeHarness, parseResponse
 
@@ -142,3 +142,107 @@ class BindAddressTests(SynchronousTestCase):
         both = Connector(reactor, 5, ["::1", "127.0.0.5"])
         both.connectAddress("2001:db8::1", 80, Factory())
         self.assertEqual(reactor.tcpClients[2][4], ("::1", 0))
+
+
+class PortRuleTests(SynchronousTestCase):
+    """
+    C{destinations.allow_ports} and C{deny_ports} through the proxy: a
+    refused port gets 403 with reason code 1017, before any lookup and
+    without a connection attempt.
+    """
+
+    def assertPortRefused(self, h: Any, authority: bytes) -> None:
+        status, headers, body = parseResponse(h.client.value())
+        self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (403, b"1017"))
+        port = authority.rsplit(b":", 1)[1]
+        self.assertEqual(
+            body.strip(),
+            b"Egress proxying is denied to host '"
+            + authority
+            + b"': The destination port ("
+            + port
+            + b") is not allowed.",
+        )
+        self.assertEqual(headers[b"x-whsentry-reason"], body.strip())
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_forwardedAndConnectRefused(self) -> None:
+        """
+        A forwarded request and a CONNECT to a port outside C{allowPorts}
+        (or inside C{denyPorts}) are refused; the name is not looked up.
+        """
+        requests = [
+            (
+                b"GET http://origin.example:8080/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"origin.example:8080",
+            ),
+            (
+                b"CONNECT origin.example:22 HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"origin.example:22",
+            ),
+        ]
+        for request, authority in requests:
+            for policy in ({"allowPorts": ["80", "443"]}, {"denyPorts": ["22", 8080]}):
+                h, names = safeHarness({"origin.example": [["198.51.200.7"]]}, **policy)
+                h.send(request)
+                self.assertPortRefused(h, authority)
+                self.assertEqual(names.lookups, [])
+
+    def test_allowedPortsConnect(self) -> None:
+        """
+        Requests to an allowed port go on as without port rules: resolved,
+        vetted and connected, GET and CONNECT alike.
+        """
+        h, names = safeHarness(
+            {"origin.example": [["198.51.200.7"]]}, allowPorts=["80", "443"]
+        )
+        h.send(b"GET http://origin.example/ HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("198.51.200.7", 80)])
+        h, names = safeHarness(
+            {"origin.example": [["198.51.200.7"]]}, allowPorts=["80", "443"]
+        )
+        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("198.51.200.7", 443)])
+
+    def test_literalRefused(self) -> None:
+        """
+        An IP literal on a refused port gets 1017, not the address
+        policy's 1000: the port is judged first.
+        """
+        h, _ = safeHarness({}, allowPorts=["443"])
+        h.send(b"GET http://198.51.200.7:8443/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertPortRefused(h, b"198.51.200.7:8443")
+
+    def test_exactAllowAddressPasses(self) -> None:
+        """
+        C{--allow-address IP:PORT} passes the port rules for that literal;
+        the same port on a name, or on another address, stays refused.
+        """
+        policy = {"allowPorts": ["443"], "allowAddresses": ["10.0.0.5:6379"]}
+        h, _ = safeHarness({}, **policy)
+        h.send(b"CONNECT 10.0.0.5:6379 HTTP/1.1\r\nHost: 10.0.0.5:6379\r\n\r\n")
+        self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("10.0.0.5", 6379)])
+        h, _ = safeHarness({}, **policy)
+        h.send(b"CONNECT 10.0.0.6:6379 HTTP/1.1\r\nHost: 10.0.0.6:6379\r\n\r\n")
+        self.assertPortRefused(h, b"10.0.0.6:6379")
+        h, names = safeHarness({"redis.example": [["10.0.0.5"]]}, **policy)
+        h.send(b"CONNECT redis.example:6379 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertPortRefused(h, b"redis.example:6379")
+        self.assertEqual(names.lookups, [])
+
+    def test_cachingResolver(self) -> None:
+        """
+        Behind the L{CachingResolver}, a name vetted on an allowed port
+        does not open its other ports.
+        """
+        h, names = safeHarness(
+            {"origin.example": [["198.51.200.7"]]}, allowPorts=["443"]
+        )
+        h.factory.resolver = CachingResolver(h.factory.resolver, h.reactor, 30)
+        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        h2 = makeHarness()
+        h2.factory.resolver = h.factory.resolver
+        h2.send(b"CONNECT origin.example:8443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertPortRefused(h2, b"origin.example:8443")
+        self.assertEqual(names.lookups, ["origin.example"])
