@@ -33,6 +33,9 @@ L{AddressPolicy.decide} answers with the first of these that applies:
  4. Exact address rules (C{denyAddresses}, C{allowAddresses}), with or
     without a port: deny beats allow.  L{RULE_DENY_USER} or
     L{RULE_ALLOW_USER}.
+ 4a. Cloud metadata and wire-server addresses (L{CLOUD_METADATA}): deny,
+    L{RULE_CLOUD_METADATA}.  Only an exact allow rule (step 4) opens one;
+    no range does, nor an IPv6 allow range over a form that carries one.
  5. Range rules (C{denyRanges}, C{allowRanges}): deny beats allow whatever
     the prefix lengths.  L{RULE_DENY_USER} or L{RULE_ALLOW_USER}.
  6. The built-in table, taken from the IANA IPv4 and IPv6 Special-Purpose
@@ -118,6 +121,7 @@ RULE_CGNAT_RANGE = "Deny: CGNAT Range"
 RULE_IPV6_EMBEDDING = "Deny: IPv6 Embedding"
 RULE_SELF_CONNECTION = "Deny: Self Connection"
 RULE_PORT_DENIED = "Deny: Port Not Allowed"
+RULE_CLOUD_METADATA = "Deny: Cloud Metadata"
 RULE_DENY_USER = "Deny: User Configured"
 RULE_ALLOW_USER = "Allow: User Configured"
 RULE_ALLOW_DEFAULT = "Allow: Default"
@@ -131,6 +135,7 @@ _LABELS = {
     RULE_IPV6_EMBEDDING: "ipv6_embedding",
     RULE_SELF_CONNECTION: "self_connection",
     RULE_PORT_DENIED: "port_denied",
+    RULE_CLOUD_METADATA: "cloud_metadata",
     RULE_DENY_USER: "user_configured",
     RULE_ALLOW_USER: "user_configured",
     RULE_ALLOW_DEFAULT: "default",
@@ -159,7 +164,7 @@ class AddressDecision:
         A low-cardinality name for the rule, fit for a metric label: one of
         C{not_global_unicast}, C{private_range}, C{cgnat_range},
         C{ipv6_embedding}, C{self_connection}, C{port_denied},
-        C{user_configured}, C{default}.
+        C{cloud_metadata}, C{user_configured}, C{default}.
         """
         return _LABELS[self.rule]
 
@@ -259,6 +264,41 @@ IPV6_SPECIAL_PURPOSE: tuple[tuple[str, str | _Marker], ...] = (
     ("fe80::/10", RULE_NOT_GLOBAL_UNICAST),  # RFC 4291, link-local
     ("fec0::/10", RULE_NOT_GLOBAL_UNICAST),  # RFC 3879, site-local
     ("ff00::/8", RULE_NOT_GLOBAL_UNICAST),  # RFC 4291, multicast
+)
+
+
+# Cloud metadata and wire-server addresses that the tables above would let
+# through, or that a user range could open: "Deny: Cloud Metadata", which
+# only an exact allow address rule overrides (see the module docstring).
+# The link-local ones (169.254.169.254 for AWS, GCP, Azure IMDS, Oracle,
+# OpenStack, DigitalOcean; 169.254.170.2 for ECS) stay "Deny: Not Global
+# Unicast": nothing but a user rule opens them.
+CLOUD_METADATA: tuple[tuple[str, str], ...] = (
+    # Azure WireServer: a global unicast address (Microsoft's) answering
+    # inside every Azure VM: VM agent, health probes, DHCP, DNS.
+    # https://learn.microsoft.com/en-us/azure/virtual-network/what-is-ip-address-168-63-129-16
+    ("168.63.129.16", "Azure WireServer"),
+    # Alibaba Cloud ECS instance metadata (credentials included): in the
+    # CGNAT range, which an allow range for a carrier or overlay network
+    # (100.64.0.0/10) would open.
+    # https://www.alibabacloud.com/help/en/ecs/user-guide/view-instance-metadata
+    ("100.100.100.200", "Alibaba Cloud ECS metadata"),
+    # AWS EC2 IMDS over IPv6: unique local (fc00::/7), which an allow
+    # range for a private IPv6 network would open.
+    # https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/configuring-instance-metadata-options.html
+    ("fd00:ec2::254", "AWS EC2 instance metadata (IPv6)"),
+    # AWS EKS Pod Identity Agent, which hands out IAM credentials to pods:
+    # unique local as above (its IPv4 address, 169.254.170.23, is
+    # link-local).
+    # https://docs.aws.amazon.com/eks/latest/userguide/pod-id-agent-setup.html
+    ("fd00:ec2::23", "AWS EKS Pod Identity Agent (IPv6)"),
+)
+
+_CLOUD_METADATA4 = frozenset(
+    int(ipaddress.IPv4Address(a)) for a, _ in CLOUD_METADATA if ":" not in a
+)
+_CLOUD_METADATA6 = frozenset(
+    int(ipaddress.IPv6Address(a)) for a, _ in CLOUD_METADATA if ":" in a
 )
 
 
@@ -729,6 +769,7 @@ _ALLOW_USER = (True, RULE_ALLOW_USER)
 _DENY_USER = (False, RULE_DENY_USER)
 _DENY_SELF = (False, RULE_SELF_CONNECTION)
 _DENY_EMBEDDING = (False, RULE_IPV6_EMBEDDING)
+_DENY_METADATA = (False, RULE_CLOUD_METADATA)
 
 
 # How many (address, port) decisions an AddressPolicy remembers before it
@@ -929,6 +970,8 @@ class AddressPolicy:
             return _DENY_USER
         if n in rules.allowAny or (n, port) in rules.allowPort:
             return _ALLOW_USER
+        if n in _CLOUD_METADATA4:
+            return _DENY_METADATA
         if rules.denyRanges.lookup(n) is not None:
             return _DENY_USER
         if rules.allowRanges.lookup(n) is not None:
@@ -954,11 +997,13 @@ class AddressPolicy:
         if n in rules.denyAny or (n, port) in rules.denyPort:
             return _DENY_USER
         if n in rules.allowAny or (n, port) in rules.allowPort:
-            return self._allow6(n, port)
+            return self._allow6(n, port, True)
+        if n in _CLOUD_METADATA6:
+            return _DENY_METADATA
         if rules.denyRanges.lookup(n) is not None:
             return _DENY_USER
         if rules.allowRanges.lookup(n) is not None:
-            return self._allow6(n, port)
+            return self._allow6(n, port, False)
         if builtin is GLOBAL:
             return _ALLOW_DEFAULT
         if builtin is NAT64:
@@ -970,12 +1015,22 @@ class AddressPolicy:
         verdict = self._decide4(embedded, port)
         return verdict if verdict[0] else _DENY_EMBEDDING
 
-    def _allow6(self, n: int, port: int) -> tuple[bool, str]:
+    def _allow6(self, n: int, port: int, exact: bool) -> tuple[bool, str]:
         """
         A user rule allows the IPv6 address C{n}, unless a user rule denies
-        an IPv4 address it carries.
+        an IPv4 address it carries, or, when the rule is a range
+        (C{exact} is false), that IPv4 address is a cloud metadata address
+        that no exact IPv4 rule allows.
         """
+        v4 = self._v4
         for embedded in _carriedIPv4(n):
-            if self._v4.userDenied(embedded, port):
+            if v4.userDenied(embedded, port):
+                return _DENY_EMBEDDING
+            if (
+                not exact
+                and embedded in _CLOUD_METADATA4
+                and embedded not in v4.allowAny
+                and (embedded, port) not in v4.allowPort
+            ):
                 return _DENY_EMBEDDING
         return _ALLOW_USER

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import (
+    CLOUD_METADATA,
     DECISION_CACHE_SIZE,
     GLOBAL,
     IPV4_SPECIAL_PURPOSE,
@@ -20,6 +21,7 @@ from proxy_app.addresses import (
     RULE_ALLOW_DEFAULT,
     RULE_ALLOW_USER,
     RULE_CGNAT_RANGE,
+    RULE_CLOUD_METADATA,
     RULE_DENY_USER,
     RULE_IPV6_EMBEDDING,
     RULE_NOT_GLOBAL_UNICAST,
@@ -31,6 +33,8 @@ from proxy_app.addresses import (
     parseIPLiteral,
     parsePortRange,
 )
+
+METADATA_TEXTS = frozenset(address for address, _ in CLOUD_METADATA)
 
 NGU = RULE_NOT_GLOBAL_UNICAST
 PRIVATE = RULE_PRIVATE_RANGE
@@ -1216,8 +1220,10 @@ class PropertyTests(SynchronousTestCase):
     @given(st.sampled_from(IPV4_GAPS).flatmap(inside))
     def test_ipv4OutsideTableAllowed(self, v4) -> None:
         """
-        An IPv4 address outside every table entry is allowed by default.
+        An IPv4 address outside every table entry is allowed by default
+        (the cloud metadata addresses are listed on their own).
         """
+        assume(str(v4) not in METADATA_TEXTS)
         self.assertEqual(
             AddressPolicy().decide(v4, 443), AddressDecision(True, str(v4), ALLOW)
         )
@@ -1230,9 +1236,11 @@ class PropertyTests(SynchronousTestCase):
     )
     def test_ipv4InsideTableDenied(self, case) -> None:
         """
-        An IPv4 address inside a table entry is denied with its rule.
+        An IPv4 address inside a table entry is denied with its rule
+        (the cloud metadata addresses with their own).
         """
         v4, rule = case
+        assume(str(v4) not in METADATA_TEXTS)
         self.assertEqual(
             AddressPolicy().decide(v4, 443), AddressDecision(False, str(v4), rule)
         )
@@ -1406,3 +1414,111 @@ class PortRuleTests(SynchronousTestCase):
         self.assertEqual(parsePortRange(443), (443, 443))
         self.assertEqual(parsePortRange(" 8000-8100 "), (8000, 8100))
         self.assertEqual(parsePortRange("1-65535"), (1, 65535))
+
+
+class CloudMetadataTests(SynchronousTestCase):
+    """
+    C{Deny: Cloud Metadata}: cloud metadata and wire-server addresses that
+    the IANA tables allow or that a user range could open, overridable only
+    by an exact allow address rule.
+    """
+
+    def test_listed(self) -> None:
+        """
+        Azure's WireServer, Alibaba's metadata address and AWS's IPv6
+        metadata and Pod Identity addresses are denied by default, in every
+        IPv4 or IPv6 form; the link-local metadata address keeps its rule.
+        """
+        policy = AddressPolicy()
+        for address in ["168.63.129.16", "100.100.100.200"]:
+            for form in (address, f"::ffff:{address}"):
+                self.assertEqual(
+                    (policy.decide(form, 80).allowed, policy.decide(form, 80).rule),
+                    (False, RULE_CLOUD_METADATA),
+                    form,
+                )
+            for form in (f"64:ff9b::{address}", "2002:a83f:8110::1"):
+                self.assertFalse(policy.decide(form, 80).allowed, form)
+        for address in ["fd00:ec2::254", "fd00:ec2::23"]:
+            self.assertEqual(
+                policy.decide(address, 80),
+                AddressDecision(False, address, RULE_CLOUD_METADATA),
+            )
+        self.assertEqual(policy.decide("168.63.129.17", 80).rule, ALLOW)
+        self.assertEqual(policy.decide("169.254.169.254", 80).rule, NGU)
+        self.assertEqual(policy.decide("fd00:ec2::253", 80).rule, PRIVATE)
+
+    def test_rangesDoNotOpen(self) -> None:
+        """
+        An allow range never opens a metadata address, however it covers
+        it (IPv4, IPv6, or an IPv6 range over the NAT64 form), while the
+        addresses around it are opened as before.
+        """
+        policy = AddressPolicy(
+            allowRanges=[
+                "168.63.0.0/16",
+                "100.64.0.0/10",
+                "fd00::/8",
+                "64:ff9b::/96",
+                "::ffff:0:0/96",
+            ]
+        )
+        for address in [
+            "168.63.129.16",
+            "100.100.100.200",
+            "fd00:ec2::254",
+            "fd00:ec2::23",
+            "::ffff:168.63.129.16",
+        ]:
+            self.assertEqual(policy.decide(address, 80).rule, RULE_CLOUD_METADATA)
+        self.assertEqual(
+            policy.decide("64:ff9b::168.63.129.16", 80).rule, RULE_IPV6_EMBEDDING
+        )
+        for address in ["100.100.100.201", "fd00:ec2::1", "64:ff9b::100.64.0.1"]:
+            self.assertEqual(policy.decide(address, 80).rule, RULE_ALLOW_USER)
+
+    def test_exactAllowOverrides(self) -> None:
+        """
+        An exact allow address rule opens a metadata address (on its port
+        only, when it names one), and its NAT64 form through an IPv6 allow
+        range; an exact deny rule still names itself.
+        """
+        policy = AddressPolicy(
+            allowAddresses=["168.63.129.16:32526", "100.100.100.200", "fd00:ec2::254"],
+            allowRanges=["64:ff9b::/96"],
+            denyAddresses=["fd00:ec2::23"],
+        )
+        self.assertEqual(policy.decide("168.63.129.16", 32526).rule, RULE_ALLOW_USER)
+        self.assertEqual(policy.decide("168.63.129.16", 80).rule, RULE_CLOUD_METADATA)
+        self.assertEqual(
+            policy.decide("64:ff9b::168.63.129.16", 80).rule, RULE_IPV6_EMBEDDING
+        )
+        self.assertEqual(
+            policy.decide("64:ff9b::100.100.100.200", 80).rule, RULE_ALLOW_USER
+        )
+        self.assertEqual(policy.decide("100.100.100.200", 80).rule, RULE_ALLOW_USER)
+        self.assertEqual(policy.decide("fd00:ec2::254", 80).rule, RULE_ALLOW_USER)
+        self.assertEqual(policy.decide("fd00:ec2::23", 80).rule, RULE_DENY_USER)
+
+    def test_label(self) -> None:
+        """
+        The rule has its own metric label.
+        """
+        self.assertEqual(
+            AddressPolicy().decide("168.63.129.16", 80).label, "cloud_metadata"
+        )
+
+    def test_sourcesCited(self) -> None:
+        """
+        Every entry of the table is an address, with its source URL in a
+        comment next to it in the module.
+        """
+        import inspect
+
+        from proxy_app import addresses
+
+        source = inspect.getsource(addresses)
+        for address, _ in CLOUD_METADATA:
+            ipaddress.ip_address(address)
+            before = source[: source.index(f'("{address}"')]
+            self.assertIn("# https://", before.rsplit("\n    (", 1)[-1])

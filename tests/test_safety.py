@@ -246,3 +246,34 @@ class PortRuleTests(SynchronousTestCase):
         h2.send(b"CONNECT origin.example:8443 HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertPortRefused(h2, b"origin.example:8443")
         self.assertEqual(names.lookups, ["origin.example"])
+
+
+class CloudMetadataTests(SynchronousTestCase):
+    """
+    C{Deny: Cloud Metadata} through the proxy.
+    """
+
+    def test_wireServerRefused(self) -> None:
+        """
+        A name resolving to Azure's WireServer (a global address) is
+        refused with the rule named, even with an allow range over it, and
+        nothing is dialled; an exact allow address opens it.
+        """
+        for policy in ({}, {"allowRanges": ["168.63.0.0/16"]}):
+            h, _ = safeHarness({"wire.example": [["168.63.129.16"]]}, **policy)
+            h.send(b"GET http://wire.example/ HTTP/1.1\r\nHost: wire.example\r\n\r\n")
+            status, headers, body = parseResponse(h.client.value())
+            self.assertEqual(
+                (status, headers[b"x-whsentry-reasoncode"]), (403, b"1000")
+            )
+            self.assertIn(
+                b"The destination address (168.63.129.16) was denied by rule "
+                b"'Deny: Cloud Metadata'.",
+                body,
+            )
+            self.assertEqual(h.reactor.tcpClients, [])
+        h, _ = safeHarness(
+            {"wire.example": [["168.63.129.16"]]}, allowAddresses=["168.63.129.16:80"]
+        )
+        h.send(b"GET http://wire.example/ HTTP/1.1\r\nHost: wire.example\r\n\r\n")
+        self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("168.63.129.16", 80)])
