@@ -41,6 +41,12 @@ L{AddressPolicy.decide} answers with the first of these that applies:
  6. The built-in table, taken from the IANA IPv4 and IPv6 Special-Purpose
     Address Registries (L{IPV4_SPECIAL_PURPOSE}, L{IPV6_SPECIAL_PURPOSE}),
     longest prefix first: everything that is not global unicast is denied.
+ 6a. Only for an answer to a name in C{allowHosts}, asked through
+    L{AddressPolicy.liftForHost} on top of L{AddressPolicy.decide}'s
+    decision: a C{RULE_PRIVATE_RANGE} denial (RFC 1918, unique local IPv6)
+    becomes an allow, L{RULE_ALLOW_HOST}, unless the address is one of the
+    proxy's own listening addresses (any port).  Every other built-in
+    denial stands, and so does every rule above.
  7. Otherwise allow, L{RULE_ALLOW_DEFAULT}.
 
 Because exact rules (step 4) are consulted before any range (step 5), an
@@ -124,6 +130,7 @@ RULE_PORT_DENIED = "Deny: Port Not Allowed"
 RULE_CLOUD_METADATA = "Deny: Cloud Metadata"
 RULE_DENY_USER = "Deny: User Configured"
 RULE_ALLOW_USER = "Allow: User Configured"
+RULE_ALLOW_HOST = "Allow: Allowed Host"
 RULE_ALLOW_DEFAULT = "Allow: Default"
 
 # Metric labels must be few and fixed, so user rules share one label
@@ -138,6 +145,7 @@ _LABELS = {
     RULE_CLOUD_METADATA: "cloud_metadata",
     RULE_DENY_USER: "user_configured",
     RULE_ALLOW_USER: "user_configured",
+    RULE_ALLOW_HOST: "allowed_host",
     RULE_ALLOW_DEFAULT: "default",
 }
 
@@ -164,7 +172,8 @@ class AddressDecision:
         A low-cardinality name for the rule, fit for a metric label: one of
         C{not_global_unicast}, C{private_range}, C{cgnat_range},
         C{ipv6_embedding}, C{self_connection}, C{port_denied},
-        C{cloud_metadata}, C{user_configured}, C{default}.
+        C{cloud_metadata}, C{user_configured}, C{allowed_host},
+        C{default}.
         """
         return _LABELS[self.rule]
 
@@ -690,6 +699,52 @@ class _PortRules:
         return 0 <= port <= 65535 and self._allowed[port] == 1
 
 
+# A host name as target.normalizeHost leaves it: lower-case ASCII labels
+# (A-labels for internationalized names), no trailing dot.
+_HOST_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+_ALLOW_HOST = re.compile(
+    rf"(?P<glob>\*\.)?(?P<name>{_HOST_LABEL}(?:\.{_HOST_LABEL})*)(?::(?P<port>[^:]*))?",
+    re.ASCII,
+)
+_HOST_EXAMPLE = "such as hooks.internal.example, *.svc.example or hooks.example:8443"
+# In an allowed host's set of ports: every port.
+_ANY_PORT = 0
+
+
+def parseAllowHost(text: object) -> tuple[str, bool, int | None]:
+    """
+    Parse an allowed host as the policy takes it: C{NAME}, C{*.SUFFIX}, each
+    optionally with C{:PORT}, the name lower-case ASCII (A-labels) without
+    a trailing dot, as L{proxy_app.target.normalizeHost} writes names.
+
+    @return: the name (for a glob, the suffix without C{*.}), whether it is
+        a glob, and the port or L{None} for every port.
+    @raise ValueError: naming the value and what was expected.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a host name, {_HOST_EXAMPLE}")
+    match = _ALLOW_HOST.fullmatch(text)
+    if match is None or len(match["name"]) > 253:
+        raise ValueError(
+            f"{text!r} is not a host name or *. glob with an optional port, "
+            f"{_HOST_EXAMPLE} (lower case; internationalized names as "
+            "A-labels)"
+        )
+    name = match["name"]
+    try:
+        literal = parseIPLiteral(name) is not None
+    except ValueError:
+        # Numeric-looking nonsense (1.2.3.999) is no name either.
+        literal = True
+    if literal:
+        raise ValueError(
+            f"{text!r} is an IP address, not a name; allow an address with "
+            "--allow-address or --allow-range"
+        )
+    port = None if match["port"] is None else _parsePort(match["port"], text)
+    return name, match["glob"] is not None, port
+
+
 _WILDCARD_HOSTS = frozenset(["", "0.0.0.0", "::"])
 
 
@@ -794,6 +849,7 @@ class AddressPolicy:
         selfAddresses: Iterable[tuple[str, int]] = (),
         allowPorts: Iterable[str | int] = (),
         denyPorts: Iterable[str | int] = (),
+        allowHosts: Iterable[str] = (),
     ) -> None:
         """
         @param allowRanges: CIDR ranges to allow even though the built-in
@@ -814,6 +870,11 @@ class AddressPolicy:
             L{portAllowed}.
         @param denyPorts: destination ports never to connect to, written
             the same way; a deny beats an allow.
+        @param allowHosts: names (C{"hooks.internal.example"}) and globs
+            (C{"*.svc.example"}, any depth below the suffix, not the suffix
+            itself), each optionally with C{":PORT"}, whose answers may be
+            in the private ranges; see L{hostAllowed} and L{liftForHost}.
+            Written as L{parseAllowHost} reads them.
 
         @raise ValueError: a value is not what it should be; the message
             names the value and what was expected.
@@ -828,6 +889,7 @@ class AddressPolicy:
             "selfAddresses": selfAddresses,
             "allowPorts": allowPorts,
             "denyPorts": denyPorts,
+            "allowHosts": allowHosts,
         }
         for name, value in arguments.items():
             # A lone string would be read one character at a time.
@@ -868,6 +930,19 @@ class AddressPolicy:
                 bits, ((network, True) for network in ranges[version, False])
             )
         self._wildcardPorts = frozenset(wildcardPorts)
+        # The proxy's own explicit addresses, whatever the port: an allowed
+        # host never reaches them.
+        self._selfHosts = frozenset(
+            (version, n)
+            for version, rules in ((4, self._v4), (6, self._v6))
+            for n, _ in rules.selfExact
+        )
+        self._hostNames: dict[str, set[int]] = {}
+        self._hostGlobs: dict[str, set[int]] = {}
+        for text in allowHosts:
+            name, glob, port = parseAllowHost(text)
+            table = self._hostGlobs if glob else self._hostNames
+            table.setdefault(name, set()).add(_ANY_PORT if port is None else port)
         allowPorts = tuple(allowPorts)
         denyPorts = tuple(denyPorts)
         self._ports: _PortRules | None = None
@@ -877,6 +952,58 @@ class AddressPolicy:
 
     def _family(self, version: int) -> _FamilyRules:
         return self._v4 if version == 4 else self._v6
+
+    @property
+    def allowsHosts(self) -> bool:
+        """
+        Whether allowed hosts were given; without them L{hostAllowed} is
+        always false and need not be asked.
+        """
+        return bool(self._hostNames or self._hostGlobs)
+
+    def hostAllowed(self, host: str, port: int) -> bool:
+        """
+        Whether the name C{host} is an allowed host on C{port}: its answers
+        may then be lifted out of the private ranges by L{liftForHost}.
+
+        @param host: a normalized name (never an IP literal: an address
+            written as a literal is never an allowed host).
+        """
+        ports = self._hostNames.get(host)
+        if ports is not None and (_ANY_PORT in ports or port in ports):
+            return True
+        globs = self._hostGlobs
+        if globs:
+            dot = host.find(".")
+            while dot != -1:
+                ports = globs.get(host[dot + 1 :])
+                if ports is not None and (_ANY_PORT in ports or port in ports):
+                    return True
+                dot = host.find(".", dot + 1)
+        return False
+
+    def liftForHost(self, decision: AddressDecision) -> AddressDecision:
+        """
+        The decision on an answer for a name that L{hostAllowed}: an address
+        that only the built-in table denied as a private range (RFC 1918,
+        unique local IPv6) is allowed with L{RULE_ALLOW_HOST}; any other
+        decision stands.  So loopback, link-local, CGNAT and the other
+        non-global blocks stay denied, and so does everything a rule of
+        higher precedence decided (self-connection, user deny rules, cloud
+        metadata).  One of the proxy's own listening addresses, on any
+        port, is refused as a self-connection.
+
+        The decision is not remembered: L{decide}'s cache holds only
+        decisions that hold for every name.
+
+        @param decision: L{decide}'s decision on the answer.
+        """
+        if decision.allowed or decision.rule != RULE_PRIVATE_RANGE:
+            return decision
+        ip = _unmapAddress(ipaddress.ip_address(decision.address))
+        if (ip.version, int(ip)) in self._selfHosts:
+            return AddressDecision(False, decision.address, RULE_SELF_CONNECTION)
+        return AddressDecision(True, decision.address, RULE_ALLOW_HOST)
 
     @property
     def limitsPorts(self) -> bool:

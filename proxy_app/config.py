@@ -25,7 +25,9 @@ from typing import Any, NamedTuple
 import attr
 import yaml
 
-from proxy_app.addresses import parsePortRange
+from proxy_app.addresses import parseAllowHost, parsePortRange
+from proxy_app.reasons import ProxyError
+from proxy_app.target import normalizeHost
 
 ENV_PREFIX = "EGRESSPROXY_"
 
@@ -242,6 +244,31 @@ def parsePorts(value: Any) -> str:
             "expected a port (1-65535) or a range of them, such as 443 or 8000-8100"
         ) from None
     return str(low) if low == high else f"{low}-{high}"
+
+
+def parseAllowedHost(value: Any) -> str:
+    """
+    A host name or C{*.} glob, optionally with C{:PORT}, normalized as the
+    proxy normalizes request targets (lower case, IDNA A-labels, no
+    trailing dot): C{hooks.internal.example}, C{*.svc.example:8443}.
+    """
+    expected = (
+        "expected a host name or *. glob with an optional port, such as "
+        "hooks.internal.example, *.svc.example or hooks.example:8443"
+    )
+    text = value.strip() if isinstance(value, str) else ""
+    glob = text.startswith("*.")
+    name, colon, port = (text[2:] if glob else text).partition(":")
+    try:
+        normalized = normalizeHost(name)
+    except ProxyError:
+        raise ValueError(expected) from None
+    canonical = ("*." if glob else "") + normalized + colon + port
+    try:
+        parseAllowHost(canonical)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    return canonical
 
 
 def parseSecondsOrZero(value: Any) -> float:
@@ -1023,6 +1050,18 @@ class Destinations:
         "denied port beats an allowed one.",
         repeatable=True,
         metavar="PORT[-PORT]",
+        commas=True,
+    )
+    allow_hosts: tuple[str, ...] = setting(
+        "allow-host",
+        (),
+        parseAllowedHost,
+        "Let this name reach the private ranges (RFC 1918, unique local "
+        "IPv6) that the built-in policy denies: NAME or *.SUFFIX, optionally "
+        "with :PORT (comma-separated or repeatable); never loopback, "
+        "link-local, CGNAT, cloud metadata or the proxy's own addresses.",
+        repeatable=True,
+        metavar="HOST[:PORT]",
         commas=True,
     )
     bind_addresses: tuple[str, ...] = setting(

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from proxy_app.addresses import (
     DECISION_CACHE_SIZE,
+    RULE_ALLOW_HOST,
     RULE_PORT_DENIED,
     AddressDecision,
     AddressPolicy,
@@ -86,6 +87,9 @@ class VettedDestination:
     @ivar ttl: the shortest TTL of the DNS records behind the answer, when
         the resolver knows it (L{NameserverResolver} does; the system's
         getaddrinfo does not), else L{None}.
+    @ivar allowedBy: L{proxy_app.addresses.RULE_ALLOW_HOST} when the name
+        is an allowed host and at least one of C{addresses} is allowed only
+        because of that, else L{None}.
     """
 
     host: str
@@ -94,6 +98,7 @@ class VettedDestination:
     denied: tuple = ()
     lookupTime: float = 0.0
     ttl: float | None = None
+    allowedBy: str | None = None
 
 
 class DestinationDenied(ProxyError):
@@ -172,6 +177,7 @@ class _Vetting:
         timeout: float,
         host: str,
         port: int,
+        allowedHost: bool = False,
     ) -> None:
         """
         @param nameResolver: does the lookup.
@@ -180,6 +186,9 @@ class _Vetting:
         @param timeout: seconds the lookup may take before it is abandoned.
         @param host: the name to resolve.
         @param port: the destination port, for the policy's port rules.
+        @param allowedHost: C{host} is an allowed host on C{port}
+            (L{AddressPolicy.hostAllowed}): each answer's decision goes
+            through L{AddressPolicy.liftForHost}.
         """
         self._nameResolver = nameResolver
         self._policy = policy
@@ -195,6 +204,8 @@ class _Vetting:
         self._allowed: list[str] = []
         self._denied: list[AddressDecision] = []
         self._ttl: float | None = None
+        self._allowedHost = allowedHost
+        self._allowedBy: str | None = None
         self._done = False
 
     def start(self) -> None:
@@ -240,6 +251,10 @@ class _Vetting:
             return
         self._seen.add(key)
         decision = self._policy.decide(address.host if ip is None else ip, self._port)
+        if self._allowedHost and ip is not None and not decision.allowed:
+            decision = self._policy.liftForHost(decision)
+            if decision.rule == RULE_ALLOW_HOST:
+                self._allowedBy = RULE_ALLOW_HOST
         if ip is not None and decision.allowed:
             self._allowed.append(key)
         else:
@@ -315,6 +330,7 @@ class _Vetting:
                 denied=tuple(self._denied),
                 lookupTime=self._clock.seconds() - self._started,
                 ttl=self._ttl,
+                allowedBy=self._allowedBy,
             )
         )
 
@@ -363,6 +379,7 @@ class SafeResolver:
         """
         self._policy = policy
         self._limitsPorts = policy.limitsPorts
+        self._allowsHosts = policy.allowsHosts
         # Vetted IP literals: values, as the policy is fixed.
         self._literals: dict[tuple[str, int], VettedDestination] = {}
         self._nameResolver = nameResolver
@@ -417,8 +434,18 @@ class SafeResolver:
         if destination is not None:
             return defer.succeed(destination)
 
+        policy = self._policy
         vetting = _Vetting(
-            self._nameResolver, self._policy, self._clock, self._timeout, host, port
+            self._nameResolver,
+            policy,
+            self._clock,
+            self._timeout,
+            host,
+            port,
+            # Decided once per lookup, on the name the client asked for:
+            # answers are lifted for this name only, never cached by
+            # address, so nothing carries over to another name.
+            self._allowsHosts and policy.hostAllowed(host, port),
         )
         vetting.start()
         return vetting.deferred

@@ -376,6 +376,7 @@ def buildPolicy(config: Config) -> AddressPolicy:
         selfAddresses=proxySelfAddresses(config),
         allowPorts=destinations.allow_ports,
         denyPorts=destinations.deny_ports,
+        allowHosts=destinations.allow_hosts,
     )
 
 

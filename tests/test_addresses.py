@@ -19,6 +19,7 @@ from proxy_app.addresses import (
     MAPPED,
     NAT64,
     RULE_ALLOW_DEFAULT,
+    RULE_ALLOW_HOST,
     RULE_ALLOW_USER,
     RULE_CGNAT_RANGE,
     RULE_CLOUD_METADATA,
@@ -30,6 +31,7 @@ from proxy_app.addresses import (
     SIXTOFOUR,
     AddressDecision,
     AddressPolicy,
+    parseAllowHost,
     parseIPLiteral,
     parsePortRange,
 )
@@ -1522,3 +1524,127 @@ class CloudMetadataTests(SynchronousTestCase):
             ipaddress.ip_address(address)
             before = source[: source.index(f'("{address}"')]
             self.assertIn("# https://", before.rsplit("\n    (", 1)[-1])
+
+
+class AllowedHostTests(SynchronousTestCase):
+    """
+    C{allowHosts}: names whose answers may be in the private ranges, and
+    nothing more.
+    """
+
+    def test_hostAllowed(self) -> None:
+        """
+        A name matches itself (on its port, when it names one); a glob
+        matches names below its suffix at any depth, not the suffix itself
+        nor a name that merely ends with the same letters.
+        """
+        policy = AddressPolicy(
+            allowHosts=["hooks.internal.example", "*.svc.example", "db.example:5432"]
+        )
+        self.assertTrue(policy.allowsHosts)
+        for host, port, expected in [
+            ("hooks.internal.example", 443, True),
+            ("x.hooks.internal.example", 443, False),
+            ("internal.example", 443, False),
+            ("a.svc.example", 80, True),
+            ("a.b.svc.example", 80, True),
+            ("svc.example", 80, False),
+            ("evilsvc.example", 80, False),
+            ("svc.example.evil", 80, False),
+            ("db.example", 5432, True),
+            ("db.example", 5433, False),
+        ]:
+            self.assertEqual(policy.hostAllowed(host, port), expected, (host, port))
+        self.assertFalse(AddressPolicy().allowsHosts)
+        self.assertFalse(AddressPolicy().hostAllowed("hooks.internal.example", 80))
+
+    def test_liftsPrivateRangesOnly(self) -> None:
+        """
+        For an allowed host, RFC 1918 and unique local answers are allowed
+        with C{Allow: Allowed Host}; loopback, link-local, CGNAT, cloud
+        metadata and embedded forms keep their denial.
+        """
+        policy = AddressPolicy(allowHosts=["hooks.internal.example"])
+
+        def lifted(address: str) -> AddressDecision:
+            return policy.liftForHost(policy.decide(address, 443))
+
+        for address in ["10.1.2.3", "172.16.0.1", "192.168.1.1", "fd00::1"]:
+            self.assertEqual(
+                lifted(address),
+                AddressDecision(True, address, RULE_ALLOW_HOST),
+            )
+        self.assertEqual(lifted("::ffff:10.0.0.1").rule, RULE_ALLOW_HOST)
+        for address, rule in [
+            ("127.0.0.1", NGU),
+            ("::1", NGU),
+            ("169.254.169.254", NGU),
+            ("fe80::1", NGU),
+            ("100.64.0.1", CGNAT),
+            ("100.100.100.200", RULE_CLOUD_METADATA),
+            ("fd00:ec2::254", RULE_CLOUD_METADATA),
+            ("64:ff9b::10.0.0.1", EMBED),
+            ("0.0.0.0", NGU),
+        ]:
+            self.assertEqual(lifted(address), policy.decide(address, 443), address)
+            self.assertEqual(lifted(address).rule, rule, address)
+        self.assertEqual(lifted("93.184.215.14").rule, ALLOW)
+
+    def test_userDenyAndSelfBeatIt(self) -> None:
+        """
+        Explicit deny rules, exact or range, stand; the proxy's own
+        listening address is refused on every port, as a self-connection.
+        """
+        policy = AddressPolicy(
+            allowHosts=["*.internal.example"],
+            denyAddresses=["10.0.0.5"],
+            denyRanges=["10.9.0.0/16"],
+            selfAddresses=[("10.0.0.2", 9090)],
+        )
+        for address, rule in [
+            ("10.0.0.5", RULE_DENY_USER),
+            ("10.9.1.1", RULE_DENY_USER),
+            ("10.0.0.2", RULE_SELF_CONNECTION),
+        ]:
+            for port in (22, 9090):
+                self.assertEqual(
+                    policy.liftForHost(policy.decide(address, port)),
+                    AddressDecision(False, address, rule),
+                )
+
+    def test_cacheDoesNotLeak(self) -> None:
+        """
+        Lifting leaves L{AddressPolicy.decide} and its cache alone: the
+        same address asked without the host is still denied.
+        """
+        policy = AddressPolicy(allowHosts=["hooks.internal.example"])
+        self.assertTrue(policy.liftForHost(policy.decide("10.1.2.3", 443)).allowed)
+        self.assertEqual(
+            policy.decide("10.1.2.3", 443),
+            AddressDecision(False, "10.1.2.3", PRIVATE),
+        )
+
+    def test_badHosts(self) -> None:
+        """
+        An allowed host that is not a lower-case name or glob, or that is
+        an IP address, is a L{ValueError} naming it.
+        """
+        for bad, expected in [
+            ("10.0.0.1", "is an IP address"),
+            ("1.2.3.999", "is an IP address"),
+            ("*", "is not a host name"),
+            ("*.", "is not a host name"),
+            ("Hooks.example", "is not a host name"),
+            ("a..b", "is not a host name"),
+            ("a.b:0", "from 1 to 65535"),
+            ("[::1]", "is not a host name"),
+            (5, "is not a host name"),
+        ]:
+            with self.assertRaises(ValueError) as raised:
+                AddressPolicy(allowHosts=[bad])  # type: ignore[list-item]
+            self.assertIn(expected, str(raised.exception))
+            self.assertIn(repr(bad), str(raised.exception))
+        self.assertEqual(
+            parseAllowHost("*.svc.example:8443"), ("svc.example", True, 8443)
+        )
+        self.assertEqual(parseAllowHost("a_b.example"), ("a_b.example", False, None))

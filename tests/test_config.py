@@ -277,6 +277,35 @@ class OptionsTests(SynchronousTestCase):
             self.assertOneLineExit(argv, f"{argv[0]} = {[argv[1]]!r}")
             self.assertOneLineExit(argv, "expected a port (1-65535)")
 
+    def test_allowHosts(self) -> None:
+        """
+        C{--allow-host} takes names and globs, each with an optional port,
+        normalized as request targets are; the proxy's address policy
+        applies them.  An IP address or a malformed name stops start-up
+        with one line.
+        """
+        options = self.parse(
+            ["--allow-host", "Hooks.Internal.Example.,*.svc.example:8443"],
+            {"EGRESSPROXY_ALLOW_HOST": "ignored.example"},
+        )
+        self.assertEqual(
+            options.config.destinations.allow_hosts,
+            ("hooks.internal.example", "*.svc.example:8443"),
+        )
+        policy = buildPolicy(options.config)
+        self.assertTrue(policy.hostAllowed("hooks.internal.example", 80))
+        self.assertTrue(policy.hostAllowed("a.svc.example", 8443))
+        self.assertFalse(policy.hostAllowed("a.svc.example", 443))
+        self.assertFalse(buildPolicy(Config()).allowsHosts)
+        path = FilePath(self.mktemp())
+        path.setContent("destinations:\n  allow_hosts: [bücher.example]\n".encode())
+        self.assertEqual(
+            config.load({}, {}, path.path).destinations.allow_hosts,
+            ("xn--bcher-kva.example",),
+        )
+        self.assertOneLineExit(["--allow-host", "10.0.0.1"], "is an IP address")
+        self.assertOneLineExit(["--allow-host", "a..b"], "expected a host name")
+
     def test_badBindAddress(self) -> None:
         """
         A bind address this machine does not have stops start-up with one

@@ -7,12 +7,15 @@ connection was even attempted.
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import json
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import AddressPolicy
+from proxy_app.observe import DecisionLog
 from proxy_app.resolver import CachingResolver, SafeResolver
 
 from .helpers import ScriptedNameResolver, makeHarness, parseResponse
@@ -277,3 +280,97 @@ class CloudMetadataTests(SynchronousTestCase):
         )
         h.send(b"GET http://wire.example/ HTTP/1.1\r\nHost: wire.example\r\n\r\n")
         self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("168.63.129.16", 80)])
+
+
+class AllowedHostTests(SynchronousTestCase):
+    """
+    C{destinations.allow_hosts} through the proxy, over a fake name
+    resolver answering with private addresses (in memory only).
+    """
+
+    def harness(self, scripts: dict[str, list[list[str]]], **policy: Any) -> Any:
+        h, names = safeHarness(
+            scripts, allowHosts=["hooks.internal.example", "*.svc.example"], **policy
+        )
+        h.factory.resolver = CachingResolver(h.factory.resolver, h.reactor, 30)
+        decisions = io.StringIO()
+        h.factory.decisionLog = DecisionLog(decisions, "json")
+        return h, names, decisions
+
+    def test_allowedHostConnects(self) -> None:
+        """
+        An allowed host resolving to 10.x is connected to that vetted
+        answer, resolved once; the decision log names the rule.
+        """
+        h, names, decisions = self.harness(
+            {"hooks.internal.example": [["10.1.2.3"], ["127.0.0.1"]]}
+        )
+        h.send(
+            b"GET http://hooks.internal.example/x HTTP/1.1\r\n"
+            b"Host: hooks.internal.example\r\n\r\n"
+        )
+        self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("10.1.2.3", 80)])
+        self.assertEqual(names.lookups, ["hooks.internal.example"])
+        upstream, _ = h.connectUpstream()
+        upstream.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        (line,) = [json.loads(x) for x in decisions.getvalue().splitlines()]
+        self.assertEqual(
+            (line["allow"], line["address_rule"]), (True, "Allow: Allowed Host")
+        )
+
+    def test_onlyPrivateAnswersLifted(self) -> None:
+        """
+        Of an allowed host's answers, only the private one is used:
+        loopback, link-local, CGNAT and cloud metadata answers are dropped.
+        """
+        h, _, _ = self.harness(
+            {
+                "a.svc.example": [
+                    [
+                        "127.0.0.1",
+                        "169.254.169.254",
+                        "100.64.0.1",
+                        "fd00:ec2::254",
+                        "168.63.129.16",
+                        "10.0.0.9",
+                    ]
+                ]
+            }
+        )
+        h.send(b"CONNECT a.svc.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("10.0.0.9", 443)])
+
+    def test_noLeakToOtherNameOrLiteral(self) -> None:
+        """
+        Once an allowed host was vetted (and its answer cached), another
+        name resolving to the same address, and the address written as a
+        literal, are still refused, and nothing is dialled for them.
+        """
+        h, names, decisions = self.harness(
+            {
+                "hooks.internal.example": [["10.1.2.3"]],
+                "evil.example": [["10.1.2.3"]],
+                "svc.example": [["10.1.2.3"]],
+            }
+        )
+        h.send(b"CONNECT hooks.internal.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        resolver = h.factory.resolver
+        for request in [
+            b"CONNECT evil.example:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"CONNECT svc.example:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"CONNECT 10.1.2.3:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://10.1.2.3/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        ]:
+            other = makeHarness()
+            other.factory.resolver = resolver
+            other.send(request)
+            status, headers, body = parseResponse(other.client.value())
+            self.assertEqual(
+                (status, headers[b"x-whsentry-reasoncode"]), (403, b"1000"), request
+            )
+            self.assertIn(b"'Deny: Private Range'", body)
+            self.assertEqual(other.reactor.tcpClients, [])
+        self.assertEqual(
+            names.lookups, ["hooks.internal.example", "evil.example", "svc.example"]
+        )
