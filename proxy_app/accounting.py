@@ -244,6 +244,7 @@ class DecisionLogObserver(_Observer):
         else:
             reason = decision.reason if decision is not None else None
         target = record.target
+        destination = record.destination
         decisionLog.record(
             msg="CANONICAL-PROXY-DECISION",
             id=record.requestID,
@@ -252,6 +253,9 @@ class DecisionLogObserver(_Observer):
             role=record.role,
             project=decision.project if decision is not None else None,
             decision_reason=reason,
+            # Only when an allowed host's name opened an address; absent
+            # otherwise, so that the line is as it always was.
+            address_rule=destination.allowedBy if destination is not None else None,
             enforce_would_deny=decision.enforceWouldDeny
             if decision is not None
             else False,

@@ -33,17 +33,37 @@ L{AddressPolicy.decide} answers with the first of these that applies:
  4. Exact address rules (C{denyAddresses}, C{allowAddresses}), with or
     without a port: deny beats allow.  L{RULE_DENY_USER} or
     L{RULE_ALLOW_USER}.
+ 4a. Cloud metadata and wire-server addresses (L{CLOUD_METADATA}): deny,
+    L{RULE_CLOUD_METADATA}.  Only an exact allow rule (step 4) opens one;
+    no range does, nor an IPv6 allow range over a form that carries one.
  5. Range rules (C{denyRanges}, C{allowRanges}): deny beats allow whatever
     the prefix lengths.  L{RULE_DENY_USER} or L{RULE_ALLOW_USER}.
  6. The built-in table, taken from the IANA IPv4 and IPv6 Special-Purpose
     Address Registries (L{IPV4_SPECIAL_PURPOSE}, L{IPV6_SPECIAL_PURPOSE}),
     longest prefix first: everything that is not global unicast is denied.
+ 6a. Only for an answer to a name in C{allowHosts}, asked through
+    L{AddressPolicy.liftForHost} on top of L{AddressPolicy.decide}'s
+    decision: a C{RULE_PRIVATE_RANGE} denial (RFC 1918, unique local IPv6)
+    becomes an allow, L{RULE_ALLOW_HOST}, unless the address is one of the
+    proxy's own listening addresses (any port).  Every other built-in
+    denial stands, and so does every rule above.
  7. Otherwise allow, L{RULE_ALLOW_DEFAULT}.
 
 Because exact rules (step 4) are consulted before any range (step 5), an
 exact deny address always beats an allow range, and an exact allow address
 always beats a deny range.  Smokescreen issue #236, where an allow range
 let through an address that was explicitly denied, cannot happen here.
+
+Port rules
+==========
+
+C{allowPorts} and C{denyPorts} limit the destination ports before any of
+the above is asked: L{AddressPolicy.portAllowed} judges the request target
+(a name, or an IP literal) before it is resolved.  A deny beats an allow;
+without allow rules every port is allowed.  An exact allow address rule
+that names the port (C{"10.0.0.5:6379"}) passes them for that address
+written as a literal.  They only refuse: an allowed port is then judged by
+L{AddressPolicy.decide} as always.
 
 IPv6 forms that carry an IPv4 address
 =====================================
@@ -106,8 +126,11 @@ RULE_PRIVATE_RANGE = "Deny: Private Range"
 RULE_CGNAT_RANGE = "Deny: CGNAT Range"
 RULE_IPV6_EMBEDDING = "Deny: IPv6 Embedding"
 RULE_SELF_CONNECTION = "Deny: Self Connection"
+RULE_PORT_DENIED = "Deny: Port Not Allowed"
+RULE_CLOUD_METADATA = "Deny: Cloud Metadata"
 RULE_DENY_USER = "Deny: User Configured"
 RULE_ALLOW_USER = "Allow: User Configured"
+RULE_ALLOW_HOST = "Allow: Allowed Host"
 RULE_ALLOW_DEFAULT = "Allow: Default"
 
 # Metric labels must be few and fixed, so user rules share one label
@@ -118,8 +141,11 @@ _LABELS = {
     RULE_CGNAT_RANGE: "cgnat_range",
     RULE_IPV6_EMBEDDING: "ipv6_embedding",
     RULE_SELF_CONNECTION: "self_connection",
+    RULE_PORT_DENIED: "port_denied",
+    RULE_CLOUD_METADATA: "cloud_metadata",
     RULE_DENY_USER: "user_configured",
     RULE_ALLOW_USER: "user_configured",
+    RULE_ALLOW_HOST: "allowed_host",
     RULE_ALLOW_DEFAULT: "default",
 }
 
@@ -145,7 +171,8 @@ class AddressDecision:
         """
         A low-cardinality name for the rule, fit for a metric label: one of
         C{not_global_unicast}, C{private_range}, C{cgnat_range},
-        C{ipv6_embedding}, C{self_connection}, C{user_configured},
+        C{ipv6_embedding}, C{self_connection}, C{port_denied},
+        C{cloud_metadata}, C{user_configured}, C{allowed_host},
         C{default}.
         """
         return _LABELS[self.rule]
@@ -246,6 +273,41 @@ IPV6_SPECIAL_PURPOSE: tuple[tuple[str, str | _Marker], ...] = (
     ("fe80::/10", RULE_NOT_GLOBAL_UNICAST),  # RFC 4291, link-local
     ("fec0::/10", RULE_NOT_GLOBAL_UNICAST),  # RFC 3879, site-local
     ("ff00::/8", RULE_NOT_GLOBAL_UNICAST),  # RFC 4291, multicast
+)
+
+
+# Cloud metadata and wire-server addresses that the tables above would let
+# through, or that a user range could open: "Deny: Cloud Metadata", which
+# only an exact allow address rule overrides (see the module docstring).
+# The link-local ones (169.254.169.254 for AWS, GCP, Azure IMDS, Oracle,
+# OpenStack, DigitalOcean; 169.254.170.2 for ECS) stay "Deny: Not Global
+# Unicast": nothing but a user rule opens them.
+CLOUD_METADATA: tuple[tuple[str, str], ...] = (
+    # Azure WireServer: a global unicast address (Microsoft's) answering
+    # inside every Azure VM: VM agent, health probes, DHCP, DNS.
+    # https://learn.microsoft.com/en-us/azure/virtual-network/what-is-ip-address-168-63-129-16
+    ("168.63.129.16", "Azure WireServer"),
+    # Alibaba Cloud ECS instance metadata (credentials included): in the
+    # CGNAT range, which an allow range for a carrier or overlay network
+    # (100.64.0.0/10) would open.
+    # https://www.alibabacloud.com/help/en/ecs/user-guide/view-instance-metadata
+    ("100.100.100.200", "Alibaba Cloud ECS metadata"),
+    # AWS EC2 IMDS over IPv6: unique local (fc00::/7), which an allow
+    # range for a private IPv6 network would open.
+    # https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/configuring-instance-metadata-options.html
+    ("fd00:ec2::254", "AWS EC2 instance metadata (IPv6)"),
+    # AWS EKS Pod Identity Agent, which hands out IAM credentials to pods:
+    # unique local as above (its IPv4 address, 169.254.170.23, is
+    # link-local).
+    # https://docs.aws.amazon.com/eks/latest/userguide/pod-id-agent-setup.html
+    ("fd00:ec2::23", "AWS EKS Pod Identity Agent (IPv6)"),
+)
+
+_CLOUD_METADATA4 = frozenset(
+    int(ipaddress.IPv4Address(a)) for a, _ in CLOUD_METADATA if ":" not in a
+)
+_CLOUD_METADATA6 = frozenset(
+    int(ipaddress.IPv6Address(a)) for a, _ in CLOUD_METADATA if ":" in a
 )
 
 
@@ -573,6 +635,116 @@ def _parseAddressRule(text: object) -> tuple[IPAddress, int | None]:
     return _unmapAddress(ip), port
 
 
+_PORT_RANGE = re.compile(r"(?P<low>[0-9]{1,5})(?:-(?P<high>[0-9]{1,5}))?", re.ASCII)
+_PORT_EXAMPLE = "such as 443 or 8000-8100"
+
+
+def parsePortRange(text: object) -> tuple[int, int]:
+    """
+    Parse a configured port or port range: C{443}, C{"443"} or
+    C{"8000-8100"} (both ends included).
+
+    @return: the lowest and the highest port of the range.
+    @raise ValueError: naming the value and what was expected.
+    """
+    # bool is an int, and True would quietly mean port 1.
+    if type(text) is int:
+        text = str(text)
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a port or port range, {_PORT_EXAMPLE}")
+    match = _PORT_RANGE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a port or port range, {_PORT_EXAMPLE}")
+    low = int(match["low"])
+    high = low if match["high"] is None else int(match["high"])
+    if not 1 <= low <= 65535 or not 1 <= high <= 65535:
+        raise ValueError(
+            f"{text!r} is not a port or port range: a port is a number from 1 to 65535"
+        )
+    if high < low:
+        raise ValueError(
+            f"{text!r} is not a port range: its first port is above its last; "
+            f"did you mean {high}-{low}?"
+        )
+    return low, high
+
+
+class _PortRules:
+    """
+    The user's port rules: which destination ports may be connected to at
+    all, whatever the address.
+
+    One byte per port, so that a check is one index, whatever the number of
+    ranges.
+    """
+
+    __slots__ = ("_allowed",)
+
+    def __init__(
+        self, allowPorts: Iterable[object], denyPorts: Iterable[object]
+    ) -> None:
+        allow = [parsePortRange(text) for text in allowPorts]
+        deny = [parsePortRange(text) for text in denyPorts]
+        # No allow rule: every port, as without any port rule.
+        allowed = bytearray(b"\x00" if allow else b"\x01") * 65536
+        for low, high in allow:
+            allowed[low : high + 1] = b"\x01" * (high + 1 - low)
+        # Deny beats allow, whatever the ranges' sizes.
+        for low, high in deny:
+            allowed[low : high + 1] = b"\x00" * (high + 1 - low)
+        allowed[0] = 0
+        self._allowed = bytes(allowed)
+
+    def allows(self, port: int) -> bool:
+        return 0 <= port <= 65535 and self._allowed[port] == 1
+
+
+# A host name as target.normalizeHost leaves it: lower-case ASCII labels
+# (A-labels for internationalized names), no trailing dot.
+_HOST_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+_ALLOW_HOST = re.compile(
+    rf"(?P<glob>\*\.)?(?P<name>{_HOST_LABEL}(?:\.{_HOST_LABEL})*)(?::(?P<port>[^:]*))?",
+    re.ASCII,
+)
+_HOST_EXAMPLE = "such as hooks.internal.example, *.svc.example or hooks.example:8443"
+# In an allowed host's set of ports: every port.
+_ANY_PORT = 0
+
+
+def parseAllowHost(text: object) -> tuple[str, bool, int | None]:
+    """
+    Parse an allowed host as the policy takes it: C{NAME}, C{*.SUFFIX}, each
+    optionally with C{:PORT}, the name lower-case ASCII (A-labels) without
+    a trailing dot, as L{proxy_app.target.normalizeHost} writes names.
+
+    @return: the name (for a glob, the suffix without C{*.}), whether it is
+        a glob, and the port or L{None} for every port.
+    @raise ValueError: naming the value and what was expected.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a host name, {_HOST_EXAMPLE}")
+    match = _ALLOW_HOST.fullmatch(text)
+    if match is None or len(match["name"]) > 253:
+        raise ValueError(
+            f"{text!r} is not a host name or *. glob with an optional port, "
+            f"{_HOST_EXAMPLE} (lower case; internationalized names as "
+            "A-labels)"
+        )
+    name = match["name"]
+    try:
+        literal = parseIPLiteral(name) is not None
+    except ValueError:
+        # Numeric-looking nonsense (1.2.3.999) is no name either.
+        literal = True
+    if literal:
+        raise ValueError(
+            f"{text!r} is an IP address, not a name; allow an address with "
+            "--allow-address or --allow-range"
+        )
+    port = None if match["port"] is None else _parsePort(match["port"], text)
+    return name, match["glob"] is not None, port
+
+
 _WILDCARD_HOSTS = frozenset(["", "0.0.0.0", "::"])
 
 
@@ -652,6 +824,7 @@ _ALLOW_USER = (True, RULE_ALLOW_USER)
 _DENY_USER = (False, RULE_DENY_USER)
 _DENY_SELF = (False, RULE_SELF_CONNECTION)
 _DENY_EMBEDDING = (False, RULE_IPV6_EMBEDDING)
+_DENY_METADATA = (False, RULE_CLOUD_METADATA)
 
 
 # How many (address, port) decisions an AddressPolicy remembers before it
@@ -674,6 +847,9 @@ class AddressPolicy:
         allowAddresses: Iterable[str] = (),
         denyAddresses: Iterable[str] = (),
         selfAddresses: Iterable[tuple[str, int]] = (),
+        allowPorts: Iterable[str | int] = (),
+        denyPorts: Iterable[str | int] = (),
+        allowHosts: Iterable[str] = (),
     ) -> None:
         """
         @param allowRanges: CIDR ranges to allow even though the built-in
@@ -689,6 +865,16 @@ class AddressPolicy:
             pairs, with the port actually bound; a host of C{"0.0.0.0"},
             C{"::"} or C{""} is a wildcard listener.  A wildcard cannot
             know this host's global addresses, so list those explicitly.
+        @param allowPorts: the only destination ports that may be connected
+            to (C{443}, C{"8000-8100"}); by default every port.  See
+            L{portAllowed}.
+        @param denyPorts: destination ports never to connect to, written
+            the same way; a deny beats an allow.
+        @param allowHosts: names (C{"hooks.internal.example"}) and globs
+            (C{"*.svc.example"}, any depth below the suffix, not the suffix
+            itself), each optionally with C{":PORT"}, whose answers may be
+            in the private ranges; see L{hostAllowed} and L{liftForHost}.
+            Written as L{parseAllowHost} reads them.
 
         @raise ValueError: a value is not what it should be; the message
             names the value and what was expected.
@@ -701,6 +887,9 @@ class AddressPolicy:
             "allowAddresses": allowAddresses,
             "denyAddresses": denyAddresses,
             "selfAddresses": selfAddresses,
+            "allowPorts": allowPorts,
+            "denyPorts": denyPorts,
+            "allowHosts": allowHosts,
         }
         for name, value in arguments.items():
             # A lone string would be read one character at a time.
@@ -741,10 +930,114 @@ class AddressPolicy:
                 bits, ((network, True) for network in ranges[version, False])
             )
         self._wildcardPorts = frozenset(wildcardPorts)
+        # The proxy's own explicit addresses, whatever the port: an allowed
+        # host never reaches them.
+        self._selfHosts = frozenset(
+            (version, n)
+            for version, rules in ((4, self._v4), (6, self._v6))
+            for n, _ in rules.selfExact
+        )
+        self._hostNames: dict[str, set[int]] = {}
+        self._hostGlobs: dict[str, set[int]] = {}
+        for text in allowHosts:
+            name, glob, port = parseAllowHost(text)
+            table = self._hostGlobs if glob else self._hostNames
+            table.setdefault(name, set()).add(_ANY_PORT if port is None else port)
+        allowPorts = tuple(allowPorts)
+        denyPorts = tuple(denyPorts)
+        self._ports: _PortRules | None = None
+        if allowPorts or denyPorts:
+            self._ports = _PortRules(allowPorts, denyPorts)
         self._decisions: dict[tuple[str | IPAddress, int], AddressDecision] = {}
 
     def _family(self, version: int) -> _FamilyRules:
         return self._v4 if version == 4 else self._v6
+
+    @property
+    def allowsHosts(self) -> bool:
+        """
+        Whether allowed hosts were given; without them L{hostAllowed} is
+        always false and need not be asked.
+        """
+        return bool(self._hostNames or self._hostGlobs)
+
+    def hostAllowed(self, host: str, port: int) -> bool:
+        """
+        Whether the name C{host} is an allowed host on C{port}: its answers
+        may then be lifted out of the private ranges by L{liftForHost}.
+
+        @param host: a normalized name (never an IP literal: an address
+            written as a literal is never an allowed host).
+        """
+        ports = self._hostNames.get(host)
+        if ports is not None and (_ANY_PORT in ports or port in ports):
+            return True
+        globs = self._hostGlobs
+        if globs:
+            dot = host.find(".")
+            while dot != -1:
+                ports = globs.get(host[dot + 1 :])
+                if ports is not None and (_ANY_PORT in ports or port in ports):
+                    return True
+                dot = host.find(".", dot + 1)
+        return False
+
+    def liftForHost(self, decision: AddressDecision) -> AddressDecision:
+        """
+        The decision on an answer for a name that L{hostAllowed}: an address
+        that only the built-in table denied as a private range (RFC 1918,
+        unique local IPv6) is allowed with L{RULE_ALLOW_HOST}; any other
+        decision stands.  So loopback, link-local, CGNAT and the other
+        non-global blocks stay denied, and so does everything a rule of
+        higher precedence decided (self-connection, user deny rules, cloud
+        metadata).  One of the proxy's own listening addresses, on any
+        port, is refused as a self-connection.
+
+        The decision is not remembered: L{decide}'s cache holds only
+        decisions that hold for every name.
+
+        @param decision: L{decide}'s decision on the answer.
+        """
+        if decision.allowed or decision.rule != RULE_PRIVATE_RANGE:
+            return decision
+        ip = _unmapAddress(ipaddress.ip_address(decision.address))
+        if (ip.version, int(ip)) in self._selfHosts:
+            return AddressDecision(False, decision.address, RULE_SELF_CONNECTION)
+        return AddressDecision(True, decision.address, RULE_ALLOW_HOST)
+
+    @property
+    def limitsPorts(self) -> bool:
+        """
+        Whether port rules were given; without them L{portAllowed} is
+        always true and need not be asked.
+        """
+        return self._ports is not None
+
+    def portAllowed(self, address: IPAddress | None, port: int) -> bool:
+        """
+        Whether the port rules let a connection to C{port} be made at all.
+        They are asked before any lookup, with the target itself: a name
+        (C{address} is L{None}) or an IP literal.
+
+        An exact allow address rule that names this port
+        (C{allowAddresses=["10.0.0.5:8443"]}) passes the port rules for a
+        target that is that address written as a literal, since it names
+        both.  A name is judged by the port rules alone, whatever it
+        resolves to: nothing is looked up for a refused port.  Whether the
+        address itself may be connected to is L{decide}'s answer, asked
+        afterwards.
+
+        @param address: the target's IP address (IPv4-mapped forms are
+            read as the IPv4 address), or L{None} for a name.
+        @param port: the destination port.
+        """
+        ports = self._ports
+        if ports is None or ports.allows(port):
+            return True
+        if address is None:
+            return False
+        ip = _unmapAddress(address)
+        return (int(ip), port) in self._family(ip.version).allowPort
 
     def decide(self, address: str | IPAddress, port: int) -> AddressDecision:
         """
@@ -804,6 +1097,8 @@ class AddressPolicy:
             return _DENY_USER
         if n in rules.allowAny or (n, port) in rules.allowPort:
             return _ALLOW_USER
+        if n in _CLOUD_METADATA4:
+            return _DENY_METADATA
         if rules.denyRanges.lookup(n) is not None:
             return _DENY_USER
         if rules.allowRanges.lookup(n) is not None:
@@ -829,11 +1124,13 @@ class AddressPolicy:
         if n in rules.denyAny or (n, port) in rules.denyPort:
             return _DENY_USER
         if n in rules.allowAny or (n, port) in rules.allowPort:
-            return self._allow6(n, port)
+            return self._allow6(n, port, True)
+        if n in _CLOUD_METADATA6:
+            return _DENY_METADATA
         if rules.denyRanges.lookup(n) is not None:
             return _DENY_USER
         if rules.allowRanges.lookup(n) is not None:
-            return self._allow6(n, port)
+            return self._allow6(n, port, False)
         if builtin is GLOBAL:
             return _ALLOW_DEFAULT
         if builtin is NAT64:
@@ -845,12 +1142,22 @@ class AddressPolicy:
         verdict = self._decide4(embedded, port)
         return verdict if verdict[0] else _DENY_EMBEDDING
 
-    def _allow6(self, n: int, port: int) -> tuple[bool, str]:
+    def _allow6(self, n: int, port: int, exact: bool) -> tuple[bool, str]:
         """
         A user rule allows the IPv6 address C{n}, unless a user rule denies
-        an IPv4 address it carries.
+        an IPv4 address it carries, or, when the rule is a range
+        (C{exact} is false), that IPv4 address is a cloud metadata address
+        that no exact IPv4 rule allows.
         """
+        v4 = self._v4
         for embedded in _carriedIPv4(n):
-            if self._v4.userDenied(embedded, port):
+            if v4.userDenied(embedded, port):
+                return _DENY_EMBEDDING
+            if (
+                not exact
+                and embedded in _CLOUD_METADATA4
+                and embedded not in v4.allowAny
+                and (embedded, port) not in v4.allowPort
+            ):
                 return _DENY_EMBEDDING
         return _ALLOW_USER

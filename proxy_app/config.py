@@ -25,6 +25,10 @@ from typing import Any, NamedTuple
 import attr
 import yaml
 
+from proxy_app.addresses import parseAllowHost, parsePortRange
+from proxy_app.reasons import ProxyError
+from proxy_app.target import normalizeHost
+
 ENV_PREFIX = "EGRESSPROXY_"
 
 _SETTING = "egressproxy.setting"
@@ -51,6 +55,9 @@ class Setting:
         variable holds a comma-separated list and the YAML value is a list;
         the field holds a tuple.
     @ivar metavar: how the value is shown in help text.
+    @ivar commas: a repeatable field whose every value, a flag's or a YAML
+        list item, may itself be a comma-separated list
+        (C{--allow-port 80,443}).
     """
 
     flag: str
@@ -58,6 +65,7 @@ class Setting:
     doc: str
     repeatable: bool = False
     metavar: str = "VALUE"
+    commas: bool = False
 
     @property
     def envvar(self) -> str:
@@ -72,13 +80,14 @@ def setting(
     *,
     repeatable: bool = False,
     metavar: str = "VALUE",
+    commas: bool = False,
 ) -> Any:
     """
     Declare a configuration field; see L{Setting}.
     """
     return attr.ib(
         default=default,
-        metadata={_SETTING: Setting(flag, parse, doc, repeatable, metavar)},
+        metadata={_SETTING: Setting(flag, parse, doc, repeatable, metavar, commas)},
     )
 
 
@@ -222,6 +231,44 @@ def parseIPAddress(value: Any) -> str:
         raise ValueError(
             "expected an IP address such as 192.0.2.10 or 2001:db8::10"
         ) from None
+
+
+def parsePorts(value: Any) -> str:
+    """
+    A destination port or port range, canonical: C{443}, C{8000-8100}.
+    """
+    try:
+        low, high = parsePortRange(value)
+    except ValueError:
+        raise ValueError(
+            "expected a port (1-65535) or a range of them, such as 443 or 8000-8100"
+        ) from None
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def parseAllowedHost(value: Any) -> str:
+    """
+    A host name or C{*.} glob, optionally with C{:PORT}, normalized as the
+    proxy normalizes request targets (lower case, IDNA A-labels, no
+    trailing dot): C{hooks.internal.example}, C{*.svc.example:8443}.
+    """
+    expected = (
+        "expected a host name or *. glob with an optional port, such as "
+        "hooks.internal.example, *.svc.example or hooks.example:8443"
+    )
+    text = value.strip() if isinstance(value, str) else ""
+    glob = text.startswith("*.")
+    name, colon, port = (text[2:] if glob else text).partition(":")
+    try:
+        normalized = normalizeHost(name)
+    except ProxyError:
+        raise ValueError(expected) from None
+    canonical = ("*." if glob else "") + normalized + colon + port
+    try:
+        parseAllowHost(canonical)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    return canonical
 
 
 def parseSecondsOrZero(value: Any) -> float:
@@ -984,6 +1031,39 @@ class Destinations:
         repeatable=True,
         metavar="IP[:PORT]",
     )
+    allow_ports: tuple[str, ...] = setting(
+        "allow-port",
+        (),
+        parsePorts,
+        "Connect only to these destination ports (comma-separated or "
+        "repeatable: 80,443,8000-8100), for forwarded requests and CONNECT "
+        "alike, before any lookup; all ports by default.",
+        repeatable=True,
+        metavar="PORT[-PORT]",
+        commas=True,
+    )
+    deny_ports: tuple[str, ...] = setting(
+        "deny-port",
+        (),
+        parsePorts,
+        "Never connect to these destination ports (as --allow-port); a "
+        "denied port beats an allowed one.",
+        repeatable=True,
+        metavar="PORT[-PORT]",
+        commas=True,
+    )
+    allow_hosts: tuple[str, ...] = setting(
+        "allow-host",
+        (),
+        parseAllowedHost,
+        "Let this name reach the private ranges (RFC 1918, unique local "
+        "IPv6) that the built-in policy denies: NAME or *.SUFFIX, optionally "
+        "with :PORT (comma-separated or repeatable); never loopback, "
+        "link-local, CGNAT, cloud metadata or the proxy's own addresses.",
+        repeatable=True,
+        metavar="HOST[:PORT]",
+        commas=True,
+    )
     bind_addresses: tuple[str, ...] = setting(
         "bind-address",
         (),
@@ -1207,6 +1287,15 @@ def _parseOne(field: Field, raw: Any, source: str) -> Any:
                 items: Iterable[Any] = [p for p in raw.split(",") if p.strip()]
             elif isinstance(raw, (list, tuple)):
                 items = raw
+                if setting.commas:
+                    items = [
+                        part
+                        for item in raw
+                        for part in (
+                            item.split(",") if isinstance(item, str) else (item,)
+                        )
+                        if not isinstance(part, str) or part.strip()
+                    ]
             else:
                 raise ValueError("expected a list")
             return tuple(setting.parse(item) for item in items)

@@ -30,8 +30,10 @@ class IDestinationResolver(Interface):
             L{proxy_app.resolver.VettedDestination} holding at least one
             allowed address, or failing with
             L{proxy_app.resolver.DestinationDenied} (every answer was
-            denied) or L{proxy_app.resolver.ResolutionFailed} (no answer,
-            lookup error or timeout).  Cancelling it abandons the lookup.
+            denied; its subclass L{proxy_app.resolver.PortDenied} when the
+            port rules refused the port, before any lookup) or
+            L{proxy_app.resolver.ResolutionFailed} (no answer, lookup error
+            or timeout).  Cancelling it abandons the lookup.
         """
 
     def vetNow(host: str, port: int) -> Any:
@@ -41,7 +43,9 @@ class IDestinationResolver(Interface):
 
         @return: the L{proxy_app.resolver.VettedDestination}, or L{None} when
             only L{vet} can answer.
-        @raise proxy_app.resolver.DestinationDenied: the literal is denied.
+        @raise proxy_app.resolver.DestinationDenied: the literal is denied,
+            or (L{proxy_app.resolver.PortDenied}) the port rules refuse the
+            port, whether C{host} is a literal or a name.
         """
 
 

@@ -69,6 +69,7 @@ DECISION_FIELDS = (
     "role",
     "project",
     "decision_reason",
+    "address_rule",
     "enforce_would_deny",
     "allow",
     "inbound_remote_addr",

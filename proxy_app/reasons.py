@@ -46,6 +46,9 @@ class Reason(enum.IntEnum):
     # A configured alias this client's role may not present: with roles in
     # the deployment, tenant A must not present tenant B's certificate.
     CLIENT_CERT_NOT_PERMITTED = (1016, 403)
+    # The destination port is refused by destinations.allow_ports or
+    # deny_ports, before any lookup.
+    PORT_DENIED = (1017, 403)
 
 
 # The reasons that mean the proxy said no (a policy, a limit, the gate),
@@ -59,6 +62,7 @@ DENIALS = frozenset(
         Reason.PROXY_AUTH_REQUIRED,
         Reason.OVERLOADED,
         Reason.CLIENT_CERT_NOT_PERMITTED,
+        Reason.PORT_DENIED,
     }
 )
 

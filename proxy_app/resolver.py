@@ -38,6 +38,8 @@ from zope.interface import implementer
 
 from proxy_app.addresses import (
     DECISION_CACHE_SIZE,
+    RULE_ALLOW_HOST,
+    RULE_PORT_DENIED,
     AddressDecision,
     AddressPolicy,
     parseIPLiteral,
@@ -57,6 +59,7 @@ __all__ = [
     "DestinationDenied",
     "IExplainedHostResolution",
     "NameserverResolver",
+    "PortDenied",
     "ResolutionFailed",
     "SafeResolver",
     "VettedDestination",
@@ -84,6 +87,9 @@ class VettedDestination:
     @ivar ttl: the shortest TTL of the DNS records behind the answer, when
         the resolver knows it (L{NameserverResolver} does; the system's
         getaddrinfo does not), else L{None}.
+    @ivar allowedBy: L{proxy_app.addresses.RULE_ALLOW_HOST} when the name
+        is an allowed host and at least one of C{addresses} is allowed only
+        because of that, else L{None}.
     """
 
     host: str
@@ -92,6 +98,7 @@ class VettedDestination:
     denied: tuple = ()
     lookupTime: float = 0.0
     ttl: float | None = None
+    allowedBy: str | None = None
 
 
 class DestinationDenied(ProxyError):
@@ -111,6 +118,27 @@ class DestinationDenied(ProxyError):
             f"Egress proxying is denied to host '{hostPort(host, port)}': "
             f"The destination address ({decision.address}) was denied by "
             f"rule '{decision.rule}'.",
+        )
+
+
+class PortDenied(DestinationDenied):
+    """
+    The port rules (C{destinations.allow_ports} and C{deny_ports}) refuse
+    the destination's port; nothing was looked up.
+
+    @ivar decision: an L{proxy_app.addresses.AddressDecision} with the rule
+        L{proxy_app.addresses.RULE_PORT_DENIED}, for the metrics.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.decision = AddressDecision(False, host, RULE_PORT_DENIED)
+        ProxyError.__init__(
+            self,
+            Reason.PORT_DENIED,
+            f"Egress proxying is denied to host '{hostPort(host, port)}': "
+            f"The destination port ({port}) is not allowed.",
         )
 
 
@@ -149,6 +177,7 @@ class _Vetting:
         timeout: float,
         host: str,
         port: int,
+        allowedHost: bool = False,
     ) -> None:
         """
         @param nameResolver: does the lookup.
@@ -157,6 +186,9 @@ class _Vetting:
         @param timeout: seconds the lookup may take before it is abandoned.
         @param host: the name to resolve.
         @param port: the destination port, for the policy's port rules.
+        @param allowedHost: C{host} is an allowed host on C{port}
+            (L{AddressPolicy.hostAllowed}): each answer's decision goes
+            through L{AddressPolicy.liftForHost}.
         """
         self._nameResolver = nameResolver
         self._policy = policy
@@ -172,6 +204,8 @@ class _Vetting:
         self._allowed: list[str] = []
         self._denied: list[AddressDecision] = []
         self._ttl: float | None = None
+        self._allowedHost = allowedHost
+        self._allowedBy: str | None = None
         self._done = False
 
     def start(self) -> None:
@@ -217,6 +251,10 @@ class _Vetting:
             return
         self._seen.add(key)
         decision = self._policy.decide(address.host if ip is None else ip, self._port)
+        if self._allowedHost and ip is not None and not decision.allowed:
+            decision = self._policy.liftForHost(decision)
+            if decision.rule == RULE_ALLOW_HOST:
+                self._allowedBy = RULE_ALLOW_HOST
         if ip is not None and decision.allowed:
             self._allowed.append(key)
         else:
@@ -292,6 +330,7 @@ class _Vetting:
                 denied=tuple(self._denied),
                 lookupTime=self._clock.seconds() - self._started,
                 ttl=self._ttl,
+                allowedBy=self._allowedBy,
             )
         )
 
@@ -339,6 +378,8 @@ class SafeResolver:
         @param timeout: seconds a lookup may take before it is abandoned.
         """
         self._policy = policy
+        self._limitsPorts = policy.limitsPorts
+        self._allowsHosts = policy.allowsHosts
         # Vetted IP literals: values, as the policy is fixed.
         self._literals: dict[tuple[str, int], VettedDestination] = {}
         self._nameResolver = nameResolver
@@ -361,6 +402,10 @@ class SafeResolver:
             raise DestinationDenied(
                 host, port, self._policy.decide(host, port)
             ) from None
+        # Before any lookup, and before a name's cached answer is ever
+        # stored: CachingResolver keeps only what got past this.
+        if self._limitsPorts and not self._policy.portAllowed(ip, port):
+            raise PortDenied(host, port)
         if ip is None:
             return None
         decision = self._policy.decide(ip, port)
@@ -389,8 +434,18 @@ class SafeResolver:
         if destination is not None:
             return defer.succeed(destination)
 
+        policy = self._policy
         vetting = _Vetting(
-            self._nameResolver, self._policy, self._clock, self._timeout, host, port
+            self._nameResolver,
+            policy,
+            self._clock,
+            self._timeout,
+            host,
+            port,
+            # Decided once per lookup, on the name the client asked for:
+            # answers are lifted for this name only, never cached by
+            # address, so nothing carries over to another name.
+            self._allowsHosts and policy.hostAllowed(host, port),
         )
         vetting.start()
         return vetting.deferred

@@ -374,6 +374,9 @@ def buildPolicy(config: Config) -> AddressPolicy:
         allowAddresses=destinations.allow_addresses,
         denyAddresses=destinations.deny_addresses,
         selfAddresses=proxySelfAddresses(config),
+        allowPorts=destinations.allow_ports,
+        denyPorts=destinations.deny_ports,
+        allowHosts=destinations.allow_hosts,
     )
 
 

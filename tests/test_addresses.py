@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import (
+    CLOUD_METADATA,
     DECISION_CACHE_SIZE,
     GLOBAL,
     IPV4_SPECIAL_PURPOSE,
@@ -18,8 +19,10 @@ from proxy_app.addresses import (
     MAPPED,
     NAT64,
     RULE_ALLOW_DEFAULT,
+    RULE_ALLOW_HOST,
     RULE_ALLOW_USER,
     RULE_CGNAT_RANGE,
+    RULE_CLOUD_METADATA,
     RULE_DENY_USER,
     RULE_IPV6_EMBEDDING,
     RULE_NOT_GLOBAL_UNICAST,
@@ -28,8 +31,12 @@ from proxy_app.addresses import (
     SIXTOFOUR,
     AddressDecision,
     AddressPolicy,
+    parseAllowHost,
     parseIPLiteral,
+    parsePortRange,
 )
+
+METADATA_TEXTS = frozenset(address for address, _ in CLOUD_METADATA)
 
 NGU = RULE_NOT_GLOBAL_UNICAST
 PRIVATE = RULE_PRIVATE_RANGE
@@ -1215,8 +1222,10 @@ class PropertyTests(SynchronousTestCase):
     @given(st.sampled_from(IPV4_GAPS).flatmap(inside))
     def test_ipv4OutsideTableAllowed(self, v4) -> None:
         """
-        An IPv4 address outside every table entry is allowed by default.
+        An IPv4 address outside every table entry is allowed by default
+        (the cloud metadata addresses are listed on their own).
         """
+        assume(str(v4) not in METADATA_TEXTS)
         self.assertEqual(
             AddressPolicy().decide(v4, 443), AddressDecision(True, str(v4), ALLOW)
         )
@@ -1229,9 +1238,11 @@ class PropertyTests(SynchronousTestCase):
     )
     def test_ipv4InsideTableDenied(self, case) -> None:
         """
-        An IPv4 address inside a table entry is denied with its rule.
+        An IPv4 address inside a table entry is denied with its rule
+        (the cloud metadata addresses with their own).
         """
         v4, rule = case
+        assume(str(v4) not in METADATA_TEXTS)
         self.assertEqual(
             AddressPolicy().decide(v4, 443), AddressDecision(False, str(v4), rule)
         )
@@ -1301,3 +1312,339 @@ class DecisionCacheTests(SynchronousTestCase):
             )
         self.assertLessEqual(len(policy._decisions), DECISION_CACHE_SIZE)
         self.assertFalse(policy.decide("10.0.0.1", 443).allowed)
+
+
+class PortRuleTests(SynchronousTestCase):
+    """
+    C{allowPorts} and C{denyPorts}: which destination ports may be
+    connected to at all, asked through L{AddressPolicy.portAllowed}.
+    """
+
+    def test_defaultAllPorts(self) -> None:
+        """
+        Without port rules every port is allowed, and the policy says it
+        need not be asked.
+        """
+        policy = AddressPolicy()
+        self.assertFalse(policy.limitsPorts)
+        for port in (1, 22, 80, 443, 65535):
+            self.assertTrue(policy.portAllowed(None, port))
+
+    def test_allowPortsOnly(self) -> None:
+        """
+        With allow rules, only the listed ports and ranges (both ends
+        included) are allowed, for names and literals alike.
+        """
+        policy = AddressPolicy(allowPorts=["80", 443, "8000-8100"])
+        self.assertTrue(policy.limitsPorts)
+        allowed = [
+            port
+            for port in (22, 79, 80, 81, 443, 7999, 8000, 8050, 8100, 8101)
+            if policy.portAllowed(None, port)
+        ]
+        self.assertEqual(allowed, [80, 443, 8000, 8050, 8100])
+        literal = ipaddress.ip_address("93.184.215.14")
+        self.assertFalse(policy.portAllowed(literal, 22))
+        self.assertTrue(policy.portAllowed(literal, 443))
+
+    def test_denyBeatsAllow(self) -> None:
+        """
+        A denied port is refused even inside an allowed range; deny rules
+        alone leave every other port allowed.
+        """
+        policy = AddressPolicy(allowPorts=["1-65535"], denyPorts=["25", "6000-6063"])
+        self.assertEqual(
+            [p for p in (24, 25, 26, 6000, 6063, 6064) if policy.portAllowed(None, p)],
+            [24, 26, 6064],
+        )
+        policy = AddressPolicy(denyPorts=["25"])
+        self.assertEqual(
+            [p for p in (24, 25, 26) if policy.portAllowed(None, p)], [24, 26]
+        )
+
+    def test_exactAllowAddressWithPort(self) -> None:
+        """
+        An exact allow address rule that names the port passes the port
+        rules for that address written as a literal (its mapped form
+        included), not for another address, another port, a name, nor for
+        an allow address without a port.
+        """
+        policy = AddressPolicy(
+            allowPorts=["443"],
+            allowAddresses=["10.0.0.5:6379", "10.0.0.6", "[fd00::5]:6379"],
+        )
+        ip = ipaddress.ip_address
+        self.assertTrue(policy.portAllowed(ip("10.0.0.5"), 6379))
+        self.assertTrue(policy.portAllowed(ip("::ffff:10.0.0.5"), 6379))
+        self.assertTrue(policy.portAllowed(ip("fd00::5"), 6379))
+        self.assertFalse(policy.portAllowed(ip("10.0.0.5"), 6380))
+        self.assertFalse(policy.portAllowed(ip("10.0.0.7"), 6379))
+        self.assertFalse(policy.portAllowed(ip("10.0.0.6"), 6379))
+        self.assertFalse(policy.portAllowed(None, 6379))
+        self.assertEqual(
+            policy.decide("10.0.0.5", 6379),
+            AddressDecision(True, "10.0.0.5", RULE_ALLOW_USER),
+        )
+
+    def test_badPorts(self) -> None:
+        """
+        A port rule that is not a port or an ordered range of them is a
+        L{ValueError} naming it.
+        """
+        for bad, expected in [
+            ("0", "from 1 to 65535"),
+            ("65536", "from 1 to 65535"),
+            ("http", "not a port or port range"),
+            ("80-", "not a port or port range"),
+            ("-80", "not a port or port range"),
+            ("8100-8000", "did you mean 8000-8100?"),
+            (True, "not a port or port range"),
+            (80.0, "not a port or port range"),
+        ]:
+            for kwarg in ("allowPorts", "denyPorts"):
+                with self.assertRaises(ValueError) as raised:
+                    AddressPolicy(**{kwarg: [bad]})  # type: ignore[arg-type]
+                self.assertIn(expected, str(raised.exception))
+                self.assertIn(repr(bad), str(raised.exception))
+        self.assertRaises(TypeError, AddressPolicy, allowPorts="443")
+
+    def test_parsePortRange(self) -> None:
+        """
+        L{parsePortRange} reads a port or a range, both ends included.
+        """
+        self.assertEqual(parsePortRange("443"), (443, 443))
+        self.assertEqual(parsePortRange(443), (443, 443))
+        self.assertEqual(parsePortRange(" 8000-8100 "), (8000, 8100))
+        self.assertEqual(parsePortRange("1-65535"), (1, 65535))
+
+
+class CloudMetadataTests(SynchronousTestCase):
+    """
+    C{Deny: Cloud Metadata}: cloud metadata and wire-server addresses that
+    the IANA tables allow or that a user range could open, overridable only
+    by an exact allow address rule.
+    """
+
+    def test_listed(self) -> None:
+        """
+        Azure's WireServer, Alibaba's metadata address and AWS's IPv6
+        metadata and Pod Identity addresses are denied by default, in every
+        IPv4 or IPv6 form; the link-local metadata address keeps its rule.
+        """
+        policy = AddressPolicy()
+        for address in ["168.63.129.16", "100.100.100.200"]:
+            for form in (address, f"::ffff:{address}"):
+                self.assertEqual(
+                    (policy.decide(form, 80).allowed, policy.decide(form, 80).rule),
+                    (False, RULE_CLOUD_METADATA),
+                    form,
+                )
+            for form in (f"64:ff9b::{address}", "2002:a83f:8110::1"):
+                self.assertFalse(policy.decide(form, 80).allowed, form)
+        for address in ["fd00:ec2::254", "fd00:ec2::23"]:
+            self.assertEqual(
+                policy.decide(address, 80),
+                AddressDecision(False, address, RULE_CLOUD_METADATA),
+            )
+        self.assertEqual(policy.decide("168.63.129.17", 80).rule, ALLOW)
+        self.assertEqual(policy.decide("169.254.169.254", 80).rule, NGU)
+        self.assertEqual(policy.decide("fd00:ec2::253", 80).rule, PRIVATE)
+
+    def test_rangesDoNotOpen(self) -> None:
+        """
+        An allow range never opens a metadata address, however it covers
+        it (IPv4, IPv6, or an IPv6 range over the NAT64 form), while the
+        addresses around it are opened as before.
+        """
+        policy = AddressPolicy(
+            allowRanges=[
+                "168.63.0.0/16",
+                "100.64.0.0/10",
+                "fd00::/8",
+                "64:ff9b::/96",
+                "::ffff:0:0/96",
+            ]
+        )
+        for address in [
+            "168.63.129.16",
+            "100.100.100.200",
+            "fd00:ec2::254",
+            "fd00:ec2::23",
+            "::ffff:168.63.129.16",
+        ]:
+            self.assertEqual(policy.decide(address, 80).rule, RULE_CLOUD_METADATA)
+        self.assertEqual(
+            policy.decide("64:ff9b::168.63.129.16", 80).rule, RULE_IPV6_EMBEDDING
+        )
+        for address in ["100.100.100.201", "fd00:ec2::1", "64:ff9b::100.64.0.1"]:
+            self.assertEqual(policy.decide(address, 80).rule, RULE_ALLOW_USER)
+
+    def test_exactAllowOverrides(self) -> None:
+        """
+        An exact allow address rule opens a metadata address (on its port
+        only, when it names one), and its NAT64 form through an IPv6 allow
+        range; an exact deny rule still names itself.
+        """
+        policy = AddressPolicy(
+            allowAddresses=["168.63.129.16:32526", "100.100.100.200", "fd00:ec2::254"],
+            allowRanges=["64:ff9b::/96"],
+            denyAddresses=["fd00:ec2::23"],
+        )
+        self.assertEqual(policy.decide("168.63.129.16", 32526).rule, RULE_ALLOW_USER)
+        self.assertEqual(policy.decide("168.63.129.16", 80).rule, RULE_CLOUD_METADATA)
+        self.assertEqual(
+            policy.decide("64:ff9b::168.63.129.16", 80).rule, RULE_IPV6_EMBEDDING
+        )
+        self.assertEqual(
+            policy.decide("64:ff9b::100.100.100.200", 80).rule, RULE_ALLOW_USER
+        )
+        self.assertEqual(policy.decide("100.100.100.200", 80).rule, RULE_ALLOW_USER)
+        self.assertEqual(policy.decide("fd00:ec2::254", 80).rule, RULE_ALLOW_USER)
+        self.assertEqual(policy.decide("fd00:ec2::23", 80).rule, RULE_DENY_USER)
+
+    def test_label(self) -> None:
+        """
+        The rule has its own metric label.
+        """
+        self.assertEqual(
+            AddressPolicy().decide("168.63.129.16", 80).label, "cloud_metadata"
+        )
+
+    def test_sourcesCited(self) -> None:
+        """
+        Every entry of the table is an address, with its source URL in a
+        comment next to it in the module.
+        """
+        import inspect
+
+        from proxy_app import addresses
+
+        source = inspect.getsource(addresses)
+        for address, _ in CLOUD_METADATA:
+            ipaddress.ip_address(address)
+            before = source[: source.index(f'("{address}"')]
+            self.assertIn("# https://", before.rsplit("\n    (", 1)[-1])
+
+
+class AllowedHostTests(SynchronousTestCase):
+    """
+    C{allowHosts}: names whose answers may be in the private ranges, and
+    nothing more.
+    """
+
+    def test_hostAllowed(self) -> None:
+        """
+        A name matches itself (on its port, when it names one); a glob
+        matches names below its suffix at any depth, not the suffix itself
+        nor a name that merely ends with the same letters.
+        """
+        policy = AddressPolicy(
+            allowHosts=["hooks.internal.example", "*.svc.example", "db.example:5432"]
+        )
+        self.assertTrue(policy.allowsHosts)
+        for host, port, expected in [
+            ("hooks.internal.example", 443, True),
+            ("x.hooks.internal.example", 443, False),
+            ("internal.example", 443, False),
+            ("a.svc.example", 80, True),
+            ("a.b.svc.example", 80, True),
+            ("svc.example", 80, False),
+            ("evilsvc.example", 80, False),
+            ("svc.example.evil", 80, False),
+            ("db.example", 5432, True),
+            ("db.example", 5433, False),
+        ]:
+            self.assertEqual(policy.hostAllowed(host, port), expected, (host, port))
+        self.assertFalse(AddressPolicy().allowsHosts)
+        self.assertFalse(AddressPolicy().hostAllowed("hooks.internal.example", 80))
+
+    def test_liftsPrivateRangesOnly(self) -> None:
+        """
+        For an allowed host, RFC 1918 and unique local answers are allowed
+        with C{Allow: Allowed Host}; loopback, link-local, CGNAT, cloud
+        metadata and embedded forms keep their denial.
+        """
+        policy = AddressPolicy(allowHosts=["hooks.internal.example"])
+
+        def lifted(address: str) -> AddressDecision:
+            return policy.liftForHost(policy.decide(address, 443))
+
+        for address in ["10.1.2.3", "172.16.0.1", "192.168.1.1", "fd00::1"]:
+            self.assertEqual(
+                lifted(address),
+                AddressDecision(True, address, RULE_ALLOW_HOST),
+            )
+        self.assertEqual(lifted("::ffff:10.0.0.1").rule, RULE_ALLOW_HOST)
+        for address, rule in [
+            ("127.0.0.1", NGU),
+            ("::1", NGU),
+            ("169.254.169.254", NGU),
+            ("fe80::1", NGU),
+            ("100.64.0.1", CGNAT),
+            ("100.100.100.200", RULE_CLOUD_METADATA),
+            ("fd00:ec2::254", RULE_CLOUD_METADATA),
+            ("64:ff9b::10.0.0.1", EMBED),
+            ("0.0.0.0", NGU),
+        ]:
+            self.assertEqual(lifted(address), policy.decide(address, 443), address)
+            self.assertEqual(lifted(address).rule, rule, address)
+        self.assertEqual(lifted("93.184.215.14").rule, ALLOW)
+
+    def test_userDenyAndSelfBeatIt(self) -> None:
+        """
+        Explicit deny rules, exact or range, stand; the proxy's own
+        listening address is refused on every port, as a self-connection.
+        """
+        policy = AddressPolicy(
+            allowHosts=["*.internal.example"],
+            denyAddresses=["10.0.0.5"],
+            denyRanges=["10.9.0.0/16"],
+            selfAddresses=[("10.0.0.2", 9090)],
+        )
+        for address, rule in [
+            ("10.0.0.5", RULE_DENY_USER),
+            ("10.9.1.1", RULE_DENY_USER),
+            ("10.0.0.2", RULE_SELF_CONNECTION),
+        ]:
+            for port in (22, 9090):
+                self.assertEqual(
+                    policy.liftForHost(policy.decide(address, port)),
+                    AddressDecision(False, address, rule),
+                )
+
+    def test_cacheDoesNotLeak(self) -> None:
+        """
+        Lifting leaves L{AddressPolicy.decide} and its cache alone: the
+        same address asked without the host is still denied.
+        """
+        policy = AddressPolicy(allowHosts=["hooks.internal.example"])
+        self.assertTrue(policy.liftForHost(policy.decide("10.1.2.3", 443)).allowed)
+        self.assertEqual(
+            policy.decide("10.1.2.3", 443),
+            AddressDecision(False, "10.1.2.3", PRIVATE),
+        )
+
+    def test_badHosts(self) -> None:
+        """
+        An allowed host that is not a lower-case name or glob, or that is
+        an IP address, is a L{ValueError} naming it.
+        """
+        for bad, expected in [
+            ("10.0.0.1", "is an IP address"),
+            ("1.2.3.999", "is an IP address"),
+            ("*", "is not a host name"),
+            ("*.", "is not a host name"),
+            ("Hooks.example", "is not a host name"),
+            ("a..b", "is not a host name"),
+            ("a.b:0", "from 1 to 65535"),
+            ("[::1]", "is not a host name"),
+            (5, "is not a host name"),
+        ]:
+            with self.assertRaises(ValueError) as raised:
+                AddressPolicy(allowHosts=[bad])  # type: ignore[list-item]
+            self.assertIn(expected, str(raised.exception))
+            self.assertIn(repr(bad), str(raised.exception))
+        self.assertEqual(
+            parseAllowHost("*.svc.example:8443"), ("svc.example", True, 8443)
+        )
+        self.assertEqual(parseAllowHost("a_b.example"), ("a_b.example", False, None))

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app import config
 from proxy_app.config import Config, ConfigError
-from proxy_app.tap import Options, selfAddresses
+from proxy_app.tap import Options, buildPolicy, selfAddresses
 
 
 class LoadTests(SynchronousTestCase):
@@ -243,6 +243,68 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(options.config.limits.max_response_body, 10)
         self.assertEqual(options.config.destinations.allow_ranges, ("127.0.0.2/32",))
+
+    def test_ports(self) -> None:
+        """
+        C{--allow-port} and C{--deny-port} take ports and ranges,
+        comma-separated or repeated, as do their environment variables and
+        YAML keys; the proxy's address policy applies them.
+        """
+        options = self.parse(
+            ["--allow-port", "80,443", "--allow-port", "8000-8100"],
+            {"EGRESSPROXY_DENY_PORT": "8080, 8081"},
+        )
+        destinations = options.config.destinations
+        self.assertEqual(destinations.allow_ports, ("80", "443", "8000-8100"))
+        self.assertEqual(destinations.deny_ports, ("8080", "8081"))
+        policy = buildPolicy(options.config)
+        self.assertEqual(
+            [p for p in (22, 80, 443, 8000, 8080, 8100) if policy.portAllowed(None, p)],
+            [80, 443, 8000, 8100],
+        )
+        path = FilePath(self.mktemp())
+        path.setContent(b"destinations:\n  allow_ports: [80, 443, ' 8000-8100']\n")
+        loaded = config.load({}, {}, path.path)
+        self.assertEqual(loaded.destinations.allow_ports, ("80", "443", "8000-8100"))
+        self.assertFalse(buildPolicy(Config()).limitsPorts)
+
+    def test_badPort(self) -> None:
+        """
+        A port rule that is not a port or a range of them stops start-up
+        with one line naming the flag and the value.
+        """
+        for argv in (["--allow-port", "80,https"], ["--deny-port", "0-80"]):
+            self.assertOneLineExit(argv, f"{argv[0]} = {[argv[1]]!r}")
+            self.assertOneLineExit(argv, "expected a port (1-65535)")
+
+    def test_allowHosts(self) -> None:
+        """
+        C{--allow-host} takes names and globs, each with an optional port,
+        normalized as request targets are; the proxy's address policy
+        applies them.  An IP address or a malformed name stops start-up
+        with one line.
+        """
+        options = self.parse(
+            ["--allow-host", "Hooks.Internal.Example.,*.svc.example:8443"],
+            {"EGRESSPROXY_ALLOW_HOST": "ignored.example"},
+        )
+        self.assertEqual(
+            options.config.destinations.allow_hosts,
+            ("hooks.internal.example", "*.svc.example:8443"),
+        )
+        policy = buildPolicy(options.config)
+        self.assertTrue(policy.hostAllowed("hooks.internal.example", 80))
+        self.assertTrue(policy.hostAllowed("a.svc.example", 8443))
+        self.assertFalse(policy.hostAllowed("a.svc.example", 443))
+        self.assertFalse(buildPolicy(Config()).allowsHosts)
+        path = FilePath(self.mktemp())
+        path.setContent("destinations:\n  allow_hosts: [bücher.example]\n".encode())
+        self.assertEqual(
+            config.load({}, {}, path.path).destinations.allow_hosts,
+            ("xn--bcher-kva.example",),
+        )
+        self.assertOneLineExit(["--allow-host", "10.0.0.1"], "is an IP address")
+        self.assertOneLineExit(["--allow-host", "a..b"], "expected a host name")
 
     def test_badBindAddress(self) -> None:
         """

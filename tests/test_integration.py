@@ -550,3 +550,83 @@ class AccessControlTests(TestCase):
         yield refused
         response, _ = yield self.get(b"alice:secret")
         self.assertEqual(response.code, 403)
+
+
+class PortRulesTests(TestCase):
+    """
+    C{--allow-port} on the proxy as twistd builds it, with two origins on
+    the allowed address 127.0.0.2: one on the allowed port, one on another.
+    """
+
+    def setUp(self) -> None:
+        self.seen: list[bytes] = []
+        seen = self.seen
+
+        class Recorder(Echo):
+            def render(self, request):  # type: ignore[no-untyped-def]
+                seen.append(request.uri)
+                return Echo.render(self, request)
+
+        allowed = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.2")
+        self.addCleanup(allowed.stopListening)
+        self.allowedPort = allowed.getHost().port
+        other = reactor.listenTCP(0, Site(Recorder()), interface="127.0.0.2")
+        self.addCleanup(other.stopListening)
+        self.otherPort = other.getHost().port
+        self.proxyPort = freePort("127.0.0.1")
+        options = Options(environ={})
+        options.parseOptions(
+            [
+                "--listen",
+                f"tcp:{self.proxyPort}:interface=127.0.0.1",
+                "--allow-range",
+                "127.0.0.2/32",
+                "--allow-port",
+                f"80,443,{self.allowedPort}",
+                "--access-log",
+                self.mktemp(),
+                "--metrics",
+                "none",
+            ]
+        )
+        service = makeService(options)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    def get(self, url: str) -> Deferred:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort)
+        return ProxyAgent(endpoint, reactor, pool=self.pool).request(
+            b"GET", url.encode()
+        )
+
+    @inlineCallbacks
+    def test_ports(self):  # type: ignore[no-untyped-def]
+        """
+        The allowed port is reached; another port of the same allowed
+        address gets 403/1017, for GET and CONNECT, and its origin sees
+        nothing.
+        """
+        response = yield self.get(f"http://127.0.0.2:{self.allowedPort}/ok")
+        yield readBody(response)
+        self.assertEqual(response.code, 200)
+        response = yield self.get(f"http://127.0.0.2:{self.otherPort}/no")
+        body = yield readBody(response)
+        self.assertEqual(response.code, 403)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1017"]
+        )
+        self.assertIn(f"The destination port ({self.otherPort})".encode(), body)
+        client = _Collect()
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort), client
+        )
+        client.transport.write(
+            b"CONNECT 127.0.0.2:%d HTTP/1.1\r\nHost: x\r\n\r\n" % self.otherPort
+        )
+        data = yield client.waitFor(b"\r\n\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 403 Forbidden\r\n"), data)
+        self.assertIn(b"X-WhSentry-ReasonCode: 1017", data)
+        client.transport.loseConnection()
+        self.assertEqual(self.seen, [])
