@@ -38,6 +38,7 @@ class AccessControl:
         allowMissingRole: bool = False,
         roleHeader: str | None = None,
         passwordChecks: PasswordCheckPool | None = None,
+        reportOnly: bool = False,
     ) -> None:
         self.acl = acl
         self.passwordChecks = passwordChecks
@@ -45,6 +46,7 @@ class AccessControl:
         self.authenticator = authenticator
         self.allowMissingRole = allowMissingRole
         self.roleHeader = roleHeader.lower().encode("ascii") if roleHeader else None
+        self.reportOnly = reportOnly
 
     @classmethod
     def fromConfig(cls, settings: Any, auth: Any, reactor: Any) -> AccessControl:
@@ -72,6 +74,7 @@ class AccessControl:
             settings.allow_missing_role,
             settings.role_header,
             passwordChecks,
+            settings.report_only,
         )
 
     def identify(
@@ -108,12 +111,18 @@ class AccessControl:
     def decide(self, role: str | None, host: str) -> ACLDecision:
         """
         The ACL's decision for C{role} and C{host}; everything is allowed
-        without an ACL.
+        without an ACL.  With C{reportOnly} a denial becomes an allowed
+        would-deny decision (L{ACLDecision.reportedOnly}): only the ACL's
+        own decision is relaxed, never authentication (decided before) nor
+        the address policy and the gate (after).
         """
         acl = self.acl
         if acl is None:
             return ACLDecision.withoutACL(role)
-        return acl.decide(role, host, self.allowMissingRole)
+        decision = acl.decide(role, host, self.allowMissingRole)
+        if not decision.allow and self.reportOnly:
+            return decision.reportedOnly()
+        return decision
 
     def files(self) -> list[str]:
         """

@@ -66,13 +66,20 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
 def errorResponse(
     error: ProxyError,
     extraHeaders: list[tuple[bytes, bytes]] | None = None,
+    denyMessageExtra: str | None = None,
 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """
     The headers and plain-text body of the response the proxy makes for
     C{error}: the C{X-WhSentry-Reason} and C{X-WhSentry-ReasonCode} headers
     and the message.
+
+    @param denyMessageExtra: the operator's text (C{acl.deny_message_extra})
+        for a 403: a line of the body after the message, and not in the
+        header, which stays the one compact sentence logs and clients match.
     """
     body = (error.message + "\n").encode("utf-8")
+    if denyMessageExtra is not None and error.status == 403:
+        body += (denyMessageExtra + "\n").encode("utf-8")
     reason = error.message.encode("ascii", "backslashreplace")
     reason = reason.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\x00", b" ")
     headers = [
@@ -716,7 +723,9 @@ class ProxyProtocol(Protocol):
             if requestID is not None
             else None
         )
-        headers, body = errorResponse(error, extra)
+        headers, body = errorResponse(
+            error, extra, self.factory.config.acl.deny_message_extra
+        )
         if close:
             self._closeAfter = True
         if not self.sendHead(error.status, b"", headers, len(body)):

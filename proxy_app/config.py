@@ -296,6 +296,18 @@ def parseText(value: Any) -> str:
     return str(value).strip()
 
 
+def parseDenyMessage(value: Any) -> str:
+    """
+    One line of printable text for a response body: a non-empty string
+    without control characters (a line break in it would look like the
+    start of something else to whoever reads the body).
+    """
+    text = parseText(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("expected one line of text without control characters")
+    return text
+
+
 def splitDescription(description: str) -> tuple[list[str], dict[str, str]]:
     """
     Split an endpoint description into its positional and keyword parts,
@@ -1054,6 +1066,25 @@ class ACLSettings:
         "DANGEROUS: trust the role named in this request header (for a "
         "trusted sidecar in front of the proxy); the header is stripped.",
         metavar="NAME",
+    )
+    report_only: bool = setting(
+        "report-only",
+        False,
+        parseBoolean,
+        "Let requests the ACL denies through, logged as would-deny decisions "
+        "(enforce_would_deny, report_only) and counted as report, to roll out "
+        "a new ACL (Smokescreen's --disable-acl-policy-action); the address "
+        "policy, port rules, authentication and the gate still refuse.",
+        metavar="BOOL",
+    )
+    deny_message_extra: str | None = setting(
+        "deny-message-extra",
+        None,
+        parseDenyMessage,
+        "Text appended, on a line of its own, to the body of every 403 the "
+        "proxy makes, e.g. where to ask for access (Smokescreen's "
+        "--additional-error-message-on-deny); not added to X-WhSentry-Reason.",
+        metavar="TEXT",
     )
 
 

@@ -71,6 +71,7 @@ DECISION_FIELDS = (
     "decision_reason",
     "enforce_would_deny",
     "allow",
+    "report_only",
     "inbound_remote_addr",
     "outbound_remote_addr",
     "dns_lookup_time_ms",
