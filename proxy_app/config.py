@@ -326,9 +326,14 @@ class TLSListener:
     C{ssl:} endpoint description cannot.  Written in YAML as a mapping, or
     on the command line as
     C{mtls:PORT:cert=PATH:key=PATH[:interface=IP][:client_ca=PATH]
-    [:client_cert=required|optional][:crl=PATH]}.
+    [:client_cert=required|optional][:crl=PATH][:role_from=cn|ou|uri-san]
+    [:role_from_prefix=PREFIX]}.
 
     @ivar clientCert: C{"required"}, C{"optional"} or C{"none"}.
+    @ivar roleFrom: where a client certificate's role comes from: C{"cn"},
+        C{"ou"} or C{"uri-san"} (see L{proxy_app.tls.CertificateRole}).
+    @ivar roleFromPrefix: with C{uri-san}, the URI prefix cut off to make
+        the role, or L{None} for the whole SPIFFE ID.
     """
 
     port: int
@@ -338,13 +343,25 @@ class TLSListener:
     clientCA: str | None = None
     clientCert: str = "none"
     crl: str | None = None
+    roleFrom: str = "cn"
+    roleFromPrefix: str | None = None
 
     @property
     def description(self) -> str:
         return f"mtls:{self.port}:interface={self.interface}"
 
 
-_LISTENER_KEYS = {"port", "interface", "cert", "key", "client_ca", "client_cert", "crl"}
+_LISTENER_KEYS = {
+    "port",
+    "interface",
+    "cert",
+    "key",
+    "client_ca",
+    "client_cert",
+    "crl",
+    "role_from",
+    "role_from_prefix",
+}
 
 
 def _parseTLSListener(fields: dict[str, Any]) -> TLSListener:
@@ -368,6 +385,19 @@ def _parseTLSListener(fields: dict[str, Any]) -> TLSListener:
     )
     if clientCert != "none" and not fields.get("client_ca"):
         raise ValueError("client_cert=required|optional needs client_ca=PATH")
+    roleFrom = parseChoice("cn", "ou", "uri-san")(fields.get("role_from", "cn"))
+    if roleFrom != "cn" and clientCert == "none":
+        raise ValueError(f"role_from={roleFrom} needs client_ca=PATH")
+    prefix = fields.get("role_from_prefix")
+    if prefix is not None:
+        prefix = str(prefix)
+        if roleFrom != "uri-san":
+            raise ValueError("role_from_prefix needs role_from=uri-san")
+        if "://" not in prefix or not prefix.endswith("/"):
+            raise ValueError(
+                "role_from_prefix must be a URI prefix ending in '/', such as "
+                "spiffe://example.org/ns/"
+            )
     return TLSListener(
         port=port,
         cert=str(fields["cert"]),
@@ -376,6 +406,8 @@ def _parseTLSListener(fields: dict[str, Any]) -> TLSListener:
         clientCA=fields.get("client_ca"),
         clientCert=clientCert,
         crl=fields.get("crl"),
+        roleFrom=roleFrom,
+        roleFromPrefix=prefix,
     )
 
 

@@ -64,6 +64,7 @@ from proxy_app.observe import (
 from proxy_app.resolver import CachingResolver, SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
 from proxy_app.tls import (
+    CertificateRole,
     Origination,
     TLSConfigError,
     loadClientIdentity,
@@ -837,7 +838,12 @@ def _build(
         name = listener.description if isinstance(listener, TLSListener) else listener
         _Listener(
             listener,
-            factory.forListener(name),
+            factory.forListener(
+                name,
+                CertificateRole(listener.roleFrom, listener.roleFromPrefix)
+                if isinstance(listener, TLSListener)
+                else None,
+            ),
             reactor,
             shared=workerIndex is not None,
             backlog=config.listen_backlog,

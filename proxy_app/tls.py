@@ -558,6 +558,68 @@ def _certificateNames(certificate: Any) -> list[str]:
     return names[:5]
 
 
+ROLE_SOURCES = ("cn", "ou", "uri-san")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class CertificateRole:
+    """
+    Where a TLS listener takes a verified client certificate's role from
+    (the listener's C{role_from}).
+
+      - C{cn}: the subject's common name, as Smokescreen does.
+      - C{ou}: the subject's organizational unit, when it has exactly one.
+      - C{uri-san}: the certificate's one URI subjectAltName, as a SPIFFE
+        X.509-SVID carries it: the whole SPIFFE ID (C{spiffe://...}), or,
+        with C{prefix}, what follows the prefix.
+
+    A certificate without the chosen field, or with more than one value
+    for it (two OUs, two URIs: which would be the role?), gets no role,
+    and the ACL's missing-role behaviour decides.
+
+    @ivar source: one of L{ROLE_SOURCES}.
+    @ivar prefix: for C{uri-san}, the start every URI must have (ending
+        in C{/}, so that C{spiffe://example.org/ns/} cannot match
+        C{spiffe://example.org.evil/...}); L{None} for the whole ID.
+    """
+
+    source: str = "cn"
+    prefix: str | None = None
+
+    def __call__(self, certificate: crypto.X509) -> str | None:
+        """
+        The role of C{certificate} (already verified by the handshake), or
+        L{None}.
+        """
+        if self.source == "cn":
+            return certificate.get_subject().CN
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        parsed = certificate.to_cryptography()
+        if self.source == "ou":
+            units = parsed.subject.get_attributes_for_oid(
+                NameOID.ORGANIZATIONAL_UNIT_NAME
+            )
+            value = units[0].value if len(units) == 1 else None
+            return value if isinstance(value, str) and value else None
+        try:
+            extension = parsed.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            )
+        except x509.ExtensionNotFound:
+            return None
+        uris = extension.value.get_values_for_type(x509.UniformResourceIdentifier)
+        if len(uris) != 1:
+            return None
+        uri = uris[0]
+        if self.prefix is None:
+            return uri if uri.startswith("spiffe://") and len(uri) > 9 else None
+        if not uri.startswith(self.prefix):
+            return None
+        return uri[len(self.prefix) :] or None
+
+
 def serverOptions(listener: Any) -> ssl.CertificateOptions:
     """
     The TLS options of a L{proxy_app.config.TLSListener}: its certificate
