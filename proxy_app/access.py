@@ -6,6 +6,7 @@ request in progress keeps the decision it was given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -133,11 +134,13 @@ class AccessControl:
             paths.extend(self.authenticator.files())
         return paths
 
-    def reload(self) -> bool:
+    def reload(self, failed: Callable[[str], object] | None = None) -> bool:
         """
         Re-read the ACL and the password files.  A file that fails to load
         leaves the old one in force and logs one error line.
 
+        @param failed: called with C{"acl"} or C{"credentials"} for the
+            part that failed to load (the reload-failure metric).
         @return: whether everything reloaded.
         """
         ok = True
@@ -149,6 +152,8 @@ class AccessControl:
                     "ACL not reloaded, the old one stays in force: {error}",
                     error=str(e),
                 )
+                if failed is not None:
+                    failed("acl")
                 ok = False
             else:
                 self.acl = acl
@@ -161,6 +166,8 @@ class AccessControl:
                     "Credentials not reloaded, the old ones stay in force: {error}",
                     error=str(e),
                 )
+                if failed is not None:
+                    failed("credentials")
                 ok = False
         return ok
 

@@ -1086,9 +1086,11 @@ class ACLSettings:
         "watch-interval",
         0.0,
         parseSecondsOrZero,
-        "Check the ACL and password files this often and reload them, as on "
-        "SIGHUP, when one changes or is replaced (as Kubernetes updates a "
-        "mounted ConfigMap or Secret); 0: only on SIGHUP.",
+        "Check the files SIGHUP reloads (ACL, passwords, TLS listener "
+        "certificates, keys, client CAs and CRLs, origination's client "
+        "certificates) this often and reload, as on SIGHUP, when one changes "
+        "or is replaced (as Kubernetes updates a mounted ConfigMap or Secret); "
+        "0: only on SIGHUP.",
         metavar="SECONDS",
     )
     role_header: str | None = setting(

@@ -433,6 +433,15 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.reloadFailures = Counter(
+            "egressproxy_reload_failures",
+            "Reloads (SIGHUP, or a watched file that changed) whose files did "
+            "not load, by part: acl, credentials, listener (a TLS listener's "
+            "certificate, key, client CA or CRL), origination (the trust root "
+            "and client certificates); the old state stays in force.",
+            ["what"],
+            registry=r,
+        )
         self.authFailures = Counter(
             "egressproxy_proxy_auth_failures",
             "Requests with wrong or malformed proxy credentials (missing "

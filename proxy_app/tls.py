@@ -34,7 +34,10 @@ from service_identity.hazmat import (
 )
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -184,6 +187,20 @@ class Origination:
         # One context per identity, shared by all hosts: loading the trust
         # root into a context is the costly part.
         self._contexts: dict[str | None, SSL.Context] = {}
+
+    def replace(self, other: Origination) -> None:
+        """
+        Take the trust root and client identities of C{other} (the same
+        configuration, loaded again), for the requests that follow; the
+        cached contexts and connection creators, made with the old
+        material, are dropped.  Connections already made keep what they
+        were made with.
+        """
+        self.trustRoot = other.trustRoot
+        self.default = other.default
+        self.aliases = other.aliases
+        self._creators = {}
+        self._contexts = {}
 
     def identity(self, alias: str | None) -> ClientIdentity | None:
         """
@@ -656,6 +673,65 @@ def serverOptions(listener: Any) -> ssl.CertificateOptions:
                     f"{listener.crl!r}: not a PEM or DER CRL"
                 ) from None
     return _RevocationCheckingOptions(crls, **options)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ListenerTLS:
+    """
+    A TLS listener's context, swapped whole on L{reload}: each new
+    handshake takes the context in force when it starts, and a connection
+    keeps the one it began with, so that rotating the certificate, the
+    key, the client CA or the CRL needs no restart and cuts nothing.
+
+    @ivar listener: the L{proxy_app.config.TLSListener}.
+    """
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+        self._context = self._load()
+
+    def _load(self) -> SSL.Context:
+        options = serverOptions(self.listener)
+        try:
+            return options.getContext()
+        except SSL.Error as e:
+            raise TLSConfigError(
+                f"{self.listener.cert!r}: unusable: {_sslReason(e)}"
+            ) from None
+
+    def files(self) -> list[str]:
+        """
+        The files L{reload} reads.
+        """
+        listener = self.listener
+        paths = [listener.cert, listener.key]
+        if listener.clientCert != "none" and listener.clientCA:
+            paths.append(listener.clientCA)
+        if listener.crl:
+            paths.append(listener.crl)
+        return paths
+
+    def reload(self) -> None:
+        """
+        Read every file again and, only if all of them load, put the new
+        context in force for the handshakes that follow.
+
+        @raise TLSConfigError: naming the file at fault; the old context
+            stays.
+        """
+        self._context = self._load()
+
+    def getContext(self) -> SSL.Context:
+        """
+        The context in force (for code that wants the older interface).
+        """
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """
+        A server connection for one new client, on the context in force.
+        """
+        return SSL.Connection(self._context, None)
 
 
 class _RevocationCheckingOptions(ssl.CertificateOptions):
