@@ -6,6 +6,7 @@ request in progress keeps the decision it was given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -38,6 +39,7 @@ class AccessControl:
         allowMissingRole: bool = False,
         roleHeader: str | None = None,
         passwordChecks: PasswordCheckPool | None = None,
+        reportOnly: bool = False,
     ) -> None:
         self.acl = acl
         self.passwordChecks = passwordChecks
@@ -45,6 +47,7 @@ class AccessControl:
         self.authenticator = authenticator
         self.allowMissingRole = allowMissingRole
         self.roleHeader = roleHeader.lower().encode("ascii") if roleHeader else None
+        self.reportOnly = reportOnly
 
     @classmethod
     def fromConfig(cls, settings: Any, auth: Any, reactor: Any) -> AccessControl:
@@ -72,6 +75,7 @@ class AccessControl:
             settings.allow_missing_role,
             settings.role_header,
             passwordChecks,
+            settings.report_only,
         )
 
     def identify(
@@ -108,12 +112,18 @@ class AccessControl:
     def decide(self, role: str | None, host: str) -> ACLDecision:
         """
         The ACL's decision for C{role} and C{host}; everything is allowed
-        without an ACL.
+        without an ACL.  With C{reportOnly} a denial becomes an allowed
+        would-deny decision (L{ACLDecision.reportedOnly}): only the ACL's
+        own decision is relaxed, never authentication (decided before) nor
+        the address policy and the gate (after).
         """
         acl = self.acl
         if acl is None:
             return ACLDecision.withoutACL(role)
-        return acl.decide(role, host, self.allowMissingRole)
+        decision = acl.decide(role, host, self.allowMissingRole)
+        if not decision.allow and self.reportOnly:
+            return decision.reportedOnly()
+        return decision
 
     def files(self) -> list[str]:
         """
@@ -124,11 +134,13 @@ class AccessControl:
             paths.extend(self.authenticator.files())
         return paths
 
-    def reload(self) -> bool:
+    def reload(self, failed: Callable[[str], object] | None = None) -> bool:
         """
         Re-read the ACL and the password files.  A file that fails to load
         leaves the old one in force and logs one error line.
 
+        @param failed: called with C{"acl"} or C{"credentials"} for the
+            part that failed to load (the reload-failure metric).
         @return: whether everything reloaded.
         """
         ok = True
@@ -140,6 +152,8 @@ class AccessControl:
                     "ACL not reloaded, the old one stays in force: {error}",
                     error=str(e),
                 )
+                if failed is not None:
+                    failed("acl")
                 ok = False
             else:
                 self.acl = acl
@@ -152,6 +166,8 @@ class AccessControl:
                     "Credentials not reloaded, the old ones stay in force: {error}",
                     error=str(e),
                 )
+                if failed is not None:
+                    failed("credentials")
                 ok = False
         return ok
 

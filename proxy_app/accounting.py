@@ -157,12 +157,7 @@ class MetricsObserver(_Observer):
         metrics = self._parts.metrics
         error = record.error
         decision = record.aclDecision
-        report = (
-            decision is not None
-            and decision.action == "report"
-            and decision.enforceWouldDeny
-            and error is None
-        )
+        report = decision is not None and decision.reported and error is None
         metrics.requestDone(
             record.proxyType,
             int(error.reason) if error is not None else None,
@@ -260,6 +255,7 @@ class DecisionLogObserver(_Observer):
             if decision is not None
             else False,
             allow=error is None or error.reason not in DENIALS,
+            report_only=True if decision is not None and decision.reportOnly else None,
             inbound_remote_addr=record.protocol.clientAddress,
             outbound_remote_addr=record.outboundAddress,
             dns_lookup_time_ms=_ms(record.dnsTime),

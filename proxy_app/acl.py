@@ -121,6 +121,9 @@ class ACLDecision:
     @ivar rule: the name of the service whose rule matched, C{"default"},
         or C{None}.  Unlike C{role} it is drawn from a bounded set, so it
         suits a metric label.
+    @ivar reportOnly: the ACL denied this request and C{acl.report_only}
+        let it through: a would-deny decision, logged and counted as
+        C{report}.
     """
 
     allow: bool
@@ -130,6 +133,23 @@ class ACLDecision:
     action: str | None
     enforceWouldDeny: bool
     rule: str | None
+    reportOnly: bool = False
+
+    @property
+    def reported(self) -> bool:
+        """
+        Whether the request went through although C{enforce} would have
+        denied it (a rule in C{report} mode, or C{acl.report_only}): the
+        metrics' C{report} outcome.
+        """
+        return self.allow and self.enforceWouldDeny
+
+    def reportedOnly(self) -> ACLDecision:
+        """
+        This denial, turned into an allowed would-deny decision
+        (C{acl.report_only}); the reason stays the ACL's own.
+        """
+        return attr.evolve(self, allow=True, enforceWouldDeny=True, reportOnly=True)
 
     @classmethod
     def withoutACL(cls, role: str | None) -> ACLDecision:

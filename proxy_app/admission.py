@@ -132,11 +132,7 @@ class Admission:
         if access.acl is not None:
             outcome = "deny"
             if decision.allow:
-                outcome = (
-                    "report"
-                    if decision.action == "report" and decision.enforceWouldDeny
-                    else "allow"
-                )
+                outcome = "report" if decision.reported else "allow"
             parts.metrics.aclDecisions.labels(
                 decision.rule or "", decision.project or "", outcome
             ).inc()

@@ -44,7 +44,7 @@ from proxy_app.limits import Overloaded, RateLimiter
 from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.target import hostPort, parseAbsoluteTarget, parseConnectTarget
-from proxy_app.tls import Origination
+from proxy_app.tls import CertificateRole, Origination
 from proxy_app.tunnel import ConnectExchange
 from proxy_app.upstream import NOT_PASSED, Connector, Timer, UpstreamPool
 from proxy_app.webhook import WebhookService
@@ -66,13 +66,20 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
 def errorResponse(
     error: ProxyError,
     extraHeaders: list[tuple[bytes, bytes]] | None = None,
+    denyMessageExtra: str | None = None,
 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """
     The headers and plain-text body of the response the proxy makes for
     C{error}: the C{X-WhSentry-Reason} and C{X-WhSentry-ReasonCode} headers
     and the message.
+
+    @param denyMessageExtra: the operator's text (C{acl.deny_message_extra})
+        for a 403: a line of the body after the message, and not in the
+        header, which stays the one compact sentence logs and clients match.
     """
     body = (error.message + "\n").encode("utf-8")
+    if denyMessageExtra is not None and error.status == 403:
+        body += (denyMessageExtra + "\n").encode("utf-8")
     reason = error.message.encode("ascii", "backslashreplace")
     reason = reason.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\x00", b" ")
     headers = [
@@ -157,12 +164,17 @@ class ProxyFactory(Factory):
     def buildProtocol(self, addr: Any) -> ProxyProtocol:
         return ProxyProtocol(self)
 
-    def forListener(self, name: str) -> Factory:
+    def forListener(
+        self, name: str, certificateRole: CertificateRole | None = None
+    ) -> Factory:
         """
         A factory for one listener, so that connections are counted per
         listener.
+
+        @param certificateRole: where the listener's verified client
+            certificates give their role from; L{None} for the CN.
         """
-        return _ListenerFactory(self, name)
+        return _ListenerFactory(self, name, certificateRole)
 
     def overloaded(self, exchange: Exchange) -> Overloaded | None:
         """
@@ -236,13 +248,21 @@ class ProxyFactory(Factory):
 class _ListenerFactory(Factory):
     noisy = False
 
-    def __init__(self, proxy: ProxyFactory, name: str) -> None:
+    def __init__(
+        self,
+        proxy: ProxyFactory,
+        name: str,
+        certificateRole: CertificateRole | None = None,
+    ) -> None:
         self.proxy = proxy
         self.name = name
+        self.certificateRole = certificateRole
 
     def buildProtocol(self, addr: Any) -> ProxyProtocol:
         protocol = self.proxy.buildProtocol(addr)
         protocol.listener = self.name
+        if self.certificateRole is not None:
+            protocol.certificateRole = self.certificateRole
         return protocol
 
 
@@ -310,6 +330,9 @@ class ProxyProtocol(Protocol):
 
     # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
     transport: Any
+    # Where a verified client certificate's role comes from; a listener
+    # with role_from sets its own.
+    certificateRole: CertificateRole = CertificateRole()
 
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
@@ -363,8 +386,10 @@ class ProxyProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         """
-        A TLS listener's handshake is done: a verified client certificate's
-        subject CN becomes the role, as Smokescreen derives roles.
+        A TLS listener's handshake is done: a verified client certificate
+        gives the role, from its subject CN as Smokescreen derives roles,
+        or from where the listener's C{role_from} says
+        (L{certificateRole}).
         """
         self.overTLS = True
         certificate = self.transport.getPeerCertificate()
@@ -373,7 +398,7 @@ class ProxyProtocol(Protocol):
         subject = certificate.get_subject()
         self.certificateCN = subject.CN
         self.certificateOU = subject.OU
-        self.role = subject.CN
+        self.role = self.certificateRole(certificate)
 
     def dataReceived(self, data: bytes) -> None:
         tunnel = self.tunnel
@@ -716,7 +741,9 @@ class ProxyProtocol(Protocol):
             if requestID is not None
             else None
         )
-        headers, body = errorResponse(error, extra)
+        headers, body = errorResponse(
+            error, extra, self.factory.config.acl.deny_message_extra
+        )
         if close:
             self._closeAfter = True
         if not self.sendHead(error.status, b"", headers, len(body)):

@@ -343,6 +343,18 @@ def parseText(value: Any) -> str:
     return str(value).strip()
 
 
+def parseDenyMessage(value: Any) -> str:
+    """
+    One line of printable text for a response body: a non-empty string
+    without control characters (a line break in it would look like the
+    start of something else to whoever reads the body).
+    """
+    text = parseText(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("expected one line of text without control characters")
+    return text
+
+
 def splitDescription(description: str) -> tuple[list[str], dict[str, str]]:
     """
     Split an endpoint description into its positional and keyword parts,
@@ -361,9 +373,14 @@ class TLSListener:
     C{ssl:} endpoint description cannot.  Written in YAML as a mapping, or
     on the command line as
     C{mtls:PORT:cert=PATH:key=PATH[:interface=IP][:client_ca=PATH]
-    [:client_cert=required|optional][:crl=PATH]}.
+    [:client_cert=required|optional][:crl=PATH][:role_from=cn|ou|uri-san]
+    [:role_from_prefix=PREFIX]}.
 
     @ivar clientCert: C{"required"}, C{"optional"} or C{"none"}.
+    @ivar roleFrom: where a client certificate's role comes from: C{"cn"},
+        C{"ou"} or C{"uri-san"} (see L{proxy_app.tls.CertificateRole}).
+    @ivar roleFromPrefix: with C{uri-san}, the URI prefix cut off to make
+        the role, or L{None} for the whole SPIFFE ID.
     """
 
     port: int
@@ -373,13 +390,25 @@ class TLSListener:
     clientCA: str | None = None
     clientCert: str = "none"
     crl: str | None = None
+    roleFrom: str = "cn"
+    roleFromPrefix: str | None = None
 
     @property
     def description(self) -> str:
         return f"mtls:{self.port}:interface={self.interface}"
 
 
-_LISTENER_KEYS = {"port", "interface", "cert", "key", "client_ca", "client_cert", "crl"}
+_LISTENER_KEYS = {
+    "port",
+    "interface",
+    "cert",
+    "key",
+    "client_ca",
+    "client_cert",
+    "crl",
+    "role_from",
+    "role_from_prefix",
+}
 
 
 def _parseTLSListener(fields: dict[str, Any]) -> TLSListener:
@@ -403,6 +432,19 @@ def _parseTLSListener(fields: dict[str, Any]) -> TLSListener:
     )
     if clientCert != "none" and not fields.get("client_ca"):
         raise ValueError("client_cert=required|optional needs client_ca=PATH")
+    roleFrom = parseChoice("cn", "ou", "uri-san")(fields.get("role_from", "cn"))
+    if roleFrom != "cn" and clientCert == "none":
+        raise ValueError(f"role_from={roleFrom} needs client_ca=PATH")
+    prefix = fields.get("role_from_prefix")
+    if prefix is not None:
+        prefix = str(prefix)
+        if roleFrom != "uri-san":
+            raise ValueError("role_from_prefix needs role_from=uri-san")
+        if "://" not in prefix or not prefix.endswith("/"):
+            raise ValueError(
+                "role_from_prefix must be a URI prefix ending in '/', such as "
+                "spiffe://example.org/ns/"
+            )
     return TLSListener(
         port=port,
         cert=str(fields["cert"]),
@@ -411,6 +453,8 @@ def _parseTLSListener(fields: dict[str, Any]) -> TLSListener:
         clientCA=fields.get("client_ca"),
         clientCert=clientCert,
         crl=fields.get("crl"),
+        roleFrom=roleFrom,
+        roleFromPrefix=prefix,
     )
 
 
@@ -1122,9 +1166,11 @@ class ACLSettings:
         "watch-interval",
         0.0,
         parseSecondsOrZero,
-        "Check the ACL and password files this often and reload them, as on "
-        "SIGHUP, when one changes or is replaced (as Kubernetes updates a "
-        "mounted ConfigMap or Secret); 0: only on SIGHUP.",
+        "Check the files SIGHUP reloads (ACL, passwords, TLS listener "
+        "certificates, keys, client CAs and CRLs, origination's client "
+        "certificates) this often and reload, as on SIGHUP, when one changes "
+        "or is replaced (as Kubernetes updates a mounted ConfigMap or Secret); "
+        "0: only on SIGHUP.",
         metavar="SECONDS",
     )
     role_header: str | None = setting(
@@ -1134,6 +1180,25 @@ class ACLSettings:
         "DANGEROUS: trust the role named in this request header (for a "
         "trusted sidecar in front of the proxy); the header is stripped.",
         metavar="NAME",
+    )
+    report_only: bool = setting(
+        "report-only",
+        False,
+        parseBoolean,
+        "Let requests the ACL denies through, logged as would-deny decisions "
+        "(enforce_would_deny, report_only) and counted as report, to roll out "
+        "a new ACL (Smokescreen's --disable-acl-policy-action); the address "
+        "policy, port rules, authentication and the gate still refuse.",
+        metavar="BOOL",
+    )
+    deny_message_extra: str | None = setting(
+        "deny-message-extra",
+        None,
+        parseDenyMessage,
+        "Text appended, on a line of its own, to the body of every 403 the "
+        "proxy makes, e.g. where to ask for access (Smokescreen's "
+        "--additional-error-message-on-deny); not added to X-WhSentry-Reason.",
+        metavar="TEXT",
     )
 
 

@@ -72,6 +72,7 @@ DECISION_FIELDS = (
     "address_rule",
     "enforce_would_deny",
     "allow",
+    "report_only",
     "inbound_remote_addr",
     "outbound_remote_addr",
     "dns_lookup_time_ms",
@@ -431,6 +432,15 @@ class Metrics:
             "egressproxy_access_request_outcomes",
             "Access-request gate outcomes: accept or reject.",
             ["outcome"],
+            registry=r,
+        )
+        self.reloadFailures = Counter(
+            "egressproxy_reload_failures",
+            "Reloads (SIGHUP, or a watched file that changed) whose files did "
+            "not load, by part: acl, credentials, listener (a TLS listener's "
+            "certificate, key, client CA or CRL), origination (the trust root "
+            "and client certificates); the old state stays in force.",
+            ["what"],
             registry=r,
         )
         self.authFailures = Counter(

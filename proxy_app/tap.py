@@ -61,9 +61,12 @@ from proxy_app.observe import (
     instanceRegistry,
     multiprocessValues,
 )
+from proxy_app.reload import Reloader
 from proxy_app.resolver import CachingResolver, SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
 from proxy_app.tls import (
+    CertificateRole,
+    ListenerTLS,
     Origination,
     TLSConfigError,
     loadClientIdentity,
@@ -323,6 +326,20 @@ def buildOrigination(tls: configModule.TLS, rolesInUse: bool = False) -> Origina
     return Origination(trustRoot, default, aliases, rolesInUse)
 
 
+def originationFiles(tls: configModule.TLS) -> list[str]:
+    """
+    The files L{buildOrigination} reads (certifi's bundle aside, which
+    changes only with the package).
+    """
+    paths = [tls.ca_bundle] if tls.ca_bundle else []
+    paths.extend(tls.extra_ca)
+    paths.extend(p for p in (tls.client_cert, tls.client_key) if p)
+    for entry in tls.client_certs:
+        _, cert, key, _ = configModule.ClientCertAlias(*entry)
+        paths.extend((cert, key))
+    return paths
+
+
 def selfAddresses(listeners: Sequence[str | TLSListener]) -> list[tuple[str, int]]:
     """
     The C{(host, port)} pairs the proxy listens on, from its listeners; an
@@ -394,9 +411,12 @@ class ProxyService(Service):
 
     installSignals = False
 
-    def __init__(self, factory: ProxyFactory, clock: Any) -> None:
+    def __init__(
+        self, factory: ProxyFactory, clock: Any, reloader: Reloader | None = None
+    ) -> None:
         self.factory = factory
         self.clock = clock
+        self.reloader = reloader
         self._previousHandlers: list[tuple[int, Any, Any]] = []
 
     def startService(self) -> None:
@@ -415,8 +435,20 @@ class ProxyService(Service):
             # running, after ours.
             self._previousHandlers = [
                 chainSignal(signal.SIGUSR1, lambda: call(self.reopenLogs)),
-                chainSignal(signal.SIGHUP, lambda: call(self.factory.access.reload)),
+                chainSignal(signal.SIGHUP, lambda: call(self.reload)),
             ]
+
+    def reload(self) -> bool:
+        """
+        What SIGHUP does: reload the ACL and password files, and the TLS
+        material (L{Reloader}); without a reloader, the ACL and password
+        files only.
+
+        @return: whether everything reloaded.
+        """
+        if self.reloader is not None:
+            return self.reloader.reload()
+        return self.factory.access.reload()
 
     def reopenLogs(self) -> None:
         self.factory.accessLog.reopen()
@@ -519,6 +551,7 @@ class _Listener(Service):
         reactor: Any,
         shared: bool = False,
         backlog: int | None = None,
+        tls: ListenerTLS | None = None,
     ) -> None:
         self.factory = factory
         self.port: Any = None
@@ -530,7 +563,7 @@ class _Listener(Service):
         if isinstance(listener, TLSListener):
             self.description = listener.description
             try:
-                self.contextFactory = serverOptions(listener)
+                self.contextFactory = tls if tls is not None else ListenerTLS(listener)
             except TLSConfigError as e:
                 # validate() read these files already; this is for one
                 # that changed since.
@@ -596,8 +629,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     On the global reactor, as under twistd, the proxy also acts for the
     process: it raises the open-file limit, tunes the allocator, and
-    handles SIGHUP (reload the ACL and credentials) and SIGUSR1 (reopen the
-    logs, then whatever handled SIGUSR1 before).
+    handles SIGHUP (reload the ACL, credentials and TLS material) and
+    SIGUSR1 (reopen the logs, then whatever handled SIGUSR1 before).
 
     With C{--workers} above 1 and no C{--worker-index}, the service runs
     the worker processes instead, each a C{twistd egressproxy} of its own,
@@ -666,8 +699,8 @@ def buildProxy(config: Config, reactor: Any) -> MultiService:
 
     Nothing here prints or exits, and nothing acts for the process: no
     signal handlers, file limit or allocator tuning (L{makeService} does
-    those under twistd).  To reopen the logs or reload the ACL, call
-    L{ProxyService.reopenLogs} or C{factory.access.reload()} on the
+    those under twistd).  To reopen the logs or reload as SIGHUP does, call
+    L{ProxyService.reopenLogs} or L{ProxyService.reload} on the
     L{ProxyService} among the returned service's children.
 
     @param config: the configuration, as L{proxy_app.config.load} gives it;
@@ -822,15 +855,44 @@ def _build(
     # One write per second of lines rather than one per request.
     accessLog.batchWrites(reactor)
     decisionLog.batchWrites(reactor)
-    if config.acl.watch_interval and access.files():
+    reloader = Reloader(access, metrics)
+    listenerTLS: dict[TLSListener, ListenerTLS] = {}
+    for listener in config.listen:
+        if isinstance(listener, TLSListener) and listener not in listenerTLS:
+            try:
+                tls = listenerTLS[listener] = ListenerTLS(listener)
+            except TLSConfigError as e:
+                # validate() read these files already; this is for one
+                # that changed since.
+                raise ConfigError(f"listen = {listener.description!r}: {e}") from None
+            reloader.add(
+                "listener",
+                f"TLS listener {listener.description}",
+                tls.files,
+                tls.reload,
+            )
+    if originationFiles(config.tls):
+        rolesInUse = hasRoles(config)
+
+        def reloadOrigination() -> None:
+            assert origination is not None
+            origination.replace(buildOrigination(config.tls, rolesInUse))
+
+        reloader.add(
+            "origination",
+            "TLS origination (trust root and client certificates)",
+            lambda: originationFiles(config.tls),
+            reloadOrigination,
+        )
+    if config.acl.watch_interval and reloader.files():
         FileWatcher(
-            access.files(), access.reload, reactor, config.acl.watch_interval
+            reloader.files(), reloader.reload, reactor, config.acl.watch_interval
         ).setServiceParent(top)
     if access.passwordChecks is not None:
         # Starts before the listeners, and stops only once the drain is
         # over, so that requests in flight can still have passwords checked.
         access.passwordChecks.setServiceParent(top)
-    service = ProxyService(factory, reactor)
+    service = ProxyService(factory, reactor, reloader)
     service.installSignals = processWide
     if processWide:
         raiseFileLimit()
@@ -840,10 +902,18 @@ def _build(
         name = listener.description if isinstance(listener, TLSListener) else listener
         _Listener(
             listener,
-            factory.forListener(name),
+            factory.forListener(
+                name,
+                CertificateRole(listener.roleFrom, listener.roleFromPrefix)
+                if isinstance(listener, TLSListener)
+                else None,
+            ),
             reactor,
             shared=workerIndex is not None,
             backlog=config.listen_backlog,
+            tls=listenerTLS.get(listener)
+            if isinstance(listener, TLSListener)
+            else None,
         ).setServiceParent(top)
     if statusFD is not None:
         # Last: starts once everything listens, stops first.

@@ -34,7 +34,10 @@ from service_identity.hazmat import (
 )
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -184,6 +187,20 @@ class Origination:
         # One context per identity, shared by all hosts: loading the trust
         # root into a context is the costly part.
         self._contexts: dict[str | None, SSL.Context] = {}
+
+    def replace(self, other: Origination) -> None:
+        """
+        Take the trust root and client identities of C{other} (the same
+        configuration, loaded again), for the requests that follow; the
+        cached contexts and connection creators, made with the old
+        material, are dropped.  Connections already made keep what they
+        were made with.
+        """
+        self.trustRoot = other.trustRoot
+        self.default = other.default
+        self.aliases = other.aliases
+        self._creators = {}
+        self._contexts = {}
 
     def identity(self, alias: str | None) -> ClientIdentity | None:
         """
@@ -558,6 +575,68 @@ def _certificateNames(certificate: Any) -> list[str]:
     return names[:5]
 
 
+ROLE_SOURCES = ("cn", "ou", "uri-san")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class CertificateRole:
+    """
+    Where a TLS listener takes a verified client certificate's role from
+    (the listener's C{role_from}).
+
+      - C{cn}: the subject's common name, as Smokescreen does.
+      - C{ou}: the subject's organizational unit, when it has exactly one.
+      - C{uri-san}: the certificate's one URI subjectAltName, as a SPIFFE
+        X.509-SVID carries it: the whole SPIFFE ID (C{spiffe://...}), or,
+        with C{prefix}, what follows the prefix.
+
+    A certificate without the chosen field, or with more than one value
+    for it (two OUs, two URIs: which would be the role?), gets no role,
+    and the ACL's missing-role behaviour decides.
+
+    @ivar source: one of L{ROLE_SOURCES}.
+    @ivar prefix: for C{uri-san}, the start every URI must have (ending
+        in C{/}, so that C{spiffe://example.org/ns/} cannot match
+        C{spiffe://example.org.evil/...}); L{None} for the whole ID.
+    """
+
+    source: str = "cn"
+    prefix: str | None = None
+
+    def __call__(self, certificate: crypto.X509) -> str | None:
+        """
+        The role of C{certificate} (already verified by the handshake), or
+        L{None}.
+        """
+        if self.source == "cn":
+            return certificate.get_subject().CN
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        parsed = certificate.to_cryptography()
+        if self.source == "ou":
+            units = parsed.subject.get_attributes_for_oid(
+                NameOID.ORGANIZATIONAL_UNIT_NAME
+            )
+            value = units[0].value if len(units) == 1 else None
+            return value if isinstance(value, str) and value else None
+        try:
+            extension = parsed.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            )
+        except x509.ExtensionNotFound:
+            return None
+        uris = extension.value.get_values_for_type(x509.UniformResourceIdentifier)
+        if len(uris) != 1:
+            return None
+        uri = uris[0]
+        if self.prefix is None:
+            return uri if uri.startswith("spiffe://") and len(uri) > 9 else None
+        if not uri.startswith(self.prefix):
+            return None
+        return uri[len(self.prefix) :] or None
+
+
 def serverOptions(listener: Any) -> ssl.CertificateOptions:
     """
     The TLS options of a L{proxy_app.config.TLSListener}: its certificate
@@ -594,6 +673,65 @@ def serverOptions(listener: Any) -> ssl.CertificateOptions:
                     f"{listener.crl!r}: not a PEM or DER CRL"
                 ) from None
     return _RevocationCheckingOptions(crls, **options)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ListenerTLS:
+    """
+    A TLS listener's context, swapped whole on L{reload}: each new
+    handshake takes the context in force when it starts, and a connection
+    keeps the one it began with, so that rotating the certificate, the
+    key, the client CA or the CRL needs no restart and cuts nothing.
+
+    @ivar listener: the L{proxy_app.config.TLSListener}.
+    """
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+        self._context = self._load()
+
+    def _load(self) -> SSL.Context:
+        options = serverOptions(self.listener)
+        try:
+            return options.getContext()
+        except SSL.Error as e:
+            raise TLSConfigError(
+                f"{self.listener.cert!r}: unusable: {_sslReason(e)}"
+            ) from None
+
+    def files(self) -> list[str]:
+        """
+        The files L{reload} reads.
+        """
+        listener = self.listener
+        paths = [listener.cert, listener.key]
+        if listener.clientCert != "none" and listener.clientCA:
+            paths.append(listener.clientCA)
+        if listener.crl:
+            paths.append(listener.crl)
+        return paths
+
+    def reload(self) -> None:
+        """
+        Read every file again and, only if all of them load, put the new
+        context in force for the handshakes that follow.
+
+        @raise TLSConfigError: naming the file at fault; the old context
+            stays.
+        """
+        self._context = self._load()
+
+    def getContext(self) -> SSL.Context:
+        """
+        The context in force (for code that wants the older interface).
+        """
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """
+        A server connection for one new client, on the context in force.
+        """
+        return SSL.Connection(self._context, None)
 
 
 class _RevocationCheckingOptions(ssl.CertificateOptions):

@@ -1,6 +1,8 @@
 """
-Reloading the ACL and password files when they change on disk, for
-deployments that replace them without sending SIGHUP.
+Reloading what SIGHUP reloads (the ACL and password files, and the TLS
+certificates, keys, CAs and CRLs: L{proxy_app.reload}) when one of its
+files changes on disk, for deployments that replace them without sending
+SIGHUP.
 
 Kubernetes updates a mounted ConfigMap or Secret without touching the
 files the proxy opened: the kubelet writes the new contents into a fresh
@@ -49,8 +51,8 @@ class FileWatcher(Service):
     changed, replaced, gone or back.
 
     A file that changes is reloaded whole, as on SIGHUP: C{onChange} is
-    meant to be L{proxy_app.access.AccessControl.reload}, which keeps the
-    old contents in force when the new ones do not load.  A file written
+    meant to be L{proxy_app.reload.Reloader.reload}, which keeps the old
+    contents in force when the new ones do not load.  A file written
     in place, slowly, can be seen half-written; replace files by renaming
     a complete one over them (as the kubelet does) to rule that out.
 
@@ -107,7 +109,7 @@ class FileWatcher(Service):
         changed = [path for i, path in enumerate(self.paths) if before[i] != current[i]]
         self._identities = current
         log.info(
-            "Reloading the ACL and credentials: {files} changed",
+            "Reloading: {files} changed",
             files=", ".join(changed),
         )
         try:

@@ -80,19 +80,27 @@ class Authority:
         names: tuple[str, ...] = (),
         expired: bool = False,
         client: bool = False,
-        organizationalUnit: str | None = None,
+        organizationalUnit: str | tuple[str, ...] | None = None,
+        uris: tuple[str, ...] = (),
     ) -> tuple[bytes, bytes, int]:
         """
         Issue a certificate.
 
         @param names: DNS names and IP addresses for the subjectAltName.
+        @param organizationalUnit: one OU, or several.
+        @param uris: URIs for the subjectAltName (a SPIFFE ID).
         @return: certificate PEM, key PEM, serial number.
         """
         key = _key()
         attributes = [x509.NameAttribute(NameOID.COMMON_NAME, commonName)]
-        if organizationalUnit:
+        units = (
+            (organizationalUnit,)
+            if isinstance(organizationalUnit, str)
+            else organizationalUnit or ()
+        )
+        for unit in units:
             attributes.append(
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizationalUnit)
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit)
             )
         serial = x509.random_serial_number()
         start, end = (
@@ -115,6 +123,7 @@ class Authority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 sans.append(x509.DNSName(name))
+        sans.extend(x509.UniformResourceIdentifier(uri) for uri in uris)
         if sans:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(sans), critical=False

@@ -438,6 +438,7 @@ def _exercise(metrics: Metrics, webhook: _Webhook) -> None:
     metrics.authFailures.inc()
     metrics.aclDecisions.labels("svc", "proj", "allow").inc()
     metrics.tlsFailures.labels("handshake").inc()
+    metrics.reloadFailures.labels("listener").inc()
     metrics.watchWebhook(webhook)
 
 

@@ -162,7 +162,7 @@ class FileWatcherTests(SynchronousTestCase):
         self.assertFalse(self.login("one"))
         self.assertTrue(self.login("two"))
         messages = [e["log_format"] for e in events]
-        self.assertIn("Reloading the ACL and credentials: {files} changed", messages)
+        self.assertIn("Reloading: {files} changed", messages)
         self.assertIn("ACL reloaded from {path}", messages)
 
     def test_secretOnlyChange(self) -> None:
