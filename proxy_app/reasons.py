@@ -46,6 +46,9 @@ class Reason(enum.IntEnum):
     # A configured alias this client's role may not present: with roles in
     # the deployment, tenant A must not present tenant B's certificate.
     CLIENT_CERT_NOT_PERMITTED = (1016, 403)
+    # The parent proxy (upstream.proxy) could not be reached or refused
+    # the tunnel: told apart from 1006, a destination that failed.
+    PARENT_PROXY_FAILED = (1018, 502)
 
 
 # The reasons that mean the proxy said no (a policy, a limit, the gate),
