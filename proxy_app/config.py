@@ -1273,7 +1273,17 @@ def _parseOne(field: Field, raw: Any, source: str) -> Any:
             return tuple(setting.parse(item) for item in items)
         return setting.parse(raw)
     except ValueError as e:
-        raise ConfigError(f"{source} = {raw!r}: {e}") from None
+        raise ConfigError(f"{source} = {_withoutUserinfo(raw)!r}: {e}") from None
+
+
+def _withoutUserinfo(raw: Any) -> Any:
+    """
+    C{raw} with any URL's user information (upstream.proxy's password)
+    replaced by C{…}: an error message is printed, and may be logged.
+    """
+    if isinstance(raw, str) and "@" in raw:
+        return re.sub(r"(://)[^/@\s]*@", "\\1\u2026@", raw)
+    return raw
 
 
 def _flagSource(field: Field) -> str:
