@@ -320,7 +320,11 @@ class ParentHandshake(Protocol):
         )
         self.inner = factory.buildProtocol(destination)
         self.inner.makeConnection(self.transport)
-        self.answered.callback(self.inner)
+        # As wrapClientTLS's endpoint does, give the caller its own
+        # protocol, not the TLS layer around it.
+        self.answered.callback(
+            self.inner.wrappedProtocol if self.tls is not None else self.inner
+        )
         if leftover and self.state == "tunnel":
             self.inner.dataReceived(leftover)
 
