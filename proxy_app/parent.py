@@ -322,9 +322,11 @@ class ParentHandshake(Protocol):
         self.inner.makeConnection(self.transport)
         # As wrapClientTLS's endpoint does, give the caller its own
         # protocol, not the TLS layer around it.
-        self.answered.callback(
-            self.inner.wrappedProtocol if self.tls is not None else self.inner
-        )
+        application = self.inner.wrappedProtocol if self.tls is not None else self.inner
+        # Its transport's peer is the parent; the logs, metrics and webhook
+        # name the destination it reaches.
+        application.destinationAddress = destination
+        self.answered.callback(application)
         if leftover and self.state == "tunnel":
             self.inner.dataReceived(leftover)
 

@@ -592,6 +592,9 @@ class UpstreamHTTP(Protocol):
 
     # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
     transport: Any
+    # Set, through a parent proxy, to the address of the destination the
+    # tunnel leads to (the transport's peer being the parent).
+    destinationAddress: Any = None
 
     def __init__(
         self, pool: UpstreamPool, key: PoolKey, tls: TLSSettings | None = None
@@ -987,6 +990,8 @@ class UpstreamTunnel(Protocol):
 
     peer: Any = None
     transport: Any
+    # As UpstreamHTTP's.
+    destinationAddress: Any = None
 
     def dataReceived(self, data: bytes) -> None:
         self.peer.upstreamTunnelData(data)

@@ -22,7 +22,7 @@ from proxy_app.parent import Bypass, ParentProxy, parseParentURL
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.tap import buildParent
-from proxy_app.upstream import Connector, PoolKey, UpstreamPool
+from proxy_app.upstream import Connector, PoolKey, UpstreamPool, UpstreamTunnelFactory
 
 PARENT = "192.0.2.50"
 
@@ -127,6 +127,9 @@ class HandshakeTests(SynchronousTestCase):
         protocol = through.accept()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nVia: parent\r\n\r\nhello")
         inner = self.successResultOf(through.result)
+        self.assertEqual(
+            inner.destinationAddress, IPv4Address("TCP", "203.0.113.7", 443)
+        )
         protocol.dataReceived(b" world")
         self.assertEqual(inner.received, b"hello world")
         self.assertIs(inner.transport, through.transport)
@@ -405,3 +408,50 @@ class IPv6ParentDestinationTests(SynchronousTestCase):
         handshake.makeConnection(StringTransport())
         handshake.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
         self.assertEqual(seen, [IPv6Address("TCP", "2001:db8::7", 80)])
+
+
+class HalfCloseTests(SynchronousTestCase):
+    """
+    The parent's half-close reaches the requested protocol as the direct
+    connection's would.
+    """
+
+    def test_tunnelSeesReadClosed(self) -> None:
+        """
+        A half-closeable inner protocol (a CONNECT tunnel's upstream leg) is
+        told the parent stopped sending, and the connection stays open.
+        """
+        reactor = MemoryReactorClock()
+        connector = Connector(reactor, 10, parent=parent())
+        result = connector.connect(
+            VettedDestination("o.example", 443, ("203.0.113.7",)),
+            UpstreamTunnelFactory(),
+        )
+        handshake = reactor.tcpClients[0][2].buildProtocol(None)
+        transport = StringTransport()
+        handshake.makeConnection(transport)
+        handshake.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+        tunnel = self.successResultOf(result)
+        events = []
+
+        class Peer:
+            def upstreamTunnelReadClosed(self) -> None:
+                events.append("read closed")
+
+        tunnel.peer = Peer()
+        handshake._wrappedProtocol.readConnectionLost()
+        self.assertEqual(events, ["read closed"])
+        self.assertFalse(transport.disconnecting)
+
+    def test_otherProtocolsAreClosed(self) -> None:
+        """
+        An inner protocol that is not half-closeable (a forwarded request's)
+        has the connection closed when the parent stops sending, as TCP
+        would close it.
+        """
+        through = Through()
+        protocol = through.accept()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.successResultOf(through.result)
+        protocol.readConnectionLost()
+        self.assertTrue(through.transport.disconnecting)

@@ -102,6 +102,22 @@ class TinyParent(Protocol):
             self.upstream.transport.loseConnection()
 
 
+class _Outbound:
+    """
+    An exchange observer keeping each finished exchange's outbound address,
+    as the decision log writes it.
+    """
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    def exchangeEnded(self, record: Any) -> None:
+        self.seen.append(record.outboundAddress)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: None
+
+
 class ParentLoopbackTests(TestCase):
     """
     The proxy tunnelling through a real parent on 127.0.0.1 to real origins.
@@ -152,15 +168,20 @@ class ParentLoopbackTests(TestCase):
         resolver = SafeResolver(
             AddressPolicy(allowRanges=["127.0.0.1/32"]), names, reactor
         )
+        self.access: list[dict] = []
+        accessLog = AccessLog(None)
+        accessLog.addObserver(self.access.append)
         factory = ProxyFactory(
             Config(tls=self.tls),
             resolver,
             reactor,
             Connector(reactor, 5, parent=parent),
-            AccessLog(None),
+            accessLog,
             self.origination,
         )
         self.addCleanup(factory.pool.closeIdle)
+        self.outbound: list[str] = []
+        factory.observers = (*factory.observers, _Outbound(self.outbound))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
@@ -203,6 +224,8 @@ class ParentLoopbackTests(TestCase):
         self.assertEqual(response.code, 200, body)
         self.assertTrue(body.startswith(b"GET /hello "), body)
         self.assertAskedForTheAddress(self.originPort)
+        # The logs name the destination's address, not the parent's.
+        self.assertEqual(self.outbound, [f"127.0.0.1:{self.originPort}"])
 
     @inlineCallbacks
     def test_connectTunnel(self):  # type: ignore[no-untyped-def]
