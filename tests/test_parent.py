@@ -146,6 +146,16 @@ class HandshakeTests(SynchronousTestCase):
             protocol.dataReceived(piece)
         self.assertEqual(self.successResultOf(through.result).received, b"x")
 
+    def test_interimThen200(self) -> None:
+        """
+        An interim 100 before the 200 is skipped, as from an origin.
+        """
+        through = Through()
+        through.accept().dataReceived(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\ntunnel"
+        )
+        self.assertEqual(self.successResultOf(through.result).received, b"tunnel")
+
     def assertParentFailed(self, through: Through, *words: str) -> ProxyError:
         failure = self.failureResultOf(through.result, ProxyError)
         error = failure.value
