@@ -1138,6 +1138,66 @@ class Destinations:
     )
 
 
+def parseParentProxy(value: Any) -> str:
+    """
+    A parent proxy URL, C{http://[USER:PASS@]HOST:PORT} or C{https://...}.
+    """
+    # Imported here: the parser lives beside the code that uses the value,
+    # and this module imports no other of the proxy's.
+    from proxy_app.parent import parseParentURL
+
+    result = parseText(value)
+    parseParentURL(result)
+    return result
+
+
+def parseBypassEntry(value: Any) -> str:
+    """
+    A host name, C{*.} glob, address or CIDR range.
+    """
+    # Imported here: the parser lives beside the code that uses the value,
+    # and this module imports no other of the proxy's.
+    from proxy_app.parent import Bypass
+
+    result = parseText(value)
+    try:
+        Bypass.parse((result,))
+    except ValueError:
+        raise ValueError(
+            "expected a host name, *.glob, address or CIDR range"
+        ) from None
+    return result
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Upstream:
+    """
+    A parent proxy that outbound connections are tunnelled through, after
+    the destination is vetted here.  See C{docs/security.md}.
+    """
+
+    proxy: str | None = setting(
+        "upstream-proxy",
+        None,
+        parseParentProxy,
+        "Parent proxy to tunnel every outbound connection through, "
+        "http://[USER:PASS@]HOST:PORT or https://... (verified with the "
+        "trust root of tls); it is asked for the vetted address, never the "
+        "name. Credentials are sent as Proxy-Authorization and never logged.",
+        metavar="URL",
+    )
+    no_proxy: tuple[str, ...] = setting(
+        "no-upstream-proxy",
+        (),
+        parseBypassEntry,
+        "Destinations reached directly, not through the parent proxy "
+        "(repeatable): a host name, a *.example.com glob, or an address or "
+        "CIDR range matching the vetted address.",
+        repeatable=True,
+        metavar="HOST|*.DOMAIN|CIDR",
+    )
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class ACLSettings:
     """
@@ -1293,6 +1353,7 @@ class Config:
     timeouts: Timeouts = attr.ib(factory=Timeouts)
     limits: Limits = attr.ib(factory=Limits)
     destinations: Destinations = attr.ib(factory=Destinations)
+    upstream: Upstream = attr.ib(factory=Upstream)
     tls: TLS = attr.ib(factory=TLS)
     acl: ACLSettings = attr.ib(factory=ACLSettings)
     auth: Auth = attr.ib(factory=Auth)
@@ -1366,7 +1427,17 @@ def _parseOne(field: Field, raw: Any, source: str) -> Any:
             return tuple(setting.parse(item) for item in items)
         return setting.parse(raw)
     except ValueError as e:
-        raise ConfigError(f"{source} = {raw!r}: {e}") from None
+        raise ConfigError(f"{source} = {_withoutUserinfo(raw)!r}: {e}") from None
+
+
+def _withoutUserinfo(raw: Any) -> Any:
+    """
+    C{raw} with any URL's user information (upstream.proxy's password)
+    replaced by C{…}: an error message is printed, and may be logged.
+    """
+    if isinstance(raw, str) and "@" in raw:
+        return re.sub(r"(://)[^/@\s]*@", "\\1\u2026@", raw)
+    return raw
 
 
 def _flagSource(field: Field) -> str:

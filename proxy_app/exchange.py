@@ -227,7 +227,9 @@ class Exchange:
 
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None
-        peer = upstream.transport.getPeer()
+        # Through a parent proxy the transport's peer is the parent: name
+        # the vetted address the tunnel leads to instead.
+        peer = upstream.destinationAddress or upstream.transport.getPeer()
         if not self.finished:
             self.outboundAddress = hostPort(peer.host, peer.port)
         reused = getattr(upstream, "reused", False)

@@ -49,6 +49,9 @@ class Reason(enum.IntEnum):
     # The destination port is refused by destinations.allow_ports or
     # deny_ports, before any lookup.
     PORT_DENIED = (1017, 403)
+    # The parent proxy (upstream.proxy) could not be reached or refused
+    # the tunnel: told apart from 1006, a destination that failed.
+    PARENT_PROXY_FAILED = (1018, 502)
 
 
 # The reasons that mean the proxy said no (a policy, a limit, the gate),

@@ -30,12 +30,14 @@ from __future__ import annotations
 import ctypes
 import gc
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import attr
 from twisted.application.service import MultiService, Service
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.task import LoopingCall
@@ -61,6 +63,7 @@ from proxy_app.observe import (
     instanceRegistry,
     multiprocessValues,
 )
+from proxy_app.parent import Bypass, ParentProxy, parseParentURL
 from proxy_app.reload import Reloader
 from proxy_app.resolver import CachingResolver, SafeResolver, makeNameResolver
 from proxy_app.server import ProxyFactory
@@ -291,6 +294,50 @@ def hasRoles(config: Config) -> bool:
             for listener in config.listen
         )
     )
+
+
+def buildParent(
+    upstream: configModule.Upstream, origination: Origination
+) -> ParentProxy | None:
+    """
+    The parent proxy of C{upstream.proxy}, or L{None}.  Its name is
+    resolved here, once, with the system resolver and without the
+    destination policy: the parent is the operator's choice, as the
+    control webhook is (see C{docs/security.md}).
+
+    @raise ConfigError: naming the key, for a name that does not resolve
+        or a bad C{no_proxy} entry.
+    """
+    try:
+        bypass = Bypass.parse(upstream.no_proxy)
+    except ValueError as e:
+        raise ConfigError(f"upstream.no_proxy: {e}") from None
+    if upstream.proxy is None:
+        if upstream.no_proxy:
+            log.warn("upstream.no_proxy is set but upstream.proxy is not: ignored")
+        return None
+    url = parseParentURL(upstream.proxy)
+    address = url.host
+    if not (isIPAddress(address) or isIPv6Address(address)):
+        try:
+            answers = socket.getaddrinfo(
+                url.host, url.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        except OSError as e:
+            raise ConfigError(
+                f"upstream.proxy = {str(url)!r}: cannot resolve {url.host!r}: "
+                f"{e.strerror or e}"
+            ) from None
+        address = str(answers[0][4][0]).split("%")[0]
+    tls = origination.creator(url.host, None) if url.scheme == "https" else None
+    parent = ParentProxy(url, address, tls, bypass)
+    log.info(
+        "Tunnelling outbound connections through {parent} ({address}){bypass}",
+        parent=str(url),
+        address=address,
+        bypass=", except upstream.no_proxy's" if upstream.no_proxy else "",
+    )
+    return parent
 
 
 def buildOrigination(tls: configModule.TLS, rolesInUse: bool = False) -> Origination:
@@ -779,11 +826,16 @@ def _build(
     )
     if destinations.dns_cache_ttl:
         resolver = CachingResolver(resolver, reactor, destinations.dns_cache_ttl)
+    try:
+        origination = buildOrigination(config.tls, hasRoles(config))
+    except TLSConfigError as e:
+        raise ConfigError(f"tls: {e}") from None
     connector = Connector(
         reactor,
         config.timeouts.connect,
         destinations.bind_addresses,
         maxAttempts=config.limits.max_connect_attempts,
+        parent=buildParent(config.upstream, origination),
     )
     try:
         accessLog = AccessLog.open(config.access_log.file, config.access_log.format)
@@ -792,10 +844,6 @@ def _build(
             f"access_log.file = {config.access_log.file!r}: cannot open it: "
             f"{e.strerror}"
         ) from None
-    try:
-        origination = buildOrigination(config.tls, hasRoles(config))
-    except TLSConfigError as e:
-        raise ConfigError(f"tls: {e}") from None
     try:
         access = AccessControl.fromConfig(config.acl, config.auth, reactor)
     except ACLError as e:

@@ -5,7 +5,10 @@ upstream leg of CONNECT tunnels.
 
 The seam, L{Connector}, takes only addresses from a
 L{proxy_app.resolver.VettedDestination}.  It refuses anything that is not an
-IP literal, so no host name can reach C{connectTCP} by any path.
+IP literal, so no host name can reach C{connectTCP} by any path.  With a
+parent proxy configured it connects to the parent instead (the one
+connection not made to a vetted address) and asks it for a tunnel to the
+vetted address (L{proxy_app.parent}).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, NamedTuple
 import attr
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
@@ -45,6 +48,7 @@ from proxy_app.http1 import (
     chunk,
     requestHead,
 )
+from proxy_app.parent import ParentHandshake, ParentHandshakeFactory, ParentProxy
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.target import hostPort
@@ -88,6 +92,8 @@ class Connector:
     @ivar maxAttempts: the most addresses tried for one connection.
     @ivar attemptDelay: seconds between starting one attempt and the next
         while it is pending.
+    @ivar parent: the L{ParentProxy} connections are tunnelled through
+        (except those its C{bypass} sends direct), or L{None}.
     """
 
     def __init__(
@@ -97,12 +103,14 @@ class Connector:
         bindAddresses: Sequence[str] = (),
         maxAttempts: int = 4,
         attemptDelay: float = ATTEMPT_DELAY,
+        parent: ParentProxy | None = None,
     ) -> None:
         """
         @param bindAddresses: local addresses to connect from (at most one
             per family), for a fixed egress address; none lets the kernel
             choose.
         """
+        self.parent = parent
         self.reactor = reactor
         self.timeout = timeout
         self.bind4 = next((a for a in bindAddresses if isIPAddress(a)), None)
@@ -122,18 +130,85 @@ class Connector:
             return destination
         return attr.evolve(destination, addresses=addresses)
 
+    def via(self, host: str, address: str) -> ParentProxy | None:
+        """
+        The parent proxy a connection to C{host}, vetted as C{address}, goes
+        through, or L{None} for a direct one.
+        """
+        parent = self.parent
+        if parent is None or parent.bypass(host, address):
+            return None
+        return parent
+
     def connectAddress(
-        self, address: str, port: int, factory: Factory, tls: Any = None
+        self,
+        address: str,
+        port: int,
+        factory: Factory,
+        tls: Any = None,
+        host: str | None = None,
     ) -> Deferred:
         """
-        Connect to one IP address.
+        Connect to one IP address, through the parent proxy if there is one
+        for it (L{via}).
 
         @param tls: an C{IOpenSSLClientConnectionCreator} to speak TLS over
             the connection, or L{None}.
+        @param host: the name C{address} was vetted for (by default the
+            address itself), which L{via} decides by.
 
         @raise ValueError: if C{address} is not an IP literal; the proxy
             never connects to a name.
         """
+        if not (isIPAddress(address) or isIPv6Address(address)):
+            raise ValueError(f"refusing to connect to non-address {address!r}")
+        parent = self.via(host or address, address) if self.parent else None
+        if parent is not None:
+            return self._connectThrough(
+                parent, address, port, factory, tls, host or address
+            )
+        return self._connectTCP(address, port, factory, tls)
+
+    def _connectThrough(
+        self,
+        parent: ParentProxy,
+        address: str,
+        port: int,
+        factory: Factory,
+        tls: Any,
+        host: str,
+    ) -> Deferred:
+        """
+        Connect to C{parent} and ask it for a tunnel to C{address}; the
+        L{Deferred} fires with C{factory}'s protocol once the tunnel is
+        open (and TLS to the destination, if asked, started in it).
+        """
+        handshake = ParentHandshake(parent, address, port, host, factory, tls)
+        connecting = self._connectTCP(
+            parent.address,
+            parent.url.port,
+            ParentHandshakeFactory(handshake),
+            parent.tls,
+        )
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(ProxyError, ConnectTimeoutError, CancelledError):
+                return failure
+            return Failure(
+                ProxyError(
+                    Reason.PARENT_PROXY_FAILED,
+                    f"TCP connection to {parent} ({parent.address}) failed: "
+                    f"{_describe(failure)}",
+                )
+            )
+
+        # Cancelling the result while the handshake is awaited cancels the
+        # handshake, which cuts the connection to the parent.
+        return connecting.addCallback(lambda _: handshake.answered).addErrback(failed)
+
+    def _connectTCP(
+        self, address: str, port: int, factory: Factory, tls: Any
+    ) -> Deferred:
         if isIPAddress(address):
             endpointType: Any = TCP4ClientEndpoint
             bind = self.bind4
@@ -233,7 +308,11 @@ class _Race:
             )
         try:
             attempt = self._connector.connectAddress(
-                address, self._destination.port, self._factory, self._tls
+                address,
+                self._destination.port,
+                self._factory,
+                self._tls,
+                host=self._destination.host,
             )
         except Exception:
             self._failed(Failure(), address)
@@ -310,15 +389,17 @@ class _Race:
         destination = self._destination
         where = hostPort(destination.host, destination.port)
         timeout = self._connector.timeout
+        parent = self._connector.via(destination.host, self._tried[-1])
+        through = f" through {parent}" if parent is not None else ""
         if len(self._tried) == 1:
             message = (
-                f"Connecting to {where} ({self._tried[0]}) "
+                f"Connecting to {where} ({self._tried[0]}){through} "
                 f"timed out after {timeout:g} s"
             )
         else:
             message = (
-                f"Connecting to {where} timed out after {timeout:g} s trying "
-                f"{len(self._tried)} addresses ({', '.join(self._tried)})"
+                f"Connecting to {where}{through} timed out after {timeout:g} s "
+                f"trying {len(self._tried)} addresses ({', '.join(self._tried)})"
             )
         self.result.errback(Failure(ProxyError(Reason.UPSTREAM_TIMEOUT, message)))
 
@@ -471,13 +552,16 @@ def framingHeaders(head: Any) -> list[tuple[bytes, bytes]]:
 class PoolKey(NamedTuple):
     """
     What two requests must share to share an upstream connection: the
-    vetted address and port, and (for TLS) the server name and client
-    identity.  (A named tuple: one is made for every request.)
+    vetted address and port, (for TLS) the server name and client
+    identity, and the parent proxy it goes through (its L{ParentProxy.key},
+    or L{None} for a direct connection).  (A named tuple: one is made for
+    every request.)
     """
 
     address: str
     port: int
     tls: Any = None
+    via: Any = None
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -508,6 +592,9 @@ class UpstreamHTTP(Protocol):
 
     # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
     transport: Any
+    # Set, through a parent proxy, to the address of the destination the
+    # tunnel leads to (the transport's peer being the parent).
+    destinationAddress: Any = None
 
     def __init__(
         self, pool: UpstreamPool, key: PoolKey, tls: TLSSettings | None = None
@@ -785,8 +872,18 @@ class UpstreamPool:
         """
         tlsKey = (tls.host, tls.alias) if tls is not None else None
         oldest = self.clock.seconds() - self.lifetime
+        connector = self.connector
         for address in destination.addresses if reuse else ():
-            idle = self._idle.get(PoolKey(address, destination.port, tlsKey))
+            parent = (
+                connector.via(destination.host, address) if connector.parent else None
+            )
+            key = PoolKey(
+                address,
+                destination.port,
+                tlsKey,
+                parent.key if parent is not None else None,
+            )
+            idle = self._idle.get(key)
             while idle:
                 connection = idle.pop()
                 if connection.created <= oldest:
@@ -794,7 +891,7 @@ class UpstreamPool:
                     connection.transport.loseConnection()
                     continue
                 return connection
-        factory = _KeyedFactory(self, destination.port, tls)
+        factory = _KeyedFactory(self, destination, tls)
         d = self.connector.connect(
             destination, factory, tls.creator if tls is not None else None
         )
@@ -860,14 +957,25 @@ class _KeyedFactory(Factory):
 
     noisy = False
 
-    def __init__(self, pool: UpstreamPool, port: int, tls: TLSSettings | None) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        destination: VettedDestination,
+        tls: TLSSettings | None,
+    ) -> None:
         self.pool = pool
-        self.port = port
+        self.host = destination.host
+        self.port = destination.port
         self.tls = tls
 
     def buildProtocol(self, addr: Any) -> UpstreamHTTP:
         tlsKey = (self.tls.host, self.tls.alias) if self.tls is not None else None
-        return UpstreamHTTP(self.pool, PoolKey(addr.host, self.port, tlsKey), self.tls)
+        # Through a parent, addr is the vetted address the tunnel leads to.
+        parent = self.pool.connector.via(self.host, addr.host)
+        key = PoolKey(
+            addr.host, self.port, tlsKey, parent.key if parent is not None else None
+        )
+        return UpstreamHTTP(self.pool, key, self.tls)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -882,6 +990,8 @@ class UpstreamTunnel(Protocol):
 
     peer: Any = None
     transport: Any
+    # As UpstreamHTTP's.
+    destinationAddress: Any = None
 
     def dataReceived(self, data: bytes) -> None:
         self.peer.upstreamTunnelData(data)
