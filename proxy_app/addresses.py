@@ -33,20 +33,22 @@ L{AddressPolicy.decide} answers with the first of these that applies:
  4. Exact address rules (C{denyAddresses}, C{allowAddresses}), with or
     without a port: deny beats allow.  L{RULE_DENY_USER} or
     L{RULE_ALLOW_USER}.
- 4a. Cloud metadata and wire-server addresses (L{CLOUD_METADATA}): deny,
-    L{RULE_CLOUD_METADATA}.  Only an exact allow rule (step 4) opens one;
-    no range does, nor an IPv6 allow range over a form that carries one.
+    Next (step 4a), cloud metadata and wire-server addresses
+    (L{CLOUD_METADATA}): deny, L{RULE_CLOUD_METADATA}.  Only an exact
+    allow rule opens one; no range does, nor an IPv6 allow range over a
+    form that carries one.
  5. Range rules (C{denyRanges}, C{allowRanges}): deny beats allow whatever
     the prefix lengths.  L{RULE_DENY_USER} or L{RULE_ALLOW_USER}.
  6. The built-in table, taken from the IANA IPv4 and IPv6 Special-Purpose
     Address Registries (L{IPV4_SPECIAL_PURPOSE}, L{IPV6_SPECIAL_PURPOSE}),
     longest prefix first: everything that is not global unicast is denied.
- 6a. Only for an answer to a name in C{allowHosts}, asked through
-    L{AddressPolicy.liftForHost} on top of L{AddressPolicy.decide}'s
-    decision: a C{RULE_PRIVATE_RANGE} denial (RFC 1918, unique local IPv6)
-    becomes an allow, L{RULE_ALLOW_HOST}, unless the address is one of the
-    proxy's own listening addresses (any port).  Every other built-in
-    denial stands, and so does every rule above.
+    Then (step 6a), only for an answer to a name in C{allowHosts}, asked
+    through L{AddressPolicy.liftForHost} on top of
+    L{AddressPolicy.decide}'s decision: a C{RULE_PRIVATE_RANGE} denial
+    (RFC 1918, unique local IPv6) becomes an allow, L{RULE_ALLOW_HOST},
+    unless the address is one of the proxy's own listening addresses (any
+    port).  Every other built-in denial stands, and so does every rule
+    above.
  7. Otherwise allow, L{RULE_ALLOW_DEFAULT}.
 
 Because exact rules (step 4) are consulted before any range (step 5), an
