@@ -439,7 +439,8 @@ class Metrics:
             "Reloads (SIGHUP, or a watched file that changed) whose files did "
             "not load, by part: acl, credentials, listener (a TLS listener's "
             "certificate, key, client CA or CRL), origination (the trust root "
-            "and client certificates); the old state stays in force.",
+            "and client certificates), destinations (the configuration file's "
+            "destination rules); the old state stays in force.",
             ["what"],
             registry=r,
         )

@@ -380,11 +380,26 @@ class SafeResolver:
         self._policy = policy
         self._limitsPorts = policy.limitsPorts
         self._allowsHosts = policy.allowsHosts
-        # Vetted IP literals: values, as the policy is fixed.
+        # Vetted IP literals: values, as long as the policy is not replaced.
         self._literals: dict[tuple[str, int], VettedDestination] = {}
         self._nameResolver = nameResolver
         self._clock = clock
         self._timeout = timeout
+
+    def replacePolicy(self, policy: AddressPolicy) -> None:
+        """
+        Vet from now on with C{policy} (a reload of the destination rules).
+        Lookups already under way finish with the policy they started with,
+        so a request in flight keeps the destination it was given; every
+        later call uses the new one.  Vetted literals, decided by the old
+        policy, are forgotten.
+        """
+        # One synchronous step in the reactor thread: no request can see
+        # the new policy with the old flags or the old literals.
+        self._policy = policy
+        self._limitsPorts = policy.limitsPorts
+        self._allowsHosts = policy.allowsHosts
+        self._literals = {}
 
     def vetNow(self, host: str, port: int) -> VettedDestination | None:
         """
@@ -466,8 +481,8 @@ class CachingResolver:
     destination skip the lookup.
 
     Only what the wrapped resolver vetted is kept (the allowed addresses
-    for a host and port), so a cached answer is as safe as a fresh one: the
-    address policy does not change while the proxy runs.  An answer is kept
+    for a host and port), so a cached answer is as safe as a fresh one;
+    L{replacePolicy} forgets every answer the old policy vetted.  An answer is kept
     for its DNS TTL when the resolver knows it, never longer than C{maxTTL};
     IP literals and failures are not cached.  At most C{maxEntries} are
     kept, the least recently used going first.
@@ -485,6 +500,20 @@ class CachingResolver:
         self.maxTTL = maxTTL
         self._maxEntries = maxEntries
         self._entries: OrderedDict[tuple[str, int], _CacheEntry] = OrderedDict()
+        # Which policy a lookup was vetted by: one that started before
+        # replacePolicy must not be stored after it.
+        self._generation = 0
+
+    def replacePolicy(self, policy: AddressPolicy) -> None:
+        """
+        Vet from now on with C{policy} (see L{SafeResolver.replacePolicy}),
+        and forget every cached answer: each was vetted by the old policy.
+        A lookup still under way when this is called answers its own
+        request but is not cached.
+        """
+        self._resolver.replacePolicy(policy)
+        self._entries.clear()
+        self._generation += 1
 
     def vetNow(self, host: str, port: int) -> VettedDestination | None:
         key = (host, port)
@@ -510,12 +539,14 @@ class CachingResolver:
         except ValueError:
             literal = True
         if not literal:
-            d.addCallback(self._store, key)
+            d.addCallback(self._store, key, self._generation)
         return d
 
     def _store(
-        self, destination: VettedDestination, key: tuple[str, int]
+        self, destination: VettedDestination, key: tuple[str, int], generation: int
     ) -> VettedDestination:
+        if generation != self._generation:
+            return destination
         ttl = (
             self.maxTTL
             if destination.ttl is None

@@ -146,6 +146,7 @@ class Options(usage.Options):
     ]
 
     config: Config
+    source: ConfigSource
 
     def __init__(self, environ: Any = None) -> None:
         super().__init__()
@@ -173,7 +174,8 @@ class Options(usage.Options):
                 flags[field.setting.flag] = (
                     "true" if self.get(field.setting.flag) else None
                 )
-        self.config = configModule.load(flags, self._environ, self["config"])
+        self.source = ConfigSource(flags, self._environ, self["config"])
+        self.config = self.source.load()
         validate(self.config)
         index = self["worker-index"]
         if index is not None and not 0 <= index < self.config.workers:
@@ -265,7 +267,16 @@ def validate(config: Config) -> None:
             loadACL(config.acl.file)
         except ACLError as e:
             raise ConfigError(f"acl.file: {e}") from None
-    destinations = config.destinations
+    checkDestinations(config.destinations)
+
+
+def checkDestinations(destinations: configModule.Destinations) -> None:
+    """
+    Check the address rules the configuration's parsers leave to
+    L{AddressPolicy}.
+
+    @raise ConfigError: naming the key and value.
+    """
     for key, kwarg in (
         ("allow_ranges", "allowRanges"),
         ("deny_ranges", "denyRanges"),
@@ -442,6 +453,122 @@ def buildPolicy(config: Config) -> AddressPolicy:
         denyPorts=destinations.deny_ports,
         allowHosts=destinations.allow_hosts,
     )
+
+
+# The keys a reload applies: the rest of the file needs a restart.
+RELOADED_KEYS = frozenset(
+    "destinations." + name
+    for name in (
+        "allow_ranges",
+        "deny_ranges",
+        "allow_addresses",
+        "deny_addresses",
+        "allow_ports",
+        "deny_ports",
+        "allow_hosts",
+    )
+)
+
+
+def changedKeys(old: Config, new: Config) -> list[str]:
+    """
+    The keys whose values differ between C{old} and C{new}, in the order
+    of L{proxy_app.config.fields}.
+    """
+    changed = []
+    for field in configModule.fields():
+        if field.section is None:
+            before, after = getattr(old, field.name), getattr(new, field.name)
+        else:
+            before = getattr(getattr(old, field.section), field.name)
+            after = getattr(getattr(new, field.section), field.name)
+        if before != after:
+            changed.append(field.key)
+    return changed
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ConfigSource:
+    """
+    Where a configuration came from, so that a reload reads it again the
+    same way: the flags (keyed as L{proxy_app.config.load} takes them), the
+    environment and the file.
+    """
+
+    flags: Mapping[str, Any]
+    environ: Mapping[str, str]
+    path: str | None = None
+
+    @property
+    def file(self) -> str | None:
+        """
+        The file L{load} reads: C{path}, else C{EGRESSPROXY_CONFIG}'s.
+        """
+        return self.path or self.environ.get(configModule.ENV_PREFIX + "CONFIG") or None
+
+    def load(self) -> Config:
+        """
+        The configuration as it reads now.
+
+        @raise ConfigError: naming the key and value.
+        """
+        return configModule.load(self.flags, self.environ, self.path)
+
+
+class DestinationRules:
+    """
+    The reloadable part (see L{Reloader.add}) that re-reads the
+    configuration and gives the destination resolver a new
+    L{AddressPolicy} built from its C{destinations} rules: the address
+    ranges and addresses, the ports and C{allow_hosts}.  The proxy's own
+    addresses stay those it was started with.  Other changed keys are not
+    applied; they are logged as needing a restart.
+    """
+
+    def __init__(self, started: Config, source: ConfigSource, resolver: Any) -> None:
+        """
+        @param started: the configuration the proxy was built from.
+        @param source: where it came from, read again on each reload.
+        @param resolver: the L{SafeResolver} or L{CachingResolver} whose
+            C{replacePolicy} takes the new policy.
+        """
+        self._started = started
+        self._source = source
+        self._resolver = resolver
+
+    def files(self) -> list[str]:
+        """
+        The configuration file, if there is one, for the watcher.
+        """
+        path = self._source.file
+        return [path] if path else []
+
+    def reload(self) -> None:
+        """
+        Read the configuration and replace the policy, or change nothing.
+
+        @raise ValueError: the configuration did not load or its
+            destination rules are invalid (L{ConfigError}'s message, which
+            names the key and value).
+        """
+        started = self._started
+        try:
+            new = self._source.load()
+            checkDestinations(new.destinations)
+            # The listeners are the started ones: so are the addresses the
+            # proxy refuses as itself.
+            policy = buildPolicy(attr.evolve(started, destinations=new.destinations))
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        except ValueError as e:
+            raise ValueError(f"destinations: {e}") from None
+        self._resolver.replacePolicy(policy)
+        restart = [key for key in changedKeys(started, new) if key not in RELOADED_KEYS]
+        if restart:
+            log.warn(
+                "Changed in the configuration but not applied until a restart: {keys}",
+                keys=", ".join(restart),
+            )
 
 
 class ProxyService(Service):
@@ -734,12 +861,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             workerIndex,
             reactor is _globalReactor(),
             options.get("worker-status-fd"),
+            getattr(options, "source", None),
         )
     except ConfigError as e:
         _exit(e, 1)
 
 
-def buildProxy(config: Config, reactor: Any) -> MultiService:
+def buildProxy(
+    config: Config, reactor: Any, source: ConfigSource | None = None
+) -> MultiService:
     """
     Build the proxy for C{config} on C{reactor}, for an application that
     mounts it and handles configuration mistakes itself.
@@ -753,6 +883,8 @@ def buildProxy(config: Config, reactor: Any) -> MultiService:
     @param config: the configuration, as L{proxy_app.config.load} gives it;
         checked here with L{validate}.
     @param reactor: the reactor every part of the proxy uses.
+    @param source: where C{config} came from; with it, a reload also reads
+        it again and applies its destination rules (L{DestinationRules}).
     @return: a service whose children stop one after another: the
         listeners stop accepting, the proxy drains, the metrics listener
         goes last.  Its C{privilegedStartService} binds the listeners and
@@ -765,7 +897,7 @@ def buildProxy(config: Config, reactor: Any) -> MultiService:
             "run twistd egressproxy for more than one worker"
         )
     validate(config)
-    return _build(_SequentialService(), config, reactor, None, False)
+    return _build(_SequentialService(), config, reactor, None, False, source=source)
 
 
 def _exit(error: ConfigError | usage.UsageError, status: int) -> NoReturn:
@@ -783,6 +915,7 @@ def _build(
     workerIndex: int | None,
     processWide: bool,
     statusFD: int | None = None,
+    source: ConfigSource | None = None,
 ) -> MultiService:
     """
     Build the proxy's services into C{top}; L{buildProxy} and
@@ -795,8 +928,11 @@ def _build(
         limit, allocator), as under twistd.
     @param statusFD: where a worker tells its supervisor that it listens
         and that it drains (L{WorkerStatus}), or L{None}.
+    @param source: where C{config} came from, for reloading the destination
+        rules, or L{None} not to reload them.
     @raise ConfigError: naming the key and the value at fault.
     """
+    started = config
     if workerIndex is not None:
         # The configured limits are the proxy's: each worker enforces its
         # share of them.
@@ -932,6 +1068,9 @@ def _build(
             lambda: originationFiles(config.tls),
             reloadOrigination,
         )
+    if source is not None:
+        rules = DestinationRules(started, source, resolver)
+        reloader.add("destinations", "Destination rules", rules.files, rules.reload)
     if config.acl.watch_interval and reloader.files():
         FileWatcher(
             reloader.files(), reloader.reload, reactor, config.acl.watch_interval
