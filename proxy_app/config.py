@@ -1228,7 +1228,8 @@ class ACLSettings:
         parseSecondsOrZero,
         "Check the files SIGHUP reloads (ACL, passwords, TLS listener "
         "certificates, keys, client CAs and CRLs, origination's client "
-        "certificates) this often and reload, as on SIGHUP, when one changes "
+        "certificates, the configuration file for its destination rules) "
+        "this often and reload, as on SIGHUP, when one changes "
         "or is replaced (as Kubernetes updates a mounted ConfigMap or Secret); "
         "0: only on SIGHUP.",
         metavar="SECONDS",

@@ -2,7 +2,8 @@
 What SIGHUP (and, with C{acl.watch_interval}, a change on disk) reloads:
 the ACL and password files, each TLS listener's certificate, key, client
 CA and CRL, and the trust root and client certificates of TLS
-origination.
+origination; and, with a L{proxy_app.tap.ConfigSource}, the destination
+rules of the configuration file (L{proxy_app.tap.DestinationRules}).
 
 Each part reloads whole or not at all: a part whose files fail to load
 keeps its old state, logs one line naming the file, and counts in
@@ -10,8 +11,8 @@ C{egressproxy_reload_failures_total{what=...}}; the other parts still
 reload.  New connections use the new material; established ones keep
 what they were made with.
 
-The configuration file itself, and the destination rules it holds, are not
-reloaded here.
+Of the configuration file only the destination rules are applied; other
+changed keys are logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Reloader:
         Add a part.
 
         @param what: the metric label (a small fixed set: C{listener},
-            C{origination}).
+            C{origination}, C{destinations}).
         @param name: what the log line calls it.
         @param files: the files it reads, for the watcher.
         @param reload: loads it again, raising L{ValueError} (naming the

@@ -614,9 +614,9 @@ class ProxyService(Service):
 
     def reload(self) -> bool:
         """
-        What SIGHUP does: reload the ACL and password files, and the TLS
-        material (L{Reloader}); without a reloader, the ACL and password
-        files only.
+        What SIGHUP does: reload the ACL and password files, the TLS
+        material and the destination rules (L{Reloader}); without a
+        reloader, the ACL and password files only.
 
         @return: whether everything reloaded.
         """
@@ -803,7 +803,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     On the global reactor, as under twistd, the proxy also acts for the
     process: it raises the open-file limit, tunes the allocator, and
-    handles SIGHUP (reload the ACL, credentials and TLS material) and
+    handles SIGHUP (reload the ACL, credentials, TLS material and the
+    destination rules of the configuration) and
     SIGUSR1 (reopen the logs, then whatever handled SIGUSR1 before).
 
     With C{--workers} above 1 and no C{--worker-index}, the service runs

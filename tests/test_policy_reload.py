@@ -19,12 +19,19 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import AddressPolicy
-from proxy_app.resolver import CachingResolver, VettedDestination
+from proxy_app.resolver import (
+    CachingResolver,
+    DestinationDenied,
+    PortDenied,
+    VettedDestination,
+)
 from proxy_app.tap import (
     ConfigSource,
+    Options,
     ProxyService,
     buildProxy,
     changedKeys,
+    makeService,
 )
 from proxy_app.watch import FileWatcher
 
@@ -204,6 +211,36 @@ class DestinationReloadTests(SynchronousTestCase):
         top = buildProxy(source.load(), PluggableMemoryReactor(), source)
         [watcher] = [c for c in top if isinstance(c, FileWatcher)]
         self.assertEqual(watcher.paths, (self.file.path,))
+
+
+class CommandLineTests(SynchronousTestCase):
+    """
+    The command line reloads the destination rules from the flags,
+    environment and file it started with.
+    """
+
+    def test_flagsKeptOnReload(self) -> None:
+        """
+        A rule given as a flag stays in force across a reload, which also
+        applies the file's new rules; for the same key the flag still wins
+        over the file, as at start.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b"metrics: none\n")
+        options = Options(environ={})
+        options.parseOptions(["--config", path.path, "--deny-port", "8080"])
+        top = makeService(options, reactor=PluggableMemoryReactor())
+        [proxy] = [c for c in top if isinstance(c, ProxyService)]
+        resolver = proxy.factory.resolver
+        self.assertIsNotNone(resolver.vetNow("93.184.215.14", 443))
+        path.setContent(
+            b"metrics: none\ndestinations:\n  deny_ports: [8443]\n"
+            b"  deny_ranges: [93.184.215.0/24]\n"
+        )
+        self.assertTrue(proxy.reload())
+        self.assertRaises(PortDenied, resolver.vetNow, "198.51.100.1", 8080)
+        self.assertIsNotNone(resolver.vetNow("8.8.8.8", 8443))
+        self.assertRaises(DestinationDenied, resolver.vetNow, "93.184.215.14", 443)
 
 
 class ChangedKeysTests(SynchronousTestCase):
