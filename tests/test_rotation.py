@@ -28,6 +28,7 @@ from proxy_app.tap import Options, ProxyService, buildOrigination, makeService
 from proxy_app.watch import FileWatcher
 
 from .certs import Authority
+from .helpers import PluggableMemoryReactor
 from .test_tls import WhoAmI
 
 
@@ -354,9 +355,8 @@ class WiringTests(SynchronousTestCase):
             },
             environ={},
         )
-        from twisted.internet.testing import MemoryReactorClock
 
-        top = buildProxy(config, MemoryReactorClock())
+        top = buildProxy(config, PluggableMemoryReactor())
         [watcher] = [c for c in top if isinstance(c, FileWatcher)]
         [proxy] = [c for c in top if isinstance(c, ProxyService)]
         self.assertEqual(
