@@ -630,3 +630,86 @@ class PortRulesTests(TestCase):
         self.assertIn(b"X-WhSentry-ReasonCode: 1017", data)
         client.transport.loseConnection()
         self.assertEqual(self.seen, [])
+
+
+class OperatorTextTests(TestCase):
+    """
+    C{--deny-message-extra} and C{--report-only} through the proxy as twistd
+    builds it, on loopback.
+    """
+
+    def start(self, *extra: str) -> int:
+        origin = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.2")
+        self.addCleanup(origin.stopListening)
+        self.originPort = origin.getHost().port
+        acl = FilePath(self.mktemp())
+        acl.setContent(
+            b"version: v1\nservices:\n  - name: alice\n    project: p\n"
+            b"    action: enforce\n    allowed_domains: [other.example]\n"
+        )
+        port = freePort("127.0.0.1")
+        options = Options(environ={})
+        options.parseOptions(
+            [
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--allow-range",
+                "127.0.0.2/32",
+                "--acl",
+                acl.path,
+                "--access-log",
+                "none",
+                "--decision-log",
+                "none",
+                "--metrics",
+                "none",
+                *extra,
+            ]
+        )
+        service = makeService(options)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        return port
+
+    @inlineCallbacks
+    def get(self, port: int, url: str):  # type: ignore[no-untyped-def]
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = ProxyAgent(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port), reactor, pool=pool
+        )
+        response = yield agent.request(b"GET", url.encode())
+        body = yield readBody(response)
+        return response, body
+
+    @inlineCallbacks
+    def test_denyMessageExtra(self):  # type: ignore[no-untyped-def]
+        """
+        The operator's text follows the message in the body of an ACL's 403,
+        and stays out of C{X-WhSentry-Reason}.
+        """
+        port = self.start("--deny-message-extra", "See go/egress for access.")
+        response, body = yield self.get(port, f"http://127.0.0.2:{self.originPort}/x")
+        self.assertEqual(response.code, 403)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1011"]
+        )
+        self.assertTrue(body.endswith(b"\nSee go/egress for access.\n"), body)
+        self.assertNotIn(
+            b"go/egress", response.headers.getRawHeaders(b"x-whsentry-reason")[0]
+        )
+
+    @inlineCallbacks
+    def test_reportOnly(self):  # type: ignore[no-untyped-def]
+        """
+        With C{--report-only} a request the ACL denies goes through, while
+        the address policy still refuses a metadata address.
+        """
+        port = self.start("--report-only")
+        response, body = yield self.get(port, f"http://127.0.0.2:{self.originPort}/x")
+        self.assertEqual(response.code, 200, body)
+        response, _ = yield self.get(port, "http://169.254.169.254/latest/")
+        self.assertEqual(response.code, 403)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"x-whsentry-reasoncode"), [b"1000"]
+        )
