@@ -12,7 +12,13 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from proxy_app.acl import ACL, ACLDecision, ACLError, loadACL
+from proxy_app.acl import (
+    ACL,
+    REASON_EXTERNAL_PROXY,
+    ACLDecision,
+    ACLError,
+    loadACL,
+)
 from proxy_app.http1 import headerValue
 from proxy_app.identity import Authenticator, AuthFailed, PasswordCheckPool
 
@@ -109,18 +115,29 @@ class AccessControl:
             headerValue(headers, b"proxy-authorization"), client
         )
 
-    def decide(self, role: str | None, host: str) -> ACLDecision:
+    def decide(
+        self, role: str | None, host: str, connectProxyHost: str | None = None
+    ) -> ACLDecision:
         """
         The ACL's decision for C{role} and C{host}; everything is allowed
         without an ACL.  With C{reportOnly} a denial becomes an allowed
         would-deny decision (L{ACLDecision.reportedOnly}): only the ACL's
         own decision is relaxed, never authentication (decided before) nor
         the address policy and the gate (after).
+
+        @param connectProxyHost: the external proxy's host a CONNECT asked
+            for (L{ACL.decide}).  Without an ACL nothing grants one, so it
+            is denied, where Smokescreen would allow it: the client would
+            otherwise choose where the proxy connects.
         """
         acl = self.acl
         if acl is None:
+            if connectProxyHost is not None:
+                return ACLDecision(
+                    False, REASON_EXTERNAL_PROXY, role, None, None, True, None
+                )
             return ACLDecision.withoutACL(role)
-        decision = acl.decide(role, host, self.allowMissingRole)
+        decision = acl.decide(role, host, self.allowMissingRole, connectProxyHost)
         if not decision.allow and self.reportOnly:
             return decision.reportedOnly()
         return decision

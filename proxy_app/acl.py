@@ -23,6 +23,10 @@ queries written for Smokescreen keep working:
 
  1. The role's rule, else the C{default} rule, else deny
     (C{"no rule matched"}).
+ 1a. A CONNECT that asks to go through an external proxy
+    (C{X-Upstream-Https-Proxy}) whose host matches none of the rule's
+    C{allowed_external_proxies}: deny, whatever the action
+    (C{"connect proxy host not allowed in rule"}).
  2. The host matches the rule's C{allowed_domains}: allow.
  3. The host matches C{global_deny_list}: deny.
  4. The host matches C{global_allow_list}: allow.
@@ -64,19 +68,25 @@ REASON_DEFAULT = "default rule policy used"
 REASON_NO_RULE = "no rule matched"
 REASON_NO_ROLE = "Client role cannot be determined"
 REASON_NO_ACL = "Egress ACL is not configured"
+REASON_EXTERNAL_PROXY = "connect proxy host not allowed in rule"
 
 ACTIONS = ("open", "report", "enforce")
 DEFAULT_RULE = "default"
 
 _TOP_KEYS = ("version", "services", "default", "global_allow_list", "global_deny_list")
-_SERVICE_KEYS = ("name", "project", "action", "allowed_domains")
+_SERVICE_KEYS = (
+    "name",
+    "project",
+    "action",
+    "allowed_domains",
+    "allowed_external_proxies",
+)
 # Smokescreen ignores a name on the default rule; files migrated from it may
 # carry one, and it is harmless.
-_DEFAULT_KEYS = ("name", "project", "action", "allowed_domains")
+_DEFAULT_KEYS = _SERVICE_KEYS
 # Keys that Smokescreen knows and we do not implement.  Ignoring them would
 # silently change what a migrated file means, so they are errors too.
 _UNSUPPORTED = {
-    "allowed_external_proxies": "Smokescreen's external-proxy rules",
     "mitm_domains": "Smokescreen's TLS interception",
 }
 # Likely slips, named after Smokescreen's own Go field (AllowedHosts).
@@ -191,6 +201,7 @@ class _Rule:
     project: str
     action: str
     domains: _DomainSet
+    externalProxies: _DomainSet
 
 
 def _canonical(text: str) -> str:
@@ -326,7 +337,10 @@ class _Loader:
             got = "no action" if action is None else f"unknown action {action!r}"
             raise self.fail(where, f"{got}; write action: open, report or enforce")
         domains = self.domains(data.get("allowed_domains"), f"{where}: allowed_domains")
-        return _Rule(name, project, action, domains)
+        proxies = self.domains(
+            data.get("allowed_external_proxies"), f"{where}: allowed_external_proxies"
+        )
+        return _Rule(name, project, action, domains, proxies)
 
     def load(self, data: Any) -> ACL:
         if not isinstance(data, Mapping):
@@ -470,7 +484,11 @@ class ACL:
         return self._default is not None
 
     def decide(
-        self, role: str | None, host: str, allowMissingRole: bool = False
+        self,
+        role: str | None,
+        host: str,
+        allowMissingRole: bool = False,
+        connectProxyHost: str | None = None,
     ) -> ACLDecision:
         """
         Decide whether C{role} may reach C{host}, as Smokescreen would.
@@ -483,6 +501,11 @@ class ACL:
         @param allowMissingRole: Smokescreen's C{--allow-missing-role}: an
             anonymous request is judged by the C{default} rule instead of
             being denied.
+        @param connectProxyHost: the host of the external proxy a CONNECT
+            asked to be tunnelled through (C{X-Upstream-Https-Proxy}), or
+            L{None}.  As in Smokescreen, it must match the rule's
+            C{allowed_external_proxies}, whatever the rule's action, and
+            the destination C{host} is then judged as usual.
         """
         if not role:
             if not allowMissingRole:
@@ -501,6 +524,13 @@ class ACL:
                 allow, reason, role, rule.project, rule.action, wouldDeny, rule.name
             )
 
+        if connectProxyHost is not None:
+            try:
+                proxyHost: str | None = _canonical(connectProxyHost)
+            except ProxyError:
+                proxyHost = None
+            if proxyHost is None or not rule.externalProxies.matches(proxyHost):
+                return decision(False, REASON_EXTERNAL_PROXY, True)
         try:
             normalized: str | None = _canonical(host)
         except ProxyError:
@@ -549,6 +579,7 @@ __all__ = [
     "REASON_ALLOWED_DOMAIN",
     "REASON_DEFAULT",
     "REASON_ENFORCE",
+    "REASON_EXTERNAL_PROXY",
     "REASON_GLOBAL_ALLOW",
     "REASON_GLOBAL_DENY",
     "REASON_NO_ACL",

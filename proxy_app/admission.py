@@ -6,7 +6,11 @@ which addresses.  Its steps, in order:
      C{Proxy-Authorization} through the cred portal);
   2. take from the role's rate limit;
   3. the ACL's decision on the host name (and, for TLS origination, that
-     the role may present the client certificate it named);
+     the role may present the client certificate it named; for a CONNECT
+     naming an external proxy with C{X-Upstream-Https-Proxy}, that the
+     role may use it);
+  3a. for such a CONNECT, vet the external proxy's own address as a
+     destination's, once;
   4. vet the destination through the L{IDestinationResolver};
   5. narrow it to the addresses the L{Connector} may try
      (L{Connector.candidates});
@@ -34,6 +38,7 @@ from twisted.logger import Logger
 
 from proxy_app.accounting import webhookSession
 from proxy_app.limits import Overloaded
+from proxy_app.parent import ParentProxy, ParentURL, parseExternalProxyURL
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.webhook import GateResult, approvedAddresses
@@ -41,6 +46,38 @@ from proxy_app.webhook import GateResult, approvedAddresses
 # The process log's namespace is still that of the module this was split
 # from, so that filters on it keep working.
 log = Logger(namespace="proxy_app.server")
+
+# Smokescreen's per-request parent: a CONNECT may ask to be tunnelled
+# through a proxy of its own choosing, which its role's ACL rule must list.
+EXTERNAL_PROXY_HEADER = b"x-upstream-https-proxy"
+
+
+def externalProxyURL(headers: Any) -> ParentURL | None:
+    """
+    The external proxy a CONNECT's C{X-Upstream-Https-Proxy} names, or
+    L{None} without the header.
+
+    @raise ProxyError: 1002 for a value that is not C{http://HOST[:PORT]}
+        or C{https://HOST[:PORT]}, or for the header sent more than once
+        (which value would be meant is anyone's guess).  The value is not
+        echoed: it may hold a password.
+    """
+    values = [value for name, value in headers if name == EXTERNAL_PROXY_HEADER]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ProxyError(
+            Reason.BAD_TARGET, "X-Upstream-Https-Proxy may be sent only once"
+        )
+    try:
+        return parseExternalProxyURL(values[0].decode("ascii"))
+    except UnicodeDecodeError:
+        problem = "not ASCII"
+    except ValueError as e:
+        problem = str(e)
+    raise ProxyError(
+        Reason.BAD_TARGET, f"Invalid X-Upstream-Https-Proxy header: {problem}"
+    )
 
 
 class Admission:
@@ -59,10 +96,11 @@ class Admission:
 
     The exchange being admitted gives C{target}, C{request}, C{protocol}
     (its C{role} and C{peerHost}), C{requestID}, C{connectionID},
-    C{policy}, C{tls} and C{connectTo(destination)} (and what
-    L{webhookSession} reads);
+    C{policy}, C{tls}, C{proxyType} and C{connectTo(destination)} (and
+    what L{webhookSession} reads);
     the pipeline sets its C{role}, C{aclDecision}, C{dnsTime},
-    C{connectStarted}, C{gateResult} and C{destination}.
+    C{connectStarted}, C{gateResult} and C{destination}, and on a CONNECT
+    its C{externalProxy} (the parsed URL, then the vetted L{ParentProxy}).
     """
 
     __slots__ = ("_parts",)
@@ -88,6 +126,8 @@ class Admission:
         if isinstance(role, Deferred):
             return role.addCallback(self._identified, exchange)
         self.decide(exchange, role)
+        if exchange.externalProxy is not None:
+            return self._vetExternalProxy(exchange)
         destination = parts.resolver.vetNow(target.host, target.port)
         if destination is None:
             return parts.resolver.vet(target.host, target.port).addCallback(
@@ -98,6 +138,8 @@ class Admission:
     def _identified(self, role: str | None, exchange: Any) -> Any:
         target = exchange.target
         self.decide(exchange, role)
+        if exchange.externalProxy is not None:
+            return self._vetExternalProxy(exchange)
         return self._parts.resolver.vet(target.host, target.port).addCallback(
             self._vettedThenConnect, exchange
         )
@@ -128,7 +170,14 @@ class Admission:
                     wait,
                 )
         access = parts.access
-        decision = exchange.aclDecision = access.decide(role, target.host)
+        proxyHost = None
+        if exchange.proxyType == "connect":
+            # Read here, on CONNECT only (as Smokescreen does); the tunnel
+            # never passes request headers on, and forwarding drops it.
+            url = exchange.externalProxy = externalProxyURL(exchange.request.headers)
+            if url is not None:
+                proxyHost = url.host
+        decision = exchange.aclDecision = access.decide(role, target.host, proxyHost)
         if access.acl is not None:
             outcome = "deny"
             if decision.allow:
@@ -137,9 +186,10 @@ class Admission:
                 decision.rule or "", decision.project or "", outcome
             ).inc()
         if not decision.allow:
+            through = f" through {proxyHost}" if proxyHost is not None else ""
             raise ProxyError(
                 Reason.DENIED_BY_ACL,
-                f"Egress proxying is denied to host '{target.authority}': "
+                f"Egress proxying is denied to host '{target.authority}'{through}: "
                 f"{decision.reason}.",
             )
         tls = exchange.tls
@@ -147,6 +197,50 @@ class Admission:
             origination = parts.origination
             if origination is not None:
                 origination.permit(origination.identity(tls.alias), role)
+
+    def _vetExternalProxy(self, exchange: Any) -> Deferred:
+        """
+        Vet the external proxy the ACL allowed as a destination is vetted
+        (the client chose it, so it must not open an address the policy
+        denies), resolved once; then the destination, as usual.  The
+        exchange's C{externalProxy} becomes the L{ParentProxy} its tunnel
+        goes through.
+        """
+        parts = self._parts
+        url = exchange.externalProxy
+        target = exchange.target
+
+        def denied(failure: Any) -> Any:
+            error = failure.check(ProxyError) and failure.value
+            if error and error.reason in (Reason.BLOCKED_ADDRESS, Reason.PORT_DENIED):
+                raise ProxyError(
+                    error.reason, f"The external proxy {url} is denied: {error.message}"
+                )
+            return failure
+
+        def vetted(proxy: VettedDestination) -> Deferred:
+            self._vetted(proxy, exchange)
+            address = parts.connector.candidates(proxy).addresses[0]
+            tls = None
+            if url.scheme == "https":
+                origination = parts.origination
+                if origination is None:
+                    raise ProxyError(
+                        Reason.PARENT_PROXY_FAILED,
+                        f"The external proxy {url} cannot be verified: TLS "
+                        "origination is not configured",
+                    )
+                tls = origination.creator(url.host, None)
+            exchange.externalProxy = ParentProxy(
+                url, address, tls, kind="external proxy"
+            )
+            return parts.resolver.vet(target.host, target.port)
+
+        return (
+            parts.resolver.vet(url.host, url.port)
+            .addCallbacks(vetted, denied)
+            .addCallback(self._vettedThenConnect, exchange)
+        )
 
     def _vettedThenConnect(self, destination: VettedDestination, exchange: Any) -> Any:
         parts = self._parts

@@ -53,6 +53,8 @@ class Exchange:
     """
 
     proxyType = ""
+    # Only a CONNECT may name an external proxy (L{ConnectExchange}).
+    externalProxy: Any = None
     # The TLS origination asked for; only a forwarded request has one.
     tls: TLSSettings | None = None
 

@@ -92,6 +92,38 @@ def parseParentURL(value: str) -> ParentURL:
     return ParentURL(scheme, host, port, authorization)
 
 
+def parseExternalProxyURL(value: str) -> ParentURL:
+    """
+    Parse a CONNECT's C{X-Upstream-Https-Proxy} value: as
+    L{parseParentURL}, but the port may be left out (80 for C{http}, 443
+    for C{https}), as Smokescreen's client library allows.
+
+    @raise ValueError: with what was expected (never echoing a password).
+    """
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is None and parts.hostname and parts.scheme.lower() in ("http", "https"):
+        # Give the authority its scheme's port and let parseParentURL judge
+        # the rest.
+        default = 443 if parts.scheme.lower() == "https" else 80
+        host = parts.netloc.rsplit("@", 1)[-1]
+        if host.endswith(":"):
+            raise ValueError("expected http://HOST[:PORT] or https://HOST[:PORT]")
+        netloc = parts.netloc + f":{default}"
+        text = parts._replace(netloc=netloc).geturl()
+    try:
+        return parseParentURL(text)
+    except ValueError:
+        raise ValueError(
+            "expected http://HOST[:PORT] or https://HOST[:PORT] "
+            "(no path, query or fragment)"
+        ) from None
+
+
 @attr.s(frozen=True, slots=True)
 class Bypass:
     """
@@ -158,12 +190,17 @@ class ParentProxy:
     @ivar tls: the C{IOpenSSLClientConnectionCreator} for an C{https}
         parent, or L{None}.
     @ivar bypass: the destinations that go direct.
+    @ivar kind: what messages call it: C{"parent proxy"} for the
+        operator's, C{"external proxy"} for one a CONNECT asked for with
+        C{X-Upstream-Https-Proxy} (its C{address} vetted like a
+        destination's).
     """
 
     url: ParentURL
     address: str
     tls: Any = attr.ib(default=None, eq=False, repr=False)
     bypass: Bypass = attr.ib(factory=Bypass, eq=False)
+    kind: str = attr.ib(default="parent proxy", eq=False)
 
     @property
     def key(self) -> tuple[str, str, int, bytes | None]:
@@ -176,7 +213,7 @@ class ParentProxy:
         return (url.scheme, self.address, url.port, url.authorization)
 
     def __str__(self) -> str:
-        return f"the parent proxy {self.url}"
+        return f"the {self.kind} {self.url}"
 
 
 def connectRequest(parent: ParentProxy, address: str, port: int) -> bytes:

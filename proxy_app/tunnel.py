@@ -46,6 +46,7 @@ class ConnectExchange(Exchange):
         "_clientReadOpen",
         "_upstreamReadOpen",
         "_sniffer",
+        "externalProxy",
     )
 
     def __init__(
@@ -69,12 +70,18 @@ class ConnectExchange(Exchange):
         self._upstreamReadOpen = True
         # Only the control webhook wants the SNI.
         self._sniffer = TLSSniffer() if self.factory.webhook is not None else None
+        # The proxy X-Upstream-Https-Proxy named: its parsed URL, then, once
+        # admission has allowed and vetted it, the ParentProxy the tunnel
+        # goes through.
+        self.externalProxy: Any = None
 
     def start(self) -> None:
         self._admit()
 
     def connectTo(self, destination: VettedDestination) -> Any:
-        return self.factory.connector.connect(destination, UpstreamTunnelFactory())
+        return self.factory.connector.connect(
+            destination, UpstreamTunnelFactory(), parent=self.externalProxy
+        )
 
     def _connected(self, upstream: UpstreamTunnel) -> None:
         self.upstream = upstream

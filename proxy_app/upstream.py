@@ -147,6 +147,7 @@ class Connector:
         factory: Factory,
         tls: Any = None,
         host: str | None = None,
+        parent: ParentProxy | None = None,
     ) -> Deferred:
         """
         Connect to one IP address, through the parent proxy if there is one
@@ -156,13 +157,17 @@ class Connector:
             the connection, or L{None}.
         @param host: the name C{address} was vetted for (by default the
             address itself), which L{via} decides by.
+        @param parent: a proxy to go through instead of the configured
+            one, whatever its bypass list says: a CONNECT's external proxy
+            (C{X-Upstream-Https-Proxy}), its address already vetted.
 
         @raise ValueError: if C{address} is not an IP literal; the proxy
             never connects to a name.
         """
         if not (isIPAddress(address) or isIPv6Address(address)):
             raise ValueError(f"refusing to connect to non-address {address!r}")
-        parent = self.via(host or address, address) if self.parent else None
+        if parent is None and self.parent is not None:
+            parent = self.via(host or address, address)
         if parent is not None:
             return self._connectThrough(
                 parent, address, port, factory, tls, host or address
@@ -229,7 +234,11 @@ class Connector:
         return endpoint.connect(factory)
 
     def connect(
-        self, destination: VettedDestination, factory: Factory, tls: Any = None
+        self,
+        destination: VettedDestination,
+        factory: Factory,
+        tls: Any = None,
+        parent: ParentProxy | None = None,
     ) -> Deferred:
         """
         Connect to one of C{destination}'s vetted addresses, racing them as
@@ -243,6 +252,8 @@ class Connector:
         With C{tls}, each attempt is wrapped in TLS, which starts only once
         its TCP connection is made: only the winner's ever is.
 
+        With C{parent}, every attempt goes through it (L{connectAddress}).
+
         @return: a L{Deferred} firing with the connected protocol, or failing
             with a L{ProxyError}: 1004 for a timeout, 1006 otherwise.
 
@@ -250,7 +261,7 @@ class Connector:
         """
         if not destination.addresses:
             raise ValueError(f"no address to connect to for {destination.host!r}")
-        return _Race(self, destination, factory, tls).result
+        return _Race(self, destination, factory, tls, parent).result
 
 
 class _Race:
@@ -276,11 +287,13 @@ class _Race:
         destination: VettedDestination,
         factory: Factory,
         tls: Any,
+        parent: ParentProxy | None = None,
     ) -> None:
         self._connector = connector
         self._destination = destination
         self._factory = factory
         self._tls = tls
+        self._parent = parent
         self._waiting = list(attemptOrder(destination.addresses, connector.maxAttempts))
         self._tried: list[str] = []
         self._pending: list[tuple[str, Deferred]] = []
@@ -313,6 +326,7 @@ class _Race:
                 self._factory,
                 self._tls,
                 host=self._destination.host,
+                parent=self._parent,
             )
         except Exception:
             self._failed(Failure(), address)
@@ -389,7 +403,7 @@ class _Race:
         destination = self._destination
         where = hostPort(destination.host, destination.port)
         timeout = self._connector.timeout
-        parent = self._connector.via(destination.host, self._tried[-1])
+        parent = self._parent or self._connector.via(destination.host, self._tried[-1])
         through = f" through {parent}" if parent is not None else ""
         if len(self._tried) == 1:
             message = (
@@ -512,9 +526,11 @@ HOP_BY_HOP = frozenset(
 )
 
 
-# Never passed on: the hop-by-hop headers, and Content-Length, since framing
-# is re-created for the next hop (see framingHeaders).
-NOT_PASSED = HOP_BY_HOP | {b"content-length"}
+# Never passed on: the hop-by-hop headers, Content-Length, since framing
+# is re-created for the next hop (see framingHeaders), and Smokescreen's
+# X-Upstream-Https-Proxy, which is for this proxy (and honoured on CONNECT
+# only).
+NOT_PASSED = HOP_BY_HOP | {b"content-length", b"x-upstream-https-proxy"}
 
 
 def endToEndHeaders(

@@ -20,6 +20,7 @@ from proxy_app.acl import (
     REASON_ALLOWED_DOMAIN,
     REASON_DEFAULT,
     REASON_ENFORCE,
+    REASON_EXTERNAL_PROXY,
     REASON_GLOBAL_ALLOW,
     REASON_GLOBAL_DENY,
     REASON_NO_ACL,
@@ -827,7 +828,7 @@ class LoadErrorTests(SynchronousTestCase):
         Smokescreen keys we do not implement are refused rather than
         ignored.
         """
-        for key in ("mitm_domains", "allowed_external_proxies"):
+        for key in ("mitm_domains",):
             self.assertLoadError(
                 document(service(name="api", **{key: []})),
                 "service 'api'",
@@ -1040,3 +1041,108 @@ class LoadACLTests(SynchronousTestCase):
             acl.decide("stranger", "anything.example").reason, REASON_DEFAULT
         )
         self.assertFalse(acl.decide("stranger", "anything.example").allow)
+
+
+class ExternalProxyTests(SynchronousTestCase):
+    """
+    C{allowed_external_proxies}: the external proxies (Smokescreen's
+    C{X-Upstream-Https-Proxy}) a role's CONNECT may go through.
+    """
+
+    def acl(self, **fields: Any) -> ACL:
+        return ACL.fromMapping(
+            document(
+                service(name="api", allowed_domains=["api.example"], **fields),
+                default={"project": "other", "action": "open"},
+            )
+        )
+
+    def test_loaded(self) -> None:
+        """
+        The key loads (it was refused before), and a listed host or one
+        below a C{*.} glob may be the external proxy; the destination is
+        then judged as usual.
+        """
+        acl = self.acl(allowed_external_proxies=["proxy.example", "*.corp.example"])
+        for proxy in ("proxy.example", "PROXY.example", "p1.corp.example"):
+            decision = acl.decide("api", "api.example", connectProxyHost=proxy)
+            self.assertEqual(
+                (decision.allow, decision.reason), (True, REASON_ALLOWED_DOMAIN)
+            )
+
+    def test_notListedDenied(self) -> None:
+        """
+        An external proxy matching none of the rule's globs is denied with
+        Smokescreen's reason, even for an allowed destination and for a
+        rule whose action is C{open}; C{*.corp.example} does not match
+        C{corp.example} itself.
+        """
+        acl = self.acl(allowed_external_proxies=["*.corp.example"])
+        for role in ("api", "someone-else"):
+            for proxy in ("corp.example", "evil.example", "", "bad host"):
+                decision = acl.decide(role, "api.example", connectProxyHost=proxy)
+                self.assertEqual(
+                    (decision.allow, decision.reason, decision.enforceWouldDeny),
+                    (False, REASON_EXTERNAL_PROXY, True),
+                )
+
+    def test_noListDeniesEveryProxy(self) -> None:
+        """
+        A rule without the key allows no external proxy, while the same
+        request without one is allowed.
+        """
+        acl = self.acl()
+        self.assertFalse(
+            acl.decide("api", "api.example", connectProxyHost="p.example").allow
+        )
+        self.assertTrue(acl.decide("api", "api.example").allow)
+
+    def test_destinationStillJudged(self) -> None:
+        """
+        An allowed external proxy does not allow the destination: an
+        enforcing rule still denies a host it does not list.
+        """
+        acl = ACL.fromMapping(
+            document(
+                service(
+                    name="api",
+                    action="enforce",
+                    allowed_domains=["api.example"],
+                    allowed_external_proxies=["proxy.example"],
+                )
+            )
+        )
+        decision = acl.decide("api", "other.example", connectProxyHost="proxy.example")
+        self.assertEqual((decision.allow, decision.reason), (False, REASON_ENFORCE))
+
+    def test_globRules(self) -> None:
+        """
+        The entries follow the same glob rules as C{allowed_domains}.
+        """
+        for entry, problem in (
+            ("*", "must not match everything"),
+            ("*proxy.example", "full prefix"),
+            ("Proxy.example", "incorrect ACL entry"),
+        ):
+            with self.assertRaises(ACLError) as caught:
+                self.acl(allowed_external_proxies=[entry])
+            self.assertIn("allowed_external_proxies[0]", str(caught.exception))
+            self.assertIn(problem, str(caught.exception))
+        with self.assertRaises(ACLError):
+            self.acl(allowed_external_proxies="proxy.example")
+
+    def test_defaultRule(self) -> None:
+        """
+        The C{default} rule may list external proxies too.
+        """
+        acl = ACL.fromMapping(
+            document(
+                default={
+                    "action": "open",
+                    "allowed_external_proxies": ["proxy.example"],
+                }
+            )
+        )
+        self.assertTrue(
+            acl.decide("x", "a.example", connectProxyHost="proxy.example").allow
+        )

@@ -69,6 +69,8 @@ class Subject:
     """
 
     tls = None
+    proxyType = "http"
+    externalProxy: Any = None
     requestID = "rq-1"
     connectionID = ""
     policy = "default"

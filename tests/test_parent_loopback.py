@@ -19,6 +19,8 @@ from twisted.web.client import HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
+from proxy_app.access import AccessControl
+from proxy_app.acl import ACL
 from proxy_app.addresses import AddressPolicy
 from proxy_app.config import TLS, Config
 from proxy_app.observe import AccessLog
@@ -350,3 +352,106 @@ class ParentLoopbackTests(TestCase):
         )
         self.assertIn(b"127.0.0.1:%d" % port, body)
         self.assertIn(b"refused", body)
+
+
+EXTERNAL_ACL = """
+version: v1
+services: []
+default:
+  project: p
+  action: enforce
+  allowed_domains: [origin.test]
+  allowed_external_proxies: [proxy.test]
+"""
+
+
+class ExternalProxyLoopbackTests(TestCase):
+    """
+    A client's CONNECT naming its own proxy with C{X-Upstream-Https-Proxy}
+    (Smokescreen's per-request parent), through a real one on 127.0.0.1.
+    """
+
+    # The same origin, certificates and tiny parent as above, without
+    # running those tests twice.
+    setUp = ParentLoopbackTests.setUp
+    listenTLS = ParentLoopbackTests.listenTLS
+    parent = ParentLoopbackTests.parent
+    assertAskedForTheAddress = ParentLoopbackTests.assertAskedForTheAddress
+
+    def externalProxy(self, tlsName: str | None = None) -> tuple[int, int]:
+        """
+        Start the tiny parent (over TLS for C{tlsName}) and a proxy with no
+        parent of its own whose ACL allows C{proxy.test} as an external
+        proxy; C{proxy.test} and C{origin.test} resolve to 127.0.0.1.
+
+        @return: the external proxy's port and the proxy's.
+        """
+        parent = self.parent(tlsName)
+        names = ScriptedNameResolver(
+            {"origin.test": [["127.0.0.1"]], "proxy.test": [["127.0.0.1"]]}
+        )
+        resolver = SafeResolver(
+            AddressPolicy(allowRanges=["127.0.0.1/32"]), names, reactor
+        )
+        factory = ProxyFactory(
+            Config(tls=self.tls),
+            resolver,
+            reactor,
+            Connector(reactor, 5),
+            AccessLog(None),
+            self.origination,
+        )
+        factory.access = AccessControl(
+            ACL.fromYAML(EXTERNAL_ACL), allowMissingRole=True
+        )
+        self.addCleanup(factory.pool.closeIdle)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return parent.url.port, port.getHost().port
+
+    @inlineCallbacks
+    def tunnel(self, proxyPort: int, header: str):  # type: ignore[no-untyped-def]
+        client = _Collect()
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort), client
+        )
+        client.transport.write(
+            b"CONNECT origin.test:%d HTTP/1.1\r\nHost: origin.test:%d\r\n"
+            b"X-Upstream-Https-Proxy: %s\r\n\r\n"
+            % (self.originPort, self.originPort, header.encode())
+        )
+        data = yield client.waitFor(b"\r\n\r\n")
+        return client, data
+
+    @inlineCallbacks
+    def test_tunnelThroughTheClientsProxy(self):  # type: ignore[no-untyped-def]
+        """
+        The tunnel goes through the external proxy the client named, over
+        TLS verified for its name, with its credentials, which is asked for
+        the vetted address and never sees the name or the header.
+        """
+        parentPort, proxyPort = self.externalProxy(tlsName="proxy.test")
+        client, data = yield self.tunnel(
+            proxyPort, f"https://egress:s3cret@proxy.test:{parentPort}"
+        )
+        self.assertEqual(data, b"HTTP/1.1 200 Connection established\r\n\r\n")
+        client.transport.write(
+            b"GET /tunnelled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data = yield client.done
+        self.assertIn(b"GET /tunnelled ", data)
+        self.assertAskedForTheAddress(self.originPort)
+        self.assertNotIn(b"pstream-Https", self.heads[0])
+
+    @inlineCallbacks
+    def test_notAllowedIsNotContacted(self):  # type: ignore[no-untyped-def]
+        """
+        An external proxy the ACL does not list is refused (403, 1011) and
+        never contacted, even at an address the policy allows.
+        """
+        parentPort, proxyPort = self.externalProxy()
+        client, data = yield self.tunnel(proxyPort, f"http://127.0.0.1:{parentPort}")
+        self.assertTrue(data.startswith(b"HTTP/1.1 403 "), data)
+        self.assertIn(b"X-WhSentry-ReasonCode: 1011", data)
+        client.transport.loseConnection()
+        self.assertEqual(self.heads, [])
