@@ -22,11 +22,10 @@ Smokescreen's C{decision_reason} strings verbatim so that dashboards and log
 queries written for Smokescreen keep working:
 
  1. The role's rule, else the C{default} rule, else deny
-    (C{"no rule matched"}).
- 1a. A CONNECT that asks to go through an external proxy
-    (C{X-Upstream-Https-Proxy}) whose host matches none of the rule's
-    C{allowed_external_proxies}: deny, whatever the action
-    (C{"connect proxy host not allowed in rule"}).
+    (C{"no rule matched"}).  Then (step 1a) a CONNECT that asks to go
+    through an external proxy (C{X-Upstream-Https-Proxy}) whose host
+    matches none of the rule's C{allowed_external_proxies}: deny, whatever
+    the action (C{"connect proxy host not allowed in rule"}).
  2. The host matches the rule's C{allowed_domains}: allow.
  3. The host matches C{global_deny_list}: deny.
  4. The host matches C{global_allow_list}: allow.

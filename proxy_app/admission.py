@@ -8,9 +8,8 @@ which addresses.  Its steps, in order:
   3. the ACL's decision on the host name (and, for TLS origination, that
      the role may present the client certificate it named; for a CONNECT
      naming an external proxy with C{X-Upstream-Https-Proxy}, that the
-     role may use it);
-  3a. for such a CONNECT, vet the external proxy's own address as a
-     destination's, once;
+     role may use it); then, for such a CONNECT, vet the external
+     proxy's own address as a destination's, once;
   4. vet the destination through the L{IDestinationResolver};
   5. narrow it to the addresses the L{Connector} may try
      (L{Connector.candidates});
