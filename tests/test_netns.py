@@ -22,6 +22,8 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, TestCase
 
 _PRIVATE = "10.1.2.3"
+# Azure's WireServer: a global address, denied by "Deny: Cloud Metadata".
+_WIRESERVER = "168.63.129.16"
 
 
 def _canUnshare() -> bool:
@@ -47,7 +49,10 @@ class AllowedHostInNamespaceTests(TestCase):
         C{hooks.internal.test} and C{--nameserver}: the allowed name is
         served by the origin on 10.1.2.3; C{evil.test} (same address) and
         the literal get 403/1000 C{Deny: Private Range}, and the origin
-        sees only the allowed request.
+        sees only the allowed request.  Azure's WireServer address, served
+        in the namespace, is refused (403/1000 C{Deny: Cloud Metadata}) as a
+        literal and by name, even under an allow range over it, and its
+        origin sees nothing.
         """
         if not _canUnshare():
             raise SkipTest("needs root and unshare --net")
@@ -67,11 +72,17 @@ class AllowedHostInNamespaceTests(TestCase):
             self.assertEqual((status, code), (403, "1000"), key)
             self.assertIn(f"({_PRIVATE}) was denied by rule 'Deny: Private", body)
         self.assertEqual(seen["origin"], ["/allowed"])
+        for key in ("wireServer", "wireServerName"):
+            status, code, body = seen[key]
+            self.assertEqual((status, code), (403, "1000"), key)
+            self.assertIn("'Deny: Cloud Metadata'", body)
+        self.assertEqual(seen["wireOrigin"], [])
 
 
 def _child() -> None:  # pragma: no cover - runs in the namespace
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", f"{_PRIVATE}/32", "dev", "lo"], check=True)
+    for address in (_PRIVATE, _WIRESERVER):
+        subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
 
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
@@ -94,12 +105,23 @@ def _child() -> None:  # pragma: no cover - runs in the namespace
 
     site = reactor.listenTCP(0, Site(Recorder()), interface=_PRIVATE)
     port = site.getHost().port
+    wireOrigin: list[str] = []
+
+    class WireRecorder(Echo):
+        def render(self, request: Any) -> bytes:
+            wireOrigin.append(request.uri.decode())
+            return Echo.render(self, request)
+
+    wirePort = (
+        reactor.listenTCP(0, Site(WireRecorder()), interface=_WIRESERVER).getHost().port
+    )
     names = startNameServer(
         reactor,
         b"test",
         {
             b"hooks.internal.test": [dns.Record_A(_PRIVATE)],
             b"evil.test": [dns.Record_A(_PRIVATE)],
+            b"wire.test": [dns.Record_A(_WIRESERVER)],
         },
     )
     proxyPort = freePort("127.0.0.1")
@@ -111,6 +133,9 @@ def _child() -> None:  # pragma: no cover - runs in the namespace
             f"tcp:{proxyPort}:interface=127.0.0.1",
             "--allow-host",
             "hooks.internal.test",
+            # A range over the WireServer does not open it.
+            "--allow-range",
+            "168.63.0.0/16",
             "--nameserver",
             f"127.0.0.1:{names.getHost().port}",
             "--access-log",
@@ -142,7 +167,10 @@ def _child() -> None:  # pragma: no cover - runs in the namespace
             "allowed": await get(f"http://hooks.internal.test:{port}/allowed"),
             "otherName": await get(f"http://evil.test:{port}/other"),
             "literal": await get(f"http://{_PRIVATE}:{port}/literal"),
+            "wireServer": await get(f"http://{_WIRESERVER}:{wirePort}/wire"),
+            "wireServerName": await get(f"http://wire.test:{wirePort}/wire"),
             "origin": origin,
+            "wireOrigin": wireOrigin,
         }
         await service.stopService()
         with open(decisions) as f:
