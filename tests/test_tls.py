@@ -439,8 +439,8 @@ class CreatorTests(SynchronousTestCase):
 
     def test_noPrivateTwisted(self) -> None:
         """
-        No module of C{proxy_app} imports a private Twisted module
-        (C{twisted.internet._sslverify} and the like), which can change
+        No module of C{proxy_app} or of the tests imports a private Twisted
+        module (one whose name starts with an underscore), which can change
         with any release.
         """
         import proxy_app
@@ -449,9 +449,11 @@ class CreatorTests(SynchronousTestCase):
             r"^\s*(?:from|import)\s+twisted(?:\.\w+)*\._", re.MULTILINE
         )
         package = FilePath(proxy_app.__file__).parent()
+        tests = FilePath(__file__).parent()
         offenders = [
             path.path
-            for path in package.walk()
+            for root in (package, tests)
+            for path in root.walk()
             if path.path.endswith(".py")
             and private.search(path.getContent().decode("utf-8"))
         ]
