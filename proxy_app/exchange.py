@@ -46,10 +46,10 @@ class Exchange:
     C{request}, C{url}, C{target}, C{protocol} (the client's address and
     certificate), C{started}, C{role}, C{aclDecision}, C{policy},
     C{dnsTime}, C{connectTime}, C{outboundAddress}, C{status}, C{error},
-    C{endedBecause}, C{bytesUp}, C{bytesDown}, C{sni}, C{application},
-    C{details}, C{finished}, C{decisionLogged}, and the webhook's
-    C{connectionID}, C{statistics}, C{gateResult}, C{session} and
-    C{webhookStarted}.
+    C{endedBecause}, C{bytesUp}, C{bytesDown} (bodies, or a tunnel's relayed
+    bytes), C{sni}, C{application}, C{details}, L{wireCounts}, C{finished},
+    C{decisionLogged}, and the webhook's C{connectionID}, C{statistics},
+    C{gateResult}, C{session} and C{webhookStarted}.
     """
 
     proxyType = ""
@@ -358,6 +358,16 @@ class Exchange:
         The URLs the exchange carried, for accounting.
         """
         return [self.url]
+
+    def wireCounts(self) -> tuple[int, int]:
+        """
+        The bytes that crossed the client's connection for this exchange,
+        up and down, heads and framing included (the control webhook's
+        C{bytes_up} and C{bytes_down}): what the connection counted since
+        the exchange before this one took its counts
+        (L{IClientChannel.takeCounts}).  Taken once, as the exchange ends.
+        """
+        return self.protocol.takeCounts()
 
     def clientLost(self, reason: Failure | None) -> None:
         """

@@ -222,6 +222,14 @@ class IClientChannel(Interface):
         set up: a tunnel calls it once both transports are wired together.
         """
 
+    def takeCounts() -> tuple[int, int]:
+        """
+        The bytes read from the client as HTTP (heads and bodies as
+        received, a CONNECT head without what followed it) and written to
+        it (heads, bodies as framed) since the last call; the counts then
+        start again from zero.  A tunnel's relayed bytes are not in them.
+        """
+
 
 class IExchangeObserver(Interface):
     """

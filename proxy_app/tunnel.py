@@ -130,6 +130,12 @@ class ConnectExchange(Exchange):
     def details(self) -> tuple[()]:
         return ()
 
+    def wireCounts(self) -> tuple[int, int]:
+        # The CONNECT exchange, then the relayed bytes the connection left
+        # to the tunnel to count.
+        up, down = super().wireCounts()
+        return up + self.bytesUp, down + self.bytesDown
+
     def _touch(self) -> None:
         """
         Bytes moved: restart the idle timeout, unless the lifetime ends
