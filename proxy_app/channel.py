@@ -340,6 +340,9 @@ class ProxyProtocol(Protocol):
     # Where a verified client certificate's role comes from; a listener
     # with role_from sets its own.
     certificateRole: CertificateRole = CertificateRole()
+    # The SNI a TLS listener's client sent, read only for the control
+    # webhook.
+    serverName: str | None = None
 
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
@@ -403,6 +406,14 @@ class ProxyProtocol(Protocol):
         (L{certificateRole}).
         """
         self.overTLS = True
+        if self.factory.webhook is not None:
+            # The name the client reached the proxy by: the control
+            # webhook's tls.sni when nothing nearer the destination has one.
+            name = self.transport.getHandle().get_servername()
+            try:
+                self.serverName = name.decode("ascii").lower() if name else None
+            except UnicodeDecodeError:
+                self.serverName = None
         certificate = self.transport.getPeerCertificate()
         if certificate is None:
             return

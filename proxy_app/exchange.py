@@ -340,10 +340,11 @@ class Exchange:
     @property
     def sni(self) -> str | None:
         """
-        The TLS server name the exchange carried, for accounting: none
-        here.
+        The TLS server name the exchange carried, for accounting: that of
+        the TLS session nearest the destination that has one.  Here, the
+        one the client sent to a TLS listener, if any.
         """
-        return None
+        return self.protocol.serverName
 
     @property
     def application(self) -> str | None:

@@ -121,6 +121,10 @@ class IClientChannel(Interface):
     peerHost = Attribute("The client's address, as a L{str}.")
     peerPort = Attribute("The client's port, as an L{int}.")
     overTLS = Attribute("Whether the client connected over TLS.")
+    serverName = Attribute(
+        "The server name (SNI) the client sent to a TLS listener, read when "
+        "the control webhook is configured; else L{None}."
+    )
     role = Attribute(
         "The role from a verified TLS client certificate's CN, or L{None}."
     )

@@ -118,8 +118,10 @@ class ConnectExchange(Exchange):
 
     @property
     def sni(self) -> str | None:
+        # The ClientHello's through the tunnel, else the listener's.
         sniffer = self._sniffer
-        return sniffer.sni if sniffer is not None else None
+        sni = sniffer.sni if sniffer is not None else None
+        return sni or self.protocol.serverName
 
     @property
     def application(self) -> str | None:

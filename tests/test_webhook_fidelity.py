@@ -12,12 +12,27 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from treq.testing import StubTreq
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
+from proxy_app.channel import ProxyFactory
 from proxy_app.config import Config, Limits
+from proxy_app.observe import AccessLog
+from proxy_app.tls import Origination
+from proxy_app.upstream import Connector
 from proxy_app.webhook import WebhookService
 
-from .helpers import Harness, makeHarness, parseResponse
+from .certs import Authority
+from .helpers import FakeDestinationResolver, Harness, makeHarness, parseResponse
 from .test_sniffer import clientHello
 from .test_webhook import ControlServer
 
@@ -187,3 +202,200 @@ class WireCountTests(_WebhookHarness, SynchronousTestCase):
         self.assertEqual(self.counts(), [(len(CONNECT + hello), len(received))])
         line = h.access[-1]
         self.assertEqual((line["bytes_up"], line["bytes_down"]), (len(hello), 9))
+
+
+class SNIPrecedenceTests(_WebhookHarness, SynchronousTestCase):
+    """
+    C{tls.sni} is the server name of the TLS session nearest the
+    destination that has one: the one the proxy sent originating TLS, else
+    the ClientHello's through a tunnel, else the one the client sent to a
+    TLS listener.
+    """
+
+    def test_plainForwardNoSNI(self) -> None:
+        """
+        A plain-HTTP request over plain TCP involves no TLS: no C{tls}.
+        """
+        h = self.setUpProxy()
+        h.send(GET)
+        up, _ = h.connectUpstream()
+        up.dataReceived(OK)
+        (info,) = self.stops()
+        self.assertNotIn("tls", info)
+
+    def test_listenerSNIForPlainForward(self) -> None:
+        """
+        A plain-HTTP request that came over a TLS listener reports the
+        name the client sent to the listener.
+        """
+        h = self.setUpProxy()
+        h.protocol.serverName = "proxy.test"
+        h.send(GET)
+        up, _ = h.connectUpstream()
+        up.dataReceived(OK)
+        (info,) = self.stops()
+        self.assertEqual(info["tls"], {"sni": "proxy.test"})
+
+    def test_tunnelSNIBeforeListener(self) -> None:
+        """
+        A tunnel over a TLS listener reports its ClientHello's name, and
+        the listener's only when the tunnel carries no name.
+        """
+        for hello, expected in (
+            (clientHello(b"api.example.com"), "api.example.com"),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", "proxy.test"),
+        ):
+            h = self.setUpProxy()
+            h.protocol.serverName = "proxy.test"
+            h.send(CONNECT + hello)
+            h.connectUpstream()
+            h.protocol.connectionLost(None)
+            (info,) = self.stops()
+            self.assertEqual(info["tls"], {"sni": expected})
+
+    def test_tunnelSNIReadWhenWebhookConfigured(self) -> None:
+        """
+        A tunnel's ClientHello is read whenever a webhook is configured,
+        whatever the events sent (the sniffer is the webhook's alone), and
+        when the ClientHello comes byte by byte.
+        """
+        h = self.setUpProxy()
+        hello = clientHello(b"api.example.com")
+        h.send(CONNECT)
+        h.connectUpstream()
+        for i in range(len(hello)):
+            h.send(hello[i : i + 1])
+        h.protocol.connectionLost(None)
+        (info,) = self.stops()
+        self.assertEqual(info["tls"], {"sni": "api.example.com"})
+        self.assertEqual(info["l7"]["app"], "tls")
+
+
+class _SNIRecorder(Resource):
+    """
+    A TLS origin that answers with the SNI its client sent.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bytes | None] = []
+
+    def render_GET(self, request):  # type: ignore[no-untyped-def]
+        handle = request.channel.transport.getHandle()
+        # A TLS transport's handle is its OpenSSL connection, a TCP one's its
+        # socket.
+        name = getattr(handle, "get_servername", lambda: None)()
+        self.seen.append(name)
+        return name or b"-"
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(self.data)
+
+
+class SNILoopbackTests(_WebhookHarness, TestCase):
+    """
+    On loopback, with real TLS: what C{tls.sni} reports is the name that
+    crossed the wire.
+    """
+
+    def setUp(self) -> None:
+        self.ca = Authority()
+        certPEM, keyPEM, _ = self.ca.issue("origin.test", ("origin.test",))
+        origin = ssl.PrivateCertificate.loadPEM(certPEM + keyPEM)
+        self.recorder = _SNIRecorder()
+        listening = reactor.listenSSL(
+            0, Site(self.recorder), origin.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        self.originPort = listening.getHost().port
+        plain = reactor.listenTCP(0, Site(self.recorder), interface="127.0.0.1")
+        self.addCleanup(plain.stopListening)
+        self.plainPort = plain.getHost().port
+
+    def proxyFactory(self) -> ProxyFactory:
+        self.server = ControlServer("ok")
+        self.stub = StubTreq(self.server)
+        config = Config()
+        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(self.ca.pem)])
+        factory = ProxyFactory(
+            config,
+            FakeDestinationResolver({"origin.test": ["127.0.0.1"]}),
+            reactor,
+            Connector(reactor, 5),
+            AccessLog(None),
+            origination=Origination(trust),
+            webhook=WebhookService(
+                URL, clock=reactor, treqClient=self.stub, hostid="proxy-1"
+            ),
+        )
+        self.addCleanup(factory.pool.closeIdle)
+        return factory
+
+    @inlineCallbacks
+    def request(self, endpoint, request):  # type: ignore[no-untyped-def]
+        client = _Collect()
+        yield connectProtocol(endpoint, client)
+        client.transport.write(request)
+        received = yield client.done
+        return received
+
+    @inlineCallbacks
+    def test_originationSNI(self):  # type: ignore[no-untyped-def]
+        """
+        A forwarded request with TLS origination reports the SNI the origin
+        received.
+        """
+        factory = self.proxyFactory()
+        proxy = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(proxy.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.getHost().port)
+        received = yield self.request(
+            endpoint,
+            b"GET http://origin.test:%d/ HTTP/1.1\r\nHost: origin.test\r\n"
+            b"X-WhSentry-TLS: 1\r\nConnection: close\r\n\r\n" % self.originPort,
+        )
+        self.assertTrue(received.endswith(b"origin.test"), received)
+        self.assertEqual(self.recorder.seen, [b"origin.test"])
+        (info,) = self.stops()
+        self.assertEqual(info["tls"], {"sni": "origin.test"})
+        self.assertTrue(info["session"].startswith("tcp_127.0.0.1:"))
+        self.assertIn("+ssli_127.0.0.1:", info["session"])
+
+    @inlineCallbacks
+    def test_listenerSNI(self):  # type: ignore[no-untyped-def]
+        """
+        A plain-HTTP request over a TLS listener reports the SNI the client
+        sent to the listener, in lower case.
+        """
+        certPEM, keyPEM, _ = self.ca.issue("proxy.test", ("proxy.test",))
+        listenerCert = ssl.PrivateCertificate.loadPEM(certPEM + keyPEM)
+        factory = self.proxyFactory()
+        proxy = reactor.listenSSL(
+            0, factory, listenerCert.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(proxy.stopListening)
+        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(self.ca.pem)])
+        endpoint = wrapClientTLS(
+            ssl.optionsForClientTLS("Proxy.Test", trustRoot=trust),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.getHost().port),
+        )
+        received = yield self.request(
+            endpoint,
+            b"GET http://origin.test:%d/ HTTP/1.1\r\nHost: origin.test\r\n"
+            b"Connection: close\r\n\r\n" % self.plainPort,
+        )
+        self.assertTrue(received.endswith(b"-"), received)
+        (info,) = self.stops()
+        self.assertEqual(info["tls"], {"sni": "proxy.test"})
+        self.assertTrue(info["session"].startswith("ssli_127.0.0.1:"))
