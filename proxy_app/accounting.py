@@ -116,6 +116,9 @@ class WebhookObserver(_Observer):
         webhook = self._parts.webhook
         if webhook is None:
             return
+        # Taken even when no connection-stop is sent, so that they are not
+        # counted toward the next exchange on the connection.
+        bytesUp, bytesDown = record.wireCounts()
         started = record.webhookStarted
         if started:
             webhook.connectionStopped(
@@ -123,8 +126,8 @@ class WebhookObserver(_Observer):
                 connectionStopInfo(
                     record.session,
                     record.policy,
-                    record.bytesUp,
-                    record.bytesDown,
+                    bytesUp,
+                    bytesDown,
                     sni=record.sni,
                     app=record.application,
                     details=record.details,

@@ -58,6 +58,7 @@ log = Logger(namespace="proxy_app.server")
 
 _PHRASES = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _DISCARD_LIMIT = 65536
+_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 # What a well-formed incoming request id looks like; anything else is
 # replaced, since it ends up in logs and upstream headers.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
@@ -326,6 +327,12 @@ class ProxyProtocol(Protocol):
         C{RECEIVING}, C{RECEIVED} and C{TUNNEL}), else L{None}.
     @ivar tunnel: the L{ConnectExchange} the connection became, in
         C{TUNNEL}, else L{None}.
+    @ivar bytesRead: the bytes read from the client as HTTP (heads and
+        bodies as received) since L{takeCounts} last took them; a tunnel's
+        bytes are its exchange's to count.
+    @ivar bytesWritten: the bytes written to the client by the C{send*}
+        methods (heads, bodies as framed) since L{takeCounts} last took
+        them.
     """
 
     # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
@@ -333,6 +340,9 @@ class ProxyProtocol(Protocol):
     # Where a verified client certificate's role comes from; a listener
     # with role_from sets its own.
     certificateRole: CertificateRole = CertificateRole()
+    # The SNI a TLS listener's client sent, read only for the control
+    # webhook.
+    serverName: str | None = None
 
     def __init__(self, factory: ProxyFactory) -> None:
         self.factory = factory
@@ -367,6 +377,10 @@ class ProxyProtocol(Protocol):
         self.role: str | None = None
         self.certificateCN: str | None = None
         self.certificateOU: str | None = None
+        # The control webhook's wire counts (one addition per read or
+        # write: cheaper than asking whether anyone wants them).
+        self.bytesRead = 0
+        self.bytesWritten = 0
 
     # Connection events.
 
@@ -392,6 +406,14 @@ class ProxyProtocol(Protocol):
         (L{certificateRole}).
         """
         self.overTLS = True
+        if self.factory.webhook is not None:
+            # The name the client reached the proxy by: the control
+            # webhook's tls.sni when nothing nearer the destination has one.
+            name = self.transport.getHandle().get_servername()
+            try:
+                self.serverName = name.decode("ascii").lower() if name else None
+            except UnicodeDecodeError:
+                self.serverName = None
         certificate = self.transport.getPeerCertificate()
         if certificate is None:
             return
@@ -407,6 +429,7 @@ class ProxyProtocol(Protocol):
             return
         reader = self._reader
         assert reader is not None
+        self.bytesRead += len(data)
         try:
             reader.feed(data)
             state = self._state
@@ -655,7 +678,9 @@ class ProxyProtocol(Protocol):
         Send a 1xx response ahead of the final one.
         """
         if self.transport is not None and self._response is None:
-            self.transport.write(responseHead(status, reason, headers))
+            head = responseHead(status, reason, headers)
+            self.bytesWritten += len(head)
+            self.transport.write(head)
 
     def sendHead(
         self,
@@ -693,9 +718,9 @@ class ProxyProtocol(Protocol):
         if self._closeAfter:
             headers.append((b"Connection", b"close"))
         self._response = None if bodiless else framing
-        self.transport.write(
-            responseHead(status, reason or _PHRASES.get(status, b""), headers)
-        )
+        head = responseHead(status, reason or _PHRASES.get(status, b""), headers)
+        self.bytesWritten += len(head)
+        self.transport.write(head)
         return True
 
     def sendTunnelEstablished(self) -> bool:
@@ -704,7 +729,8 @@ class ProxyProtocol(Protocol):
         """
         if self.transport is None or self._response is not None:
             return False
-        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.bytesWritten += len(_ESTABLISHED)
+        self.transport.write(_ESTABLISHED)
         return True
 
     def sendBody(self, data: bytes) -> None:
@@ -726,10 +752,14 @@ class ProxyProtocol(Protocol):
             )
             self.abort()
             return
-        self.transport.write(chunk(data) if response == "CHUNKED" else data)
+        if response == "CHUNKED":
+            data = chunk(data)
+        self.bytesWritten += len(data)
+        self.transport.write(data)
 
     def sendEnd(self) -> None:
         if self._response == "CHUNKED" and self.transport is not None:
+            self.bytesWritten += len(LAST_CHUNK)
             self.transport.write(LAST_CHUNK)
         self._response = None
 
@@ -814,11 +844,23 @@ class ProxyProtocol(Protocol):
         self._headerTimer.cancel()
         assert self._reader is not None
         leftover = self._reader.leftover
+        # The tunnel counts what the client sent after the head as its own.
+        self.bytesRead -= len(leftover)
         # No HTTP on this connection any more: let the parser go, since
         # idle tunnels are held by the thousand.
         self._reader = None
         self._request = None
         return leftover
+
+    def takeCounts(self) -> tuple[int, int]:
+        """
+        The bytes read from and written to the client as HTTP since the
+        last call (see L{bytesRead} and L{bytesWritten}), which start
+        again from zero.
+        """
+        counts = (self.bytesRead, self.bytesWritten)
+        self.bytesRead = self.bytesWritten = 0
+        return counts
 
     def drain(self) -> None:
         state = self._state

@@ -933,7 +933,8 @@ class Webhook:
         "webhook-ping-interval",
         120.0,
         parseSeconds,
-        "Seconds between ping messages (the first comes 10 s after start).",
+        "Seconds between ping messages; the first comes this long after "
+        "start, or 10 s if that is sooner.",
         metavar="SECONDS",
     )
     timeout: float = setting(

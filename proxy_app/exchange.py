@@ -46,10 +46,10 @@ class Exchange:
     C{request}, C{url}, C{target}, C{protocol} (the client's address and
     certificate), C{started}, C{role}, C{aclDecision}, C{policy},
     C{dnsTime}, C{connectTime}, C{outboundAddress}, C{status}, C{error},
-    C{endedBecause}, C{bytesUp}, C{bytesDown}, C{sni}, C{application},
-    C{details}, C{finished}, C{decisionLogged}, and the webhook's
-    C{connectionID}, C{statistics}, C{gateResult}, C{session} and
-    C{webhookStarted}.
+    C{endedBecause}, C{bytesUp}, C{bytesDown} (bodies, or a tunnel's relayed
+    bytes), C{sni}, C{application}, C{details}, L{wireCounts}, C{finished},
+    C{decisionLogged}, and the webhook's C{connectionID}, C{statistics},
+    C{gateResult}, C{session} and C{webhookStarted}.
     """
 
     proxyType = ""
@@ -340,10 +340,11 @@ class Exchange:
     @property
     def sni(self) -> str | None:
         """
-        The TLS server name the exchange carried, for accounting: none
-        here.
+        The TLS server name the exchange carried, for accounting: that of
+        the TLS session nearest the destination that has one.  Here, the
+        one the client sent to a TLS listener, if any.
         """
-        return None
+        return self.protocol.serverName
 
     @property
     def application(self) -> str | None:
@@ -358,6 +359,16 @@ class Exchange:
         The URLs the exchange carried, for accounting.
         """
         return [self.url]
+
+    def wireCounts(self) -> tuple[int, int]:
+        """
+        The bytes that crossed the client's connection for this exchange,
+        up and down, heads and framing included (the control webhook's
+        C{bytes_up} and C{bytes_down}): what the connection counted since
+        the exchange before this one took its counts
+        (L{IClientChannel.takeCounts}).  Taken once, as the exchange ends.
+        """
+        return self.protocol.takeCounts()
 
     def clientLost(self, reason: Failure | None) -> None:
         """

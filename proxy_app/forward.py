@@ -164,8 +164,11 @@ class ForwardExchange(Exchange):
 
     @property
     def sni(self) -> str | None:
+        # The name sent originating TLS (an IP literal is never sent).
         assert self.target is not None
-        return self.tls.host if self.tls is not None and not self.target.isIP else None
+        if self.tls is not None and not self.target.isIP:
+            return self.tls.host
+        return self.protocol.serverName
 
     @property
     def details(self) -> list[str]:

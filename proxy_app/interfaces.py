@@ -121,6 +121,10 @@ class IClientChannel(Interface):
     peerHost = Attribute("The client's address, as a L{str}.")
     peerPort = Attribute("The client's port, as an L{int}.")
     overTLS = Attribute("Whether the client connected over TLS.")
+    serverName = Attribute(
+        "The server name (SNI) the client sent to a TLS listener, read when "
+        "the control webhook is configured; else L{None}."
+    )
     role = Attribute(
         "The role from a verified TLS client certificate's CN, or L{None}."
     )
@@ -220,6 +224,14 @@ class IClientChannel(Interface):
         """
         Read the client again after the pause taken while the exchange was
         set up: a tunnel calls it once both transports are wired together.
+        """
+
+    def takeCounts() -> tuple[int, int]:
+        """
+        The bytes read from the client as HTTP (heads and bodies as
+        received, a CONNECT head without what followed it) and written to
+        it (heads, bodies as framed) since the last call; the counts then
+        start again from zero.  A tunnel's relayed bytes are not in them.
         """
 
 

@@ -118,8 +118,10 @@ class ConnectExchange(Exchange):
 
     @property
     def sni(self) -> str | None:
+        # The ClientHello's through the tunnel, else the listener's.
         sniffer = self._sniffer
-        return sniffer.sni if sniffer is not None else None
+        sni = sniffer.sni if sniffer is not None else None
+        return sni or self.protocol.serverName
 
     @property
     def application(self) -> str | None:
@@ -129,6 +131,12 @@ class ConnectExchange(Exchange):
     @property
     def details(self) -> tuple[()]:
         return ()
+
+    def wireCounts(self) -> tuple[int, int]:
+        # The CONNECT exchange, then the relayed bytes the connection left
+        # to the tunnel to count.
+        up, down = super().wireCounts()
+        return up + self.bytesUp, down + self.bytesDown
 
     def _touch(self) -> None:
         """

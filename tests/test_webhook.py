@@ -563,6 +563,27 @@ class PingTimingTests(ServiceMixin, SynchronousTestCase):
         self.clock.advance(1000)
         self.assertEqual(server.actions(), ["ping"] * 4)
 
+    def test_firstPingWithinShortInterval(self) -> None:
+        """
+        With a 1 s interval the first ping goes 1 s after start (not 10 s),
+        then one every second; with the default interval (120 s) it still
+        goes at 10 s.
+        """
+        for interval, first in ((1.0, 1.0), (120.0, 10.0)):
+            service, server, _ = self.makeService(pingInterval=interval)
+            service.startService()
+            self.clock.advance(first - 0.01)
+            self.assertEqual(server.actions(), [], interval)
+            self.clock.advance(0.01)
+            self.assertEqual(server.actions(), ["ping"], interval)
+            self.clock.advance(interval - 0.01)
+            self.assertEqual(server.actions(), ["ping"], interval)
+            self.clock.advance(0.01)
+            self.assertEqual(server.actions(), ["ping", "ping"], interval)
+            self.clock.advance(interval)
+            self.assertEqual(server.actions(), ["ping"] * 3, interval)
+            self.successResultOf(service.stopService())
+
     def test_stopBeforeFirst(self) -> None:
         """
         Stopping before the first ping cancels it.

@@ -49,8 +49,9 @@ class WebhookProxyTests(SynchronousTestCase):
     def test_forwardedRequestEvents(self) -> None:
         """
         A forwarded request produces neighbor, connection-start and
-        connection-stop with the session label, the bytes and the URL, its
-        query values redacted.
+        connection-stop with the session label, the bytes that crossed the
+        client's connection (heads included) and the URL, its query values
+        redacted.
         """
         h = self.setUpProxy()
         h.send(GET)
@@ -81,8 +82,8 @@ class WebhookProxyTests(SynchronousTestCase):
             {
                 "session": session,
                 "policy": "default",
-                "bytes_up": 0,
-                "bytes_down": 5,
+                "bytes_up": len(GET),
+                "bytes_down": len(h.client.value()),
                 "l7": {"app": "http/1.1", "details": ["http://origin.example/a?b=…"]},
             },
         )
@@ -190,13 +191,15 @@ class WebhookProxyTests(SynchronousTestCase):
     def test_tunnelSNIAndStatistics(self) -> None:
         """
         A tunnel carrying TLS reports the ClientHello's SNI and app tls in
-        connection-stop, and statistics counting exactly the relayed bytes.
+        connection-stop, its bytes counting the CONNECT exchange too, and
+        statistics counting exactly the relayed bytes.
         """
         h = self.setUpProxy(statistics=Statistics(enabled=True))
         hello = clientHello(b"api.example.com")
-        h.send(
+        connect = (
             b"CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443\r\n\r\n"
         )
+        h.send(connect)
         up, _ = h.connectUpstream()
         h.send(hello)
         up.dataReceived(b"\x16\x03\x03server")
@@ -205,7 +208,10 @@ class WebhookProxyTests(SynchronousTestCase):
         info = stop["details"]["info"]
         self.assertEqual(info["tls"], {"sni": "api.example.com"})
         self.assertEqual(info["l7"]["app"], "tls")
-        self.assertEqual((info["bytes_up"], info["bytes_down"]), (len(hello), 9))
+        self.assertEqual(
+            (info["bytes_up"], info["bytes_down"]),
+            (len(connect) + len(hello), len(h.client.value())),
+        )
         (details,) = self.messages("connection-info")
         entropy = details["details"]["statistics"]["entropy"]
         self.assertEqual(entropy["left"]["bytes_accounted"], len(hello))

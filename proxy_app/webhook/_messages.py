@@ -72,9 +72,10 @@ def connectionStopInfo(
     The C{details.info} of a C{connection-stop} message.
 
     @param policy: the ACL rule or role that allowed the connection.
-    @param sni: the server name of TLS the proxy originated, or that a
-        tunnel's ClientHello carried (see L{proxy_app.sniffer.TLSSniffer});
-        L{None} for none.
+    @param sni: the server name of the TLS session nearest the destination
+        that carried one: TLS the proxy originated, else a tunnel's
+        ClientHello (see L{proxy_app.sniffer.TLSSniffer}), else a TLS
+        listener's ClientHello; L{None} for none.
     @param app: the L7 protocol seen: C{"http/1.1"} for forwarded requests,
         C{"tls"} for a tunnel carrying TLS; L{None} to leave C{l7} out.
     @param details: for C{http/1.1}, the URLs requested, of which the first

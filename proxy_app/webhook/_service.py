@@ -44,7 +44,8 @@ class WebhookService(Service):
     it runs or not, until L{stopService} has flushed the queue.
 
     @ivar pingInterval: seconds between pings.
-    @ivar firstPing: seconds from L{startService} to the first ping.
+    @ivar firstPing: seconds from L{startService} to the first ping, unless
+        C{pingInterval} is shorter.
     @ivar flushTimeout: how long L{stopService} waits for the queue.
     @ivar events: the actions sent, of
         L{EVENT_ACTIONS<proxy_app.webhook.EVENT_ACTIONS>}.
@@ -91,7 +92,9 @@ class WebhookService(Service):
         @param tlsVerify: see L{buildClient}; so are C{trustRoot} and
             C{tlsPolicy}.
         @param pingInterval: seconds between pings.
-        @param firstPing: seconds from L{startService} to the first ping.
+        @param firstPing: seconds from L{startService} to the first ping,
+            unless C{pingInterval} is shorter: the first ping goes within
+            C{min(pingInterval, firstPing)}.
         @param timeout: seconds one event POST may take.
         @param queueSize: how many events may be held (waiting, waiting to
             be tried again, or being sent) before new ones are dropped.
@@ -374,12 +377,14 @@ class WebhookService(Service):
 
     def startService(self) -> None:
         """
-        Start pinging: the first after C{firstPing} seconds, then every
-        C{pingInterval}.
+        Start pinging: the first after C{firstPing} seconds or
+        C{pingInterval}, whichever is shorter, then every C{pingInterval}.
         """
         super().startService()
         self._queue.start()
-        self._firstPingCall = self._clock.callLater(self.firstPing, self._startPinging)
+        self._firstPingCall = self._clock.callLater(
+            min(self.firstPing, self.pingInterval), self._startPinging
+        )
 
     def _startPinging(self) -> None:
         self._firstPingCall = None
