@@ -140,6 +140,11 @@ class ConnectExchange(Exchange):
             observer.tunnelEstablished(self)
         self.request.headers = self.request.raw = []
         self.destination = None
+        # Idleness is the channel inside's to judge (between requests, as
+        # on any keep-alive connection; within one, its exchange's read
+        # timeout); the tunnel's lifetime still bounds the whole.
+        self._final = True
+        self._timer.start(self.factory.config.timeouts.lifetime)
         if leftover:
             session.fromClient(leftover)
         self.protocol.resumeReading()

@@ -35,11 +35,17 @@ from zope.interface import implementer
 
 from proxy_app.access import AccessControl
 from proxy_app.acl import ACL, ACLError, MitmDomain
-from proxy_app.config import Config, ConfigError, Mitm, load
+from proxy_app.config import TLS, Config, ConfigError, Mitm, load
 from proxy_app.http1 import RequestHead
 from proxy_app.mitm import GLOBAL, InterceptedSession, Interception, IssuingCA
 from proxy_app.reasons import ProxyError, Reason
-from proxy_app.tap import Options, ProxyService, checkInterception, makeService
+from proxy_app.tap import (
+    Options,
+    ProxyService,
+    buildOrigination,
+    checkInterception,
+    makeService,
+)
 from proxy_app.target import Target
 
 from .certs import Authority
@@ -624,6 +630,78 @@ class SelectionTests(SynchronousTestCase):
         self.assertTrue(client.handshakeDone)
         self.assertEqual(harness.reactor.tcpClients, [])
 
+    def intercepted(self) -> tuple[Any, _MemoryTLSClient]:
+        harness = self.harness()
+        harness.factory.origination = buildOrigination(TLS())
+        harness.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        harness.client.clear()
+        client = _MemoryTLSClient(harness, "origin.example")
+        client.pump()
+        return harness, client
+
+    def test_innerRequestVettedAgain(self) -> None:
+        """
+        A request inside is vetted again (the resolver is asked once more)
+        and connected to the vetted address on the CONNECT's port, as an
+        https:// request.
+        """
+        harness, client = self.intercepted()
+        self.assertEqual(harness.resolver.calls, [("origin.example", 443)])
+        client.tls.write(
+            b"GET /x HTTP/1.1\r\nHost: origin.example\r\nProxy-Authorization: "
+            b"Basic eDp5\r\n\r\n"
+        )
+        client.pump()
+        self.assertEqual(
+            harness.resolver.calls, [("origin.example", 443), ("origin.example", 443)]
+        )
+        [(host, port, *_)] = harness.reactor.tcpClients
+        self.assertEqual((host, port), ("203.0.113.10", 443))
+
+    def test_flowControl(self) -> None:
+        """
+        The channel inside pauses and resumes the client's connection, and
+        a producer registered on it (an origin's response) is registered on
+        the client's connection.
+        """
+        harness, client = self.intercepted()
+        channel = harness.protocol.tunnel.channel
+        self.assertEqual(harness.client.producerState, "producing")
+        channel.transport.pauseProducing()
+        self.assertEqual(harness.client.producerState, "paused")
+        channel.transport.resumeProducing()
+        self.assertEqual(harness.client.producerState, "producing")
+        producer = _Producer()
+        channel.transport.registerProducer(producer, True)
+        self.assertIsNotNone(harness.client.producer)
+        harness.client.producer.pauseProducing()
+        self.assertEqual(producer.paused, 1)
+        channel.transport.unregisterProducer()
+        self.assertIsNone(harness.client.producer)
+
+    def test_lifetime(self) -> None:
+        """
+        An intercepted tunnel ends at C{timeouts.lifetime}, busy or not.
+        """
+        harness, client = self.intercepted()
+        harness.reactor.advance(harness.factory.config.timeouts.lifetime - 1)
+        self.assertFalse(harness.client.disconnecting)
+        harness.reactor.advance(1)
+        self.assertTrue(harness.client.disconnecting)
+
+    def test_clientGoneEndsInside(self) -> None:
+        """
+        When the client's connection closes, the channel inside closes
+        too, and the tunnel's record lists what it carried.
+        """
+        harness, client = self.intercepted()
+        channel = harness.protocol.tunnel.channel
+        self.assertIn(channel, harness.factory.connections)
+        harness.protocol.connectionLost(Failure(ConnectionError("gone")))
+        self.assertNotIn(channel, harness.factory.connections)
+        [line] = harness.access
+        self.assertEqual((line["method"], line["response_code"]), ("CONNECT", 200))
+
     def test_perRole(self) -> None:
         """
         The ACL's C{mitm_domains} apply to their role only.
@@ -661,6 +739,19 @@ class SelectionTests(SynchronousTestCase):
             ),
             GLOBAL,
         )
+
+
+class _Producer:
+    paused = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 @implementer(IHandshakeListener)
