@@ -127,13 +127,17 @@ class ConnectExchange(Exchange):
             return
         destination = self.destination
         assert destination is not None
+        # The leaf first: should issuing it fail, the client is still
+        # answered with an error, not a tunnel.
+        session = self.factory.interception.start(self, self.mitm)
         # No connection was made: nothing to time, nothing to pool.
         for observer in self.factory.observers:
             observer.exchangeConnected(self, destination.addresses[0], True)
         self.status = 200
         if not self.protocol.sendTunnelEstablished():
+            session.connectionLost(None)
             return
-        self._session = session = self.factory.interception.start(self, self.mitm)
+        self._session = session
         leftover = self.protocol.becomeTunnel(session)
         self.decisionLogged = True
         for observer in self.factory.observers:

@@ -679,6 +679,41 @@ class SelectionTests(SynchronousTestCase):
         channel.transport.unregisterProducer()
         self.assertIsNone(harness.client.producer)
 
+    def test_pipelinedClientHello(self) -> None:
+        """
+        A ClientHello sent with the CONNECT, before its answer, is taken
+        as the start of the TLS inside.
+        """
+        harness = self.harness()
+        client = _MemoryTLSClient(harness, "origin.example")
+        hello = client.wire.value()
+        client.wire.clear()
+        harness.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n" + hello)
+        status = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        self.assertTrue(harness.client.value().startswith(status))
+        serverHello = harness.client.value()[len(status) :]
+        self.assertTrue(serverHello)
+        harness.client.clear()
+        client.tls.dataReceived(serverHello)
+        client.pump()
+        self.assertTrue(client.handshakeDone)
+
+    def test_issuanceFails(self) -> None:
+        """
+        Should the leaf not be issued, the CONNECT is answered 500 (1009),
+        not with a tunnel.
+        """
+        harness = self.harness()
+
+        def broken(host: str) -> Any:
+            raise ValueError("no")
+
+        harness.factory.interception.authority.tlsFactory = broken
+        harness.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, _ = parseResponse(harness.client.value())
+        self.assertEqual((status, headers[b"x-whsentry-reasoncode"]), (500, b"1009"))
+        self.flushLoggedErrors(ValueError)
+
     def test_lifetime(self) -> None:
         """
         An intercepted tunnel ends at C{timeouts.lifetime}, busy or not.
