@@ -54,6 +54,9 @@ class AccessControl:
         self.allowMissingRole = allowMissingRole
         self.roleHeader = roleHeader.lower().encode("ascii") if roleHeader else None
         self.reportOnly = reportOnly
+        # Whether a CA for interception is configured: without one, an ACL
+        # with mitm_domains is not taken on reload (start-up refuses it).
+        self.intercepting = False
 
     @classmethod
     def fromConfig(cls, settings: Any, auth: Any, reactor: Any) -> AccessControl:
@@ -164,6 +167,11 @@ class AccessControl:
         if self.aclPath is not None:
             try:
                 acl = loadACL(self.aclPath)
+                if acl.intercepts and not self.intercepting:
+                    raise ACLError(
+                        f"{self.aclPath}: mitm_domains needs mitm.ca_cert and "
+                        "mitm.ca_key (the CA that intercepts)"
+                    )
             except ACLError as e:
                 log.error(
                     "ACL not reloaded, the old one stays in force: {error}",

@@ -58,7 +58,7 @@ def webhookSession(record: Any, address: str) -> str:
         address,
         record.target.port,
         record.originatesTLS,
-        clientTLS=record.protocol.overTLS,
+        clientTLS=record.protocol.overTLS or record.intercepted,
     )
 
 

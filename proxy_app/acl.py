@@ -17,6 +17,19 @@ The file format is Smokescreen's C{acl/v1} YAML::
     global_allow_list: [status.example.net]
     global_deny_list: ["*.evil.example"]
 
+A rule may also list C{mitm_domains}, Smokescreen's TLS interception of
+CONNECT tunnels (L{proxy_app.mitm})::
+
+        mitm_domains:
+          - domain: api.example.com      # also in allowed_domains
+            add_headers: {Accept-Language: el}
+            detailed_http_logs: true
+            detailed_http_logs_full_headers: [User-Agent]
+
+As in Smokescreen, each C{domain} must be one of the rule's
+C{allowed_domains} entries, written the same way, and it applies only
+when the host was allowed by C{allowed_domains} (L{ACL.mitmFor}).
+
 A decision is made the way Smokescreen's C{ACL.Decide} makes it, and carries
 Smokescreen's C{decision_reason} strings verbatim so that dashboards and log
 queries written for Smokescreen keep working:
@@ -79,15 +92,20 @@ _SERVICE_KEYS = (
     "action",
     "allowed_domains",
     "allowed_external_proxies",
+    "mitm_domains",
+)
+_MITM_KEYS = (
+    "domain",
+    "add_headers",
+    "detailed_http_logs",
+    "detailed_http_logs_full_headers",
 )
 # Smokescreen ignores a name on the default rule; files migrated from it may
 # carry one, and it is harmless.
 _DEFAULT_KEYS = _SERVICE_KEYS
 # Keys that Smokescreen knows and we do not implement.  Ignoring them would
 # silently change what a migrated file means, so they are errors too.
-_UNSUPPORTED = {
-    "mitm_domains": "Smokescreen's TLS interception",
-}
+_UNSUPPORTED: dict[str, str] = {}
 # Likely slips, named after Smokescreen's own Go field (AllowedHosts).
 _HINTS = {
     "allowed_hosts": "allowed_domains",
@@ -195,12 +213,37 @@ class _DomainSet:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class MitmDomain:
+    """
+    One C{mitm_domains} entry: intercept tunnels to hosts matching
+    C{domain} (L{proxy_app.mitm}).
+
+    @ivar domain: the glob, as in C{allowed_domains}.
+    @ivar addHeaders: C{(name, value)} pairs set on every request inside
+        the tunnel (Smokescreen's C{add_headers}), replacing headers of the
+        same name.
+    @ivar detailedLogs: log each inner request's method, URL and headers
+        (C{detailed_http_logs}).
+    @ivar fullHeaders: the lower-cased names of the headers whose values
+        those logs show; every other value is C{[REDACTED]}
+        (C{detailed_http_logs_full_headers}).
+    """
+
+    domain: str
+    addHeaders: tuple[tuple[str, str], ...] = ()
+    detailedLogs: bool = False
+    fullHeaders: frozenset[str] = frozenset()
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class _Rule:
     name: str
     project: str
     action: str
     domains: _DomainSet
     externalProxies: _DomainSet
+    # (matching set, entry) for each mitm_domains entry, in order.
+    mitm: tuple[tuple[_DomainSet, MitmDomain], ...] = ()
 
 
 def _canonical(text: str) -> str:
@@ -252,6 +295,46 @@ def _validateGlob(glob: str) -> tuple[str, bool]:
         suggestion = f"*.{normalized}" if wildcard else normalized
         raise ValueError(f'incorrect ACL entry; use "{suggestion}"')
     return domain, wildcard
+
+
+_TOKEN = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+def _headerSafe(name: str, value: str) -> bool:
+    """
+    Whether C{name: value} can be written as a header line as it is: a
+    token name, and a value of visible Latin-1 characters, spaces and tabs
+    (no CR or LF that would start another line).
+    """
+    if not name or not set(name) <= _TOKEN:
+        return False
+    return all(c == "\t" or " " <= c <= "~" or "\x80" <= c <= "\xff" for c in value)
+
+
+def domainSet(globs: Any) -> _DomainSet:
+    """
+    A matcher for already validated domains and C{*.} globs
+    (L{parseDomainGlob}): its C{matches(host)} says whether a normalized
+    host matches one of them, as C{allowed_domains} entries match.
+    """
+    exact = frozenset(g for g in globs if not g.startswith("*."))
+    suffixes = frozenset(g[2:] for g in globs if g.startswith("*."))
+    return _DomainSet(exact, suffixes)
+
+
+def parseDomainGlob(glob: Any) -> str:
+    """
+    One domain or C{*.} glob written as C{allowed_domains} entries are
+    (C{mitm.domains}).
+
+    @raise ValueError: naming what is wrong.
+    """
+    if not isinstance(glob, str):
+        raise ValueError("expected a domain or *.domain glob")
+    _validateGlob(glob)
+    return glob
 
 
 class _Loader:
@@ -339,7 +422,84 @@ class _Loader:
         proxies = self.domains(
             data.get("allowed_external_proxies"), f"{where}: allowed_external_proxies"
         )
-        return _Rule(name, project, action, domains, proxies)
+        mitm = self.mitmDomains(
+            data.get("mitm_domains"),
+            data.get("allowed_domains") or [],
+            f"{where}: mitm_domains",
+        )
+        return _Rule(name, project, action, domains, proxies, mitm)
+
+    def mitmDomains(
+        self, value: Any, allowed: list[Any], where: str
+    ) -> tuple[tuple[_DomainSet, MitmDomain], ...]:
+        """
+        A rule's C{mitm_domains}, read with Smokescreen's keys; each domain
+        must also be one of the rule's C{allowed_domains} (Smokescreen's
+        C{ValidateRule}).
+        """
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(
+                where,
+                f"expected a list of entries, got {type(value).__name__} {value!r}; "
+                "write one '- domain: NAME' per entry",
+            )
+        entries = []
+        for index, entry in enumerate(value):
+            here = f"{where}[{index}]"
+            if not isinstance(entry, Mapping):
+                raise self.fail(
+                    here,
+                    f"expected a mapping with domain:, got {type(entry).__name__} "
+                    f"{entry!r}",
+                )
+            self.checkKeys(entry, _MITM_KEYS, here)
+            domain = self.string(entry.get("domain"), f"{here}: domain")
+            matching = self.domains([domain], f"{here}: domain")
+            if domain not in allowed:
+                raise self.fail(
+                    f"{here}: domain '{domain}'",
+                    "was added to mitm_domains but is missing in allowed_domains",
+                )
+            headers = entry.get("add_headers")
+            if headers is None:
+                headers = {}
+            if not isinstance(headers, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and _headerSafe(k, v)
+                for k, v in headers.items()
+            ):
+                raise self.fail(
+                    f"{here}: add_headers",
+                    "expected a mapping of header names to string values, "
+                    "without control characters",
+                )
+            detailed = entry.get("detailed_http_logs", False)
+            if not isinstance(detailed, bool):
+                raise self.fail(
+                    f"{here}: detailed_http_logs",
+                    f"expected true or false, got {detailed!r}",
+                )
+            full = entry.get("detailed_http_logs_full_headers")
+            if full is None:
+                full = []
+            if not isinstance(full, list) or not all(isinstance(h, str) for h in full):
+                raise self.fail(
+                    f"{here}: detailed_http_logs_full_headers",
+                    "expected a list of header names",
+                )
+            entries.append(
+                (
+                    matching,
+                    MitmDomain(
+                        domain,
+                        tuple(headers.items()),
+                        detailed,
+                        frozenset(h.lower() for h in full),
+                    ),
+                )
+            )
+        return tuple(entries)
 
     def load(self, data: Any) -> ACL:
         if not isinstance(data, Mapping):
@@ -476,6 +636,41 @@ class ACL:
         return cls.fromMapping(data, source)
 
     @property
+    def intercepts(self) -> bool:
+        """
+        Whether any rule lists C{mitm_domains}.
+        """
+        rules = list(self._rules.values())
+        if self._default is not None:
+            rules.append(self._default)
+        return any(rule.mitm for rule in rules)
+
+    def mitmFor(
+        self, role: str | None, host: str, allowMissingRole: bool = False
+    ) -> MitmDomain | None:
+        """
+        The C{mitm_domains} entry that intercepts C{role}'s tunnel to
+        C{host}, as Smokescreen's C{Decide} finds it: from the rule
+        L{decide} uses, and only when the host matched that rule's
+        C{allowed_domains}; the first matching entry wins.
+
+        @param host: a normalized host, as in a request's target.
+        """
+        if not role:
+            if not allowMissingRole:
+                return None
+            role = None
+        rule = self._rules.get(role) if role is not None else None
+        if rule is None:
+            rule = self._default
+        if rule is None or not rule.mitm or not rule.domains.matches(host):
+            return None
+        for matching, entry in rule.mitm:
+            if matching.matches(host):
+                return entry
+        return None
+
+    @property
     def hasDefault(self) -> bool:
         """
         Whether roles without a rule of their own fall back to C{default}.
@@ -575,6 +770,9 @@ __all__ = [
     "ACLError",
     "ACTIONS",
     "loadACL",
+    "MitmDomain",
+    "domainSet",
+    "parseDomainGlob",
     "REASON_ALLOWED_DOMAIN",
     "REASON_DEFAULT",
     "REASON_ENFORCE",

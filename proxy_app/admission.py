@@ -119,9 +119,15 @@ class Admission:
         """
         parts = self._parts
         target = exchange.target
-        role = parts.access.identify(
-            exchange.protocol.role, exchange.request.headers, exchange.protocol.peerHost
-        )
+        protocol = exchange.protocol
+        if protocol.intercepted:
+            # Inside an intercepted tunnel: one tunnel, one identity, the
+            # one its CONNECT established; no header inside changes it.
+            role = protocol.role
+        else:
+            role = parts.access.identify(
+                protocol.role, exchange.request.headers, protocol.peerHost
+            )
         if isinstance(role, Deferred):
             return role.addCallback(self._identified, exchange)
         self.decide(exchange, role)

@@ -106,6 +106,8 @@ class ProxyFactory(Factory):
     @ivar observers: the L{IExchangeObserver}s every exchange's record goes
         to (L{proxy_app.accounting}).
     @ivar admission: the L{Admission} pipeline every exchange goes through.
+    @ivar interception: the L{proxy_app.mitm.Interception} choosing the
+        tunnels to intercept, or L{None} for none.
     @ivar connections: the live client protocols, for draining.
     @ivar draining: set on shutdown: finish what is in flight, take nothing
         new.
@@ -125,9 +127,13 @@ class ProxyFactory(Factory):
         webhook: WebhookService | None = None,
         access: AccessControl | None = None,
         decisionLog: DecisionLog | None = None,
+        interception: Any = None,
     ) -> None:
         self.config = config
         self.origination = origination
+        # The proxy_app.mitm.Interception deciding which tunnels are
+        # intercepted, or None: every tunnel passes through.
+        self.interception = interception
         self.webhook = webhook
         self.access = access if access is not None else AccessControl()
         self.decisionLog = decisionLog if decisionLog is not None else DecisionLog(None)
@@ -337,6 +343,9 @@ class ProxyProtocol(Protocol):
 
     # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
     transport: Any
+    # The inside of an intercepted tunnel (proxy_app.mitm): its role is the
+    # CONNECT's, fixed, and it is not a client connection of its own.
+    intercepted = False
     # Where a verified client certificate's role comes from; a listener
     # with role_from sets its own.
     certificateRole: CertificateRole = CertificateRole()
@@ -358,7 +367,7 @@ class ProxyProtocol(Protocol):
         self._state = "IDLE"
         self._response: str | None = None
         self.exchange: Exchange | None = None
-        self.tunnel: ConnectExchange | None = None
+        self.tunnel: Any = None
         self._paused = False
         self._closeAfter = False
         self._clientDone = False
@@ -386,12 +395,13 @@ class ProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
-        self.factory.metrics.listenerConnections(self.listener).inc()
+        if not self.intercepted:
+            self.factory.metrics.listenerConnections(self.listener).inc()
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "")
         self.peerHost, self.peerPort = host, getattr(peer, "port", 0)
         self.clientAddress = hostPort(host, self.peerPort)
-        if self.factory.webhook is not None:
+        if self.factory.webhook is not None and not self.intercepted:
             self.factory.webhook.neighbor(host)
         if self.factory.draining:
             self.transport.loseConnection()
@@ -498,7 +508,8 @@ class ProxyProtocol(Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.clientLost(reason)
-        self.factory.metrics.listenerConnections(self.listener).dec()
+        if not self.intercepted:
+            self.factory.metrics.listenerConnections(self.listener).dec()
         self.factory.connectionClosed(self)
 
     # Request parsing.
@@ -604,16 +615,8 @@ class ProxyProtocol(Protocol):
         self._request = request
         self._closeAfter = not request.keepAlive
         factory = self.factory
-        exchange: ForwardExchange | ConnectExchange
         try:
-            if request.method == b"CONNECT":
-                exchange = ConnectExchange(
-                    self, factory, request, parseConnectTarget(request.target)
-                )
-            else:
-                exchange = ForwardExchange(
-                    self, factory, request, parseAbsoluteTarget(request.target)
-                )
+            exchange = self.makeExchange(request)
         except ProxyError as error:
             refused = Refused(self, factory, request, error)
             self.exchange = refused
@@ -636,6 +639,20 @@ class ProxyProtocol(Protocol):
             exchange.fail(overload)
             return
         exchange.start()
+
+    def makeExchange(self, request: RequestHead) -> ForwardExchange | ConnectExchange:
+        """
+        The exchange for C{request}, by its method and target.
+
+        @raise ProxyError: the target is refused.
+        """
+        if request.method == b"CONNECT":
+            return ConnectExchange(
+                self, self.factory, request, parseConnectTarget(request.target)
+            )
+        return ForwardExchange(
+            self, self.factory, request, parseAbsoluteTarget(request.target)
+        )
 
     def _requestQueued(self) -> bool:
         """
@@ -832,10 +849,11 @@ class ProxyProtocol(Protocol):
         self.resumeReading()
         self._process()
 
-    def becomeTunnel(self, exchange: ConnectExchange) -> bytes:
+    def becomeTunnel(self, exchange: Any) -> bytes:
         """
         The CONNECT succeeded: from now on every byte from the client goes
-        to the tunnel.
+        to the tunnel (the L{ConnectExchange}, or the
+        L{proxy_app.mitm.InterceptedSession} of an intercepted one).
 
         @return: bytes the client sent after the CONNECT head.
         """

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import attr
 import yaml
 
+from proxy_app.acl import parseDomainGlob
 from proxy_app.addresses import parseAllowHost, parsePortRange
 from proxy_app.reasons import ProxyError
 from proxy_app.target import normalizeHost
@@ -759,6 +760,67 @@ class TLS:
     )
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Mitm:
+    """
+    TLS interception of CONNECT tunnels (C{proxy_app.mitm}): the CA that
+    issues the certificates shown to clients, and which tunnels are
+    intercepted beside the ACL's per-role C{mitm_domains}.
+    """
+
+    ca_cert: str | None = setting(
+        "mitm-ca-cert",
+        None,
+        parseText,
+        "PEM certificate of the CA that issues the certificates intercepted "
+        "tunnels show their clients (Smokescreen's mitm_ca_cert_file); with "
+        "mitm.ca_key it turns interception on for the tunnels mitm.domains, "
+        "mitm.all and the ACL's mitm_domains select. See docs/tls.md.",
+        metavar="PATH",
+    )
+    ca_key: str | None = setting(
+        "mitm-ca-key",
+        None,
+        parseText,
+        "Private key (PEM, unencrypted) of mitm.ca_cert "
+        "(Smokescreen's mitm_ca_key_file); never logged.",
+        metavar="PATH",
+    )
+    domains: tuple[str, ...] = setting(
+        "mitm-domain",
+        (),
+        parseDomainGlob,
+        "Intercept tunnels to this host for every role (repeatable; written "
+        "as the ACL's allowed_domains entries: api.example.com, "
+        "*.example.com), beside the ACL's per-role mitm_domains.",
+        repeatable=True,
+        metavar="PATTERN",
+    )
+    all: bool = setting(
+        "mitm-all",
+        False,
+        parseBoolean,
+        "Intercept every CONNECT tunnel (except those through X-Upstream-Https-Proxy).",
+        metavar="BOOL",
+    )
+    cache_size: int = setting(
+        "mitm-cache-size",
+        1000,
+        parsePositive,
+        "Issued certificates kept in memory, one per host name, least "
+        "recently used dropped first; never written to disk.",
+        metavar="N",
+    )
+    leaf_lifetime: float = setting(
+        "mitm-leaf-lifetime",
+        86400.0,
+        parseSeconds,
+        "Validity of an issued certificate (its notBefore is backdated 5 "
+        "minutes for clock skew); re-issued when a quarter of it is left.",
+        metavar="DURATION",
+    )
+
+
 def _parseSubkeys(
     value: Any, known: dict[str, Callable[[Any], Any]], example: str
 ) -> dict[str, Any]:
@@ -1357,6 +1419,7 @@ class Config:
     destinations: Destinations = attr.ib(factory=Destinations)
     upstream: Upstream = attr.ib(factory=Upstream)
     tls: TLS = attr.ib(factory=TLS)
+    mitm: Mitm = attr.ib(factory=Mitm)
     acl: ACLSettings = attr.ib(factory=ACLSettings)
     auth: Auth = attr.ib(factory=Auth)
     webhook: Webhook = attr.ib(factory=Webhook)

@@ -227,6 +227,14 @@ class Exchange:
     def originatesTLS(self) -> bool:
         return False
 
+    @property
+    def intercepted(self) -> bool:
+        """
+        Whether this is a CONNECT whose tunnel the proxy intercepts: it
+        speaks TLS to the client itself (L{proxy_app.mitm}).
+        """
+        return False
+
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None
         # Through a parent proxy the transport's peer is the parent: name

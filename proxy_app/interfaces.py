@@ -141,6 +141,10 @@ class IClientChannel(Interface):
     tunnel = Attribute(
         "The exchange this connection has become a tunnel for, or L{None}."
     )
+    intercepted = Attribute(
+        "Whether this is the inside of an intercepted tunnel, whose role "
+        "(L{role}) is the CONNECT's and is not identified again."
+    )
 
     def sendInformational(
         status: int, reason: bytes, headers: list[tuple[bytes, bytes]]

@@ -55,6 +55,7 @@ from proxy_app.acl import ACLError, loadACL
 from proxy_app.addresses import AddressPolicy, parseIPLiteral
 from proxy_app.config import Config, ConfigError, TLSListener, splitDescription
 from proxy_app.limits import workerLimits
+from proxy_app.mitm import Interception, IssuingCA, MitmConfigError
 from proxy_app.observe import (
     AccessLog,
     DecisionLog,
@@ -262,12 +263,61 @@ def validate(config: Config) -> None:
                     "no client can have a role in this configuration (roles come "
                     "from auth, acl.role_header or a TLS listener with client_ca)"
                 )
+    acl = None
     if config.acl.file:
         try:
-            loadACL(config.acl.file)
+            acl = loadACL(config.acl.file)
         except ACLError as e:
             raise ConfigError(f"acl.file: {e}") from None
+    checkInterception(config, acl is not None and acl.intercepts)
     checkDestinations(config.destinations)
+
+
+def checkInterception(config: Config, aclIntercepts: bool) -> None:
+    """
+    Interception needs the CA, whole: C{mitm.ca_cert} and C{mitm.ca_key}
+    together, and both for C{mitm.domains}, C{mitm.all} or the ACL's
+    C{mitm_domains}.
+
+    @raise ConfigError: naming the key.
+    """
+    mitm = config.mitm
+    if (mitm.ca_cert is None) != (mitm.ca_key is None):
+        given, missing = (
+            ("ca_cert", "ca_key") if mitm.ca_cert is not None else ("ca_key", "ca_cert")
+        )
+        raise ConfigError(
+            f"mitm.{given} = {getattr(mitm, given)!r}: mitm.{missing} must be "
+            "given with it"
+        )
+    if mitm.ca_cert is not None:
+        return
+    needs = "needs mitm.ca_cert and mitm.ca_key (the CA that intercepts)"
+    if mitm.domains:
+        raise ConfigError(f"mitm.domains = {list(mitm.domains)!r}: {needs}")
+    if mitm.all:
+        raise ConfigError(f"mitm.all = True: {needs}")
+    if aclIntercepts:
+        raise ConfigError(f"acl.file = {config.acl.file!r}: mitm_domains {needs}")
+
+
+def buildInterception(config: Config, clock: Any) -> Interception | None:
+    """
+    The L{Interception} of C{config}'s C{mitm} section, or L{None} without
+    a CA.
+
+    @raise ConfigError: naming the key and file at fault.
+    """
+    mitm = config.mitm
+    if mitm.ca_cert is None or mitm.ca_key is None:
+        return None
+    try:
+        authority = IssuingCA.load(
+            mitm.ca_cert, mitm.ca_key, clock, mitm.leaf_lifetime, mitm.cache_size
+        )
+    except MitmConfigError as e:
+        raise ConfigError(str(e)) from None
+    return Interception(authority, mitm.domains, mitm.all)
 
 
 def checkDestinations(destinations: configModule.Destinations) -> None:
@@ -987,6 +1037,9 @@ def _build(
         raise ConfigError(f"acl.file: {e}") from None
     except ValueError as e:
         raise ConfigError(f"auth.checkers: {e}") from None
+    checkInterception(config, access.acl is not None and access.acl.intercepts)
+    interception = buildInterception(config, reactor)
+    access.intercepting = interception is not None
     if config.acl.role_header:
         log.warn(
             "Trusting the role named in the {header} header: only safe behind a "
@@ -1021,6 +1074,7 @@ def _build(
         webhook,
         access,
         decisionLog,
+        interception,
     )
 
     # Children stop one at a time, last added first: the proxy listeners

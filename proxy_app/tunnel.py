@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # 1,355-1,365.)
 TUNNEL_BUFFER = 524288
 
+# What connectTo gives for a tunnel to intercept instead of a connection.
+_INTERCEPT = object()
+
 
 class ConnectExchange(Exchange):
     """
@@ -47,6 +50,8 @@ class ConnectExchange(Exchange):
         "_upstreamReadOpen",
         "_sniffer",
         "externalProxy",
+        "mitm",
+        "_session",
     )
 
     def __init__(
@@ -74,14 +79,79 @@ class ConnectExchange(Exchange):
         # admission has allowed and vetted it, the ParentProxy the tunnel
         # goes through.
         self.externalProxy: Any = None
+        # With interception: the mitm_domains entry that selected this
+        # tunnel, then the session inside it (proxy_app.mitm).
+        self.mitm: Any = None
+        self._session: Any = None
 
     def start(self) -> None:
         self._admit()
 
     def connectTo(self, destination: VettedDestination) -> Any:
+        interception = self.factory.interception
+        if interception is not None and self.externalProxy is None:
+            # Decided once the CONNECT is admitted, for the role it
+            # established; nothing is connected now: each request inside
+            # is admitted and connected of its own.
+            assert self.target is not None
+            self.mitm = interception.select(
+                self.factory.access, self.role, self.target.host
+            )
+            if self.mitm is not None:
+                return _INTERCEPT
         return self.factory.connector.connect(
             destination, UpstreamTunnelFactory(), parent=self.externalProxy
         )
+
+    def _connectedOrStale(self, upstream: Any) -> None:
+        if upstream is _INTERCEPT:
+            self._pending = None
+            self._intercept()
+            return
+        super()._connectedOrStale(upstream)
+
+    @property
+    def intercepted(self) -> bool:
+        return self.mitm is not None
+
+    @property
+    def originatesTLS(self) -> bool:
+        # An intercepted tunnel's inner requests leave over TLS.
+        return self.mitm is not None
+
+    def _intercept(self) -> None:
+        """
+        Answer the CONNECT and speak TLS to the client (L{proxy_app.mitm}).
+        """
+        if self.finished:
+            return
+        destination = self.destination
+        assert destination is not None
+        # The leaf first: should issuing it fail, the client is still
+        # answered with an error, not a tunnel.
+        session = self.factory.interception.start(self, self.mitm)
+        # No connection was made: nothing to time, nothing to pool.
+        for observer in self.factory.observers:
+            observer.exchangeConnected(self, destination.addresses[0], True)
+        self.status = 200
+        if not self.protocol.sendTunnelEstablished():
+            session.connectionLost(None)
+            return
+        self._session = session
+        leftover = self.protocol.becomeTunnel(session)
+        self.decisionLogged = True
+        for observer in self.factory.observers:
+            observer.tunnelEstablished(self)
+        self.request.headers = self.request.raw = []
+        self.destination = None
+        # Idleness is the channel inside's to judge (between requests, as
+        # on any keep-alive connection; within one, its exchange's read
+        # timeout); the tunnel's lifetime still bounds the whole.
+        self._final = True
+        self._timer.start(self.factory.config.timeouts.lifetime)
+        if leftover:
+            session.fromClient(leftover)
+        self.protocol.resumeReading()
 
     def _connected(self, upstream: UpstreamTunnel) -> None:
         self.upstream = upstream
@@ -118,6 +188,12 @@ class ConnectExchange(Exchange):
 
     @property
     def sni(self) -> str | None:
+        # An intercepted tunnel's: the SNI the client sent to the proxy's
+        # own TLS, else the CONNECT host.
+        session = self._session
+        if session is not None:
+            assert self.target is not None
+            return session.sni or self.target.host
         # The ClientHello's through the tunnel, else the listener's.
         sniffer = self._sniffer
         sni = sniffer.sni if sniffer is not None else None
@@ -125,12 +201,15 @@ class ConnectExchange(Exchange):
 
     @property
     def application(self) -> str | None:
+        if self._session is not None:
+            return "http/1.1"
         sniffer = self._sniffer
         return "tls" if sniffer is not None and sniffer.isTLS else None
 
     @property
-    def details(self) -> tuple[()]:
-        return ()
+    def details(self) -> list[str] | tuple[()]:
+        session = self._session
+        return list(session.urls) if session is not None else ()
 
     def wireCounts(self) -> tuple[int, int]:
         # The CONNECT exchange, then the relayed bytes the connection left
@@ -209,11 +288,15 @@ class ConnectExchange(Exchange):
 
     def clientLost(self, reason: Failure | None) -> None:
         self._timer.cancel()
+        session = self._session
+        if session is not None:
+            # What is inside ends first, so that its URLs are all listed.
+            session.connectionLost(reason)
         if self.upstream is not None:
             self.upstream.peer = None
             if self.upstream.transport is not None:
                 self.upstream.transport.loseConnection()
-        if self.status == 200 and self.protocol.tunnel is self:
+        if self.status == 200 and self.protocol.tunnel is not None:
             # The tunnel's line is written when it ends.
             self.record()
             for observer in self.factory.observers:

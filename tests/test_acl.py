@@ -823,19 +823,6 @@ class LoadErrorTests(SynchronousTestCase):
             document(zzz=1), "top level", "unknown key 'zzz'", "expected one of version"
         )
 
-    def test_unsupportedSmokescreenKeys(self) -> None:
-        """
-        Smokescreen keys we do not implement are refused rather than
-        ignored.
-        """
-        for key in ("mitm_domains",):
-            self.assertLoadError(
-                document(service(name="api", **{key: []})),
-                "service 'api'",
-                f"'{key}'",
-                "not supported",
-            )
-
     def test_duplicateServiceNames(self) -> None:
         """
         A service name may appear once.

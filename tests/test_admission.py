@@ -60,6 +60,7 @@ class Peer:
 
     role: str | None = None
     peerHost = "127.0.0.1"
+    intercepted = False
 
 
 class Subject:
