@@ -1248,7 +1248,7 @@ class ACLSettings:
         parseBoolean,
         "Let requests the ACL denies through, logged as would-deny decisions "
         "(enforce_would_deny, report_only) and counted as report, to roll out "
-        "a new ACL (Smokescreen's --disable-acl-policy-action); the address "
+        "a new ACL, as a rule with action report does for one role; the address "
         "policy, port rules, authentication and the gate still refuse.",
         metavar="BOOL",
     )
