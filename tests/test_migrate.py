@@ -755,3 +755,38 @@ tls:
         except Exception:
             return
         self.assertNotIn(b" 200 ", data)
+
+
+class DocsTableTests(SynchronousTestCase):
+    """
+    docs/configuration.md's mapping tables and the converter's tables agree
+    on which settings exist.
+    """
+
+    def test_everyRowDocumented(self) -> None:
+        """
+        Every YAML key and flag in L{migrate.SMOKESCREEN} and
+        L{migrate.WEBHOOK_SENTRY} appears in the mapping section, so that a
+        row added to a table is documented.
+        """
+        doc = FilePath(__file__).parent().parent().child("docs")
+        text = doc.child("configuration.md").getContent().decode()
+        section = text[text.index("## Coming from webhook-sentry or Smokescreen") :]
+        missing = []
+        for row in (*migrate.SMOKESCREEN, *migrate.WEBHOOK_SENTRY):
+            if row.yaml and f"`{row.yaml}" not in section:
+                missing.append(row.yaml)
+            if row.flag and f"`--{row.flag}" not in section:
+                missing.append("--" + row.flag)
+        self.assertEqual(missing, [])
+
+    def test_entryPoint(self) -> None:
+        """
+        setup.cfg installs C{egressproxy-migrate} as L{migrate.run}.
+        """
+        from configparser import ConfigParser
+
+        parser = ConfigParser()
+        parser.read(FilePath(__file__).parent().parent().child("setup.cfg").path)
+        scripts = parser["options.entry_points"]["console_scripts"]
+        self.assertIn("egressproxy-migrate = proxy_app.migrate:run", scripts)
