@@ -206,6 +206,20 @@ class DenyStatusTests(SynchronousTestCase):
         h.send(request(b"other.example", auth=ALICE))
         self.assertEqual(parseResponse(h.client.value())[0], 403)
 
+    def test_flags(self) -> None:
+        """
+        The two switches as twistd's options: --deny-status 407 and
+        --smokescreen-error-header.
+        """
+        from proxy_app.tap import Options
+
+        options = Options(environ={})
+        options.parseOptions(["--deny-status", "407", "--smokescreen-error-header"])
+        self.assertEqual(
+            options.config.compat,
+            config.Compat(smokescreen_error_header=True, deny_status=407),
+        )
+
     def test_parse(self) -> None:
         """
         403 and 407 are accepted, from YAML numbers or text; anything else
