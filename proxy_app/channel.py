@@ -64,10 +64,14 @@ _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
 
 
+SMOKESCREEN_ERROR = b"X-Smokescreen-Error"
+
+
 def errorResponse(
     error: ProxyError,
     extraHeaders: list[tuple[bytes, bytes]] | None = None,
     denyMessageExtra: str | None = None,
+    smokescreenError: bool = False,
 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """
     The headers and plain-text body of the response the proxy makes for
@@ -77,10 +81,16 @@ def errorResponse(
     @param denyMessageExtra: the operator's text (C{acl.deny_message_extra})
         for a 403: a line of the body after the message, and not in the
         header, which stays the one compact sentence logs and clients match.
+    @param smokescreenError: add C{X-Smokescreen-Error}
+        (C{compat.smokescreen_error_header}) holding what Smokescreen puts
+        there: the body's text, the operator's text after two spaces (Go
+        turns the line breaks of Smokescreen's C{"MSG\n\nEXTRA"} into
+        spaces and trims the ends).
     """
     body = (error.message + "\n").encode("utf-8")
-    if denyMessageExtra is not None and error.status == 403:
-        body += (denyMessageExtra + "\n").encode("utf-8")
+    extra = denyMessageExtra if error.status == 403 else None
+    if extra is not None:
+        body += (extra + "\n").encode("utf-8")
     reason = error.message.encode("ascii", "backslashreplace")
     reason = reason.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\x00", b" ")
     headers = [
@@ -89,6 +99,12 @@ def errorResponse(
         (b"X-WhSentry-Reason", reason),
         (b"X-WhSentry-ReasonCode", str(int(error.reason)).encode("ascii")),
     ]
+    if smokescreenError:
+        value = reason
+        if extra is not None:
+            # parseDenyMessage has refused control characters already.
+            value += b"  " + extra.encode("ascii", "backslashreplace")
+        headers.append((SMOKESCREEN_ERROR, value))
     headers.extend(getattr(error, "headers", ()))
     if extraHeaders:
         headers.extend(extraHeaders)
@@ -144,6 +160,12 @@ class ProxyFactory(Factory):
         # What is not passed on of a request's and a response's headers
         # (Host is re-made from the URI; the request id is the proxy's).
         self.responseDrop = NOT_PASSED | {self.requestIDHeader}
+        compat = config.compat
+        if compat.smokescreen_error_header:
+            # As Smokescreen: the header means the proxy made the response,
+            # so an origin's is not passed on.
+            self.responseDrop = self.responseDrop | {SMOKESCREEN_ERROR.lower()}
+        self.denyStatus = compat.deny_status
         self.requestDrop = self.responseDrop | {b"host"}
         self.resolver = resolver
         self.clock = clock
@@ -200,6 +222,13 @@ class ProxyFactory(Factory):
                 f"Too many concurrent {kind} (limit {limit}); try again shortly", 503, 1
             )
         return None
+
+    def status(self, error: ProxyError) -> int:
+        """
+        The status C{error} is answered with: its own, but a denial's (a
+        403) is C{compat.deny_status}.
+        """
+        return self.denyStatus if error.status == 403 else error.status
 
     def acceptRequestID(self, value: str | None) -> str:
         """
@@ -602,7 +631,7 @@ class ProxyProtocol(Protocol):
             client_addr=self.clientAddress,
             method=method or None,
             url=url or None,
-            response_code=error.status,
+            response_code=self.factory.status(error),
             response_time=0.0,
             bytes_up=0,
             bytes_down=0,
@@ -788,12 +817,16 @@ class ProxyProtocol(Protocol):
             if requestID is not None
             else None
         )
+        config = self.factory.config
         headers, body = errorResponse(
-            error, extra, self.factory.config.acl.deny_message_extra
+            error,
+            extra,
+            config.acl.deny_message_extra,
+            config.compat.smokescreen_error_header,
         )
         if close:
             self._closeAfter = True
-        if not self.sendHead(error.status, b"", headers, len(body)):
+        if not self.sendHead(self.factory.status(error), b"", headers, len(body)):
             return False
         self.sendBody(body)
         self.sendEnd()

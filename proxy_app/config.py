@@ -1282,7 +1282,7 @@ class ACLSettings:
         False,
         parseBoolean,
         "Judge requests without a role by the ACL's default rule instead of "
-        "denying them (Smokescreen's --allow-missing-role).",
+        "denying them (Smokescreen's YAML key allow_missing_role).",
         metavar="BOOL",
     )
     watch_interval: float = setting(
@@ -1311,7 +1311,7 @@ class ACLSettings:
         parseBoolean,
         "Let requests the ACL denies through, logged as would-deny decisions "
         "(enforce_would_deny, report_only) and counted as report, to roll out "
-        "a new ACL (Smokescreen's --disable-acl-policy-action); the address "
+        "a new ACL, as a rule with action report does for one role; the address "
         "policy, port rules, authentication and the gate still refuse.",
         metavar="BOOL",
     )
@@ -1359,6 +1359,44 @@ class Auth:
         "Threads that check passwords (bcrypt), apart from the threads "
         "resolving names; 8 checks per thread may wait, more get 503.",
         metavar="N",
+    )
+
+
+def parseDenyStatus(value: Any) -> int:
+    """
+    The status of a denial: 403, or 407 as Smokescreen answers.
+    """
+    text = str(value).strip()
+    if isinstance(value, bool) or text not in ("403", "407"):
+        raise ValueError("expected 403 or 407")
+    return int(text)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Compat:
+    """
+    Another proxy's wire behaviour, for clients that depend on it while
+    they move over.  All off by default.  See C{docs/migrating.md}.
+    """
+
+    smokescreen_error_header: bool = setting(
+        "smokescreen-error-header",
+        False,
+        parseBoolean,
+        "Add Smokescreen's X-Smokescreen-Error header, the body's text on "
+        "one line, to every response the proxy makes itself, and strip it "
+        "from origins' responses, as Smokescreen does.",
+        metavar="BOOL",
+    )
+    deny_status: int = setting(
+        "deny-status",
+        403,
+        parseDenyStatus,
+        "Status of every denial the proxy makes (the 403s: reason codes "
+        "1000, 1011, 1012, 1016, 1017): 403, or 407 as Smokescreen answers "
+        "its denials (without Proxy-Authenticate, as Smokescreen); reason "
+        "codes and headers stay.",
+        metavar="403|407",
     )
 
 
@@ -1424,6 +1462,7 @@ class Config:
     auth: Auth = attr.ib(factory=Auth)
     webhook: Webhook = attr.ib(factory=Webhook)
     access_log: AccessLog = attr.ib(factory=AccessLog)
+    compat: Compat = attr.ib(factory=Compat)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

@@ -308,7 +308,7 @@ class Exchange:
         C{close}.
         """
         self.error = error
-        self.status = error.status
+        self.status = self.factory.status(error)
         log.info(
             "{rq_id} {method} {url}: {reason} ({code})",
             rq_id=self.requestID,

@@ -315,8 +315,8 @@ class OptionsTests(SynchronousTestCase):
 
     def test_switch(self) -> None:
         """
-        --allow-missing-role is a switch, as in Smokescreen; the environment
-        still takes true or false.
+        --allow-missing-role is a switch (Smokescreen has only the YAML
+        key); the environment still takes true or false.
         """
         self.assertTrue(
             self.parse(["--allow-missing-role"]).config.acl.allow_missing_role
