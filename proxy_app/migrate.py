@@ -4,7 +4,7 @@ into an egressproxy YAML file.
 
 Each tool's settings are one table (L{SMOKESCREEN}, L{WEBHOOK_SENTRY}) with
 one L{Row} per setting, so that each setting's fate (mapped, the same
-without a key, left out, not yet mapped) is read in one place; the docs'
+without a key, left out) is read in one place; the docs'
 mapping tables in C{docs/configuration.md} say the same, and a test keeps
 every row's source key in them.
 
@@ -90,7 +90,7 @@ class Row:
         L{None} when it is only a flag.
     @ivar flag: its command-line flag without dashes, or L{None}.
     @ivar fate: C{"mapped"}, C{"same"} (egressproxy does this without a
-        key), C{"left out"} or C{"not yet mapped"}; what the docs say.
+        key) or C{"left out"}; what the docs say.
     @ivar target: the egressproxy key(s) it maps to, for the docs.
     @ivar action: what a value of it does to a L{Conversion}.
     @ivar kind: how a flag takes its value: C{"value"}, C{"bool"} (no
@@ -240,16 +240,25 @@ def leaveOutIfTrue(why: str) -> Action:
     return action
 
 
-def notYetMapped(key: str) -> Action:
+def mitmIssuer(key: str, *notes: str) -> Action:
     """
-    A setting whose egressproxy key (C{key}) another change is adding.
-    When it lands, this row becomes C{mapTo(key)}.
+    webhook-sentry's MITM issuer: with it, webhook-sentry intercepts every
+    CONNECT (without it, it refuses them), so the issuer becomes C{key} and
+    C{mitm.all} is set.
     """
-    return leaveOut(
-        f"not yet mapped: it becomes {key} when TLS interception lands in "
-        "egressproxy; until then egressproxy tunnels CONNECT without "
-        "interception"
-    )
+
+    def action(c: Conversion, value: Any, source: str) -> None:
+        c.add(key, str(value), source, *notes)
+        if key == "mitm.ca_cert":
+            c.add(
+                "mitm.all",
+                True,
+                source,
+                "webhook-sentry intercepts every CONNECT tunnel when its "
+                "issuer is set; mitm.all does the same here.",
+            )
+
+    return action
 
 
 def part(name: str, convert: Callable[[Any], Any] = lambda v: v) -> Action:
@@ -567,16 +576,21 @@ SMOKESCREEN: tuple[Row, ...] = (
     Row(
         "mitm_ca_cert_file",
         None,
-        "not yet mapped",
+        "mapped",
         "mitm.ca_cert",
-        notYetMapped("mitm.ca_cert"),
+        mapTo(
+            "mitm.ca_cert",
+            str,
+            "Smokescreen intercepts only the ACL's mitm_domains; the same "
+            "ACL file selects the same tunnels here.",
+        ),
     ),
     Row(
         "mitm_ca_key_file",
         None,
-        "not yet mapped",
+        "mapped",
         "mitm.ca_key",
-        notYetMapped("mitm.ca_key"),
+        mapTo("mitm.ca_key", str),
     ),
 )
 
@@ -887,16 +901,16 @@ WEBHOOK_SENTRY: tuple[Row, ...] = (
     Row(
         "mitmIssuerCertFile",
         None,
-        "not yet mapped",
-        "mitm.ca_cert",
-        notYetMapped("mitm.ca_cert"),
+        "mapped",
+        "mitm.ca_cert, mitm.all",
+        mitmIssuer("mitm.ca_cert"),
     ),
     Row(
         "mitmIssuerKeyFile",
         None,
-        "not yet mapped",
+        "mapped",
         "mitm.ca_key",
-        notYetMapped("mitm.ca_key"),
+        mitmIssuer("mitm.ca_key"),
     ),
     Row(
         "accessLog.type",

@@ -74,6 +74,14 @@ class Authority:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
+    @property
+    def keyPEM(self) -> bytes:
+        """
+        The CA's private key, PEM (PKCS#8, unencrypted), as an issuing CA
+        is configured.
+        """
+        return _pem(self.key, self.cert)[1]
+
     def issue(
         self,
         commonName: str,

@@ -47,15 +47,7 @@ NOT_ABOUT_FEATURES = {
 }
 
 # (file, text around the match): a check that is true while the sentence is.
-PROMISES: dict[tuple[str, str], Callable[[], bool]] = {
-    # The MITM issuer keys of both tools, mapped when interception lands.
-    ("docs/configuration.md", "once TLS interception is merged"): _keysAbsent(
-        "mitm.ca_cert", "mitm.ca_key"
-    ),
-    ("docs/configuration.md", "not yet mapped"): _keysAbsent(
-        "mitm.ca_cert", "mitm.ca_key"
-    ),
-}
+PROMISES: dict[tuple[str, str], Callable[[], bool]] = {}
 
 
 def _docs() -> list[FilePath]:

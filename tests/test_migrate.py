@@ -72,6 +72,9 @@ class Files:
         self.acl = self.write("acl.yaml", ACL_TEXT.encode())
         self.originCert = self.write("origin-client.pem", cert)
         self.originKey = self.write("origin-client.key", key)
+        self.mitmCA = Authority("interception CA")
+        self.mitmCert = self.write("mitm.pem", self.mitmCA.pem)
+        self.mitmKey = self.write("mitm.key", self.mitmCA.keyPEM)
 
     def write(self, name: str, data: bytes) -> str:
         child = self.dir.child(name)
@@ -153,8 +156,8 @@ tls:
   key_file: {f.key}
   client_ca_files: [{f.ca}]
   crl_files: [{f.crl}]
-mitm_ca_cert_file: /etc/smokescreen/mitm.pem
-mitm_ca_key_file: /etc/smokescreen/mitm.key
+mitm_ca_cert_file: {f.mitmCert}
+mitm_ca_key_file: {f.mitmKey}
 max_concurrent_requests: 200
 max_request_rate: 50
 max_request_burst: 120
@@ -226,6 +229,11 @@ max_concurrent_connect_tunnels: 300
             ),
             (f.acl, True, "Ask in #egress"),
         )
+        # The interception CA; the ACL's mitm_domains choose the tunnels.
+        self.assertEqual(
+            (loaded.mitm.ca_cert, loaded.mitm.ca_key, loaded.mitm.all),
+            (f.mitmCert, f.mitmKey, False),
+        )
 
     def test_leftOut(self) -> None:
         """
@@ -244,11 +252,8 @@ max_concurrent_connect_tunnels: 300
                 "Smokescreen stats_socket_file_mode",
                 "Smokescreen transport_max_idle_conns",
                 "Smokescreen transport_max_idle_conns_per_host",
-                "Smokescreen mitm_ca_cert_file",
-                "Smokescreen mitm_ca_key_file",
             ],
         )
-        self.assertIn("not yet mapped: it becomes mitm.ca_cert", lines[-2])
         status, _, _ = run(
             "smokescreen", "--config-file", self.config, "--allow-partial"
         )
@@ -435,7 +440,8 @@ class WebhookSentryTests(SynchronousTestCase):
         """
         The output loads with the same listener, timeouts, size limit,
         ranges, client certificate, logs, metrics address and request-id
-        header; the MITM issuer and the process log file are left out.
+        header, the MITM issuer (every tunnel intercepted); the process log
+        file is left out.
         """
         f = self.files
         deny = ", ".join(f'"{c}"' for c in migrate._WS_DEFAULT_DENY)
@@ -456,8 +462,8 @@ maxResponseBodySize: 2097152
 cidrDenyList: [{deny}, "203.0.113.0/24"]
 clientCertFile: {f.originCert}
 clientKeyFile: {f.originKey}
-mitmIssuerCertFile: /etc/whsentry/mitm.pem
-mitmIssuerKeyFile: /etc/whsentry/mitm.key
+mitmIssuerCertFile: {f.mitmCert}
+mitmIssuerKeyFile: {f.mitmKey}
 accessLog:
   type: json
   file: /var/log/whsentry/access.log
@@ -491,11 +497,12 @@ requestIDHeader: X-Request-Id
         self.assertEqual(status, 1)
         self.assertEqual(
             leftOut(lines),
-            [
-                "webhook-sentry mitmIssuerCertFile",
-                "webhook-sentry mitmIssuerKeyFile",
-                "webhook-sentry proxyLog.file",
-            ],
+            ["webhook-sentry proxyLog.file"],
+        )
+        # Its issuer intercepts every tunnel, as webhook-sentry does.
+        self.assertEqual(
+            (loaded.mitm.ca_cert, loaded.mitm.ca_key, loaded.mitm.all),
+            (f.mitmCert, f.mitmKey, True),
         )
         self.assertIn("cidrDenyList replaces its default list", text)
 
