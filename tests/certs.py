@@ -74,6 +74,18 @@ class Authority:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
+    @property
+    def keyPEM(self) -> bytes:
+        """
+        The CA's private key, PKCS#8 PEM, unencrypted (for a proxy that
+        issues with it: C{mitm.ca_key}).
+        """
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
     def issue(
         self,
         commonName: str,
