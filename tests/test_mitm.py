@@ -657,6 +657,54 @@ class SelectionTests(SynchronousTestCase):
         [(host, port, *_)] = harness.reactor.tcpClients
         self.assertEqual((host, port), ("203.0.113.10", 443))
 
+    def test_http2Only(self) -> None:
+        """
+        A client offering only ALPN C{h2} gets no HTTP/2: the proxy's TLS
+        (whose ALPN offers only C{http/1.1}) fails the handshake with a
+        fatal C{internal_error} alert, which is what Twisted's ALPN
+        callback makes OpenSSL send when nothing overlaps; the tunnel
+        closes, and nothing is connected upstream nor logged as a request
+        inside.
+        """
+        from OpenSSL import SSL
+        from twisted.internet.error import ConnectionDone
+
+        harness = self.harness()
+        harness.factory.origination = buildOrigination(TLS())
+        harness.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        harness.client.clear()
+        client = _MemoryTLSClient(harness, "origin.example", alpn=[b"h2"])
+        client.harness.reactor.advance(0)
+        harness.send(client.wire.value())
+        client.wire.clear()
+        harness.reactor.advance(0)
+        # A TLS 1.2-framed fatal alert: level 2, description 80.
+        self.assertEqual(harness.client.value(), bytes.fromhex("15030300020250"))
+        self.assertTrue(harness.client.disconnecting)
+        client.tls.dataReceived(harness.client.value())
+        client.tls.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(client.handshakeDone)
+        self.assertIsInstance(client.innerReason.value, SSL.Error)
+        self.assertIn("tlsv1 alert internal error", str(client.innerReason.value))
+        harness.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(harness.reactor.tcpClients, [])
+        self.assertEqual(
+            [(line["method"], line["response_code"]) for line in harness.access],
+            [("CONNECT", 200)],
+        )
+
+    def test_http2OrHTTP11(self) -> None:
+        """
+        A client offering ALPN C{h2} and C{http/1.1} gets C{http/1.1}.
+        """
+        harness = self.harness()
+        harness.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        harness.client.clear()
+        client = _MemoryTLSClient(harness, "origin.example", alpn=[b"h2", b"http/1.1"])
+        client.pump()
+        self.assertTrue(client.handshakeDone)
+        self.assertEqual(client.tls.negotiatedProtocol, b"http/1.1")
+
     def test_flowControl(self) -> None:
         """
         The channel inside pauses and resumes the client's connection, and
@@ -1032,14 +1080,18 @@ class _MemoryTLSClient:
     nothing (it only checks that a handshake answer comes).
     """
 
-    def __init__(self, harness: Any, host: str) -> None:
+    def __init__(
+        self, harness: Any, host: str, alpn: list[bytes] | None = None
+    ) -> None:
         from twisted.internet.testing import StringTransport
 
         self.harness = harness
         self.handshakeDone = False
         self.received = b""
         self.requests = b""
-        options = ssl.CertificateOptions()  # no verification: a probe
+        self.innerReason: Any = None
+        # No verification: a probe.
+        options = ssl.CertificateOptions(acceptableProtocols=alpn)
         factory = TLSMemoryBIOFactory(options, True, Factory(), clock=harness.reactor)
         self.tls = factory.protocol(factory, _Inner(self))
         self.wire = StringTransport()

@@ -345,3 +345,37 @@ class InterceptingClientsTests(TestCase):
         return self.intercepted(
             [sys.executable, "-c", code, self.url], env, ["/hooks/1?token=s3cret"]
         )
+
+    @inlineCallbacks
+    def test_http2Only(self):  # type: ignore[no-untyped-def]
+        """
+        A client offering only ALPN C{h2} (Python's C{http.client} through
+        the proxy with C{set_tunnel}, trusting the interception CA) fails
+        its handshake with the proxy's fatal C{internal_error} alert, and
+        nothing reaches the origin.
+        """
+        code = (
+            "import http.client, ssl, sys\n"
+            "context = ssl.create_default_context(cafile=sys.argv[1])\n"
+            "context.set_alpn_protocols(['h2'])\n"
+            "c = http.client.HTTPSConnection('127.0.0.1', int(sys.argv[2]),"
+            " context=context, timeout=10)\n"
+            "c.set_tunnel('origin.test', int(sys.argv[3]))\n"
+            "try:\n"
+            "    c.request('GET', '/h2')\n"
+            "except ssl.SSLError as e:\n"
+            "    sys.exit(e.reason)\n"
+        )
+        out, err, status = yield self.runClient(
+            [
+                sys.executable,
+                "-c",
+                code,
+                self.clientCA,
+                str(self.proxyPort),
+                str(self.originPort),
+            ],
+            self.environment(),
+        )
+        self.assertEqual((status, err.strip()), (1, b"TLSV1_ALERT_INTERNAL_ERROR"))
+        self.assertEqual(self.origin.seen, [])
