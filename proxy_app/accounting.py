@@ -100,13 +100,15 @@ class WebhookObserver(_Observer):
     smithproxy's C{connection-start}, C{connection-stop} and
     C{connection-info} events, through the factory's C{webhook}.  The
     record's C{session} and C{webhookStarted} are this observer's own.
+    A request inside an intercepted tunnel has none: the tunnel is the
+    session, and its C{connection-stop} lists the request's URL.
     """
 
     __slots__ = ()
 
     def exchangeConnected(self, record: Any, host: str, reused: bool) -> None:
         webhook = self._parts.webhook
-        if webhook is None or record.finished:
+        if webhook is None or record.finished or record.protocol.intercepted:
             return
         record.session = webhookSession(record, host)
         webhook.connectionStarted(record.connectionID, record.session)
@@ -114,7 +116,7 @@ class WebhookObserver(_Observer):
 
     def exchangeEnded(self, record: Any) -> None:
         webhook = self._parts.webhook
-        if webhook is None:
+        if webhook is None or record.protocol.intercepted:
             return
         # Taken even when no connection-stop is sent, so that they are not
         # counted toward the next exchange on the connection.

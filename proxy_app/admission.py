@@ -10,7 +10,9 @@ which addresses.  Its steps, in order:
      naming an external proxy with C{X-Upstream-Https-Proxy}, that the
      role may use it); then, for such a CONNECT, vet the external
      proxy's own address as a destination's, once;
-  4. vet the destination through the L{IDestinationResolver};
+  4. vet the destination through the L{IDestinationResolver} (inside an
+     intercepted tunnel, steps 4 to 6 are the CONNECT's: its requests
+     go to the addresses it was admitted to);
   5. narrow it to the addresses the L{Connector} may try
      (L{Connector.candidates});
   6. with the access-request gate on, the control webhook's word;
@@ -123,11 +125,16 @@ class Admission:
         if protocol.intercepted:
             # Inside an intercepted tunnel: one tunnel, one identity, the
             # one its CONNECT established; no header inside changes it.
-            role = protocol.role
-        else:
-            role = parts.access.identify(
-                protocol.role, exchange.request.headers, protocol.peerHost
-            )
+            # One tunnel, one destination too: the addresses its CONNECT
+            # was vetted to and the gate approved, not a new lookup (which
+            # could answer an address the gate never saw) nor a new
+            # access request (smithproxy asks once per session).
+            self.decide(exchange, protocol.role)
+            exchange.connectStarted = parts.clock.seconds()
+            return self._approved(protocol.tunnelDestination, exchange)
+        role = parts.access.identify(
+            protocol.role, exchange.request.headers, protocol.peerHost
+        )
         if isinstance(role, Deferred):
             return role.addCallback(self._identified, exchange)
         self.decide(exchange, role)

@@ -375,6 +375,8 @@ class ProxyProtocol(Protocol):
     # The inside of an intercepted tunnel (proxy_app.mitm): its role is the
     # CONNECT's, fixed, and it is not a client connection of its own.
     intercepted = False
+    # Inside an intercepted tunnel, the CONNECT's admitted destination.
+    tunnelDestination: Any = None
     # Where a verified client certificate's role comes from; a listener
     # with role_from sets its own.
     certificateRole: CertificateRole = CertificateRole()

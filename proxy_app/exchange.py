@@ -124,7 +124,13 @@ class Exchange:
             self.connectionID = self.requestID
         else:
             self.connectionID = webhook.newConnectionID()
-        self.statistics = webhook.newStatistics() if webhook is not None else None
+        # Inside an intercepted tunnel the tunnel's own statistics count
+        # the bytes (it is the webhook's session).
+        self.statistics = (
+            webhook.newStatistics()
+            if webhook is not None and not protocol.intercepted
+            else None
+        )
         self.session = ""
         self.gateResult: GateResult | None = None
         self.webhookStarted = False

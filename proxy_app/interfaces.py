@@ -145,6 +145,11 @@ class IClientChannel(Interface):
         "Whether this is the inside of an intercepted tunnel, whose role "
         "(L{role}) is the CONNECT's and is not identified again."
     )
+    tunnelDestination = Attribute(
+        "Inside an intercepted tunnel, the L{VettedDestination} its CONNECT "
+        "was admitted to (vetted, and narrowed by the access-request gate): "
+        "the only addresses its requests may connect to; else L{None}."
+    )
 
     def sendInformational(
         status: int, reason: bytes, headers: list[tuple[bytes, bytes]]

@@ -8,9 +8,12 @@ C{200 Connection established} and speaks TLS to the client itself, with a
 leaf certificate for the CONNECT host issued on the fly by the configured
 CA (L{IssuingCA}).  Inside, an L{InterceptedChannel} reads HTTP/1.1
 requests and makes each a forwarded request to
-C{https://<CONNECT authority><path>}: admitted, vetted and originated
-(verified TLS) exactly as any C{https://} request, for the role the
-CONNECT established.
+C{https://<CONNECT authority><path>}: judged by the ACL and rate limited
+for the role the CONNECT established, sent to the addresses the CONNECT
+was vetted to and the gate approved (no second lookup, no second access
+request), and originated (verified TLS) exactly as any C{https://}
+request.  The tunnel is one control-webhook session, as in smithproxy:
+its C{connection-stop} lists the URLs inside.
 
 The nested TLS runs in memory (L{TLSMemoryBIOProtocol}) over the tunnel's
 bytes, so it works the same on a plain and on a TLS listener.
@@ -392,6 +395,8 @@ class InterceptedSession:
         tunnel's C{connection-stop}.
     @ivar sni: the server name the client's ClientHello carried, or
         L{None}.
+    @ivar destination: the L{VettedDestination} the CONNECT was admitted
+        to, the only addresses the requests inside connect to.
     """
 
     def __init__(
@@ -399,6 +404,10 @@ class InterceptedSession:
     ) -> None:
         self.exchange = exchange
         self.mitm = mitm
+        # What the CONNECT was admitted to (vetted, then narrowed by the
+        # gate): its requests connect there and nowhere else, for the
+        # tunnel's life (timeouts.lifetime), as smithproxy's one session.
+        self.destination = exchange.destination
         self.urls: list[str] = []
         self.sni: str | None = None
         self.channel = InterceptedChannel(exchange.factory, self)
@@ -535,8 +544,10 @@ class InterceptedChannel(ProxyProtocol):
     """
     The HTTP/1.1 connection inside an intercepted tunnel: each request is
     forwarded to C{https://<CONNECT authority><path>} as the CONNECT's
-    role.  It is not a client connection of its own (no connection
-    metrics, no C{neighbor} event), and its role is fixed.
+    role, to the addresses the CONNECT was admitted to.  It is not a
+    client connection of its own (no connection metrics, no C{neighbor}
+    event, no webhook events or access request of its requests: the
+    tunnel is the session), and its role is fixed.
     """
 
     intercepted = True
@@ -549,6 +560,10 @@ class InterceptedChannel(ProxyProtocol):
         self.role = session.exchange.role
         self.certificateCN = outer.certificateCN
         self.certificateOU = outer.certificateOU
+
+    @property
+    def tunnelDestination(self) -> Any:
+        return self.session.destination
 
     def handshakeCompleted(self) -> None:
         self.overTLS = True

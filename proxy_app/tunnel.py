@@ -92,7 +92,8 @@ class ConnectExchange(Exchange):
         if interception is not None and self.externalProxy is None:
             # Decided once the CONNECT is admitted, for the role it
             # established; nothing is connected now: each request inside
-            # is admitted and connected of its own.
+            # is judged of its own and connects to what was admitted here
+            # (proxy_app.mitm keeps it).
             assert self.target is not None
             self.mitm = interception.select(
                 self.factory.access, self.role, self.target.host

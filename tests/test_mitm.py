@@ -23,7 +23,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -639,24 +639,71 @@ class SelectionTests(SynchronousTestCase):
         client.pump()
         return harness, client
 
-    def test_innerRequestVettedAgain(self) -> None:
+    def test_innerRequestToAdmittedAddress(self) -> None:
         """
-        A request inside is vetted again (the resolver is asked once more)
-        and connected to the vetted address on the CONNECT's port, as an
-        https:// request.
+        A request inside connects to the address the CONNECT was vetted to,
+        on the CONNECT's port, as an https:// request: the name is not
+        resolved again.
         """
         harness, client = self.intercepted()
         self.assertEqual(harness.resolver.calls, [("origin.example", 443)])
+        harness.resolver.answers["origin.example"] = ["203.0.113.99"]
         client.tls.write(
             b"GET /x HTTP/1.1\r\nHost: origin.example\r\nProxy-Authorization: "
             b"Basic eDp5\r\n\r\n"
         )
         client.pump()
-        self.assertEqual(
-            harness.resolver.calls, [("origin.example", 443), ("origin.example", 443)]
-        )
+        self.assertEqual(harness.resolver.calls, [("origin.example", 443)])
         [(host, port, *_)] = harness.reactor.tcpClients
         self.assertEqual((host, port), ("203.0.113.10", 443))
+
+    def test_http2Only(self) -> None:
+        """
+        A client offering only ALPN C{h2} gets no HTTP/2: the proxy's TLS
+        (whose ALPN offers only C{http/1.1}) fails the handshake with a
+        fatal C{internal_error} alert, which is what Twisted's ALPN
+        callback makes OpenSSL send when nothing overlaps; the tunnel
+        closes, and nothing is connected upstream nor logged as a request
+        inside.
+        """
+        from OpenSSL import SSL
+        from twisted.internet.error import ConnectionDone
+
+        harness = self.harness()
+        harness.factory.origination = buildOrigination(TLS())
+        harness.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        harness.client.clear()
+        client = _MemoryTLSClient(harness, "origin.example", alpn=[b"h2"])
+        client.harness.reactor.advance(0)
+        harness.send(client.wire.value())
+        client.wire.clear()
+        harness.reactor.advance(0)
+        # A TLS 1.2-framed fatal alert: level 2, description 80.
+        self.assertEqual(harness.client.value(), bytes.fromhex("15030300020250"))
+        self.assertTrue(harness.client.disconnecting)
+        client.tls.dataReceived(harness.client.value())
+        client.tls.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(client.handshakeDone)
+        self.assertIsInstance(client.innerReason.value, SSL.Error)
+        self.assertIn("tlsv1 alert internal error", str(client.innerReason.value))
+        harness.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(harness.reactor.tcpClients, [])
+        self.assertEqual(
+            [(line["method"], line["response_code"]) for line in harness.access],
+            [("CONNECT", 200)],
+        )
+
+    def test_http2OrHTTP11(self) -> None:
+        """
+        A client offering ALPN C{h2} and C{http/1.1} gets C{http/1.1}.
+        """
+        harness = self.harness()
+        harness.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        harness.client.clear()
+        client = _MemoryTLSClient(harness, "origin.example", alpn=[b"h2", b"http/1.1"])
+        client.pump()
+        self.assertTrue(client.handshakeDone)
+        self.assertEqual(client.tls.negotiatedProtocol, b"http/1.1")
 
     def test_flowControl(self) -> None:
         """
@@ -776,6 +823,225 @@ class SelectionTests(SynchronousTestCase):
         )
 
 
+A, B, C = "203.0.113.10", "203.0.113.11", "203.0.113.12"
+URL = "http://127.0.0.1:5000/webhook/SECRET"
+
+
+class _MemoryOrigin:
+    """
+    A TLS origin in memory for a proxy's upstream connection (from
+    L{Harness.connectUpstream}): it answers every request C{200 ok}.
+    """
+
+    def __init__(self, harness: Any, authority: Authority, host: str) -> None:
+        from twisted.internet.testing import StringTransport
+
+        certPEM, keyPEM, _ = authority.issue(host, (host,))
+        private = ssl.PrivateCertificate.loadPEM(certPEM + keyPEM)
+        factory = TLSMemoryBIOFactory(
+            private.options(), False, Factory(), clock=harness.reactor
+        )
+        self.requests: list[bytes] = []
+        self.harness = harness
+        self.tls = factory.protocol(factory, _Answering(self))
+        self.wire = StringTransport()
+        self.tls.makeConnection(self.wire)
+        self.upstream, self.transport = harness.connectUpstream()
+
+    def pump(self) -> bool:
+        """
+        Move what each side wrote to the other; whether anything moved.
+        """
+        out = self.transport.value()
+        self.transport.clear()
+        if out:
+            self.tls.dataReceived(out)
+        # The server's writes wait for the clock's next turn.
+        self.harness.reactor.advance(0)
+        back = self.wire.value()
+        self.wire.clear()
+        if back:
+            self.upstream.dataReceived(back)
+        return bool(out or back)
+
+
+class _Answering(Protocol):
+    def __init__(self, origin: _MemoryOrigin) -> None:
+        self.origin = origin
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            self.origin.requests.append(head)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+class OneSessionTests(TestCase):
+    """
+    An intercepted tunnel is one control-webhook session, as in
+    smithproxy: one access request (at CONNECT), one C{connection-start}
+    and one C{connection-stop} listing the URLs inside; the requests
+    inside go only to the addresses that access request approved, and
+    send no events of their own.
+    """
+
+    def setUp(self) -> None:
+        from treq.testing import StubTreq
+
+        from proxy_app.config import Gate
+        from proxy_app.webhook import WebhookService
+
+        from .test_webhook import ControlServer
+
+        self.server = ControlServer("never")
+        self.stub = StubTreq(self.server)
+        self.harness = harness = makeHarness({"origin.example": [A, B]})
+        self.originCA = Authority("origin CA")
+        path = self.mktemp()
+        FilePath(path).setContent(self.originCA.pem)
+        harness.factory.origination = buildOrigination(TLS(extra_ca=(path,)))
+        ca = Authority("mitm CA")
+        harness.factory.interception = Interception(
+            IssuingCA(ca.cert, ca.key, harness.reactor), ("origin.example",)
+        )
+        harness.factory.webhook = WebhookService(
+            URL,
+            clock=harness.reactor,
+            treqClient=self.stub,
+            hostid="proxy-1",
+            accessRequest=Gate(enabled=True, timeout=30),
+        )
+        self.sent = self.received = 0
+
+    def messages(self, action: str) -> list[dict[str, Any]]:
+        self.stub.flush()
+        return [r.json for r in self.server.requests if r.json["action"] == action]
+
+    def send(self, data: bytes) -> None:
+        self.sent += len(data)
+        self.harness.send(data)
+
+    @inlineCallbacks
+    def connect(self, approve: bytes) -> Any:
+        """
+        CONNECT to origin.example, answer the access request with
+        C{approve}, and make the TLS handshake inside.
+        """
+        harness = self.harness
+        self.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.stub.flush()
+        [pending] = self.server.pending()
+        pending.answer(200, approve)
+        self.stub.flush()
+        self.received += len(harness.client.value())
+        harness.client.clear()
+        client = _MemoryTLSClient(harness, "origin.example")
+        yield self.pump(client)
+        self.assertTrue(client.handshakeDone)
+        return client
+
+    @inlineCallbacks
+    def pump(self, client: _MemoryTLSClient, origin: Any = None) -> Any:
+        """
+        Move bytes between the client, the proxy and the origin until none
+        move.  The proxy's upstream TLS (C{wrapClientTLS}) writes on the
+        global reactor's next turn, so each round waits for one.
+        """
+        harness = self.harness
+        for _ in range(50):
+            yield deferLater(reactor, 0, lambda: None)
+            harness.reactor.advance(0)
+            out = client.wire.value()
+            client.wire.clear()
+            if out:
+                self.send(out)
+            back = harness.client.value()
+            harness.client.clear()
+            if back:
+                self.received += len(back)
+                client.tls.dataReceived(back)
+            moved = origin.pump() if origin is not None else False
+            if not (out or back or moved):
+                return
+
+    @inlineCallbacks
+    def test_onlyApprovedAddress(self):  # type: ignore[no-untyped-def]
+        """
+        The gate approves A of A and B; the name then resolves to C: a
+        request inside goes to A, with no second lookup and no second
+        access request.
+        """
+        harness = self.harness
+        client = yield self.connect(
+            b'{"access-response": "accept", "addresses": ["%s"]}' % A.encode()
+        )
+        harness.resolver.answers["origin.example"] = [C]
+        client.tls.write(b"GET /x HTTP/1.1\r\nHost: origin.example\r\n\r\n")
+        yield self.pump(client)
+        self.assertEqual(harness.resolver.calls, [("origin.example", 443)])
+        self.assertEqual([c[:2] for c in harness.reactor.tcpClients], [(A, 443)])
+        self.assertEqual(len(self.messages("access-request")), 1)
+
+    @inlineCallbacks
+    def test_oneSession(self):  # type: ignore[no-untyped-def]
+        """
+        Two requests inside one tunnel: one access request, one
+        connection-start and one connection-stop, whose C{l7.details} lists
+        both URLs, with C{tls.sni}, C{ssli_} on both legs and the bytes
+        that crossed the client's connection; each request still has its
+        access-log line.
+        """
+        harness = self.harness
+        client = yield self.connect(b'{"access-response": "accept"}')
+        client.tls.write(
+            b"GET /a?token=secret HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: origin.example\r\n\r\n"
+        )
+        yield self.pump(client)
+        origin = _MemoryOrigin(harness, self.originCA, "origin.example")
+        yield self.pump(client, origin)
+        self.assertEqual(len(origin.requests), 2)
+        self.assertEqual(client.received.count(b"HTTP/1.1 200 OK"), 2)
+        # The client ends its TLS (close_notify each way), then the
+        # connection.
+        client.tls.loseConnection()
+        yield self.pump(client)
+        self.assertTrue(harness.client.disconnecting)
+        harness.protocol.connectionLost(Failure(ConnectionError("gone")))
+        self.assertEqual(len(self.messages("access-request")), 1)
+        [start] = self.messages("connection-start")
+        [stop] = self.messages("connection-stop")
+        self.assertEqual(stop["id"], start["id"])
+        session = f"ssli_127.0.0.1:40000+ssli_{A}:443"
+        self.assertEqual(start["details"]["info"]["session"], session)
+        info = stop["details"]["info"]
+        self.assertEqual(
+            info["l7"],
+            {
+                "app": "http/1.1",
+                "details": [
+                    "https://origin.example/a?token=…",
+                    "https://origin.example/b",
+                ],
+            },
+        )
+        self.assertEqual(info["tls"], {"sni": "origin.example"})
+        self.assertEqual(info["session"], session)
+        self.assertEqual(
+            (info["bytes_up"], info["bytes_down"]), (self.sent, self.received)
+        )
+        self.assertEqual(
+            [(line["method"], line["url"]) for line in harness.access],
+            [
+                ("GET", "https://origin.example/a?token=…"),
+                ("GET", "https://origin.example/b"),
+                ("CONNECT", "origin.example:443"),
+            ],
+        )
+
+
 class _Producer:
     paused = 0
 
@@ -814,14 +1080,18 @@ class _MemoryTLSClient:
     nothing (it only checks that a handshake answer comes).
     """
 
-    def __init__(self, harness: Any, host: str) -> None:
+    def __init__(
+        self, harness: Any, host: str, alpn: list[bytes] | None = None
+    ) -> None:
         from twisted.internet.testing import StringTransport
 
         self.harness = harness
         self.handshakeDone = False
         self.received = b""
         self.requests = b""
-        options = ssl.CertificateOptions()  # no verification: a probe
+        self.innerReason: Any = None
+        # No verification: a probe.
+        options = ssl.CertificateOptions(acceptableProtocols=alpn)
         factory = TLSMemoryBIOFactory(options, True, Factory(), clock=harness.reactor)
         self.tls = factory.protocol(factory, _Inner(self))
         self.wire = StringTransport()

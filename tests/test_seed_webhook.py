@@ -280,8 +280,8 @@ class SeedWebhookTests(TestCase):
         The hook for tunnel cases: C{CONNECT target} through the proxy on
         C{port}, then TLS inside the tunnel to C{serverName} trusting
         C{trustRoot}, then C{request} over it.  A passthrough tunnel trusts
-        the origin's CA; an intercepted one would trust the proxy's issuing
-        CA and then look for C{l7.details} in the connection-stop.
+        the origin's CA; an intercepted one trusts the proxy's issuing CA
+        (L{test_interceptedTunnel}).
 
         @return: a L{Deferred} firing with what came back over TLS.
         """
@@ -389,4 +389,74 @@ class SeedWebhookTests(TestCase):
             ["access-request", "connection-start", "connection-stop"],
         )
         # Every payload the app printed is the seed's reply path: no KeyError.
+        self.assertNotIn("KeyError", self.app.stdout)
+
+    @inlineCallbacks
+    def test_interceptedTunnel(self):  # type: ignore[no-untyped-def]
+        """
+        For an intercepted tunnel (the client trusting the proxy's issuing
+        CA, the proxy trusting the origin's through C{--extra-ca}), the app
+        prints one access-request, one connection-start and one
+        connection-stop, whose C{l7.details} lists the URL requested inside
+        and whose C{tls.sni} is the name the client's ClientHello carried;
+        the request inside prints nothing of its own.
+        """
+        from twisted.names import dns
+
+        from .helpers import startNameServer
+
+        here = FilePath(self.mktemp())
+        here.makedirs()
+        mitmCA = Authority("mitm CA")
+        here.child("origin-ca.pem").setContent(self.ca.pem)
+        here.child("mitm-ca.pem").setContent(mitmCA.pem)
+        here.child("mitm-ca.key").setContent(mitmCA.keyPEM)
+        names = startNameServer(
+            reactor, b"test", {b"origin.test": [dns.Record_A("127.0.0.1")]}
+        )
+        self.addCleanup(names.stopListening)
+        port = self.startProxy(
+            "--nameserver",
+            f"127.0.0.1:{names.getHost().port}",
+            "--extra-ca",
+            here.child("origin-ca.pem").path,
+            "--mitm-ca-cert",
+            here.child("mitm-ca.pem").path,
+            "--mitm-ca-key",
+            here.child("mitm-ca.key").path,
+            "--mitm-domain",
+            "origin.test",
+        )
+        target = f"origin.test:{self.tlsPort}"
+        inside = yield self.tunnelTLS(
+            port,
+            target,
+            "origin.test",
+            ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(mitmCA.pem)]),
+            b"GET /inside?key=v HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+            % target.encode(),
+        )
+        self.assertTrue(inside.endswith(b"hello from the origin"), inside)
+
+        def tunnelStop() -> Any:
+            for payload in self.app.payloads():
+                if payload.get("action") == "connection-stop":
+                    return payload
+            return None
+
+        stop = yield self.app.waitFor(tunnelStop, "the tunnel's connection-stop")
+        info = stop["details"]["info"]
+        self.assertEqual(info["tls"], {"sni": "origin.test"})
+        self.assertEqual(
+            info["l7"],
+            {"app": "http/1.1", "details": [f"https://{target}/inside?key=\u2026"]},
+        )
+        self.assertTrue(info["session"].startswith("ssli_127.0.0.1:"), info)
+        self.assertEqual(
+            self.actionsOf(stop["id"]),
+            ["access-request", "connection-start", "connection-stop"],
+        )
+        # The request inside had no session of its own.
+        ids = {p.get("id") for p in self.app.payloads() if p.get("id")}
+        self.assertEqual(ids, {stop["id"]})
         self.assertNotIn("KeyError", self.app.stdout)
