@@ -83,9 +83,9 @@ def errorResponse(
         header, which stays the one compact sentence logs and clients match.
     @param smokescreenError: add C{X-Smokescreen-Error}
         (C{compat.smokescreen_error_header}) holding what Smokescreen puts
-        there: the body's text, the operator's text after two spaces (Go
-        turns the line breaks of Smokescreen's C{"MSG\n\nEXTRA"} into
-        spaces and trims the ends).
+        there: the body's text, the operator's text after two spaces
+        (Smokescreen joins the two with two line breaks, which Go's header
+        writer turns into spaces, trimming the ends).
     """
     body = (error.message + "\n").encode("utf-8")
     extra = denyMessageExtra if error.status == 403 else None
