@@ -472,6 +472,8 @@ class ProxyProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._headerTimer.cancel()
         self._state = "CLOSED"
+        if self._reader is not None:
+            self._reader.release()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.clientLost(reason)
@@ -816,6 +818,7 @@ class ProxyProtocol(Protocol):
         leftover = self._reader.leftover
         # No HTTP on this connection any more: let the parser go, since
         # idle tunnels are held by the thousand.
+        self._reader.release()
         self._reader = None
         self._request = None
         return leftover

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from proxy_app.exchange import Exchange
@@ -17,7 +18,7 @@ from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.sniffer import TLSSniffer
 from proxy_app.target import Target
-from proxy_app.upstream import Timer, UpstreamTunnel, UpstreamTunnelFactory
+from proxy_app.upstream import UpstreamTunnel, UpstreamTunnelFactory
 
 if TYPE_CHECKING:
     from proxy_app.channel import ProxyFactory
@@ -40,7 +41,7 @@ class ConnectExchange(Exchange):
     proxyType = "connect"
     __slots__ = (
         "upstream",
-        "_timer",
+        "_call",
         "_expires",
         "_final",
         "_clientReadOpen",
@@ -60,10 +61,9 @@ class ConnectExchange(Exchange):
         self.upstream: UpstreamTunnel | None = None
         # One timer for both limits of an established tunnel: the read
         # (idle) timeout, restarted by every byte, until the lifetime's end
-        # is nearer; then the lifetime's end.
-        self._timer = Timer(
-            self.factory.clock, self.factory.config.timeouts.read, self._timedOut
-        )
+        # is nearer; then the lifetime's end.  (Its own call, not a Timer:
+        # idle tunnels are held by the thousand.)
+        self._call: IDelayedCall | None = None
         self._expires = 0.0
         self._final = False
         self._clientReadOpen = True
@@ -137,13 +137,22 @@ class ConnectExchange(Exchange):
         """
         if self._final:
             return
-        timer = self._timer
-        left = self._expires - self.factory.clock.seconds()
-        if left <= timer.seconds:
+        clock = self.factory.clock
+        delay = self.factory.config.timeouts.read
+        left = self._expires - clock.seconds()
+        if left <= delay:
             self._final = True
-            timer.start(max(left, 0))
+            delay = max(left, 0)
+        call = self._call
+        if call is not None and call.active():
+            call.reset(delay)
         else:
-            timer.start()
+            self._call = clock.callLater(delay, self._timedOut)
+
+    def _cancelTimer(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
 
     def fromClient(self, data: bytes) -> None:
         self.bytesUp += len(data)
@@ -183,7 +192,7 @@ class ConnectExchange(Exchange):
             self._close()
 
     def _close(self, abort: bool = False) -> None:
-        self._timer.cancel()
+        self._cancelTimer()
         for transport in (
             self.protocol.transport,
             self.upstream.transport if self.upstream is not None else None,
@@ -195,12 +204,12 @@ class ConnectExchange(Exchange):
                     transport.loseConnection()
 
     def upstreamTunnelLost(self, reason: Failure | None) -> None:
-        self._timer.cancel()
+        self._cancelTimer()
         if self.protocol.transport is not None:
             self.protocol.transport.loseConnection()
 
     def clientLost(self, reason: Failure | None) -> None:
-        self._timer.cancel()
+        self._cancelTimer()
         if self.upstream is not None:
             self.upstream.peer = None
             if self.upstream.transport is not None:
@@ -214,6 +223,7 @@ class ConnectExchange(Exchange):
         super().clientLost(reason)
 
     def _timedOut(self) -> None:
+        self._call = None
         timeouts = self.factory.config.timeouts
         if self._final:
             message = f"Tunnel exceeded its lifetime of {timeouts.lifetime:g} s"

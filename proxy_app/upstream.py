@@ -227,15 +227,13 @@ class Connector:
             # no endpoint, wrapper factory and wrapper protocol to make for
             # each connection, keep for its life and pass every event
             # through.
-            connecting = _Connecting(factory)
-            self.reactor.connectTCP(
+            return _Connecting(factory).connect(
+                self.reactor,
                 address,
                 port,
-                connecting,
-                timeout=self.timeout,
-                bindAddress=(bind, 0) if bind is not None else None,
+                self.timeout,
+                (bind, 0) if bind is not None else None,
             )
-            return connecting.deferred
         endpoint = endpointType(
             self.reactor,
             address,
@@ -516,12 +514,10 @@ class OutboundFactory(Factory):
 class _Connecting(ClientFactory):
     """
     One C{connectTCP} of an L{OutboundFactory}'s protocol: what the
-    endpoint's wrapper factory does, without a wrapper protocol.  It lets
-    go of the factory and its L{Deferred} once the connect is over, since
-    the transport keeps it for the connection's life.
-
-    @ivar deferred: fires with the connected protocol, or fails with the
-        connect's error; cancelling it stops the connect.
+    endpoint's wrapper factory does, without a wrapper protocol.  The
+    connector (and through it the transport) keeps this factory for the
+    connection's life, so it lets go of everything once the connect is
+    over.
     """
 
     noisy = False
@@ -529,15 +525,37 @@ class _Connecting(ClientFactory):
     def __init__(self, factory: OutboundFactory) -> None:
         self.factory: OutboundFactory | None = factory
         self.connector: Any = None
-        self.deferred: Deferred = Deferred(self._cancel)
+        self.deferred: Deferred | None = None
+
+    def connect(
+        self,
+        reactor: Any,
+        address: str,
+        port: int,
+        timeout: float,
+        bindAddress: tuple[str, int] | None,
+    ) -> Deferred:
+        """
+        Start the connect.
+
+        @return: a L{Deferred} that fires with the connected protocol, or
+            fails with the connect's error; cancelling it stops the
+            connect.
+        """
+        d = self.deferred = Deferred(self._cancel)
+        reactor.connectTCP(
+            address, port, self, timeout=timeout, bindAddress=bindAddress
+        )
+        return d
 
     def startedConnecting(self, connector: Any) -> None:
         self.connector = connector
 
     def buildProtocol(self, addr: Any) -> Outbound | None:
         factory, self.factory = self.factory, None
-        d = self.deferred
-        if factory is None or d.called:
+        d, self.deferred = self.deferred, None
+        self.connector = None
+        if factory is None or d is None or d.called:
             return None
         try:
             protocol = factory.buildProtocol(addr)
@@ -547,18 +565,20 @@ class _Connecting(ClientFactory):
         if protocol is None:
             d.errback(ValueError(f"{factory!r} built no protocol"))
             return None
+        # It fires the Deferred once connected (Outbound.makeConnection).
         protocol.connecting = d
         return protocol
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.factory = None
-        if not self.deferred.called:
-            self.deferred.errback(reason)
+        self.factory = self.connector = None
+        d, self.deferred = self.deferred, None
+        if d is not None and not d.called:
+            d.errback(reason)
 
     def _cancel(self, d: Deferred) -> None:
         # Failed first, so that the failure stopping the connect reports
         # (UserError, through clientConnectionFailed) is not its result.
-        self.factory = None
+        self.factory = self.deferred = None
         d.errback(CancelledError())
         connector, self.connector = self.connector, None
         if connector is not None:
