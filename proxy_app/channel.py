@@ -536,6 +536,8 @@ class ProxyProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._headerTimer.cancel()
         self._state = "CLOSED"
+        if self._reader is not None:
+            self._reader.release()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.clientLost(reason)
@@ -901,6 +903,7 @@ class ProxyProtocol(Protocol):
         self.bytesRead -= len(leftover)
         # No HTTP on this connection any more: let the parser go, since
         # idle tunnels are held by the thousand.
+        self._reader.release()
         self._reader = None
         self._request = None
         return leftover

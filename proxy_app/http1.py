@@ -237,6 +237,18 @@ class RequestReader:
                 HeadError("Client closed the connection in the middle of a request")
             )
 
+    def release(self) -> None:
+        """
+        The connection is done with HTTP (it became a tunnel, or closed):
+        let go of the parser, which refers back to this reader, so that the
+        pair is freed with the connection rather than left, a cycle, to the
+        garbage collector (idle tunnels are held by the thousand).  Nothing
+        more may be fed.
+        """
+        self.events.clear()
+        self.leftover = b""
+        del self._parser
+
     def resume(self) -> None:
         """
         After a refused CONNECT or a forwarded upgrade request: parse what

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from proxy_app.exchange import Exchange
@@ -17,7 +18,7 @@ from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.sniffer import TLSSniffer
 from proxy_app.target import Target
-from proxy_app.upstream import Timer, UpstreamTunnel, UpstreamTunnelFactory
+from proxy_app.upstream import UpstreamTunnel, UpstreamTunnelFactory
 
 if TYPE_CHECKING:
     from proxy_app.channel import ProxyFactory
@@ -43,7 +44,7 @@ class ConnectExchange(Exchange):
     proxyType = "connect"
     __slots__ = (
         "upstream",
-        "_timer",
+        "_call",
         "_expires",
         "_final",
         "_clientReadOpen",
@@ -65,10 +66,9 @@ class ConnectExchange(Exchange):
         self.upstream: UpstreamTunnel | None = None
         # One timer for both limits of an established tunnel: the read
         # (idle) timeout, restarted by every byte, until the lifetime's end
-        # is nearer; then the lifetime's end.
-        self._timer = Timer(
-            self.factory.clock, self.factory.config.timeouts.read, self._timedOut
-        )
+        # is nearer; then the lifetime's end.  (Its own call, not a Timer:
+        # idle tunnels are held by the thousand.)
+        self._call: IDelayedCall | None = None
         self._expires = 0.0
         self._final = False
         self._clientReadOpen = True
@@ -149,7 +149,9 @@ class ConnectExchange(Exchange):
         # on any keep-alive connection; within one, its exchange's read
         # timeout); the tunnel's lifetime still bounds the whole.
         self._final = True
-        self._timer.start(self.factory.config.timeouts.lifetime)
+        self._call = self.factory.clock.callLater(
+            self.factory.config.timeouts.lifetime, self._timedOut
+        )
         if leftover:
             session.fromClient(leftover)
         self.protocol.resumeReading()
@@ -225,13 +227,22 @@ class ConnectExchange(Exchange):
         """
         if self._final:
             return
-        timer = self._timer
-        left = self._expires - self.factory.clock.seconds()
-        if left <= timer.seconds:
+        clock = self.factory.clock
+        delay = self.factory.config.timeouts.read
+        left = self._expires - clock.seconds()
+        if left <= delay:
             self._final = True
-            timer.start(max(left, 0))
+            delay = max(left, 0)
+        call = self._call
+        if call is not None and call.active():
+            call.reset(delay)
         else:
-            timer.start()
+            self._call = clock.callLater(delay, self._timedOut)
+
+    def _cancelTimer(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
 
     def fromClient(self, data: bytes) -> None:
         self.bytesUp += len(data)
@@ -271,7 +282,7 @@ class ConnectExchange(Exchange):
             self._close()
 
     def _close(self, abort: bool = False) -> None:
-        self._timer.cancel()
+        self._cancelTimer()
         for transport in (
             self.protocol.transport,
             self.upstream.transport if self.upstream is not None else None,
@@ -283,12 +294,12 @@ class ConnectExchange(Exchange):
                     transport.loseConnection()
 
     def upstreamTunnelLost(self, reason: Failure | None) -> None:
-        self._timer.cancel()
+        self._cancelTimer()
         if self.protocol.transport is not None:
             self.protocol.transport.loseConnection()
 
     def clientLost(self, reason: Failure | None) -> None:
-        self._timer.cancel()
+        self._cancelTimer()
         session = self._session
         if session is not None:
             # What is inside ends first, so that its URLs are all listed.
@@ -306,6 +317,7 @@ class ConnectExchange(Exchange):
         super().clientLost(reason)
 
     def _timedOut(self) -> None:
+        self._call = None
         timeouts = self.factory.config.timeouts
         if self._final:
             message = f"Tunnel exceeded its lifetime of {timeouts.lifetime:g} s"

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -222,6 +222,18 @@ class Connector:
             bind = self.bind6
         else:
             raise ValueError(f"refusing to connect to non-address {address!r}")
+        if tls is None and isinstance(factory, OutboundFactory):
+            # Our own protocols say when they are connected (L{Outbound}):
+            # no endpoint, wrapper factory and wrapper protocol to make for
+            # each connection, keep for its life and pass every event
+            # through.
+            return _Connecting(factory).connect(
+                self.reactor,
+                address,
+                port,
+                self.timeout,
+                (bind, 0) if bind is not None else None,
+            )
         endpoint = endpointType(
             self.reactor,
             address,
@@ -275,8 +287,9 @@ class _Race:
     is per attempt), one bind address for both families, and it takes a
     host name that it IDNA-encodes (refusing names such as C{foo_bar}), to
     be resolved again through the reactor.  Here the addresses are already
-    vetted and each attempt is Twisted's own TCP endpoint; only the
-    scheduling is ours.
+    vetted and each attempt is Twisted's own TCP connect (C{connectTCP}
+    itself for our own protocols, L{Outbound}; an endpoint for others and
+    for TLS); only the scheduling is ours.
 
     @ivar result: the L{Deferred} L{Connector.connect} returns.
     """
@@ -467,6 +480,111 @@ def _describe(failure: Failure) -> str:
     return text.rstrip(".").split(": ")[-1] or failure.value.__class__.__name__
 
 
+class Outbound(Protocol):
+    """
+    A protocol that L{Connector} connects with C{connectTCP} itself rather
+    than through an endpoint: it fires the connect's L{Deferred} once it is
+    connected, which is what the endpoint's wrapper protocol is for.
+    """
+
+    # The Deferred of the connect that built this protocol, until it fires.
+    connecting: Deferred | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        Protocol.makeConnection(self, transport)
+        connecting = self.connecting
+        if connecting is not None:
+            self.connecting = None
+            connecting.callback(self)
+
+
+class OutboundFactory(Factory):
+    """
+    A factory of L{Outbound} protocols, which L{Connector} connects
+    without an endpoint (for plain TCP; TLS still goes through
+    C{wrapClientTLS}).
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> Outbound | None:
+        raise NotImplementedError()
+
+
+class _Connecting(ClientFactory):
+    """
+    One C{connectTCP} of an L{OutboundFactory}'s protocol: what the
+    endpoint's wrapper factory does, without a wrapper protocol.  The
+    connector (and through it the transport) keeps this factory for the
+    connection's life, so it lets go of everything once the connect is
+    over.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: OutboundFactory) -> None:
+        self.factory: OutboundFactory | None = factory
+        self.connector: Any = None
+        self.deferred: Deferred | None = None
+
+    def connect(
+        self,
+        reactor: Any,
+        address: str,
+        port: int,
+        timeout: float,
+        bindAddress: tuple[str, int] | None,
+    ) -> Deferred:
+        """
+        Start the connect.
+
+        @return: a L{Deferred} that fires with the connected protocol, or
+            fails with the connect's error; cancelling it stops the
+            connect.
+        """
+        d = self.deferred = Deferred(self._cancel)
+        reactor.connectTCP(
+            address, port, self, timeout=timeout, bindAddress=bindAddress
+        )
+        return d
+
+    def startedConnecting(self, connector: Any) -> None:
+        self.connector = connector
+
+    def buildProtocol(self, addr: Any) -> Outbound | None:
+        factory, self.factory = self.factory, None
+        d, self.deferred = self.deferred, None
+        self.connector = None
+        if factory is None or d is None or d.called:
+            return None
+        try:
+            protocol = factory.buildProtocol(addr)
+        except BaseException:
+            d.errback()
+            return None
+        if protocol is None:
+            d.errback(ValueError(f"{factory!r} built no protocol"))
+            return None
+        # It fires the Deferred once connected (Outbound.makeConnection).
+        protocol.connecting = d
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.factory = self.connector = None
+        d, self.deferred = self.deferred, None
+        if d is not None and not d.called:
+            d.errback(reason)
+
+    def _cancel(self, d: Deferred) -> None:
+        # Failed first, so that the failure stopping the connect reports
+        # (UserError, through clientConnectionFailed) is not its result.
+        self.factory = self.deferred = None
+        d.errback(CancelledError())
+        connector, self.connector = self.connector, None
+        if connector is not None:
+            connector.stopConnecting()
+
+
 class TLSHandshakeTimeout(ProxyError):
     """
     The TLS handshake with a destination did not finish in time.
@@ -596,7 +714,7 @@ class TLSSettings:
 
 
 @implementer(IHandshakeListener)
-class UpstreamHTTP(Protocol):
+class UpstreamHTTP(Outbound):
     """
     One HTTP/1.1 connection to an origin, carrying one request at a time
     and kept in the L{UpstreamPool} between requests.
@@ -965,7 +1083,7 @@ class UpstreamPool:
         return sum(len(v) for v in self._idle.values())
 
 
-class _KeyedFactory(Factory):
+class _KeyedFactory(OutboundFactory):
     """
     Builds an L{UpstreamHTTP} whose pool key names the address actually
     connected to.
@@ -995,7 +1113,7 @@ class _KeyedFactory(Factory):
 
 
 @implementer(IHalfCloseableProtocol)
-class UpstreamTunnel(Protocol):
+class UpstreamTunnel(Outbound):
     """
     The upstream leg of a CONNECT tunnel: bytes from the origin go straight
     to the client's transport.
@@ -1023,6 +1141,6 @@ class UpstreamTunnel(Protocol):
             self.peer.upstreamTunnelLost(reason)
 
 
-class UpstreamTunnelFactory(Factory):
-    protocol = UpstreamTunnel
-    noisy = False
+class UpstreamTunnelFactory(OutboundFactory):
+    def buildProtocol(self, addr: Any) -> UpstreamTunnel:
+        return UpstreamTunnel()

@@ -147,8 +147,9 @@ class Harness:
         """
         Complete the C{index}th outbound connection attempt.
 
-        @return: the protocol the reactor would drive (Twisted's endpoint
-            wrapper around ours) and its transport.
+        @return: the protocol the reactor would drive (ours, which the
+            connector connects without an endpoint's wrapper) and its
+            transport.
         """
         host, port, factory, timeout, bindAddress = self.reactor.tcpClients[index]
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.error import getConnectError
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -23,7 +24,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from proxy_app.config import Config, ConfigError, load
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
-from proxy_app.upstream import Connector, attemptOrder
+from proxy_app.upstream import (
+    Connector,
+    UpstreamTunnel,
+    UpstreamTunnelFactory,
+    attemptOrder,
+)
 
 from .helpers import makeHarness, parseResponse
 
@@ -53,9 +59,12 @@ class Race:
         maxAttempts: int = 4,
         tls: Any = None,
         factory: Factory | None = None,
+        bindAddresses: tuple[str, ...] = (),
     ) -> None:
         self.reactor = MemoryReactorClock()
-        self.connector = Connector(self.reactor, timeout, maxAttempts=maxAttempts)
+        self.connector = Connector(
+            self.reactor, timeout, bindAddresses, maxAttempts=maxAttempts
+        )
         self.factory = factory or Factory.forProtocol(Protocol)
         self.result: Deferred = self.connector.connect(
             destination(*addresses), self.factory, tls
@@ -414,4 +423,193 @@ class RealSocketTests(TestCase):
         elapsed = reactor.seconds() - started
         self.assertEqual(protocol.transport.getPeer().host, "::1")
         self.assertLess(elapsed, 2)
+        protocol.transport.loseConnection()
+
+
+class _ConnectTCPTests:
+    """
+    What every connect attempt passes to C{connectTCP}, and how it ends,
+    for one kind of factory (L{factory}).
+    """
+
+    def factory(self) -> Factory:
+        raise NotImplementedError()
+
+    def race(self, addresses: list[str], **kwargs: Any) -> Race:
+        return Race(addresses, factory=self.factory(), **kwargs)
+
+    def test_bindAddressAndTimeout(self) -> None:
+        """
+        Each attempt binds the configured address of its family, with the
+        connect timeout, and connects to the vetted address itself.
+        """
+        race = self.race(
+            [v4(1), v6(1)], timeout=7, bindAddresses=("2001:db8::99", "192.0.2.9")
+        )
+        race.reactor.advance(0.25)
+        self.assertEqual(
+            [(c[0], c[1], c[3], c[4]) for c in race.reactor.tcpClients],
+            [
+                (v4(1), 80, 7, ("192.0.2.9", 0)),
+                (v6(1), 80, 7, ("2001:db8::99", 0)),
+            ],
+        )
+
+    def test_noBindAddress(self) -> None:
+        """
+        With no bind address for a family, the kernel chooses the source.
+        """
+        race = self.race([v4(1), v6(1)], bindAddresses=("192.0.2.9",))
+        race.reactor.advance(0.25)
+        self.assertEqual(
+            [c[4] for c in race.reactor.tcpClients], [("192.0.2.9", 0), None]
+        )
+
+    def test_connectTimeout(self) -> None:
+        """
+        A connect that the reactor times out ends the phase with 504/1004.
+        """
+        race = self.race([v4(1)], timeout=3)
+        race.reactor.tcpClients[0][2].clientConnectionFailed(
+            race.reactor.connectors[0], Failure(ConnectTimeoutError())
+        )
+        error = self.failureResultOf(race.result, ProxyError).value
+        self.assertEqual(error.reason, Reason.UPSTREAM_TIMEOUT)
+        self.assertEqual(
+            error.message,
+            "Connecting to origin.example:80 (203.0.113.1) timed out after 3 s",
+        )
+
+    def test_deadlineStopsConnecting(self) -> None:
+        """
+        At the connect timeout on the clock, the pending attempt is stopped.
+        """
+        race = self.race([v4(1)], timeout=3)
+        race.reactor.advance(3)
+        self.assertEqual(
+            self.failureResultOf(race.result, ProxyError).value.reason,
+            Reason.UPSTREAM_TIMEOUT,
+        )
+        self.assertEqual(race.stopped(), [True])
+
+    def test_refused(self) -> None:
+        """
+        A refused connect fails with 502/1006 naming the address.
+        """
+        race = self.race([v4(1)])
+        race.refuse(0)
+        error = self.failureResultOf(race.result, ProxyError).value
+        self.assertEqual(error.reason, Reason.CONNECT_FAILED)
+        self.assertEqual(
+            error.message,
+            "TCP connection to origin.example:80 (203.0.113.1) failed: "
+            "Connection refused",
+        )
+
+    def test_cancelStopsConnecting(self) -> None:
+        """
+        Cancelling the connect stops the attempt in progress; it fails with
+        L{CancelledError}, however stopping it is reported.
+        """
+        race = self.race([v4(1)])
+        race.result.cancel()
+        self.failureResultOf(race.result, CancelledError)
+        self.assertEqual(race.stopped(), [True])
+
+    def test_nameNeverDialled(self) -> None:
+        """
+        Only IP literals reach C{connectTCP}, whatever the factory.
+        """
+        race = self.race(["evil.example", "203.0.113.1.example", v4(1)])
+        self.assertEqual(race.attempted(), [v4(1)])
+
+
+class EndpointConnectTests(_ConnectTCPTests, SynchronousTestCase):
+    """
+    A factory of someone else's protocols is connected through Twisted's
+    TCP endpoints.
+    """
+
+    def factory(self) -> Factory:
+        return Factory.forProtocol(Protocol)
+
+
+class DirectConnectTests(_ConnectTCPTests, SynchronousTestCase):
+    """
+    An L{OutboundFactory}'s protocols are connected with C{connectTCP}
+    itself, with no endpoint wrapper around them, and the same bind
+    address, timeout, failures and cancelling.
+    """
+
+    def factory(self) -> Factory:
+        return UpstreamTunnelFactory()
+
+    def test_protocolIsOurs(self) -> None:
+        """
+        The connect fires, once the connection is made, with the factory's
+        own protocol, which the reactor drives directly; the connect lets
+        go of its factory.
+        """
+        race = self.race([v4(1)])
+        self.assertNoResult(race.result)
+        connecting = race.reactor.tcpClients[0][2]
+        protocol = race.accept(0)
+        self.assertIsInstance(protocol, UpstreamTunnel)
+        self.assertIs(self.successResultOf(race.result), protocol)
+        self.assertIsNone(protocol.connecting)
+        self.assertIsNone(connecting.factory)
+
+    def test_lateConnectionBuildsNothing(self) -> None:
+        """
+        A connection that completes after the connect was given up builds
+        no protocol.
+        """
+        race = self.race([v4(1)], timeout=3)
+        race.reactor.advance(3)
+        self.failureResultOf(race.result, ProxyError)
+        self.assertIsNone(
+            race.reactor.tcpClients[0][2].buildProtocol(IPv4Address("TCP", v4(1), 80))
+        )
+
+    def test_notFiredBeforeConnectionMade(self) -> None:
+        """
+        The protocol is handed over only with its transport: a protocol
+        built but not yet connected does not fire the connect.
+        """
+        race = self.race([v4(1)])
+        protocol = race.reactor.tcpClients[0][2].buildProtocol(
+            IPv4Address("TCP", v4(1), 80)
+        )
+        self.assertNoResult(race.result)
+        protocol.makeConnection(StringTransport())
+        self.assertIs(self.successResultOf(race.result), protocol)
+
+
+class DirectConnectLoopbackTests(TestCase):
+    """
+    The direct connect on a real reactor, on loopback.
+    """
+
+    @inlineCallbacks
+    def test_refusedFamilyFallsBack(self) -> Any:
+        """
+        An L{UpstreamTunnel} refused on 127.0.0.1 connects on [::1], bound
+        to the configured IPv6 address, and is the protocol the reactor
+        drives.
+        """
+        from twisted.internet import reactor
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="::1")
+        self.addCleanup(port.stopListening)
+        connector = Connector(reactor, 5, ("::1",), attemptDelay=2)
+        protocol = yield connector.connect(
+            VettedDestination(
+                "origin.example", port.getHost().port, ("127.0.0.1", "::1")
+            ),
+            UpstreamTunnelFactory(),
+        )
+        self.assertIsInstance(protocol, UpstreamTunnel)
+        self.assertIs(protocol.transport.protocol, protocol)
+        self.assertEqual(protocol.transport.getPeer().host, "::1")
+        self.assertEqual(protocol.transport.getHost().host, "::1")
         protocol.transport.loseConnection()

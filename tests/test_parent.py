@@ -326,8 +326,8 @@ class PoolKeyTests(SynchronousTestCase):
         )
         plain = direct[2].buildProtocol(IPv4Address("TCP", "203.0.113.7", 80))
         plain.makeConnection(StringTransport())
-        self.assertEqual(plain._wrappedProtocol.key, PoolKey("203.0.113.7", 80))
-        self.assertNotEqual(handshake.inner.key, plain._wrappedProtocol.key)
+        self.assertEqual(plain.key, PoolKey("203.0.113.7", 80))
+        self.assertNotEqual(handshake.inner.key, plain.key)
 
 
 class SettingTests(SynchronousTestCase):

@@ -17,15 +17,20 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from typing import Any
 
 import bcrypt
 from twisted.application.service import IServiceCollection, IServiceMaker
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.log import callWithLogger as legacyCallWithLogger
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy_app import tap
 from proxy_app.config import Config, ConfigError, Timeouts, load
@@ -286,6 +291,7 @@ class AllocatorTests(SynchronousTestCase):
         calls: list[str] = []
         self.patch(tap, "tuneAllocator", lambda: calls.append("allocator"))
         self.patch(tap, "raiseFileLimit", lambda: calls.append("files"))
+        self.patch(tap, "leanEventPath", lambda: calls.append("event path"))
         options = Options(environ={})
         options.parseOptions(["--metrics", "none", "--access-log", "none"])
         reactor = PluggableMemoryReactor()
@@ -293,7 +299,122 @@ class AllocatorTests(SynchronousTestCase):
         self.assertEqual(calls, [])
         self.patch(tap, "_globalReactor", lambda: reactor)
         tap.makeService(options, reactor=reactor)
-        self.assertEqual(calls, ["files", "allocator"])
+        self.assertEqual(calls, ["files", "allocator", "event path"])
+
+
+class _Selectable:
+    def __init__(self, prefix: str | None) -> None:
+        self.prefix = prefix
+
+    def logPrefix(self) -> str:
+        if self.prefix is None:
+            raise RuntimeError("no prefix")
+        return self.prefix
+
+
+class EventPathTests(TestCase):
+    """
+    L{leanEventPath}: the reactor's per-event wrapper without the legacy
+    log context, still logging what escapes an event.
+    """
+
+    def lean(self) -> tuple[Any, list[dict[str, Any]]]:
+        from proxy_app.tap import leanEventPath
+
+        errors: list[dict[str, Any]] = []
+        legacy = types.SimpleNamespace(
+            err=lambda **kw: errors.append(kw), callWithLogger=None
+        )
+        leanEventPath(legacy)
+        return legacy.callWithLogger, errors
+
+    def test_callsThrough(self) -> None:
+        """
+        The event's function is called with its arguments and its result
+        returned, without asking for the log prefix.
+        """
+        callWithLogger, errors = self.lean()
+        self.assertEqual(
+            callWithLogger(_Selectable(None), lambda a, b: (a, b), 1, b=2), (1, 2)
+        )
+        self.assertEqual(errors, [])
+
+    def test_logsEscapingError(self) -> None:
+        """
+        An exception escaping the event is logged under the selectable's
+        log prefix (or Twisted's words for a broken one), not raised.
+        """
+        callWithLogger, errors = self.lean()
+
+        def fail() -> None:
+            raise ZeroDivisionError()
+
+        self.assertIsNone(callWithLogger(_Selectable("Proto,1,127.0.0.1"), fail))
+        self.assertIsNone(callWithLogger(_Selectable(None), fail))
+        self.assertEqual(
+            errors,
+            [{"system": "Proto,1,127.0.0.1"}, {"system": "(buggy logPrefix method)"}],
+        )
+
+    def test_keyboardInterrupt(self) -> None:
+        """
+        A KeyboardInterrupt is not swallowed.
+        """
+        callWithLogger, _ = self.lean()
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt()
+
+        self.assertRaises(
+            KeyboardInterrupt, callWithLogger, _Selectable("x"), interrupt
+        )
+
+    @inlineCallbacks
+    def test_realReactor(self) -> Any:
+        """
+        On the real reactor, with the lean path installed, a connection
+        whose protocol raises is logged and closed, and the reactor goes on
+        serving the next connection.
+        """
+        from twisted.internet import reactor
+        from twisted.python import log as legacy
+
+        from proxy_app.tap import leanEventPath
+
+        self.patch(legacy, "callWithLogger", legacy.callWithLogger)
+        leanEventPath()
+        self.assertIsNot(legacy.callWithLogger, legacyCallWithLogger)
+
+        class Broken(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if data == b"boom":
+                    raise ZeroDivisionError()
+                self.transport.write(data)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Broken), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        class Client(Protocol):
+            def __init__(self) -> None:
+                self.lost: Deferred = Deferred()
+                self.received: Deferred = Deferred()
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received.callback(data)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.lost.callback(None)
+
+        first = yield connectProtocol(endpoint, Client())
+        first.transport.write(b"boom")
+        yield first.lost
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        second = yield connectProtocol(endpoint, Client())
+        second.transport.write(b"echo")
+        self.assertEqual((yield second.received), b"echo")
+        second.transport.loseConnection()
+        yield second.lost
 
 
 class _PortTaken(PluggableMemoryReactor):
