@@ -851,18 +851,23 @@ class JSONProcessLogTests(SynchronousTestCase):
         """
         Given twistd's application as its parent, the service of
         C{--log-format json} sets the application's log observer, which
-        twistd then logs to; with the default, text, it sets none and
-        twistd's own observer stays, and so it does for options not parsed
-        by twistd.
+        twistd then logs to; with the default, text, it sets its own
+        L{TextProcessLog} (twistd's format, written where twistd would),
+        except where twistd chooses the log itself (C{--syslog}); for
+        options not parsed by twistd it sets none.
         """
         from twisted.application.service import Application
         from twisted.logger import ILogObserver
 
+        from proxy_app.observe import TextProcessLog
+
         for argv, parent, expected in (
             (["--log-format", "json"], {"nodaemon": True, "logfile": None}, True),
-            ([], {"nodaemon": True, "logfile": None}, False),
+            ([], {"nodaemon": True, "logfile": None}, True),
+            ([], {"nodaemon": True, "logfile": None, "syslog": True}, False),
             # Not under twistd (a .tac mounting the proxy): its choice.
             (["--log-format", "json"], None, False),
+            ([], None, False),
         ):
             options = Options(environ={})
             options.parseOptions(["--access-log", "none", *argv])
@@ -874,6 +879,8 @@ class JSONProcessLogTests(SynchronousTestCase):
             )
             observer = application.getComponent(ILogObserver, None)
             self.assertEqual(observer is not None, expected, argv)
+            if expected and not argv:
+                self.assertIsInstance(observer, TextProcessLog)
 
     def test_twistd(self) -> None:
         """
