@@ -130,7 +130,8 @@ class CpuWatch:
         p1 = cpu_ticks(self.pid) if self.pid else 0
         proc = (p1 - self.p0) / CLK_TCK
         self.result = {
-            "proxy_cpu_pct": round(100 * proc / wall, 1) if self.pid else None
+            "proxy_cpu_pct": round(100 * proc / wall, 1) if self.pid else None,
+            "proxy_cpu_s": round(proc, 3) if self.pid else None,
         }
         b0, t0, s0 = self.c0["cpu"]
         b1, t1, s1 = c1["cpu"]
@@ -234,6 +235,10 @@ def cmd_wrk(a: argparse.Namespace) -> None:
             wrk=w,
         )
     rec.update(watch.result)
+    if rec.get("proxy_cpu_s") is not None and rec.get("requests"):
+        # The figure to trust on a shared machine: the proxy's CPU time
+        # per response, whatever else ran meanwhile.
+        rec["cpu_us_per_req"] = round(1e6 * rec["proxy_cpu_s"] / rec["requests"], 1)
     rec.update(threads=a.threads, conns=a.conns, duration_s=a.duration,
                method=a.method, path=a.path, close=a.close)  # fmt: skip
     print(json.dumps(rec))
