@@ -32,6 +32,10 @@ for _row, _label in WRK_ROWS:
         (f"{_row}.p99", f"{_label}: p99 ms", _row, lambda r: r.get("p99_ms"), "lower"),
     ]
 MEASURES += [
+    ("tunnel_request.rps", "(f) tunnel per request (CONNECT, POST /webhook 2 KiB "
+     "inside, close): tunnels/s", "tunnel_request", lambda r: r.get("rps"), "higher"),
+    ("tunnel_request.p99", "(f) tunnel per request: p99 ms", "tunnel_request",
+     lambda r: r.get("p99_ms"), "lower"),
     ("connect_bulk.mbps", "(c) CONNECT tunnel, /big: MB/s, best of 3", "connect_bulk",
      lambda r: r.get("mbps"), "higher"),
     ("tunnels.kib", "(d) idle CONNECT tunnel: KiB of RSS each", "tunnels",
@@ -95,7 +99,7 @@ LOG_ROWS = [
 # The summary's rows: one figure per row of the list.
 SUMMARY = [
     "get_keepalive.rps", "post_keepalive.rps", "get_close.rps", "post_close.rps",
-    "connect_bulk.mbps", "tunnels.kib", "get_keepalive.p99",
+    "tunnel_request.rps", "tunnel_request.p99", "connect_bulk.mbps", "tunnels.kib", "get_keepalive.p99",
 ]  # fmt: skip
 
 
@@ -162,6 +166,17 @@ def summary(doc: dict) -> list[str]:
             f"{item.get('rps_ratio', 0):.2f} (CPU per request: "
             f"{item.get('cpu_ratio', 0):.2f}) |"
         )
+    direct = t.get("tunnel_request.rps", {}).get("direct")
+    proxies = [v for p, v in t.get("tunnel_request.rps", {}).items() if p != "direct" and v]
+    if direct and proxies:
+        head = direct / max(proxies)
+        out += [
+            "",
+            f"Load generator headroom on the tunnel-per-request row: direct does "
+            f"{head:.1f}× the best proxy"
+            + (" (at least 2×: the generator is not the limit)." if head >= 2
+               else " — **less than 2×: the generator may be the limit**."),
+        ]  # fmt: skip
     out.append("")
     return out
 
@@ -280,7 +295,9 @@ def markdown(doc: dict) -> str:
         "| row | " + " | ".join(proxies) + " |",
         "|---|" + "---:|" * len(proxies),
     ])  # fmt: skip
-    for row, label in WRK_ROWS + [("connect_bulk", "(c) CONNECT /big")]:
+    extra = [("tunnel_request", "(f) tunnel per request"), ("connect_bulk", "(c) CONNECT /big")]
+    extra += [(row, f"logging: {label}") for row, label in LOG_ROWS]
+    for row, label in WRK_ROWS + extra:
         cells = []
         for p in proxies:
             r = by.get((p, row))
