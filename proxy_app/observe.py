@@ -112,44 +112,129 @@ def _textValue(value: Any) -> str:
     return json.dumps(text)
 
 
+# Fields whose values repeat from line to line (a method, a host, a
+# reason): their formatted text is remembered, up to _CACHED values each.
+_REPEATING = frozenset(
+    {
+        "method",
+        "url",
+        "error",
+        "role",
+        "client_cn",
+        "client_ou",
+        "msg",
+        "proxy_type",
+        "requested_host",
+        "project",
+        "decision_reason",
+        "address_rule",
+        "outbound_remote_addr",
+    }
+)
+_CACHED = 256
+
+
+def _fieldCode(fields: tuple[str, ...], value: Callable[[str], str]) -> list[str]:
+    """
+    Lines of Python appending C{name=value} to C{parts} (through C{add})
+    for each of C{fields} that is not L{None}, as L{_textValue} writes the
+    value: a string that needs no quoting, or an int, as it is.
+
+    @param value: gives the expression of a field's value, from its name.
+    """
+    source = ["    parts = []", "    add = parts.append"]
+    for name in fields:
+        if not name.isidentifier():
+            raise ValueError(f"not a field name: {name!r}")
+        prefix = repr(name + "=")
+        source += [
+            f"    value = {value(name)}",
+            "    if value is not None:",
+            "        kind = type(value)",
+        ]
+        if name in _REPEATING:
+            source += [
+                "        if kind is str:",
+                f"            text = cache_{name}.get(value)",
+                "            if text is None:",
+                "                if value and value.isprintable() and "
+                "needsQuotes(value) is None:",
+                f"                    text = {prefix} + value",
+                "                else:",
+                f"                    text = {prefix} + textValue(value)",
+                f"                if len(cache_{name}) >= {_CACHED}:",
+                f"                    cache_{name}.clear()",
+                f"                cache_{name}[value] = text",
+                "            add(text)",
+            ]
+        else:
+            source += [
+                "        if kind is str and value and value.isprintable() and "
+                "needsQuotes(value) is None:",
+                f"            add({prefix} + value)",
+            ]
+        source += [
+            "        elif kind is int:",
+            f"            add({prefix} + str(value))",
+            "        else:",
+            f"            add({prefix} + textValue(value))",
+        ]
+    source.append("    line = ' '.join(parts) + '\\n'")
+    return source
+
+
+def _compile(
+    source: list[str], name: str, fields: tuple[str, ...], **names: Any
+) -> Any:
+    namespace: dict[str, Any] = {
+        "textValue": _textValue,
+        "needsQuotes": _NEEDS_QUOTES,
+        **names,
+    }
+    for field in fields:
+        if field in _REPEATING:
+            namespace[f"cache_{field}"] = {}
+    exec("\n".join(source), namespace)
+    return namespace[name]
+
+
 def textFormatter(fields: tuple[str, ...]) -> Any:
     """
     A formatter writing C{fields} of an event as C{key=value} pairs
     (logfmt), quoting values that need it.
 
     It runs once per request for each log, so its code is written out for
-    C{fields} (no loop over names): a string that needs no quoting, or an
-    int, is written as it is; everything else goes through L{_textValue}.
+    C{fields} (no loop over names; see L{_fieldCode}).
     """
+    source = ["def formatText(event):", "    get = event.get"]
+    source += _fieldCode(fields, lambda name: f"get({name!r})")
+    source.append("    return line")
+    return _compile(source, "formatText", fields)
+
+
+def textRecorder(
+    fields: tuple[str, ...],
+    slow: Callable[..., None],
+    slowWhen: Callable[[], bool],
+    write: Callable[[str], None],
+) -> Callable[..., None]:
+    """
+    A function taking C{fields} as keyword arguments (each L{None} by
+    default) that formats them as L{textFormatter} does and passes the line
+    to C{write}; or, when C{slowWhen()} is true, passes them on to
+    C{slow}.  It is what the proxy calls once per request for each log,
+    with no dictionary of fields built on the way.
+    """
+    signature = ", ".join(f"{name}=None" for name in fields)
+    passOn = ", ".join(f"{name}={name}" for name in fields)
     source = [
-        "def formatText(event):",
-        "    get = event.get",
-        "    parts = []",
-        "    add = parts.append",
+        f"def record({signature}):",
+        "    if slowWhen():",
+        f"        return slow({passOn})",
     ]
-    for name in fields:
-        if not name.isidentifier():
-            raise ValueError(f"not a field name: {name!r}")
-        prefix = repr(name + "=")
-        source += [
-            f"    value = get({name!r})",
-            "    if value is not None:",
-            "        kind = type(value)",
-            "        if kind is str and value and value.isprintable() and "
-            "needsQuotes(value) is None:",
-            f"            add({prefix} + value)",
-            "        elif kind is int:",
-            f"            add({prefix} + str(value))",
-            "        else:",
-            f"            add({prefix} + textValue(value))",
-        ]
-    source.append("    return ' '.join(parts) + '\\n'")
-    namespace: dict[str, Any] = {
-        "textValue": _textValue,
-        "needsQuotes": _NEEDS_QUOTES,
-    }
-    exec("\n".join(source), namespace)
-    return namespace["formatText"]
+    source += _fieldCode(fields, lambda name: name)
+    source.append("    write(line)")
+    return _compile(source, "record", fields, slow=slow, slowWhen=slowWhen, write=write)
 
 
 def jsonFormatter(fields: tuple[str, ...]) -> Any:
@@ -290,6 +375,17 @@ class LineLog:
         self.enabled = False
         if outFile is not None:
             self._attach(LineBuffer(outFile, path))
+            if not self._json:
+                self.record = textRecorder(  # type: ignore[method-assign]
+                    self.fields, self._record, self._slow, self._write
+                )
+
+    def _slow(self) -> bool:
+        return bool(self._listeners) or self._sink is None
+
+    def _write(self, line: str) -> None:
+        assert self._sink is not None
+        self._sink.add(line)
 
     def _attach(self, sink: LineBuffer) -> None:
         self._sink = sink
@@ -372,6 +468,9 @@ class LineLog:
         """
         Write one line with the given fields.
         """
+        self._record(**fields)
+
+    def _record(self, **fields: Any) -> None:
         if not self._listeners:
             sink = self._sink
             if sink is not None:
@@ -400,10 +499,8 @@ class DecisionLog(LineLog):
     fields = DECISION_FIELDS
     namespace = "egressproxy.decision"
 
-    # The process log's file, when it is ours, and the text of a line for
-    # it (L{toProcessLog}).
+    # The process log's file, when it is ours (L{toProcessLog}).
     _processLog: TextProcessLog | None = None
-    _text: Any = None
 
     @classmethod
     def toProcessLog(cls, processLog: TextProcessLog | None = None) -> DecisionLog:
@@ -426,16 +523,19 @@ class DecisionLog(LineLog):
 
         # The only listener that is not another observer (a test's).
         decisions.addObserver(cast(ILogObserver, forward))
-        decisions._text = text
         decisions._processLog = processLog
-        return decisions
+        if processLog is not None:
 
-    def record(self, **fields: Any) -> None:
-        processLog = self._processLog
-        if processLog is not None and processLog.installed and self._listeners == 1:
-            processLog.addLine(_DECISION_SYSTEM, self._text(fields))
-        else:
-            LineLog.record(self, **fields)
+            def slow() -> bool:
+                return decisions._listeners != 1 or not processLog.installed
+
+            def write(line: str) -> None:
+                processLog.addLine(_DECISION_SYSTEM, line)
+
+            decisions.record = textRecorder(  # type: ignore[method-assign]
+                DECISION_FIELDS, decisions._record, slow, write
+            )
+        return decisions
 
     def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
         LineLog.batchWrites(self, clock, interval)

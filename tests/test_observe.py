@@ -34,6 +34,7 @@ from proxy_app.observe import (
     instanceRegistry,
     multiprocessValues,
     textFormatter,
+    textRecorder,
 )
 from proxy_app.reasons import DENIALS, Reason
 from proxy_app.resolver import DestinationDenied, VettedDestination
@@ -680,6 +681,57 @@ class LineFormatTests(SynchronousTestCase):
         self.assertEqual(
             textFormatter(DECISION_FIELDS)(event), _oldText(DECISION_FIELDS, event)
         )
+
+    @given(
+        st.lists(
+            st.lists(
+                _values, min_size=len(DECISION_FIELDS), max_size=len(DECISION_FIELDS)
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    def test_recorderAsBefore(self, lines: list[list[Any]]) -> None:
+        """
+        The generated recorder (keyword arguments, remembered texts of
+        repeating values) writes lines as the formatter before issue #19
+        did, also for a value seen before, and for 1, 1.0 and True, which
+        are equal as keys.
+        """
+        written: list[str] = []
+        record = textRecorder(
+            DECISION_FIELDS, lambda **kw: None, lambda: False, written.append
+        )
+        lines = (
+            lines + lines + [[1] * len(DECISION_FIELDS), [1.0] * len(DECISION_FIELDS)]
+        )
+        lines.append([True] * len(DECISION_FIELDS))
+        for values in lines:
+            record(**dict(zip(DECISION_FIELDS, values, strict=True)))
+        self.assertEqual(
+            written,
+            [
+                _oldText(DECISION_FIELDS, dict(zip(DECISION_FIELDS, v, strict=True)))
+                for v in lines
+            ],
+        )
+
+    def test_recorderBounded(self) -> None:
+        """
+        The remembered texts of a repeating field are bounded: past the
+        bound they are forgotten, and lines stay right.
+        """
+        written: list[str] = []
+        record = textRecorder(
+            ("url",), lambda **kw: None, lambda: False, written.append
+        )
+        for i in range(600):
+            record(url=f"http://a.example/{i}")
+        record(url="http://a.example/1")
+        self.assertEqual(written[-1], "url=http://a.example/1\n")
+        self.assertEqual(len(written), 601)
+        cache = record.__globals__["cache_url"]
+        self.assertLessEqual(len(cache), 256)
 
     def test_directAsPublished(self) -> None:
         """
