@@ -138,7 +138,8 @@ def _fieldCode(fields: tuple[str, ...], value: Callable[[str], str]) -> list[str
     """
     Lines of Python appending C{name=value} to C{parts} (through C{add})
     for each of C{fields} that is not L{None}, as L{_textValue} writes the
-    value: a string that needs no quoting, or an int, as it is.
+    value: a string that needs no quoting, an int or a float as it is, a
+    bool as C{true} or C{false}.
 
     @param value: gives the expression of a field's value, from its name.
     """
@@ -173,9 +174,12 @@ def _fieldCode(fields: tuple[str, ...], value: Callable[[str], str]) -> list[str
                 "needsQuotes(value) is None:",
                 f"            add({prefix} + value)",
             ]
+        # As _textValue has it, without the call.
         source += [
-            "        elif kind is int:",
+            "        elif kind is int or kind is float:",
             f"            add({prefix} + str(value))",
+            "        elif kind is bool:",
+            f"            add({prefix} + ('true' if value else 'false'))",
             "        else:",
             f"            add({prefix} + textValue(value))",
         ]
