@@ -399,10 +399,6 @@ class LineLog:
         self.publisher.addObserver(self._observer)
         self.enabled = True
 
-    @property
-    def _file(self) -> IO[str] | None:
-        return self._sink.outFile if self._sink is not None else None
-
     def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
         """
         Write lines in batches (L{LineBuffer.batch}), flushed at the latest
