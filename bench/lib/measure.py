@@ -252,7 +252,7 @@ def cmd_tunnelreq(a: argparse.Namespace) -> None:
     """
     cmd = shlex.split(a.pin) + [
         a.bin, "-o", str(a.origin), "-c", str(a.conns), "-d", str(a.duration),
-        "-b", str(a.body), "-P", a.path,
+        "-b", str(a.body), "-P", a.path, "-s", str(a.sources),
     ]  # fmt: skip
     cmd += ["--direct"] if a.direct else ["-p", str(a.port)]
     with CpuWatch(a.pid, a.core, a.load_core) as watch:
@@ -635,6 +635,12 @@ def main() -> None:
     s.add_argument("--body", type=int, default=2048)
     s.add_argument("--duration", type=int, default=10)
     s.add_argument("--conns", type=int, default=50)
+    s.add_argument(
+        "--sources",
+        type=int,
+        default=64,
+        help="client source addresses, 127.0.0.2 and up (TIME_WAIT spread)",
+    )
     s.set_defaults(fn=cmd_tunnelreq)
 
     s = sub.add_parser("bulk")

@@ -13,7 +13,13 @@
  *     BENCHJSON {"requests":..,"duration_us":..,"errors":..,"lat_p50_us":..,...}
  *
  * Usage: tunnelgen -p PROXY_PORT -o ORIGIN_PORT -c CONNS -d SECONDS
- *                  [-b BODY_BYTES] [-P PATH] [--direct]
+ *                  [-b BODY_BYTES] [-P PATH] [-s SOURCES] [--direct]
+ *
+ * -s N connects from N source addresses, 127.0.0.2 and up, in turn: with
+ * one, connect() spends most of the generator's time looking for an
+ * ephemeral port not held in TIME_WAIT by an earlier connection (measured:
+ * 14,200 direct connections/s with one source, 20,200 with 64, on one
+ * core shared with nginx).
  *
  * The request inside the tunnel is plain HTTP: the proxy relays bytes
  * either way, and TLS handshakes would cost this generator more than the
@@ -48,7 +54,7 @@ struct conn {
 static uint32_t hist[BUCKETS];
 static char connectReq[256], request[BUF];
 static size_t connectLen, requestLen;
-static int direct, proxyPort, originPort, epfd;
+static int direct, proxyPort, originPort, epfd, sources = 1;
 static uint64_t done, errors;
 
 static void connected(struct conn *c, int early);
@@ -65,6 +71,17 @@ static void start(struct conn *c) {
     a.sin_port = htons(direct ? originPort : proxyPort);
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     if (c->fd < 0) { perror("socket"); exit(1); }
+    if (sources > 1) {
+        /* From 127.0.0.2, 127.0.0.3, ...: each source address has its own
+           ephemeral ports, so connect() does not search long past the
+           ports still in TIME_WAIT from earlier connections. */
+        static unsigned next;
+        int one = 1;
+        setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        struct sockaddr_in src = {.sin_family = AF_INET};
+        src.sin_addr.s_addr = htonl(INADDR_LOOPBACK + 1 + next++ % sources);
+        if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0) { perror("bind"); exit(1); }
+    }
     /* No TCP_NODELAY: each message is one write, sent before any reply is
        awaited, so Nagle never holds one back; a syscall saved. */
     c->started = now_us();
@@ -196,12 +213,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-d")) seconds = atoi(v);
         else if (!strcmp(a, "-b")) body = atoi(v);
         else if (!strcmp(a, "-P")) path = v;
+        else if (!strcmp(a, "-s")) sources = atoi(v);
         else { fprintf(stderr, "tunnelgen: unknown option %s\n", a); return 2; }
         i++;
     }
-    if (!originPort || (!direct && !proxyPort) || conns < 1 || body < 0 || body > BUF / 2) {
+    if (!originPort || (!direct && !proxyPort) || conns < 1 || body < 0 || body > BUF / 2 ||
+        sources < 1 || sources > 65000) {
         fprintf(stderr, "usage: tunnelgen -p PROXY_PORT -o ORIGIN_PORT -c N -d S "
-                        "[-b BODY] [-P PATH] [--direct]\n");
+                        "[-b BODY] [-P PATH] [-s SOURCES] [--direct]\n");
         return 2;
     }
     connectLen = snprintf(connectReq, sizeof connectReq,
