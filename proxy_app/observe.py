@@ -216,29 +216,76 @@ def textFormatter(fields: tuple[str, ...]) -> Any:
     return _compile(source, "formatText", fields)
 
 
+def textRows(
+    fields: tuple[str, ...],
+    system: str | None = None,
+    stamp: Callable[[float], str] | None = None,
+) -> Callable[[list[Any]], str]:
+    """
+    A function writing a batch of lines: each item a string (written as it
+    is), or a row of C{fields}' values (what L{textRecorder} keeps),
+    formatted as L{textFormatter} does.  With C{system}, a row begins with
+    the time of its event, and its line is the process log's:
+    C{stamp(time) + " [system] " + text}.
+
+    Lines are formatted here, a batch at a time, rather than one per
+    request: the same code runs over many rows while it is warm.
+    """
+    names = ", ".join(fields)
+    source = [
+        "def render(items):",
+        "    out = []",
+        "    emit = out.append",
+        "    for item in items:",
+        "        if item.__class__ is str:",
+        "            emit(item)",
+        "            continue",
+        f"        {'when, ' if system else ''}{names}, = item",
+    ]
+    source += ["    " + line for line in _fieldCode(fields, lambda name: name)]
+    if system is not None:
+        source.append(f"        emit(stamp(when) + {' [' + system + '] '!r} + line)")
+    else:
+        source.append("        emit(line)")
+    source.append("    return ''.join(out)")
+    return cast(
+        Callable[[list[Any]], str],
+        _compile(source, "render", fields, stamp=stamp),
+    )
+
+
 def textRecorder(
     fields: tuple[str, ...],
     slow: Callable[..., None],
     slowWhen: Callable[[], bool],
-    write: Callable[[str], None],
+    write: Callable[[tuple[Any, ...]], None],
+    now: Callable[[], float] | None = None,
 ) -> Callable[..., None]:
     """
     A function taking C{fields} as keyword arguments (each L{None} by
-    default) that formats them as L{textFormatter} does and passes the line
-    to C{write}; or, when C{slowWhen()} is true, passes them on to
-    C{slow}.  It is what the proxy calls once per request for each log,
-    with no dictionary of fields built on the way.
+    default) that passes their values, as a row in C{fields}' order (after
+    C{now()}, if given), to C{write}, for L{textRows} to format; or, when
+    C{slowWhen()} is true, passes them on to C{slow}.  It is what the
+    proxy calls once per request for each log, with no dictionary of
+    fields built on the way, and no formatting.
     """
     signature = ", ".join(f"{name}=None" for name in fields)
     passOn = ", ".join(f"{name}={name}" for name in fields)
+    row = ("now(), " if now is not None else "") + ", ".join(fields) + ","
     source = [
         f"def record({signature}):",
         "    if slowWhen():",
         f"        return slow({passOn})",
+        f"    write(({row}))",
     ]
-    source += _fieldCode(fields, lambda name: name)
-    source.append("    write(line)")
-    return _compile(source, "record", fields, slow=slow, slowWhen=slowWhen, write=write)
+    namespace: dict[str, Any] = {
+        "slow": slow,
+        "slowWhen": slowWhen,
+        "write": write,
+        "now": now,
+    }
+    exec("\n".join(source), namespace)
+    return cast(Callable[..., None], namespace["record"])
 
 
 def jsonFormatter(fields: tuple[str, ...]) -> Any:
@@ -273,11 +320,18 @@ class LineBuffer:
     @ivar outFile: the file written to (text, or binary taking UTF-8).
     """
 
-    def __init__(self, outFile: IO[Any], path: str | None = None) -> None:
+    def __init__(
+        self,
+        outFile: IO[Any],
+        path: str | None = None,
+        render: Callable[[list[Any]], str] | None = None,
+    ) -> None:
         self.outFile = outFile
         self._path = path
         self._encode = ioType(outFile) is not str
-        self._lines: list[str] = []
+        # Turns what waits (lines, or rows: see textRows) into text.
+        self._render = render if render is not None else "".join
+        self._lines: list[Any] = []
         self._clock: Any = None
         self._interval = 1.0
         self._maxLines = 256
@@ -291,9 +345,10 @@ class LineBuffer:
         self._interval = interval
         self._maxLines = maxLines
 
-    def add(self, line: str) -> None:
+    def add(self, line: Any) -> None:
         """
-        Write C{line} (which ends with a newline), now or with its batch.
+        Write C{line} (which ends with a newline, or a row for the renderer),
+        now or with its batch.
         """
         lines = self._lines
         lines.append(line)
@@ -316,9 +371,10 @@ class LineBuffer:
             self._timer = None
         if not self._lines:
             return
-        text = "".join(self._lines)
+        lines = self._lines
         self._lines = []
         try:
+            text = self._render(lines)
             self.outFile.write(text.encode("utf-8") if self._encode else text)
             self.outFile.flush()
         except (OSError, ValueError) as e:
@@ -347,10 +403,11 @@ class LineLog:
     A log of one line per event, with a fixed set of fields, written to a
     file or standard output as text or JSON.
 
-    While the file is the only listener, L{record} formats the line straight
-    from its fields into the file's L{LineBuffer}; once other observers
-    listen (tests), each line is an event of L{publisher}, and the file is
-    one observer of it.  The line is the same either way.
+    While the file is the only listener, L{record} keeps the fields' values
+    as a row in the file's L{LineBuffer}, which formats its rows a batch at
+    a time (L{textRows}; JSON lines are formatted at once); once other
+    observers listen (tests), each line is an event of L{publisher}, and
+    the file is one observer of it.  The line is the same either way.
 
     @ivar publisher: the L{LogPublisher} lines are emitted to; tests add
         observers to it.
@@ -377,8 +434,10 @@ class LineLog:
         self._listeners = 0
         # Nothing is built per event while nobody listens (logs off).
         self.enabled = False
+        # What turns rows of text lines into text, in batches.
+        self._render = None if self._json else textRows(self.fields)
         if outFile is not None:
-            self._attach(LineBuffer(outFile, path))
+            self._attach(LineBuffer(outFile, path, self._render))
             if not self._json:
                 self.record = textRecorder(  # type: ignore[method-assign]
                     self.fields, self._record, self._slow, self._write
@@ -387,9 +446,9 @@ class LineLog:
     def _slow(self) -> bool:
         return bool(self._listeners) or self._sink is None
 
-    def _write(self, line: str) -> None:
+    def _write(self, row: tuple[Any, ...]) -> None:
         assert self._sink is not None
-        self._sink.add(line)
+        self._sink.add(row)
 
     def _attach(self, sink: LineBuffer) -> None:
         self._sink = sink
@@ -461,7 +520,7 @@ class LineLog:
             self._sink.outFile.close()
         if self._observer is not None:
             self.publisher.removeObserver(self._observer)
-        self._attach(LineBuffer(newFile, self._path))
+        self._attach(LineBuffer(newFile, self._path, self._render))
         log.info("Reopened log {path}", path=self._path)
 
     def record(self, **fields: Any) -> None:
@@ -529,11 +588,12 @@ class DecisionLog(LineLog):
             def slow() -> bool:
                 return decisions._listeners != 1 or not processLog.installed
 
-            def write(line: str) -> None:
-                processLog.addLine(_DECISION_SYSTEM, line)
-
             decisions.record = textRecorder(  # type: ignore[method-assign]
-                DECISION_FIELDS, decisions._record, slow, write
+                DECISION_FIELDS,
+                decisions._record,
+                slow,
+                processLog.buffer.add,
+                processLog.now,
             )
         return decisions
 
@@ -557,11 +617,13 @@ class TextProcessLog:
     """
     The process log in twistd's text format, written as
     L{twisted.logger.textFileLogObserver} would write it (byte for byte:
-    C{"{time} [{namespace}#{level}] {text}"}), with two savings for a line
-    per request: the time stamp is formatted once per second, and
-    decision lines (L{addLine}) are formatted by the caller, without an
-    event, and written in batches (L{LineBuffer}).  Every other event is
-    written at once, after the lines that wait, so the order is kept.
+    C{"{time} [{namespace}#{level}] {text}"}), with savings for a line
+    per request: the time stamp is formatted once per second, and decision
+    lines wait in L{buffer} without an event, as rows of their fields and
+    time (L{DecisionLog.toProcessLog}), to be formatted and written in
+    batches (L{textRows}, L{LineBuffer}); L{addLine} adds a line formatted
+    by the caller.  Every other event is written at once, after the lines
+    that wait, so the order is kept.
 
     @ivar installed: whether twistd logs to this observer (given a file
         when made, or L{install}ed); until then, decision lines go to the
@@ -571,10 +633,14 @@ class TextProcessLog:
     def __init__(
         self, outFile: IO[Any] | None = None, now: Callable[[], float] = time.time
     ) -> None:
-        self.buffer = LineBuffer(outFile if outFile is not None else sys.stdout)
+        # Holds lines, and rows of decision lines (textRows).
+        self.buffer = LineBuffer(
+            outFile if outFile is not None else sys.stdout,
+            render=textRows(DECISION_FIELDS, _DECISION_SYSTEM, self.formatTime),
+        )
         self.installed = outFile is not None
         # The event's time, as twisted.logger takes it.
-        self._now = now
+        self.now = now
         self._second: int | None = None
         self._stamp = ""
 
@@ -613,7 +679,7 @@ class TextProcessLog:
         Log C{text} (one line, ending with a newline) now, as an event of
         C{system} (C{namespace#level}) whose text it is.
         """
-        self.buffer.add(f"{self.formatTime(self._now())} [{system}] {text}")
+        self.buffer.add(f"{self.formatTime(self.now())} [{system}] {text}")
 
     def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
         """

@@ -35,6 +35,7 @@ from proxy_app.observe import (
     multiprocessValues,
     textFormatter,
     textRecorder,
+    textRows,
 )
 from proxy_app.reasons import DENIALS, Reason
 from proxy_app.resolver import DestinationDenied, VettedDestination
@@ -693,14 +694,14 @@ class LineFormatTests(SynchronousTestCase):
     )
     def test_recorderAsBefore(self, lines: list[list[Any]]) -> None:
         """
-        The generated recorder (keyword arguments, remembered texts of
-        repeating values) writes lines as the formatter before issue #19
-        did, also for a value seen before, and for 1, 1.0 and True, which
-        are equal as keys.
+        The generated recorder (keyword arguments) and the rows' renderer
+        (remembered texts of repeating values) write lines as the formatter
+        before issue #19 did, also for a value seen before, and for 1, 1.0
+        and True, which are equal as keys.
         """
-        written: list[str] = []
+        rows: list[Any] = []
         record = textRecorder(
-            DECISION_FIELDS, lambda **kw: None, lambda: False, written.append
+            DECISION_FIELDS, lambda **kw: None, lambda: False, rows.append
         )
         lines = (
             lines + lines + [[1] * len(DECISION_FIELDS), [1.0] * len(DECISION_FIELDS)]
@@ -708,6 +709,9 @@ class LineFormatTests(SynchronousTestCase):
         lines.append([True] * len(DECISION_FIELDS))
         for values in lines:
             record(**dict(zip(DECISION_FIELDS, values, strict=True)))
+        render = textRows(DECISION_FIELDS)
+        written = [render([row]) for row in rows]
+        self.assertEqual(render(rows), "".join(written))
         self.assertEqual(
             written,
             [
@@ -721,17 +725,39 @@ class LineFormatTests(SynchronousTestCase):
         The remembered texts of a repeating field are bounded: past the
         bound they are forgotten, and lines stay right.
         """
-        written: list[str] = []
-        record = textRecorder(
-            ("url",), lambda **kw: None, lambda: False, written.append
-        )
-        for i in range(600):
-            record(url=f"http://a.example/{i}")
-        record(url="http://a.example/1")
+        render = textRows(("url",))
+        written = [render([(f"http://a.example/{i}",)]) for i in range(600)]
+        written.append(render([("http://a.example/1",)]))
         self.assertEqual(written[-1], "url=http://a.example/1\n")
+        self.assertEqual(written[599], "url=http://a.example/599\n")
         self.assertEqual(len(written), 601)
-        cache = record.__globals__["cache_url"]
+        cache = render.__globals__["cache_url"]  # type: ignore[attr-defined]
         self.assertLessEqual(len(cache), 256)
+
+    def test_processLogRows(self) -> None:
+        """
+        Rows of decision lines kept for the process log are rendered with
+        the time of their event, as twistd's text observer writes the line.
+        """
+        out = io.StringIO()
+        clock = Clock()
+        clock.advance(1700000000.5)
+        processLog = TextProcessLog(out, now=clock.seconds)
+        processLog.batchWrites(clock)
+        decisions = DecisionLog.toProcessLog(processLog)
+        decisions.record(msg="CANONICAL-PROXY-DECISION", id="a", allow=True)
+        clock.advance(0.75)
+        decisions.record(msg="CANONICAL-PROXY-DECISION", id="b", allow=False)
+        self.assertEqual(out.getvalue(), "")
+        processLog.flush()
+        stamp = TextProcessLog(io.StringIO()).formatTime
+        self.assertEqual(
+            out.getvalue(),
+            f"{stamp(1700000000.5)} [egressproxy.decision#info] "
+            "msg=CANONICAL-PROXY-DECISION id=a allow=true\n"
+            f"{stamp(1700000001.25)} [egressproxy.decision#info] "
+            "msg=CANONICAL-PROXY-DECISION id=b allow=false\n",
+        )
 
     def test_directAsPublished(self) -> None:
         """
