@@ -438,17 +438,9 @@ class LineLog:
         self._render = None if self._json else textRows(self.fields)
         if outFile is not None:
             self._attach(LineBuffer(outFile, path, self._render))
-            if not self._json:
-                self.record = textRecorder(  # type: ignore[method-assign]
-                    self.fields, self._record, self._slow, self._write
-                )
 
     def _slow(self) -> bool:
-        return bool(self._listeners) or self._sink is None
-
-    def _write(self, row: tuple[Any, ...]) -> None:
-        assert self._sink is not None
-        self._sink.add(row)
+        return bool(self._listeners)
 
     def _attach(self, sink: LineBuffer) -> None:
         self._sink = sink
@@ -457,6 +449,11 @@ class LineLog:
         self._observer = _LineObserver(sink, self._formatter)
         self.publisher.addObserver(self._observer)
         self.enabled = True
+        if not self._json:
+            # Rows go straight into this file's buffer.
+            self.record = textRecorder(  # type: ignore[method-assign]
+                self.fields, self._record, self._slow, sink.add
+            )
 
     def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
         """
