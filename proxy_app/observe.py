@@ -12,7 +12,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, cast
 
@@ -32,8 +34,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, Logger, LogPublisher
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogPublisher,
+    formatEventAsClassicLogText,
+    formatTime,
+)
+from twisted.python.compat import ioType
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -86,31 +94,198 @@ DECISION_FIELDS = (
 )
 
 
+# A value with one of these is quoted (as JSON), like an empty or
+# unprintable one.
+_NEEDS_QUOTES = re.compile(r'[ "=\\]').search
+
+
 def _textValue(value: Any) -> str:
-    if isinstance(value, bool):
+    kind = type(value)
+    if kind is int or kind is float:
+        # Digits, a sign, a dot, "e", "inf" or "nan": never quoted.
+        return str(value)
+    if kind is bool:
         return "true" if value else "false"
-    text = str(value)
-    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
-        return json.dumps(text)
-    return text
+    text = value if kind is str else str(value)
+    if text and text.isprintable() and _NEEDS_QUOTES(text) is None:
+        return text
+    return json.dumps(text)
+
+
+# Fields whose values repeat from line to line (a method, a host, a
+# reason): their formatted text is remembered, up to _CACHED values each.
+_REPEATING = frozenset(
+    {
+        "method",
+        "url",
+        "error",
+        "role",
+        "client_cn",
+        "client_ou",
+        "msg",
+        "proxy_type",
+        "requested_host",
+        "project",
+        "decision_reason",
+        "address_rule",
+        "outbound_remote_addr",
+    }
+)
+_CACHED = 256
+
+
+def _fieldCode(fields: tuple[str, ...], value: Callable[[str], str]) -> list[str]:
+    """
+    Lines of Python appending C{name=value} to C{parts} (through C{add})
+    for each of C{fields} that is not L{None}, as L{_textValue} writes the
+    value: a string that needs no quoting, an int or a float as it is, a
+    bool as C{true} or C{false}.
+
+    @param value: gives the expression of a field's value, from its name.
+    """
+    source = ["    parts = []", "    add = parts.append"]
+    for name in fields:
+        if not name.isidentifier():
+            raise ValueError(f"not a field name: {name!r}")
+        prefix = repr(name + "=")
+        source += [
+            f"    value = {value(name)}",
+            "    if value is not None:",
+            "        kind = type(value)",
+        ]
+        if name in _REPEATING:
+            source += [
+                "        if kind is str:",
+                f"            text = cache_{name}.get(value)",
+                "            if text is None:",
+                "                if value and value.isprintable() and "
+                "needsQuotes(value) is None:",
+                f"                    text = {prefix} + value",
+                "                else:",
+                f"                    text = {prefix} + textValue(value)",
+                f"                if len(cache_{name}) >= {_CACHED}:",
+                f"                    cache_{name}.clear()",
+                f"                cache_{name}[value] = text",
+                "            add(text)",
+            ]
+        else:
+            source += [
+                "        if kind is str and value and value.isprintable() and "
+                "needsQuotes(value) is None:",
+                f"            add({prefix} + value)",
+            ]
+        # As _textValue has it, without the call.
+        source += [
+            "        elif kind is int or kind is float:",
+            f"            add({prefix} + str(value))",
+            "        elif kind is bool:",
+            f"            add({prefix} + ('true' if value else 'false'))",
+            "        else:",
+            f"            add({prefix} + textValue(value))",
+        ]
+    source.append("    line = ' '.join(parts) + '\\n'")
+    return source
+
+
+def _compile(
+    source: list[str], name: str, fields: tuple[str, ...], **names: Any
+) -> Any:
+    namespace: dict[str, Any] = {
+        "textValue": _textValue,
+        "needsQuotes": _NEEDS_QUOTES,
+        **names,
+    }
+    for field in fields:
+        if field in _REPEATING:
+            namespace[f"cache_{field}"] = {}
+    exec("\n".join(source), namespace)
+    return namespace[name]
 
 
 def textFormatter(fields: tuple[str, ...]) -> Any:
     """
     A formatter writing C{fields} of an event as C{key=value} pairs
     (logfmt), quoting values that need it.
+
+    It runs once per request for each log, so its code is written out for
+    C{fields} (no loop over names; see L{_fieldCode}).
     """
+    source = ["def formatText(event):", "    get = event.get"]
+    source += _fieldCode(fields, lambda name: f"get({name!r})")
+    source.append("    return line")
+    return _compile(source, "formatText", fields)
 
-    def formatText(event: dict[str, Any]) -> str:
-        parts = []
-        for name in fields:
-            value = event.get(name)
-            if value is None:
-                continue
-            parts.append(f"{name}={_textValue(value)}")
-        return " ".join(parts) + "\n"
 
-    return formatText
+def textRows(
+    fields: tuple[str, ...],
+    system: str | None = None,
+    stamp: Callable[[float], str] | None = None,
+) -> Callable[[list[Any]], str]:
+    """
+    A function writing a batch of lines: each item a string (written as it
+    is), or a row of C{fields}' values (what L{textRecorder} keeps),
+    formatted as L{textFormatter} does.  With C{system}, a row begins with
+    the time of its event, and its line is the process log's:
+    C{stamp(time) + " [system] " + text}.
+
+    Lines are formatted here, a batch at a time, rather than one per
+    request: the same code runs over many rows while it is warm.
+    """
+    names = ", ".join(fields)
+    source = [
+        "def render(items):",
+        "    out = []",
+        "    emit = out.append",
+        "    for item in items:",
+        "        if item.__class__ is str:",
+        "            emit(item)",
+        "            continue",
+        f"        {'when, ' if system else ''}{names}, = item",
+    ]
+    source += ["    " + line for line in _fieldCode(fields, lambda name: name)]
+    if system is not None:
+        source.append(f"        emit(stamp(when) + {' [' + system + '] '!r} + line)")
+    else:
+        source.append("        emit(line)")
+    source.append("    return ''.join(out)")
+    return cast(
+        Callable[[list[Any]], str],
+        _compile(source, "render", fields, stamp=stamp),
+    )
+
+
+def textRecorder(
+    fields: tuple[str, ...],
+    slow: Callable[..., None],
+    slowWhen: Callable[[], bool],
+    write: Callable[[tuple[Any, ...]], None],
+    now: Callable[[], float] | None = None,
+) -> Callable[..., None]:
+    """
+    A function taking C{fields} as keyword arguments (each L{None} by
+    default) that passes their values, as a row in C{fields}' order (after
+    C{now()}, if given), to C{write}, for L{textRows} to format; or, when
+    C{slowWhen()} is true, passes them on to C{slow}.  It is what the
+    proxy calls once per request for each log, with no dictionary of
+    fields built on the way, and no formatting.
+    """
+    signature = ", ".join(f"{name}=None" for name in fields)
+    passOn = ", ".join(f"{name}={name}" for name in fields)
+    row = ("now(), " if now is not None else "") + ", ".join(fields) + ","
+    source = [
+        f"def record({signature}):",
+        "    if slowWhen():",
+        f"        return slow({passOn})",
+        f"    write(({row}))",
+    ]
+    namespace: dict[str, Any] = {
+        "slow": slow,
+        "slowWhen": slowWhen,
+        "write": write,
+        "now": now,
+    }
+    exec("\n".join(source), namespace)
+    return cast(Callable[..., None], namespace["record"])
 
 
 def jsonFormatter(fields: tuple[str, ...]) -> Any:
@@ -119,7 +294,7 @@ def jsonFormatter(fields: tuple[str, ...]) -> Any:
     event's time.
     """
 
-    def formatJSON(event: dict[str, Any]) -> str:
+    def formatJSON(event: Mapping[str, Any]) -> str:
         record = {name: event[name] for name in fields if event.get(name) is not None}
         record["time"] = event.get("log_time")
         return json.dumps(record, separators=(",", ":")) + "\n"
@@ -127,29 +302,112 @@ def jsonFormatter(fields: tuple[str, ...]) -> Any:
     return formatJSON
 
 
+class LineBuffer:
+    """
+    Lines on their way to a file, written in batches: one C{write} (and one
+    C{flush}) for many lines, never one system call per line.
+
+    Until L{batch} is called, every line is written and flushed at once.
+    After it, lines wait in a bounded buffer: it is written out when it
+    holds C{maxLines} lines, when C{interval} seconds have passed since the
+    first line of the batch (a timer on C{clock}, armed only while
+    something waits), and on L{flush} (at shutdown, on reopening).  Writing
+    a batch is one call into the file object; nothing waits on the disk in
+    a way other code would not (the reactor writes its log files the same
+    way).  What waits in the buffer is lost only if the process is killed
+    outright (C{SIGKILL}): at most C{interval} seconds or C{maxLines} lines.
+
+    @ivar outFile: the file written to (text, or binary taking UTF-8).
+    """
+
+    def __init__(
+        self,
+        outFile: IO[Any],
+        path: str | None = None,
+        render: Callable[[list[Any]], str] | None = None,
+    ) -> None:
+        self.outFile = outFile
+        self._path = path
+        self._encode = ioType(outFile) is not str
+        # Turns what waits (lines, or rows: see textRows) into text.
+        self._render = render if render is not None else "".join
+        self._lines: list[Any] = []
+        self._clock: Any = None
+        self._interval = 1.0
+        self._maxLines = 256
+        self._timer: Any = None
+
+    def batch(self, clock: Any, interval: float = 1.0, maxLines: int = 256) -> None:
+        """
+        Write lines in batches from now on (see the class).
+        """
+        self._clock = clock
+        self._interval = interval
+        self._maxLines = maxLines
+
+    def add(self, line: Any) -> None:
+        """
+        Write C{line} (which ends with a newline, or a row for the renderer),
+        now or with its batch.
+        """
+        lines = self._lines
+        lines.append(line)
+        if self._clock is None or len(lines) >= self._maxLines:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(self._interval, self._timed)
+
+    def _timed(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Write out what waits, in one write, and flush the file.
+        """
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        lines = self._lines
+        self._lines = []
+        try:
+            text = self._render(lines)
+            self.outFile.write(text.encode("utf-8") if self._encode else text)
+            self.outFile.flush()
+        except (OSError, ValueError) as e:
+            log.error(
+                "Cannot write log {path}: {error}", path=self._path or "-", error=e
+            )
+
+
 @implementer(ILogObserver)
 class _LineObserver:
     """
-    Writes formatted lines to a file; flushes after each line unless
-    C{batched}, when the owner flushes on a timer instead (one write system
-    call per batch rather than per request).
+    Formats events into a L{LineBuffer}: the log's own file, when other
+    observers (tests) listen to its events too.
     """
 
-    def __init__(self, outFile: IO[str], formatter: Any) -> None:
-        self.outFile = outFile
+    def __init__(self, sink: LineBuffer, formatter: Any) -> None:
+        self.sink = sink
         self._formatter = formatter
-        self.batched = False
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self.outFile.write(self._formatter(event))
-        if not self.batched:
-            self.outFile.flush()
+        self.sink.add(self._formatter(event))
 
 
 class LineLog:
     """
     A log of one line per event, with a fixed set of fields, written to a
     file or standard output as text or JSON.
+
+    While the file is the only listener, L{record} keeps the fields' values
+    as a row in the file's L{LineBuffer}, which formats its rows a batch at
+    a time (L{textRows}; JSON lines are formatted at once); once other
+    observers listen (tests), each line is an event of L{publisher}, and
+    the file is one observer of it.  The line is the same either way.
 
     @ivar publisher: the L{LogPublisher} lines are emitted to; tests add
         observers to it.
@@ -163,51 +421,62 @@ class LineLog:
     ) -> None:
         self.publisher = LogPublisher()
         self._log = Logger(namespace=self.namespace, observer=self.publisher)
+        self._json = format == "json"
         self._formatter = (
-            jsonFormatter(self.fields)
-            if format == "json"
-            else textFormatter(self.fields)
+            jsonFormatter(self.fields) if self._json else textFormatter(self.fields)
         )
         self._path = path
-        self._file = outFile
+        self._clock: Any = None
+        self._interval = 1.0
+        self._sink: LineBuffer | None = None
         self._observer: _LineObserver | None = None
-        self._flusher: LoopingCall | None = None
+        # Observers other than the file.
+        self._listeners = 0
         # Nothing is built per event while nobody listens (logs off).
         self.enabled = False
+        # What turns rows of text lines into text, in batches.
+        self._render = None if self._json else textRows(self.fields)
         if outFile is not None:
-            self._observer = _LineObserver(outFile, self._formatter)
-            self.addObserver(self._observer)
+            self._attach(LineBuffer(outFile, path, self._render))
+
+    def _slow(self) -> bool:
+        return bool(self._listeners)
+
+    def _attach(self, sink: LineBuffer) -> None:
+        self._sink = sink
+        if self._clock is not None:
+            sink.batch(self._clock, self._interval)
+        self._observer = _LineObserver(sink, self._formatter)
+        self.publisher.addObserver(self._observer)
+        self.enabled = True
+        if not self._json:
+            # Rows go straight into this file's buffer.
+            self.record = textRecorder(  # type: ignore[method-assign]
+                self.fields, self._record, self._slow, sink.add
+            )
 
     def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
         """
-        Write lines in batches, flushed every C{interval} seconds on
-        C{clock} (and on L{flush}), instead of one write per line.
+        Write lines in batches (L{LineBuffer.batch}), flushed at the latest
+        C{interval} seconds on C{clock} after the first line of a batch (and
+        on L{flush}), instead of one write per line.
         """
-        if self._observer is None or self._flusher is not None:
-            return
-        self._observer.batched = True
-        self._flusher = LoopingCall(self.flush)
-        self._flusher.clock = clock
-        self._flusher.start(interval, now=False)
+        self._clock = clock
+        self._interval = interval
+        if self._sink is not None:
+            self._sink.batch(clock, interval)
 
     def flush(self) -> None:
         """
         Write out what is buffered.
         """
-        if self._file is not None:
-            try:
-                self._file.flush()
-            except (OSError, ValueError) as e:
-                log.error(
-                    "Cannot write log {path}: {error}", path=self._path or "-", error=e
-                )
+        if self._sink is not None:
+            self._sink.flush()
 
     def stop(self) -> None:
         """
-        Stop the batching timer and flush.
+        Write out what is buffered (at shutdown).
         """
-        if self._flusher is not None and self._flusher.running:
-            self._flusher.stop()
         self.flush()
 
     def addObserver(self, observer: Any) -> None:
@@ -215,6 +484,7 @@ class LineLog:
         Send this log's events to C{observer} too.
         """
         self.publisher.addObserver(observer)
+        self._listeners += 1
         self.enabled = True
 
     @classmethod
@@ -241,22 +511,29 @@ class LineLog:
         except OSError as e:
             log.error("Cannot reopen log {path}: {error}", path=self._path, error=e)
             return
-        batched = self._observer is not None and self._observer.batched
+        if self._sink is not None:
+            # What waits belongs to the old file.
+            self._sink.flush()
+            self._sink.outFile.close()
         if self._observer is not None:
             self.publisher.removeObserver(self._observer)
-        if self._file is not None:
-            self._file.close()
-        self._file = newFile
-        self._observer = _LineObserver(newFile, self._formatter)
-        self._observer.batched = batched
-        self.addObserver(self._observer)
+        self._attach(LineBuffer(newFile, self._path, self._render))
         log.info("Reopened log {path}", path=self._path)
 
     def record(self, **fields: Any) -> None:
         """
         Write one line with the given fields.
         """
-        if self.enabled:
+        self._record(**fields)
+
+    def _record(self, **fields: Any) -> None:
+        if not self._listeners:
+            sink = self._sink
+            if sink is not None:
+                if self._json:
+                    fields["log_time"] = time.time()
+                sink.add(self._formatter(fields))
+        elif self.enabled:
             self._log.info(self.namespace, **fields)
 
 
@@ -278,18 +555,140 @@ class DecisionLog(LineLog):
     fields = DECISION_FIELDS
     namespace = "egressproxy.decision"
 
+    # The process log's file, when it is ours (L{toProcessLog}).
+    _processLog: TextProcessLog | None = None
+
     @classmethod
-    def toProcessLog(cls) -> DecisionLog:
+    def toProcessLog(cls, processLog: TextProcessLog | None = None) -> DecisionLog:
+        """
+        Decision lines for the process log.
+
+        @param processLog: the process log's observer, when the process
+            log is ours (L{TextProcessLog}): once it is installed, lines
+            are formatted once, as its text observer would have written
+            them, into its buffer; else (and while others listen) each line
+            is an event of the global log publisher.
+        """
         decisions = cls(None)
         text = textFormatter(DECISION_FIELDS)
-        processLog = Logger(namespace=cls.namespace)
+        processLogger = Logger(namespace=cls.namespace)
 
         def forward(event: dict[str, Any]) -> None:
             fields = {k: event[k] for k in DECISION_FIELDS if k in event}
-            processLog.info("{line}", line=text(event).rstrip("\n"), **fields)
+            processLogger.info("{line}", line=text(event).rstrip("\n"), **fields)
 
+        # The only listener that is not another observer (a test's).
         decisions.addObserver(cast(ILogObserver, forward))
+        decisions._processLog = processLog
+        if processLog is not None:
+
+            def slow() -> bool:
+                return decisions._listeners != 1 or not processLog.installed
+
+            decisions.record = textRecorder(  # type: ignore[method-assign]
+                DECISION_FIELDS,
+                decisions._record,
+                slow,
+                processLog.buffer.add,
+                processLog.now,
+            )
         return decisions
+
+    def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
+        LineLog.batchWrites(self, clock, interval)
+        if self._processLog is not None:
+            self._processLog.batchWrites(clock, interval)
+
+    def flush(self) -> None:
+        LineLog.flush(self)
+        if self._processLog is not None:
+            self._processLog.flush()
+
+
+# How a decision line's event is shown in the process log's text.
+_DECISION_SYSTEM = DecisionLog.namespace + "#info"
+
+
+@implementer(ILogObserver)
+class TextProcessLog:
+    """
+    The process log in twistd's text format, written as
+    L{twisted.logger.textFileLogObserver} would write it (byte for byte:
+    C{"{time} [{namespace}#{level}] {text}"}), with savings for a line
+    per request: the time stamp is formatted once per second, and decision
+    lines wait in L{buffer} without an event, as rows of their fields and
+    time (L{DecisionLog.toProcessLog}), to be formatted and written in
+    batches (L{textRows}, L{LineBuffer}); L{addLine} adds a line formatted
+    by the caller.  Every other event is written at once, after the lines
+    that wait, so the order is kept.
+
+    @ivar installed: whether twistd logs to this observer (given a file
+        when made, or L{install}ed); until then, decision lines go to the
+        global log.
+    """
+
+    def __init__(
+        self, outFile: IO[Any] | None = None, now: Callable[[], float] = time.time
+    ) -> None:
+        # Holds lines, and rows of decision lines (textRows).
+        self.buffer = LineBuffer(
+            outFile if outFile is not None else sys.stdout,
+            render=textRows(DECISION_FIELDS, _DECISION_SYSTEM, self.formatTime),
+        )
+        self.installed = outFile is not None
+        # The event's time, as twisted.logger takes it.
+        self.now = now
+        self._second: int | None = None
+        self._stamp = ""
+
+    def install(self, outFile: IO[Any]) -> None:
+        """
+        Write to C{outFile} from now on; twistd logs to this observer.
+        """
+        self.buffer.flush()
+        self.buffer.outFile = outFile
+        self.buffer._encode = ioType(outFile) is not str
+        self.installed = True
+
+    def formatTime(self, when: float | None) -> str:
+        """
+        L{twisted.logger.formatTime} in RFC 3339, remembered per second.
+        """
+        if when is None:
+            return "-"
+        second = int(when)
+        if when - second >= 0.9999995:
+            # Rounded up to the next second by datetime: not cached.
+            return formatTime(when)
+        if second != self._second:
+            self._stamp = formatTime(second)
+            self._second = second
+        return self._stamp
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = formatEventAsClassicLogText(event, formatTime=self.formatTime)
+        if text:
+            self.buffer.add(text)
+            self.buffer.flush()
+
+    def addLine(self, system: str, text: str) -> None:
+        """
+        Log C{text} (one line, ending with a newline) now, as an event of
+        C{system} (C{namespace#level}) whose text it is.
+        """
+        self.buffer.add(f"{self.formatTime(self.now())} [{system}] {text}")
+
+    def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
+        """
+        Batch the lines of L{addLine} (L{LineBuffer.batch}).
+        """
+        self.buffer.batch(clock, interval)
+
+    def flush(self) -> None:
+        """
+        Write out what waits.
+        """
+        self.buffer.flush()
 
 
 # Metrics.

@@ -61,6 +61,7 @@ from proxy_app.observe import (
     DecisionLog,
     Metrics,
     MetricsResource,
+    TextProcessLog,
     instanceRegistry,
     multiprocessValues,
 )
@@ -879,6 +880,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # Only twistd's own options say where its log goes; an application
         # mounting the proxy (a .tac) chooses its log observer itself.
         top.logOptions = twistdOptions
+    elif twistdOptions is not None and ownsTextProcessLog(twistdOptions):
+        top.logOptions = twistdOptions
+        top.processLog = TextProcessLog()
     if config.workers > 1 and workerIndex is None:
         supervisor = WorkerSupervisor(
             reactor,
@@ -1050,7 +1054,7 @@ def _build(
         decisionLog = (
             DecisionLog.open(config.access_log.decision_log, config.access_log.format)
             if config.access_log.decision_log
-            else DecisionLog.toProcessLog()
+            else DecisionLog.toProcessLog(getattr(top, "processLog", None))
         )
     except OSError as e:
         raise ConfigError(
@@ -1354,17 +1358,25 @@ class _CommandLineService(_SequentialService):
     cannot bind ends start-up with one line, like any other configuration
     mistake, instead of a traceback from twistd.
 
-    @ivar logOptions: twistd's options, when the process log is to be JSON
-        (L{jsonProcessLog}); else L{None}.
+    @ivar logOptions: twistd's options, when the process log is ours: JSON
+        (L{jsonProcessLog}), or text (L{processLog}); else L{None}.
+    @ivar processLog: the text process log's observer, installed as the
+        application's when twistd makes it the parent; else L{None}.
     """
 
     logOptions: Mapping[str, Any] | None = None
+    processLog: TextProcessLog | None = None
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd gives a plugin's service its application as the parent,
         # and logs to the application's ILogObserver when it has one (as a
         # .tac file would set it).
-        if self.logOptions is not None and isinstance(parent, Componentized):
+        if self.processLog is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver, None) is None:
+                assert self.logOptions is not None
+                self.processLog.install(_processLogFile(self.logOptions))
+                parent.setComponent(ILogObserver, self.processLog)
+        elif self.logOptions is not None and isinstance(parent, Componentized):
             try:
                 observer = jsonProcessLog(self.logOptions)
             except ConfigError as e:
@@ -1404,10 +1416,35 @@ def jsonProcessLog(twistdOptions: Mapping[str, Any]) -> ILogObserver:
                 f"log_format = 'json': twistd's --{option} chooses the process "
                 "log's format itself; drop one of them"
             )
+    return jsonFileLogObserver(_processLogFile(twistdOptions), recordSeparator="")
+
+
+def ownsTextProcessLog(twistdOptions: Mapping[str, Any]) -> bool:
+    """
+    Whether the proxy writes the text process log itself
+    (L{TextProcessLog}, in the file twistd would choose: see
+    L{_processLogFile}), so that the decision log can write its lines to
+    it cheaply: not where twistd chooses otherwise (C{--syslog},
+    C{--logger}, or a daemon told to log to standard output, which twistd
+    refuses).
+    """
+    if twistdOptions.get("syslog") or twistdOptions.get("logger"):
+        return False
+    return not (
+        twistdOptions.get("logfile") == "-" and not twistdOptions.get("nodaemon")
+    )
+
+
+def _processLogFile(twistdOptions: Mapping[str, Any]) -> Any:
+    """
+    Where twistd writes its log: standard output with C{-n} and no
+    C{--logfile} (or C{--logfile -}), else the C{--logfile} (C{twistd.log}
+    by default), which SIGUSR1 rotates as twistd's own does.
+    """
     path = twistdOptions.get("logfile")
     nodaemon = twistdOptions.get("nodaemon")
     if path == "-" or (nodaemon and not path):
-        return jsonFileLogObserver(sys.stdout, recordSeparator="")
+        return sys.stdout
     logFile = LogFile.fromFullPath(path or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):
 
@@ -1415,4 +1452,4 @@ def jsonProcessLog(twistdOptions: Mapping[str, Any]) -> ILogObserver:
             _globalReactor().callFromThread(logFile.rotate)
 
         signal.signal(signal.SIGUSR1, rotate)
-    return jsonFileLogObserver(logFile, recordSeparator="")
+    return logFile

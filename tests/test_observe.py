@@ -10,21 +10,32 @@ import json
 import os
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, textFileLogObserver
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy_app.addresses import AddressDecision
 from proxy_app.observe import (
+    ACCESS_FIELDS,
+    DECISION_FIELDS,
     AccessLog,
+    DecisionLog,
     Metrics,
     MetricsResource,
+    TextProcessLog,
     instanceRegistry,
     multiprocessValues,
+    textFormatter,
+    textRecorder,
+    textRows,
 )
 from proxy_app.reasons import DENIALS, Reason
 from proxy_app.resolver import DestinationDenied, VettedDestination
@@ -619,3 +630,299 @@ class MultiprocessTests(SynchronousTestCase):
                 )
             else:
                 self.assertEqual(set(got[name][1]), set(samples), name)
+
+
+def _oldTextValue(value: Any) -> str:
+    """
+    How access and decision lines wrote a value before issue #19 (the
+    reference the faster formatter must agree with, byte for byte).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text)
+    return text
+
+
+def _oldText(fields: tuple[str, ...], event: dict[str, Any]) -> str:
+    parts = []
+    for name in fields:
+        value = event.get(name)
+        if value is None:
+            continue
+        parts.append(f"{name}={_oldTextValue(value)}")
+    return " ".join(parts) + "\n"
+
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(),
+    st.sampled_from(["", " ", '"', "=", "\\", "a b", "\x00", "é", "GET"]),
+)
+
+
+class LineFormatTests(SynchronousTestCase):
+    """
+    The lines keep their content and format exactly (issue #19).
+    """
+
+    @given(
+        st.lists(_values, min_size=len(DECISION_FIELDS), max_size=len(DECISION_FIELDS))
+    )
+    def test_textAsBefore(self, values: list[Any]) -> None:
+        """
+        The generated text formatter writes any values as the formatter
+        before issue #19 did.
+        """
+        event = dict(zip(DECISION_FIELDS, values, strict=True))
+        self.assertEqual(
+            textFormatter(DECISION_FIELDS)(event), _oldText(DECISION_FIELDS, event)
+        )
+
+    @given(
+        st.lists(
+            st.lists(
+                _values, min_size=len(DECISION_FIELDS), max_size=len(DECISION_FIELDS)
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    def test_recorderAsBefore(self, lines: list[list[Any]]) -> None:
+        """
+        The generated recorder (keyword arguments) and the rows' renderer
+        (remembered texts of repeating values) write lines as the formatter
+        before issue #19 did, also for a value seen before, and for 1, 1.0
+        and True, which are equal as keys.
+        """
+        rows: list[Any] = []
+        record = textRecorder(
+            DECISION_FIELDS, lambda **kw: None, lambda: False, rows.append
+        )
+        lines = (
+            lines + lines + [[1] * len(DECISION_FIELDS), [1.0] * len(DECISION_FIELDS)]
+        )
+        lines.append([True] * len(DECISION_FIELDS))
+        for values in lines:
+            record(**dict(zip(DECISION_FIELDS, values, strict=True)))
+        render = textRows(DECISION_FIELDS)
+        written = [render([row]) for row in rows]
+        self.assertEqual(render(rows), "".join(written))
+        self.assertEqual(
+            written,
+            [
+                _oldText(DECISION_FIELDS, dict(zip(DECISION_FIELDS, v, strict=True)))
+                for v in lines
+            ],
+        )
+
+    def test_recorderBounded(self) -> None:
+        """
+        The remembered texts of a repeating field are bounded: past the
+        bound they are forgotten, and lines stay right.
+        """
+        render = textRows(("url",))
+        written = [render([(f"http://a.example/{i}",)]) for i in range(600)]
+        written.append(render([("http://a.example/1",)]))
+        self.assertEqual(written[-1], "url=http://a.example/1\n")
+        self.assertEqual(written[599], "url=http://a.example/599\n")
+        self.assertEqual(len(written), 601)
+        cache = render.__globals__["cache_url"]  # type: ignore[attr-defined]
+        self.assertLessEqual(len(cache), 256)
+
+    def test_processLogRows(self) -> None:
+        """
+        Rows of decision lines kept for the process log are rendered with
+        the time of their event, as twistd's text observer writes the line.
+        """
+        out = io.StringIO()
+        clock = Clock()
+        clock.advance(1700000000.5)
+        processLog = TextProcessLog(out, now=clock.seconds)
+        processLog.batchWrites(clock)
+        decisions = DecisionLog.toProcessLog(processLog)
+        decisions.record(msg="CANONICAL-PROXY-DECISION", id="a", allow=True)
+        clock.advance(0.75)
+        decisions.record(msg="CANONICAL-PROXY-DECISION", id="b", allow=False)
+        self.assertEqual(out.getvalue(), "")
+        processLog.flush()
+        stamp = TextProcessLog(io.StringIO()).formatTime
+        self.assertEqual(
+            out.getvalue(),
+            f"{stamp(1700000000.5)} [egressproxy.decision#info] "
+            "msg=CANONICAL-PROXY-DECISION id=a allow=true\n"
+            f"{stamp(1700000001.25)} [egressproxy.decision#info] "
+            "msg=CANONICAL-PROXY-DECISION id=b allow=false\n",
+        )
+
+    def test_directAsPublished(self) -> None:
+        """
+        A line written straight from its fields (only the file listens) is
+        the line written through the publisher (another observer listens).
+        """
+        fields = dict(
+            rq_id="r-1",
+            client_addr="127.0.0.1:5",
+            method="GET",
+            url="http://a.example/x y",
+            response_code=200,
+            response_time=0.25,
+            bytes_up=0,
+            bytes_down=7,
+            error='a "b"',
+        )
+        for format in ("text", "json"):
+            direct, published = io.StringIO(), io.StringIO()
+            AccessLog(direct, format).record(**fields)
+            log = AccessLog(published, format)
+            events: list[dict[str, Any]] = []
+            log.addObserver(events.append)
+            log.record(**fields)
+            self.assertEqual(len(events), 1)
+            if format == "json":
+                one, two = (
+                    json.loads(direct.getvalue()),
+                    json.loads(published.getvalue()),
+                )
+                self.assertIsInstance(one.pop("time"), float)
+                self.assertIsInstance(two.pop("time"), float)
+                self.assertEqual(one, two)
+            else:
+                self.assertEqual(direct.getvalue(), published.getvalue())
+                self.assertEqual(direct.getvalue(), _oldText(ACCESS_FIELDS, fields))
+
+
+class TextProcessLogTests(SynchronousTestCase):
+    """
+    The text process log the proxy writes itself: twistd's format, byte for
+    byte, with decision lines batched.
+    """
+
+    def test_eventsAsTwistd(self) -> None:
+        """
+        Events are written as L{textFileLogObserver} writes them, the time
+        stamp included (also a time datetime rounds up to the next second,
+        and one with no time), and each at once.
+        """
+        ours, theirs = io.StringIO(), io.StringIO()
+        observer = TextProcessLog(ours)
+        reference = textFileLogObserver(theirs)
+        for when in (1700000000.25, 1700000000.9999997, 1700000001.0, None):
+            event = dict(
+                log_format="Hello {who}\nthere",
+                who="x",
+                log_namespace="a.b",
+                log_level=LogLevel.warn,
+            )
+            if when is not None:
+                event["log_time"] = when
+            observer(event)
+            reference(event)
+            self.assertEqual(ours.getvalue(), theirs.getvalue())
+
+    def test_decisionLineAsBefore(self) -> None:
+        """
+        A decision line written through the process log's buffer is the line
+        twistd's text observer wrote for the event the decision log emitted
+        before (issue #19).
+        """
+        fields = dict(
+            msg="CANONICAL-PROXY-DECISION",
+            id="r-1",
+            proxy_type="connect",
+            requested_host="a.example:443",
+            decision_reason="Egress ACL is not configured",
+            enforce_would_deny=False,
+            allow=True,
+            inbound_remote_addr="127.0.0.1:5",
+            dns_lookup_time_ms=0.5,
+            status_code=200,
+        )
+        when = 1700000000.5
+        ours = io.StringIO()
+        decisions = DecisionLog.toProcessLog(TextProcessLog(ours, now=lambda: when))
+        decisions.record(**fields)
+
+        theirs = io.StringIO()
+        reference = textFileLogObserver(theirs)
+        before = DecisionLog.toProcessLog()
+
+        def stamped(event: dict[str, Any]) -> None:
+            event["log_time"] = when
+            reference(event)
+
+        with capturedLogs() as events:
+            before.record(**fields)
+        for event in events:
+            stamped(event)
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertTrue(ours.getvalue().endswith(_oldText(DECISION_FIELDS, fields)))
+
+    def test_batched(self) -> None:
+        """
+        Batched, decision lines wait until the timer (armed by the first
+        line) fires, or until the buffer holds its most lines; another
+        event is written at once, after the lines that waited; flush()
+        (as at shutdown) writes the rest.  Each batch is one write.
+        """
+        clock = Clock()
+        out = io.StringIO()
+        writes: list[str] = []
+        write = out.write
+
+        def counted(text: str) -> int:
+            writes.append(text)
+            return write(text)
+
+        out.write = counted  # type: ignore[method-assign]
+        processLog = TextProcessLog(out, now=clock.seconds)
+        processLog.batchWrites(clock, interval=1.0)
+        processLog.buffer._maxLines = 3
+        processLog.addLine("d#info", "one\n")
+        processLog.addLine("d#info", "two\n")
+        self.assertEqual(out.getvalue(), "")
+        clock.advance(0.5)
+        self.assertEqual(out.getvalue(), "")
+        clock.advance(0.5)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(
+            [line.split(" ", 1)[1] for line in out.getvalue().splitlines()],
+            ["[d#info] one", "[d#info] two"],
+        )
+        for text in ("3\n", "4\n", "5\n"):
+            processLog.addLine("d#info", text)
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        processLog.addLine("d#info", "6\n")
+        processLog(dict(log_format="other", log_namespace="x", log_level=LogLevel.info))
+        self.assertEqual(len(writes), 3)
+        self.assertEqual(
+            [line.split(" ", 1)[1] for line in writes[-1].splitlines()],
+            ["[d#info] 6", "[x#info] other"],
+        )
+        processLog.addLine("d#info", "7\n")
+        decisions = DecisionLog.toProcessLog(processLog)
+        decisions.stop()
+        self.assertTrue(out.getvalue().endswith("[d#info] 7\n"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_fileLogsBatched(self) -> None:
+        """
+        A file log's lines wait for the timer too, and at most the bound.
+        """
+        clock = Clock()
+        out = io.StringIO()
+        log = AccessLog(out, "text")
+        log.batchWrites(clock, interval=2.0)
+        log.record(rq_id="one")
+        clock.advance(1.9)
+        self.assertEqual(out.getvalue(), "")
+        clock.advance(0.1)
+        self.assertEqual(out.getvalue(), "rq_id=one\n")
+        for i in range(256):
+            log.record(rq_id=str(i))
+        self.assertEqual(len(out.getvalue().splitlines()), 257)

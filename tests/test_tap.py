@@ -11,6 +11,7 @@ import io
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -972,18 +973,23 @@ class JSONProcessLogTests(SynchronousTestCase):
         """
         Given twistd's application as its parent, the service of
         C{--log-format json} sets the application's log observer, which
-        twistd then logs to; with the default, text, it sets none and
-        twistd's own observer stays, and so it does for options not parsed
-        by twistd.
+        twistd then logs to; with the default, text, it sets its own
+        L{TextProcessLog} (twistd's format, written where twistd would),
+        except where twistd chooses the log itself (C{--syslog}); for
+        options not parsed by twistd it sets none.
         """
         from twisted.application.service import Application
         from twisted.logger import ILogObserver
 
+        from proxy_app.observe import TextProcessLog
+
         for argv, parent, expected in (
             (["--log-format", "json"], {"nodaemon": True, "logfile": None}, True),
-            ([], {"nodaemon": True, "logfile": None}, False),
+            ([], {"nodaemon": True, "logfile": None}, True),
+            ([], {"nodaemon": True, "logfile": None, "syslog": True}, False),
             # Not under twistd (a .tac mounting the proxy): its choice.
             (["--log-format", "json"], None, False),
+            ([], None, False),
         ):
             options = Options(environ={})
             options.parseOptions(["--access-log", "none", *argv])
@@ -995,6 +1001,86 @@ class JSONProcessLogTests(SynchronousTestCase):
             )
             observer = application.getComponent(ILogObserver, None)
             self.assertEqual(observer is not None, expected, argv)
+            if expected and not argv:
+                self.assertIsInstance(observer, TextProcessLog)
+
+    def test_twistdTextDecisionLines(self) -> None:
+        """
+        Under twistd, in text, a decision line written while the proxy runs
+        reaches the process log, in twistd's format, and is written out
+        when SIGTERM stops the proxy, not lost with the batch it waited in.
+        """
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "egressproxy",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--metrics",
+                "none",
+                "--access-log",
+                "none",
+            ],
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(process.kill)
+        assert process.stdout is not None
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline:
+            line = process.stdout.readline().decode("utf-8")
+            if not line:
+                break
+            found = re.search(r"starting on (\d+)", line)
+            if found:
+                port = int(found.group(1))
+        self.assertIsNotNone(port)
+        while time.monotonic() < deadline and not _catches(process.pid, signal.SIGTERM):
+            time.sleep(0.02)
+        # Refused by the address policy: nothing is connected to.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(client.recv(65536).startswith(b"HTTP/1.1 403"))
+        process.send_signal(signal.SIGTERM)
+        rest, errors = process.communicate(timeout=20)
+        decisions = [
+            line
+            for line in rest.decode("utf-8").splitlines()
+            if "CANONICAL-PROXY-DECISION" in line
+        ]
+        self.assertEqual(len(decisions), 1, rest)
+        self.assertRegex(
+            decisions[0],
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
+            r"\[egressproxy\.decision#info\] msg=CANONICAL-PROXY-DECISION id=\S+ "
+            r"proxy_type=http requested_host=127\.0\.0\.1:1 ",
+        )
+
+    def test_ownsTextProcessLog(self) -> None:
+        """
+        The proxy writes the text process log itself only where twistd
+        would write a file or standard output: not with C{--syslog} or
+        C{--logger}, nor for a daemon told to log to standard output (which
+        twistd refuses).
+        """
+        from proxy_app.tap import ownsTextProcessLog
+
+        for options, expected in (
+            ({"nodaemon": True, "logfile": None}, True),
+            ({"nodaemon": False, "logfile": "x.log"}, True),
+            ({"nodaemon": True, "logfile": "-"}, True),
+            ({"nodaemon": False, "logfile": "-"}, False),
+            ({"nodaemon": True, "logfile": None, "syslog": True}, False),
+            ({"nodaemon": True, "logfile": None, "logger": "m.f"}, False),
+        ):
+            self.assertEqual(ownsTextProcessLog(options), expected, options)
 
     def test_twistd(self) -> None:
         """

@@ -32,6 +32,10 @@ for _row, _label in WRK_ROWS:
         (f"{_row}.p99", f"{_label}: p99 ms", _row, lambda r: r.get("p99_ms"), "lower"),
     ]
 MEASURES += [
+    ("tunnel_request.rps", "(f) tunnel per request (CONNECT, POST /webhook 2 KiB "
+     "inside, close): tunnels/s", "tunnel_request", lambda r: r.get("rps"), "higher"),
+    ("tunnel_request.p99", "(f) tunnel per request: p99 ms", "tunnel_request",
+     lambda r: r.get("p99_ms"), "lower"),
     ("connect_bulk.mbps", "(c) CONNECT tunnel, /big: MB/s, best of 3", "connect_bulk",
      lambda r: r.get("mbps"), "higher"),
     ("tunnels.kib", "(d) idle CONNECT tunnel: KiB of RSS each", "tunnels",
@@ -86,6 +90,97 @@ def ratios(t: dict[str, dict[str, float | None]]) -> dict[str, dict[str, dict]]:
     return {"vs_best_peer": vs_peer, "vs_direct": vs_direct}
 
 
+LOG_ROWS = [
+    ("logs_off", "logs off (--access-log none --decision-log none)"),
+    ("logs_default", "default logging (access log to stdout, decisions in twistd.log)"),
+    ("logs_files", "both logs to files"),
+]
+
+# The summary's rows: one figure per row of the issue's list.
+SUMMARY = [
+    "get_keepalive.rps", "post_keepalive.rps", "get_close.rps", "post_close.rps",
+    "tunnel_request.rps", "tunnel_request.p99", "connect_bulk.mbps", "tunnels.kib", "get_keepalive.p99",
+]  # fmt: skip
+
+
+def logging(records: list[dict]) -> dict[str, dict]:
+    """
+    egressproxy's logging rows: req/s, CPU per request, and both as ratios
+    to the logs-off row of the same run (CPU: off / this, so that 0.90
+    means logging costs 10%).
+    """
+    by = {r["row"]: r for r in records if r["proxy"] == "egressproxy"}
+    off = by.get("logs_off")
+    out: dict[str, dict] = {}
+    for row, _label in LOG_ROWS:
+        r = by.get(row)
+        if r is None or "error" in r:
+            continue
+        item = {"rps": r.get("rps"), "cpu_us_per_req": r.get("cpu_us_per_req")}
+        if off and off.get("rps") and r.get("rps"):
+            item["rps_ratio"] = round(r["rps"] / off["rps"], 3)
+        if off and off.get("cpu_us_per_req") and r.get("cpu_us_per_req"):
+            item["cpu_ratio"] = round(off["cpu_us_per_req"] / r["cpu_us_per_req"], 3)
+        out[row] = item
+    return out
+
+
+def summary(doc: dict) -> list[str]:
+    """
+    The table at the top: each row, egressproxy's figure, the best peer's,
+    and the ratio (above 1 is better for egressproxy on every row: for
+    latency and memory it is peer / egressproxy).
+    """
+    t, rat = doc["table"], doc["ratios"]["vs_best_peer"]
+    labels = {m[0]: m[1] for m in MEASURES}
+    better = {m[0]: m[4] for m in MEASURES}
+    commit = doc["versions"].get("egressproxy", "?")
+    out = [
+        "## Summary",
+        "",
+        f"{doc['date']}, egressproxy {commit}; `{doc['command']}`. "
+        "Ratio: egressproxy's figure against the best peer's, turned so "
+        "that above 1.00 means egressproxy is ahead.",
+        "",
+        "| row | egressproxy | best peer | ratio |",
+        "|---|---:|---|---:|",
+    ]
+    for key in SUMMARY:
+        ours = t.get(key, {}).get("egressproxy")
+        r = rat.get(key, {})
+        best, name = r.get("best_value"), r.get("best_peer")
+        ratio = None
+        if ours and best:
+            ratio = ours / best if better[key] == "higher" else best / ours
+        peer = f"{name} ({fmt(key, best)})" if name else "–"
+        shown = f"{ratio:.2f}" if ratio is not None else "–"
+        out.append(f"| {labels[key]} | {fmt(key, ours)} | {peer} | {shown} |")
+    logs = doc.get("logging") or {}
+    for row, label in LOG_ROWS[1:]:
+        item = logs.get(row)
+        if item is None:
+            continue
+        out.append(
+            f"| keep-alive GET, {label}: req/s | {item['rps']:,.0f} | "
+            f"logs off ({logs.get('logs_off', {}).get('rps', 0):,.0f}) | "
+            f"{item.get('rps_ratio', 0):.2f} (CPU per request: "
+            f"{item.get('cpu_ratio', 0):.2f}) |"
+        )
+    direct = t.get("tunnel_request.rps", {}).get("direct")
+    proxies = [v for p, v in t.get("tunnel_request.rps", {}).items() if p != "direct" and v]
+    if direct and proxies:
+        head = direct / max(proxies)
+        out += [
+            "",
+            f"Load generator headroom on the tunnel-per-request row: direct does "
+            f"{head:.1f}× the best proxy"
+            + (" (at least 2×: the generator is not the limit)." if head >= 2
+               else " — **less than 2×: the generator may be the limit**."),
+        ]  # fmt: skip
+    out.append("")
+    return out
+
+
 def markdown(doc: dict) -> str:
     t, rat = doc["table"], doc["ratios"]
     cols = [c for c in COLUMNS if any(t[k].get(c) is not None for k in t)]
@@ -105,12 +200,16 @@ def markdown(doc: dict) -> str:
         f"- **Load:** wrk {s['threads']} threads, {s['conns']} connections, {s['duration_s']} s "
         f"per row; {s['tunnels']} tunnels; /big is {s['big_mib']} MiB",
     ]  # fmt: skip
+    if s.get("workers", 1) > 1:
+        out.append(f"- **Workers:** egressproxy --workers {s['workers']}, "
+                   f"squid workers {s['workers']}")  # fmt: skip
     if doc.get("merged_from"):
         out.append(
             "- **Merged:** rows of "
             + ", ".join(f"{p} from {d}" for p, d in doc["merged_from"].items())
             + " were kept from an earlier run"
         )
+    out = out[:2] + summary(doc) + out[2:]
     out += ["", "## Results", ""]
     out.append("| measure | " + " | ".join(cols) + " |")
     out.append("|---|" + "---:|" * len(cols))
@@ -165,6 +264,27 @@ def markdown(doc: dict) -> str:
         "Each figure divided by the same load sent straight to the origin (no proxy).",
     )
 
+    logs = doc.get("logging") or {}
+    if logs:
+        out.extend([
+            "", "## Logging cost (egressproxy, keep-alive GET /small)", "",
+            "Each configuration on a fresh process, one after the other. CPU per "
+            "request is the proxy's CPU time over the row divided by the responses: "
+            "the figure to trust on a shared machine. Ratios are to logs off "
+            "(CPU: off / this, so 0.90 means logging costs 10%).",
+            "",
+            "| configuration | req/s | ratio | CPU µs per request | ratio |",
+            "|---|---:|---:|---:|---:|",
+        ])  # fmt: skip
+        for row, label in LOG_ROWS:
+            item = logs.get(row)
+            if item is None:
+                continue
+            out.append(
+                f"| {label} | {item['rps']:,.0f} | {item.get('rps_ratio', 1):.2f} | "
+                f"{item.get('cpu_us_per_req') or 0:.1f} | "
+                f"{item.get('cpu_ratio', 1):.2f} |"
+            )
     out.extend([
         "", "## CPU and noise", "",
         "Per row: the proxy's CPU use (100% = one core saturated) / what else ran "
@@ -175,7 +295,9 @@ def markdown(doc: dict) -> str:
         "| row | " + " | ".join(proxies) + " |",
         "|---|" + "---:|" * len(proxies),
     ])  # fmt: skip
-    for row, label in WRK_ROWS + [("connect_bulk", "(c) CONNECT /big")]:
+    extra = [("tunnel_request", "(f) tunnel per request"), ("connect_bulk", "(c) CONNECT /big")]
+    extra += [(row, f"logging: {label}") for row, label in LOG_ROWS]
+    for row, label in WRK_ROWS + extra:
         cells = []
         for p in proxies:
             r = by.get((p, row))
@@ -231,6 +353,7 @@ def main() -> None:
     p.add_argument("--big-mib", type=int, required=True)
     p.add_argument("--elapsed", type=int, required=True)
     p.add_argument("--merge", action="store_true")
+    p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -261,7 +384,7 @@ def main() -> None:
         "settings": {
             "pinned": bool(a.pinned), "threads": 2, "conns": 50,
             "duration_s": a.duration, "tunnels": a.tunnels, "big_mib": a.big_mib,
-            "post_body_bytes": 2048,
+            "post_body_bytes": 2048, "workers": a.workers,
         },
         "elapsed_s": a.elapsed,
         "machine": machine,
@@ -269,6 +392,7 @@ def main() -> None:
         "merged_from": merged_from,
         "table": t,
         "ratios": ratios(t),
+        "logging": logging(records),
         "records": records,
     }  # fmt: skip
     with open(a.out + ".json", "w") as f:
