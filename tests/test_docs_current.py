@@ -26,8 +26,10 @@ from proxy_app import config
 
 _ROOT = FilePath(__file__).parent().parent()
 
+# "yet" after a comma is the conjunction ("one address, yet two
+# connects"), not a promise.
 FUTURE = re.compile(
-    r"\byet\b|\bwill\b|\bonce\b[^.;|]{0,60}\b(?:lands|(?:is|are) merged)\b"
+    r"(?<!, )\byet\b|\bwill\b|\bonce\b[^.;|]{0,60}\b(?:lands|(?:is|are) merged)\b"
     r"|not implemented"
     r"|\bcoming soon\b|\bplanned\b",
     re.IGNORECASE,
