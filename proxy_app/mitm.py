@@ -60,6 +60,18 @@ BACKDATE = 300.0
 GLOBAL = MitmDomain("*")
 
 
+def notValidAfter(certificate: x509.Certificate) -> float:
+    """
+    A certificate's notAfter, in seconds since the epoch: cryptography 42
+    names it C{not_valid_after_utc}; 41 (the oldest pyOpenSSL 23.3 takes)
+    has only the naive C{not_valid_after}, in UTC.
+    """
+    aware = getattr(certificate, "not_valid_after_utc", None)
+    if aware is None:
+        aware = certificate.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return float(aware.timestamp())
+
+
 class MitmConfigError(ValueError):
     """
     The CA cannot be used; C{str()} names the key and the file, never
@@ -202,7 +214,7 @@ class IssuingCA:
         """
         now = self._clock.seconds()
         start = now - BACKDATE
-        caEnd = self._certificate.not_valid_after_utc.timestamp()
+        caEnd = notValidAfter(self._certificate)
         end = min(now + self.lifetime, caEnd)
         try:
             name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
