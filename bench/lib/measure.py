@@ -13,6 +13,8 @@ count and in time, and prints one JSON object (or plain values) on stdout.
   bulk ...                   curl download of /big, best of N
   tunnels ...                RSS cost of N idle CONNECT tunnels
   tunnelreq ...              tunnel per request (bench/lib/tunnelgen.c)
+  tlsreq ...                 keep-alive GETs over TLS: intercepted CONNECT
+                             tunnels, or straight to a TLS origin
   show RECORD                one record as a console line
   machine                    facts about this machine
   pyspy-top RAW [N]          top N functions by own time from py-spy raw output
@@ -23,12 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import re
 import resource
 import shlex
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -281,6 +285,156 @@ def cmd_tunnelreq(a: argparse.Namespace) -> None:
         rec["cpu_us_per_req"] = round(1e6 * rec["proxy_cpu_s"] / rec["requests"], 1)
     rec.update(conns=a.conns, duration_s=a.duration, method="POST" if a.body else "GET",
                path=a.path, body=a.body)  # fmt: skip
+    print(json.dumps(rec))
+
+
+# ---------------------------------------------------------------- tlsreq
+
+
+async def _tls_worker(a: argparse.Namespace, conns: int, start, stop) -> dict:
+    """
+    CONNS connections of one worker process: each a CONNECT to the proxy
+    (or a TCP connection straight to the TLS origin), a TLS handshake that
+    verifies 127.0.0.1 against --cafile, then GET --path one after the
+    other until STOP is set.  Only the requests after START are counted.
+    """
+    ctx = ssl.create_default_context(cafile=a.cafile)
+    ctx.set_alpn_protocols(["http/1.1"])
+    target = f"{LOOPBACK}:{a.origin}"
+    request = (
+        f"GET {a.path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: bench-tlsreq\r\n\r\n"
+    ).encode()
+    latencies: list[int] = []
+    errors: Counter[str] = Counter()
+    issuers: set[str] = set()
+    loop = asyncio.get_running_loop()
+
+    async def setup() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        try:
+            r, w = await asyncio.wait_for(
+                asyncio.open_connection(LOOPBACK, a.origin if a.direct else a.port), 15
+            )
+            if not a.direct:
+                w.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 15)
+                if head.split(None, 2)[1] != b"200":
+                    errors["CONNECT: " + head.split(b"\r\n", 1)[0].decode()] += 1
+                    w.close()
+                    return None
+            await asyncio.wait_for(w.start_tls(ctx, server_hostname=LOOPBACK), 15)
+            cert = w.get_extra_info("peercert")
+            issuers.add(
+                ", ".join(f"{k}={v}" for rdn in cert.get("issuer", ()) for k, v in rdn)
+            )
+            return r, w
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, IndexError) as e:  # fmt: skip
+            errors[f"setup: {type(e).__name__}: {str(e)[:80]}"] += 1
+            return None
+
+    # The events are shared semaphores: polled here, not once per request.
+    flags = {"start": False, "stop": False}
+
+    async def poll() -> None:
+        while not flags["stop"]:
+            flags["start"], flags["stop"] = start.is_set(), stop.is_set()
+            await asyncio.sleep(0.005)
+
+    async def run(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        counting = flags["start"]
+        try:
+            while not flags["stop"]:
+                t0 = time.perf_counter_ns()
+                w.write(request)
+                head = await r.readuntil(b"\r\n\r\n")
+                length = None
+                for line in head.split(b"\r\n")[1:]:
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                if length is None or not head.startswith(b"HTTP/1.1 200"):
+                    errors["response: " + head.split(b"\r\n", 1)[0].decode()[:60]] += 1
+                    break
+                await r.readexactly(length)
+                if counting:
+                    latencies.append((time.perf_counter_ns() - t0) // 1000)
+                else:
+                    counting = flags["start"]
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            errors[f"request: {type(e).__name__}"] += 1
+        w.close()
+
+    poller = loop.create_task(poll())
+    streams = [s for s in await asyncio.gather(*(setup() for _ in range(conns))) if s]
+    tasks = [loop.create_task(run(r, w)) for r, w in streams]
+    await asyncio.gather(*tasks)
+    flags["stop"] = True
+    await poller
+    return {"latencies": latencies, "errors": dict(errors), "issuers": sorted(issuers),
+            "connections": len(streams)}  # fmt: skip
+
+
+def _tls_process(a: argparse.Namespace, conns: int, start, stop, out) -> None:
+    out.send(asyncio.run(_tls_worker(a, conns, start, stop)))
+
+
+def cmd_tlsreq(a: argparse.Namespace) -> None:
+    """
+    The intercepted-request row: --procs processes share --conns
+    connections; after a second of warm-up (handshakes, leaf issuance,
+    the proxy's first upstream connections) the requests of --duration
+    seconds are counted.
+    """
+    mp = multiprocessing.get_context("fork")
+    start, stop = mp.Event(), mp.Event()
+    workers = []
+    for i in range(a.procs):
+        share = a.conns // a.procs + (i < a.conns % a.procs)
+        parent, child = mp.Pipe(duplex=False)
+        proc = mp.Process(target=_tls_process, args=(a, share, start, stop, child))
+        proc.start()
+        workers.append((proc, parent))
+    time.sleep(a.warmup)
+    start.set()
+    with CpuWatch(a.pid, a.core, a.load_core) as watch:
+        t0 = time.monotonic()
+        time.sleep(a.duration)
+        stop.set()
+        secs = time.monotonic() - t0
+    latencies: list[int] = []
+    errors: Counter[str] = Counter()
+    issuers: set[str] = set()
+    connections = 0
+    for proc, parent in workers:
+        if parent.poll(a.duration + 30):
+            got = parent.recv()
+            latencies += got["latencies"]
+            errors.update(got["errors"])
+            issuers.update(got["issuers"])
+            connections += got["connections"]
+        else:
+            errors["worker gave no result"] += 1
+        proc.join(5)
+    rec: dict = {"proxy": a.proxy, "row": "intercept_get", "kind": "tlsreq"}
+    latencies.sort()
+    if not latencies:
+        rec["error"] = f"no responses; {json.dumps(dict(errors))}"
+    else:
+        n = len(latencies)
+        rec.update(
+            rps=round(n / secs, 1),
+            p50_ms=round(latencies[n // 2] / 1000, 3),
+            p99_ms=round(latencies[min(n - 1, n * 99 // 100)] / 1000, 3),
+            requests=n,
+            errors=sum(errors.values()),
+        )
+    rec.update(
+        error_detail=dict(errors), issuers=sorted(issuers), connections=connections
+    )
+    rec.update(watch.result)
+    if rec.get("proxy_cpu_s") is not None and rec.get("requests"):
+        rec["cpu_us_per_req"] = round(1e6 * rec["proxy_cpu_s"] / rec["requests"], 1)
+    rec.update(conns=a.conns, procs=a.procs, duration_s=a.duration, method="GET",
+               path=a.path)  # fmt: skip
     print(json.dumps(rec))
 
 
@@ -539,7 +693,7 @@ def cmd_show(a: argparse.Namespace) -> None:
     row = f"  {r['proxy']:12} {r['row']:15}"
     if "error" in r:
         print(f"{row} ERROR {r['error']}")
-    elif r["kind"] in ("wrk", "tunnelgen"):
+    elif r["kind"] in ("wrk", "tunnelgen", "tlsreq"):
         print(
             f"{row} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms"
             f"  errors {r['errors']}"
@@ -642,6 +796,16 @@ def main() -> None:
         help="client source addresses, 127.0.0.2 and up (TIME_WAIT spread)",
     )
     s.set_defaults(fn=cmd_tunnelreq)
+
+    s = sub.add_parser("tlsreq")
+    common(s)
+    s.add_argument("--cafile", required=True, help="the CA the client trusts")
+    s.add_argument("--path", default="/small")
+    s.add_argument("--duration", type=int, default=10)
+    s.add_argument("--warmup", type=float, default=1.0)
+    s.add_argument("--conns", type=int, default=50)
+    s.add_argument("--procs", type=int, default=2, help="client processes")
+    s.set_defaults(fn=cmd_tlsreq)
 
     s = sub.add_parser("bulk")
     common(s)

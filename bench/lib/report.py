@@ -12,8 +12,9 @@ import datetime
 import json
 import os
 
-PROXIES = ["egressproxy", "squid", "tinyproxy", "proxy.py"]
-PEERS = ["squid", "tinyproxy", "proxy.py"]
+PROXIES = ["egressproxy", "squid", "tinyproxy", "proxy.py", "mitmproxy"]
+# mitmproxy has figures on row (g) only, and is the only peer there.
+PEERS = ["squid", "tinyproxy", "proxy.py", "mitmproxy"]
 COLUMNS = ["direct"] + PROXIES
 
 WRK_ROWS = [
@@ -43,6 +44,12 @@ MEASURES += [
     ("tunnels.idle_rss", "(d) idle process, before the tunnels: MiB RSS", "tunnels",
      lambda r: round(r["rss_before_kib"] / 1024, 1) if r.get("rss_before_kib") else None,
      "lower"),
+    ("intercept_get.rps", "(g) intercepted HTTPS GET /small, keep-alive: req/s",
+     "intercept_get", lambda r: r.get("rps"), "higher"),
+    ("intercept_get.p50", "(g) intercepted HTTPS GET /small, keep-alive: p50 ms",
+     "intercept_get", lambda r: r.get("p50_ms"), "lower"),
+    ("intercept_get.p99", "(g) intercepted HTTPS GET /small, keep-alive: p99 ms",
+     "intercept_get", lambda r: r.get("p99_ms"), "lower"),
 ]  # fmt: skip
 
 
@@ -100,6 +107,7 @@ LOG_ROWS = [
 SUMMARY = [
     "get_keepalive.rps", "post_keepalive.rps", "get_close.rps", "post_close.rps",
     "tunnel_request.rps", "tunnel_request.p99", "connect_bulk.mbps", "tunnels.kib", "get_keepalive.p99",
+    "intercept_get.rps", "intercept_get.p99",
 ]  # fmt: skip
 
 
@@ -166,17 +174,23 @@ def summary(doc: dict) -> list[str]:
             f"{item.get('rps_ratio', 0):.2f} (CPU per request: "
             f"{item.get('cpu_ratio', 0):.2f}) |"
         )
-    direct = t.get("tunnel_request.rps", {}).get("direct")
-    proxies = [v for p, v in t.get("tunnel_request.rps", {}).items() if p != "direct" and v]
-    if direct and proxies:
-        head = direct / max(proxies)
-        out += [
-            "",
-            f"Load generator headroom on the tunnel-per-request row: direct does "
-            f"{head:.1f}× the best proxy"
-            + (" (at least 2×: the generator is not the limit)." if head >= 2
-               else " — **less than 2×: the generator may be the limit**."),
-        ]  # fmt: skip
+    first = True
+    for key, what in [
+        ("tunnel_request.rps", "the tunnel-per-request row"),
+        ("intercept_get.rps", "the intercepted-request row (g)"),
+    ]:
+        direct = t.get(key, {}).get("direct")
+        proxies = [v for p, v in t.get(key, {}).items() if p != "direct" and v]
+        if direct and proxies:
+            head = direct / max(proxies)
+            out += [""] if first else []
+            first = False
+            out += [
+                f"Load generator headroom on {what}: direct does "
+                f"{head:.1f}× the best proxy"
+                + (" (at least 2×: the generator is not the limit)." if head >= 2
+                   else " — **less than 2×: the generator may be the limit**."),
+            ]  # fmt: skip
     out.append("")
     return out
 
@@ -254,7 +268,7 @@ def markdown(doc: dict) -> str:
     ratio_table(
         "Ratio to the best peer", "vs_best_peer", all_keys,
         "Each figure divided by the best of squid, tinyproxy and proxy.py on that "
-        "row. For req/s and MB/s above 1 is better; for latency and memory below 1 "
+        "row (on row (g), intercepted requests, mitmproxy's). For req/s and MB/s above 1 is better; for latency and memory below 1 "
         "is better.",
     )  # fmt: skip
     ratio_table(
@@ -285,6 +299,19 @@ def markdown(doc: dict) -> str:
                 f"{item.get('cpu_us_per_req') or 0:.1f} | "
                 f"{item.get('cpu_ratio', 1):.2f} |"
             )
+    icpt = [(p, by.get((p, "intercept_get"))) for p in proxies]
+    icpt = [(p, r) for p, r in icpt if r and r.get("cpu_us_per_req") is not None]
+    if icpt:
+        out.extend([
+            "", "## Intercepted requests (g): CPU per request", "",
+            "The proxy's CPU time over the row divided by the responses: the figure "
+            "to trust on a shared machine.",
+            "",
+            "| proxy | req/s | CPU µs per request |",
+            "|---|---:|---:|",
+        ])  # fmt: skip
+        for p, r in icpt:
+            out.append(f"| {p} | {r['rps']:,.0f} | {r['cpu_us_per_req']:,.0f} |")
     out.extend([
         "", "## CPU and noise", "",
         "Per row: the proxy's CPU use (100% = one core saturated) / what else ran "
@@ -295,7 +322,11 @@ def markdown(doc: dict) -> str:
         "| row | " + " | ".join(proxies) + " |",
         "|---|" + "---:|" * len(proxies),
     ])  # fmt: skip
-    extra = [("tunnel_request", "(f) tunnel per request"), ("connect_bulk", "(c) CONNECT /big")]
+    extra = [
+        ("tunnel_request", "(f) tunnel per request"),
+        ("connect_bulk", "(c) CONNECT /big"),
+        ("intercept_get", "(g) intercepted HTTPS GET"),
+    ]
     extra += [(row, f"logging: {label}") for row, label in LOG_ROWS]
     for row, label in WRK_ROWS + extra:
         cells = []
