@@ -271,8 +271,28 @@ class Connector:
 
         @raise ValueError: if C{destination} has no address.
         """
-        if not destination.addresses:
+        addresses = destination.addresses
+        if not addresses:
             raise ValueError(f"no address to connect to for {destination.host!r}")
+        if (
+            len(addresses) == 1
+            and tls is None
+            and parent is None
+            and self.parent is None
+            and isinstance(factory, OutboundFactory)
+        ):
+            # Nothing to race: one connectTCP under the connect deadline.
+            address = addresses[0]
+            if isIPAddress(address):
+                bind = self.bind4
+            elif isIPv6Address(address):
+                bind = self.bind6
+            else:
+                # Refused by connectAddress, and reported, as the race does.
+                return _Race(self, destination, factory, tls, parent).result
+            return _ConnectingOne(factory, destination, address, self.timeout).start(
+                self.reactor, (bind, 0) if bind is not None else None
+            )
         return _Race(self, destination, factory, tls, parent).result
 
 
@@ -532,7 +552,7 @@ class _Connecting(ClientFactory):
         reactor: Any,
         address: str,
         port: int,
-        timeout: float,
+        timeout: float | None,
         bindAddress: tuple[str, int] | None,
     ) -> Deferred:
         """
@@ -581,6 +601,90 @@ class _Connecting(ClientFactory):
         self.factory = self.deferred = None
         d.errback(CancelledError())
         connector, self.connector = self.connector, None
+        if connector is not None:
+            connector.stopConnecting()
+
+
+class _ConnectingOne(_Connecting):
+    """
+    The connect of a destination with a single vetted address, with no
+    parent proxy and no TLS: one C{connectTCP}, without a L{_Race} around
+    it.  The connect deadline is this object's one delayed call (the
+    reactor is given no timeout of its own), and its failures are the
+    race's: 504/1004 at the deadline, 502/1006 naming the address
+    otherwise, L{CancelledError} when cancelled.
+    """
+
+    def __init__(
+        self,
+        factory: OutboundFactory,
+        destination: VettedDestination,
+        address: str,
+        timeout: float,
+    ) -> None:
+        _Connecting.__init__(self, factory)
+        self._destination = destination
+        self._address = address
+        self._timeout = timeout
+        self._deadline: IDelayedCall | None = None
+
+    def start(self, reactor: Any, bindAddress: tuple[str, int] | None) -> Deferred:
+        """
+        Start the connect and its deadline.
+
+        @return: as L{_Connecting.connect}, but failing with the
+            L{ProxyError} the client sees.
+        """
+        d = self.connect(
+            reactor, self._address, self._destination.port, None, bindAddress
+        )
+        if self.deferred is not None:
+            self._deadline = reactor.callLater(self._timeout, self._timedOut)
+        return d
+
+    def _stopDeadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def buildProtocol(self, addr: Any) -> Outbound | None:
+        self._stopDeadline()
+        return _Connecting.buildProtocol(self, addr)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self._stopDeadline()
+        destination = self._destination
+        _Connecting.clientConnectionFailed(
+            self,
+            connector,
+            connectError(
+                reason,
+                destination.host,
+                self._address,
+                destination.port,
+                self._timeout,
+            ),
+        )
+
+    def _cancel(self, d: Deferred) -> None:
+        self._stopDeadline()
+        _Connecting._cancel(self, d)
+
+    def _timedOut(self) -> None:
+        self._deadline = None
+        d, self.deferred = self.deferred, None
+        self.factory = None
+        connector, self.connector = self.connector, None
+        if d is not None and not d.called:
+            destination = self._destination
+            where = hostPort(destination.host, destination.port)
+            d.errback(
+                ProxyError(
+                    Reason.UPSTREAM_TIMEOUT,
+                    f"Connecting to {where} ({self._address}) "
+                    f"timed out after {self._timeout:g} s",
+                )
+            )
         if connector is not None:
             connector.stopConnecting()
 
