@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import attr
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
@@ -589,6 +589,14 @@ class _Connecting(ClientFactory):
         protocol.connecting = d
         return protocol
 
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        # The connector and its transport refer to each other, and Twisted
+        # leaves that cycle (and through the transport the protocols and
+        # exchanges of the connection) to the garbage collector; the
+        # connection is over, so the connector's reference goes, as
+        # stopConnecting drops it.
+        connector.transport = None
+
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.factory = self.connector = None
         d, self.deferred = self.deferred, None
@@ -695,6 +703,10 @@ class TLSHandshakeTimeout(ProxyError):
     """
 
 
+def _nothing() -> None:
+    pass
+
+
 class Timer:
     """
     One restartable timeout on an injected clock.
@@ -725,6 +737,16 @@ class Timer:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+    def release(self) -> None:
+        """
+        Cancel the timer for good: it lets go of its callback (a bound
+        method of its owner, which refers back to the timer), so that the
+        owner is freed when its connection closes rather than left, a
+        cycle, to the garbage collector.  Started again, it does nothing.
+        """
+        self.cancel()
+        self._onTimeout = _nothing
 
     def _fire(self) -> None:
         self._call = None
@@ -1029,6 +1051,20 @@ class UpstreamHTTP(Outbound):
         self._fail(ProxyError(Reason.UPSTREAM_TIMEOUT, message))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        try:
+            self._connectionLost(reason)
+        finally:
+            # What refers back to this connection lets go of it, so that it
+            # is freed now rather than left, a cycle, to the garbage
+            # collector: the timers' callbacks, the reader (and its
+            # parser), and C{ready}'s result (this connection).
+            self._idle.release()
+            self._lifetime.release()
+            self._reader.release()
+            if self.ready.called:
+                self.ready = succeed(None)
+
+    def _connectionLost(self, reason: Failure) -> None:
         self._idle.cancel()
         self._lifetime.cancel()
         self.pool.forget(self)
