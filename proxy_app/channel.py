@@ -534,7 +534,7 @@ class ProxyProtocol(Protocol):
             self.tunnel.clientWriteClosed()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._headerTimer.cancel()
+        self._headerTimer.release()
         self._state = "CLOSED"
         if self._reader is not None:
             self._reader.release()
@@ -544,6 +544,9 @@ class ProxyProtocol(Protocol):
         if not self.intercepted:
             self.factory.metrics.listenerConnections(self.listener).dec()
         self.factory.connectionClosed(self)
+        # The tunnel refers back to this connection: the pair goes with it
+        # rather than to the garbage collector.
+        self.tunnel = None
 
     # Request parsing.
 

@@ -393,6 +393,16 @@ class ResponseReader:
         self._parser = httptools.HttpResponseParser(self)
         self._reset(False)
 
+    def release(self) -> None:
+        """
+        The connection closed: let go of the parser and the sink, which
+        refer back to this reader, so that they are freed with the
+        connection rather than left, a cycle, to the garbage collector.
+        Nothing more may be fed.
+        """
+        self.sink = None
+        del self._parser
+
     def expect(self, bodiless: bool) -> None:
         """
         A request has been sent: read its response, with a fresh parser, so

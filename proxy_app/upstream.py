@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import attr
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
@@ -271,8 +271,28 @@ class Connector:
 
         @raise ValueError: if C{destination} has no address.
         """
-        if not destination.addresses:
+        addresses = destination.addresses
+        if not addresses:
             raise ValueError(f"no address to connect to for {destination.host!r}")
+        if (
+            len(addresses) == 1
+            and tls is None
+            and parent is None
+            and self.parent is None
+            and isinstance(factory, OutboundFactory)
+        ):
+            # Nothing to race: one connectTCP under the connect deadline.
+            address = addresses[0]
+            if isIPAddress(address):
+                bind = self.bind4
+            elif isIPv6Address(address):
+                bind = self.bind6
+            else:
+                # Refused by connectAddress, and reported, as the race does.
+                return _Race(self, destination, factory, tls, parent).result
+            return _ConnectingOne(factory, destination, address, self.timeout).start(
+                self.reactor, (bind, 0) if bind is not None else None
+            )
         return _Race(self, destination, factory, tls, parent).result
 
 
@@ -532,7 +552,7 @@ class _Connecting(ClientFactory):
         reactor: Any,
         address: str,
         port: int,
-        timeout: float,
+        timeout: float | None,
         bindAddress: tuple[str, int] | None,
     ) -> Deferred:
         """
@@ -569,6 +589,14 @@ class _Connecting(ClientFactory):
         protocol.connecting = d
         return protocol
 
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        # The connector and its transport refer to each other, and Twisted
+        # leaves that cycle (and through the transport the protocols and
+        # exchanges of the connection) to the garbage collector; the
+        # connection is over, so the connector's reference goes, as
+        # stopConnecting drops it.
+        connector.transport = None
+
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.factory = self.connector = None
         d, self.deferred = self.deferred, None
@@ -585,10 +613,98 @@ class _Connecting(ClientFactory):
             connector.stopConnecting()
 
 
+class _ConnectingOne(_Connecting):
+    """
+    The connect of a destination with a single vetted address, with no
+    parent proxy and no TLS: one C{connectTCP}, without a L{_Race} around
+    it.  The connect deadline is this object's one delayed call (the
+    reactor is given no timeout of its own), and its failures are the
+    race's: 504/1004 at the deadline, 502/1006 naming the address
+    otherwise, L{CancelledError} when cancelled.
+    """
+
+    def __init__(
+        self,
+        factory: OutboundFactory,
+        destination: VettedDestination,
+        address: str,
+        timeout: float,
+    ) -> None:
+        _Connecting.__init__(self, factory)
+        self._destination = destination
+        self._address = address
+        self._timeout = timeout
+        self._deadline: IDelayedCall | None = None
+
+    def start(self, reactor: Any, bindAddress: tuple[str, int] | None) -> Deferred:
+        """
+        Start the connect and its deadline.
+
+        @return: as L{_Connecting.connect}, but failing with the
+            L{ProxyError} the client sees.
+        """
+        d = self.connect(
+            reactor, self._address, self._destination.port, None, bindAddress
+        )
+        if self.deferred is not None:
+            self._deadline = reactor.callLater(self._timeout, self._timedOut)
+        return d
+
+    def _stopDeadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def buildProtocol(self, addr: Any) -> Outbound | None:
+        self._stopDeadline()
+        return _Connecting.buildProtocol(self, addr)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self._stopDeadline()
+        destination = self._destination
+        _Connecting.clientConnectionFailed(
+            self,
+            connector,
+            connectError(
+                reason,
+                destination.host,
+                self._address,
+                destination.port,
+                self._timeout,
+            ),
+        )
+
+    def _cancel(self, d: Deferred) -> None:
+        self._stopDeadline()
+        _Connecting._cancel(self, d)
+
+    def _timedOut(self) -> None:
+        self._deadline = None
+        d, self.deferred = self.deferred, None
+        self.factory = None
+        connector, self.connector = self.connector, None
+        if d is not None and not d.called:
+            destination = self._destination
+            where = hostPort(destination.host, destination.port)
+            d.errback(
+                ProxyError(
+                    Reason.UPSTREAM_TIMEOUT,
+                    f"Connecting to {where} ({self._address}) "
+                    f"timed out after {self._timeout:g} s",
+                )
+            )
+        if connector is not None:
+            connector.stopConnecting()
+
+
 class TLSHandshakeTimeout(ProxyError):
     """
     The TLS handshake with a destination did not finish in time.
     """
+
+
+def _nothing() -> None:
+    pass
 
 
 class Timer:
@@ -621,6 +737,16 @@ class Timer:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+    def release(self) -> None:
+        """
+        Cancel the timer for good: it lets go of its callback (a bound
+        method of its owner, which refers back to the timer), so that the
+        owner is freed when its connection closes rather than left, a
+        cycle, to the garbage collector.  Started again, it does nothing.
+        """
+        self.cancel()
+        self._onTimeout = _nothing
 
     def _fire(self) -> None:
         self._call = None
@@ -925,6 +1051,20 @@ class UpstreamHTTP(Outbound):
         self._fail(ProxyError(Reason.UPSTREAM_TIMEOUT, message))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        try:
+            self._connectionLost(reason)
+        finally:
+            # What refers back to this connection lets go of it, so that it
+            # is freed now rather than left, a cycle, to the garbage
+            # collector: the timers' callbacks, the reader (and its
+            # parser), and C{ready}'s result (this connection).
+            self._idle.release()
+            self._lifetime.release()
+            self._reader.release()
+            if self.ready.called:
+                self.ready = succeed(None)
+
+    def _connectionLost(self, reason: Failure) -> None:
         self._idle.cancel()
         self._lifetime.cancel()
         self.pool.forget(self)

@@ -585,6 +585,66 @@ class DirectConnectTests(_ConnectTCPTests, SynchronousTestCase):
         self.assertIs(self.successResultOf(race.result), protocol)
 
 
+class SingleAddressConnectTests(SynchronousTestCase):
+    """
+    A destination with one vetted address, connected without a parent proxy
+    or TLS for an L{OutboundFactory}, is one C{connectTCP} with no race
+    around it, under one deadline.
+    """
+
+    def test_oneDelayedCall(self) -> None:
+        """
+        The vetted address is dialled from the bind address of its family;
+        the connect deadline is the only delayed call (the reactor gets no
+        timeout of its own), and it goes once the connection is made.
+        """
+        race = Race(
+            [v6(1)],
+            timeout=7,
+            factory=UpstreamTunnelFactory(),
+            bindAddresses=("192.0.2.9", "2001:db8::99"),
+        )
+        self.assertEqual(
+            [(c[0], c[1], c[3], c[4]) for c in race.reactor.tcpClients],
+            [(v6(1), 80, None, ("2001:db8::99", 0))],
+        )
+        self.assertEqual(
+            [call.getTime() for call in race.reactor.getDelayedCalls()], [7]
+        )
+        protocol = race.accept(0)
+        self.assertIs(self.successResultOf(race.result), protocol)
+        self.assertEqual(race.reactor.getDelayedCalls(), [])
+
+    def test_deadlineAfterFailure(self) -> None:
+        """
+        A refused connect cancels the deadline.
+        """
+        race = Race([v4(1)], factory=UpstreamTunnelFactory())
+        race.refuse(0)
+        self.failureResultOf(race.result, ProxyError)
+        self.assertEqual(race.reactor.getDelayedCalls(), [])
+
+    def test_cancelStopsDeadline(self) -> None:
+        """
+        Cancelling the connect cancels the deadline too.
+        """
+        race = Race([v4(1)], factory=UpstreamTunnelFactory())
+        race.result.cancel()
+        self.failureResultOf(race.result, CancelledError)
+        self.assertEqual(race.reactor.getDelayedCalls(), [])
+        self.assertEqual(race.stopped(), [True])
+
+    def test_nameNeverDialled(self) -> None:
+        """
+        A single address that is not an IP literal is never dialled: 502
+        with reason code 1006.
+        """
+        race = Race(["evil.example"], factory=UpstreamTunnelFactory())
+        self.assertEqual(race.attempted(), [])
+        error = self.failureResultOf(race.result, ProxyError).value
+        self.assertEqual(error.reason, Reason.CONNECT_FAILED)
+
+
 class DirectConnectLoopbackTests(TestCase):
     """
     The direct connect on a real reactor, on loopback.

@@ -652,12 +652,26 @@ class TimeoutTests(SynchronousTestCase):
 
     def test_connectTimeout(self) -> None:
         """
-        The connect timeout is handed to the reactor, and its expiry gets
-        504 with reason code 1004.
+        A connect still pending at the connect timeout on the clock is
+        stopped and gets 504 with reason code 1004.
         """
         h = makeHarness(config=Config(timeouts=Timeouts(connect=3)))
         h.send(GET)
-        self.assertEqual(h.reactor.tcpClients[0][3], 3)
+        h.reactor.advance(2.9)
+        self.assertEqual(h.client.value(), b"")
+        h.reactor.advance(0.1)
+        self.assertTrue(h.reactor.connectors[0].stoppedConnecting)
+        status, headers, _ = parseResponse(h.client.value())
+        self.assertEqual(status, 504)
+        self.assertEqual(headers[b"x-whsentry-reasoncode"], b"1004")
+
+    def test_reactorConnectTimeout(self) -> None:
+        """
+        A connect that the reactor itself times out gets 504 with reason
+        code 1004 too.
+        """
+        h = makeHarness(config=Config(timeouts=Timeouts(connect=3)))
+        h.send(GET)
         h.failUpstream(ConnectTimeoutError())
         status, headers, _ = parseResponse(h.client.value())
         self.assertEqual(status, 504)
