@@ -232,6 +232,7 @@ def textRows(
     request: the same code runs over many rows while it is warm.
     """
     names = ", ".join(fields)
+    shapes: dict[tuple[type, ...], Any] = {}
     source = [
         "def render(items):",
         "    out = []",
@@ -239,6 +240,14 @@ def textRows(
         "    for item in items:",
         "        if item.__class__ is str:",
         "            emit(item)",
+        "            continue",
+        "        shape = tuple(map(type, item))",
+        "        line = shapes.get(shape)",
+        "        if line is None:",
+        "            line = newShape(shape)",
+        "        line = line(item)",
+        "        if line is not None:",
+        "            emit(line)",
         "            continue",
         f"        {'when, ' if system else ''}{names}, = item",
     ]
@@ -248,10 +257,120 @@ def textRows(
     else:
         source.append("        emit(line)")
     source.append("    return ''.join(out)")
+
+    def newShape(shape: tuple[type, ...]) -> Any:
+        line = _shapeLine(fields, system, stamp, shape)
+        if len(shapes) < _SHAPES:
+            shapes[shape] = line
+        return line
+
     return cast(
         Callable[[list[Any]], str],
-        _compile(source, "render", fields, stamp=stamp),
+        _compile(
+            source, "render", fields, stamp=stamp, shapes=shapes, newShape=newShape
+        ),
     )
+
+
+# Shapes of rows (the types of their values) with a line function each,
+# per log: a handful in practice.
+_SHAPES = 64
+
+
+def _filler(name: str, cache: dict[str, str]) -> Callable[[str], str]:
+    """
+    A function giving C{name=value} as a line shows it (quoted if need
+    be), and remembering it in C{cache} (at most L{_CACHED} values).
+    """
+    prefix = name + "="
+
+    def fill(value: str) -> str:
+        if value and value.isprintable() and _NEEDS_QUOTES(value) is None:
+            text = prefix + value
+        else:
+            text = prefix + _textValue(value)
+        if len(cache) >= _CACHED:
+            cache.clear()
+        cache[value] = text
+        return text
+
+    return fill
+
+
+def _noLine(item: tuple[Any, ...]) -> None:
+    return None
+
+
+def _shapeLine(
+    fields: tuple[str, ...],
+    system: str | None,
+    stamp: Callable[[float], str] | None,
+    shape: tuple[type, ...],
+) -> Callable[[tuple[Any, ...]], str | None]:
+    """
+    A function writing the line of a row whose values have the types of
+    C{shape} (as L{textRows}'s general code writes it) with one C{%}
+    format for the whole line, or returning L{None} when a string of the
+    row needs quoting (or is empty): then the general code writes it.
+
+    Fields that are L{None} are left out of the format, ints and floats
+    are written by C{%s} (their C{str}), bools as C{true} or C{false};
+    the row's strings are checked together (one C{isprintable} and one
+    search for a character that needs quoting, over their concatenation).
+    A shape with a value of any other type (a subclass of C{str}, say) has
+    no such function: its rows take the general code.
+    """
+    offset = 1 if system is not None else 0
+    if len(shape) != len(fields) + offset:
+        return _noLine
+    pieces: list[str] = []
+    values: list[str] = []
+    strings: list[str] = []
+    caches: dict[str, Any] = {}
+    if system is not None:
+        if shape[0] is not float:
+            return _noLine
+        values.append("stamp(item[0])")
+    for index, (name, kind) in enumerate(
+        zip(fields, shape[offset:], strict=True), offset
+    ):
+        if not name.isidentifier():
+            raise ValueError(f"not a field name: {name!r}")
+        if kind is type(None):
+            continue
+        value = f"item[{index}]"
+        if kind is str and name in _REPEATING:
+            # "name=value" as it is written, remembered per value.
+            caches[f"cache_{name}"] = {}
+            caches[f"fill_{name}"] = _filler(name, caches[f"cache_{name}"])
+            pieces.append("%s")
+            values.append(f"(cache_{name}.get({value}) or fill_{name}({value}))")
+            continue
+        if kind is str:
+            strings.append(value)
+        elif kind is bool:
+            value = f"('true' if {value} else 'false')"
+        elif kind is not int and kind is not float:
+            return _noLine
+        pieces.append(name.replace("%", "%%") + "=%s")
+        values.append(value)
+    text = " ".join(pieces) + "\n"
+    if system is not None:
+        text = "%s " + ("[" + system + "] ").replace("%", "%%") + text
+    source = ["def line(item):"]
+    if strings:
+        source += [
+            f"    if not ({' and '.join(strings)}):",
+            "        return None",
+            f"    text = {' + '.join(strings)}",
+            "    if not text.isprintable() or needsQuotes(text) is not None:",
+            "        return None",
+        ]
+    source.append(f"    return {text!r} % ({''.join(v + ', ' for v in values)})")
+    namespace: dict[str, Any] = {"needsQuotes": _NEEDS_QUOTES, "stamp": stamp}
+    namespace.update(caches)
+    exec("\n".join(source), namespace)
+    return cast(Callable[[tuple[Any, ...]], "str | None"], namespace["line"])
 
 
 def textRecorder(
