@@ -232,13 +232,26 @@ def textRows(
     request: the same code runs over many rows while it is warm.
     """
     names = ", ".join(fields)
+    shapes: dict[tuple[type, ...], Any] = {}
     source = [
         "def render(items):",
         "    out = []",
         "    emit = out.append",
+        "    shaped = last[0]",
         "    for item in items:",
         "        if item.__class__ is str:",
         "            emit(item)",
+        "            continue",
+        # The shape of the row before, usually this row's too.
+        "        text = shaped(item)",
+        "        if text is MISS:",
+        "            shape = tuple(map(type, item))",
+        "            shaped = shapes.get(shape)",
+        "            if shaped is None:",
+        "                shaped = newShape(shape)",
+        "            text = shaped(item)",
+        "        if text.__class__ is str:",
+        "            emit(text)",
         "            continue",
         f"        {'when, ' if system else ''}{names}, = item",
     ]
@@ -247,11 +260,157 @@ def textRows(
         source.append(f"        emit(stamp(when) + {' [' + system + '] '!r} + line)")
     else:
         source.append("        emit(line)")
+    source.append("    last[0] = shaped")
     source.append("    return ''.join(out)")
+
+    def newShape(shape: tuple[type, ...]) -> Any:
+        line = _shapeLine(fields, system, stamp, shape)
+        if len(shapes) < _SHAPES:
+            shapes[shape] = line
+        return line
+
     return cast(
         Callable[[list[Any]], str],
-        _compile(source, "render", fields, stamp=stamp),
+        _compile(
+            source,
+            "render",
+            fields,
+            stamp=stamp,
+            shapes=shapes,
+            newShape=newShape,
+            MISS=_MISS,
+            last=[_noLine],
+        ),
     )
+
+
+# Shapes of rows (the types of their values) with a line function each,
+# per log: a handful in practice.
+_SHAPES = 64
+
+
+def _filler(name: str, cache: dict[Any, str]) -> Callable[[Any], str]:
+    """
+    A function giving C{name=value} as a line shows it (quoted if need
+    be), and remembering it in C{cache} (at most L{_CACHED} values).
+    """
+    prefix = name + "="
+
+    def fill(value: Any) -> str:
+        if value.__class__ is int:
+            text = prefix + str(value)
+        elif value and value.isprintable() and _NEEDS_QUOTES(value) is None:
+            text = prefix + value
+        else:
+            text = prefix + _textValue(value)
+        if len(cache) >= _CACHED:
+            cache.clear()
+        cache[value] = text
+        return text
+
+    return fill
+
+
+# What a shape's line function returns for a row of another shape.
+_MISS = object()
+
+
+def _noLine(item: tuple[Any, ...]) -> object:
+    return _MISS
+
+
+def _shapeLine(
+    fields: tuple[str, ...],
+    system: str | None,
+    stamp: Callable[[float], str] | None,
+    shape: tuple[type, ...],
+) -> Callable[[tuple[Any, ...]], object]:
+    """
+    A function writing the line of a row whose values have the types of
+    C{shape} (as L{textRows}'s general code writes it) with one C{%}
+    format for the whole line; returning L{None} when a string of the row
+    needs quoting (or is empty): then the general code writes it; and
+    L{_MISS} for a row of another shape (its types are checked first, so
+    L{textRows} can try the shape of the row before without computing
+    this row's).
+
+    Fields that are L{None} are left out of the format, floats are
+    written by C{%s} (their C{str}), bools as C{true} or C{false}; the
+    texts of ints and of repeating strings (L{_REPEATING}) are remembered
+    per value (L{_filler}); the row's other strings are checked together
+    (one C{isprintable}, and C{in} for each character that needs quoting,
+    over their concatenation).  A shape with a value of any other type (a
+    subclass of C{str}, say) has no such function: its rows take the
+    general code.
+    """
+    offset = 1 if system is not None else 0
+    if len(shape) != len(fields) + offset:
+        return _noLine
+    names = [f"v{index}" for index in range(len(shape))]
+    pieces: list[str] = []
+    values: list[str] = []
+    strings: list[str] = []
+    checks: list[str] = []
+    caches: dict[str, Any] = {}
+    if system is not None:
+        if shape[0] is not float:
+            return _noLine
+        checks.append("v0.__class__ is not float")
+        values.append("stamp(v0)")
+    for index, (name, kind) in enumerate(
+        zip(fields, shape[offset:], strict=True), offset
+    ):
+        if not name.isidentifier():
+            raise ValueError(f"not a field name: {name!r}")
+        value = names[index]
+        if kind is type(None):
+            checks.append(f"{value} is not None")
+            continue
+        if kind not in (str, int, float, bool):
+            return _noLine
+        checks.append(f"{value}.__class__ is not {kind.__name__}")
+        if (kind is str and name in _REPEATING) or kind is int:
+            # "name=value" as it is written, remembered per value.
+            cache: dict[Any, str] = {}
+            caches[f"cache_{name}"] = cache
+            caches[f"fill_{name}"] = _filler(name, cache)
+            pieces.append("%s")
+            values.append(f"(cache_{name}.get({value}) or fill_{name}({value}))")
+            continue
+        if kind is str:
+            strings.append(value)
+        elif kind is bool:
+            value = f"('true' if {value} else 'false')"
+        pieces.append(name + "=%s")
+        values.append(value)
+    text = " ".join(pieces) + "\n"
+    if system is not None:
+        text = "%s " + ("[" + system + "] ").replace("%", "%%") + text
+    source = [
+        "def line(item):",
+        f"    {', '.join(names)}, = item",
+        f"    if {' or '.join(checks)}:",
+        "        return MISS",
+    ]
+    if strings:
+        source += [
+            f"    if not ({' and '.join(strings)}):",
+            "        return None",
+            f"    text = {' + '.join(strings)}",
+            "    if (",
+            "        not text.isprintable()",
+            "        or ' ' in text",
+            "        or '\"' in text",
+            "        or '=' in text",
+            "        or '\\\\' in text",
+            "    ):",
+            "        return None",
+        ]
+    source.append(f"    return {text!r} % ({''.join(v + ', ' for v in values)})")
+    namespace: dict[str, Any] = {"MISS": _MISS, "stamp": stamp}
+    namespace.update(caches)
+    exec("\n".join(source), namespace)
+    return cast(Callable[[tuple[Any, ...]], object], namespace["line"])
 
 
 def textRecorder(

@@ -733,6 +733,44 @@ class LineFormatTests(SynchronousTestCase):
         self.assertEqual(len(written), 601)
         cache = render.__globals__["cache_url"]  # type: ignore[attr-defined]
         self.assertLessEqual(len(cache), 256)
+        (line,) = render.__globals__["shapes"].values()  # type: ignore[attr-defined]
+        self.assertLessEqual(len(line.__globals__["cache_url"]), 256)
+        self.assertGreater(len(line.__globals__["cache_url"]), 0)
+
+    @given(
+        st.lists(
+            st.lists(
+                _values, min_size=len(DECISION_FIELDS), max_size=len(DECISION_FIELDS)
+            ),
+            min_size=1,
+            max_size=5,
+        ),
+        st.floats(min_value=0, max_value=4e9),
+    )
+    def test_shapesAsBefore(self, lines: list[list[Any]], when: float) -> None:
+        """
+        Rows written by one format per shape of row (the types of its
+        values), with the process log's time stamp, are the lines twistd's
+        text observer wrote before issue #19, whether a string of the row
+        needs quoting or not (then the general code writes it), for rows
+        of a shape seen before, and for a subclass of C{str}.
+        """
+
+        class Text(str):
+            pass
+
+        stamp = TextProcessLog(io.StringIO()).formatTime
+        render = textRows(DECISION_FIELDS, "egressproxy.decision#info", stamp)
+        plain = ["x"] * len(DECISION_FIELDS)
+        lines = lines + lines + [plain, [Text("a b")] * len(DECISION_FIELDS)]
+        rows = [(when, *values) for values in lines]
+        expected = [
+            f"{stamp(when)} [egressproxy.decision#info] "
+            + _oldText(DECISION_FIELDS, dict(zip(DECISION_FIELDS, v, strict=True)))
+            for v in lines
+        ]
+        self.assertEqual(render(rows), "".join(expected))
+        self.assertEqual([render([row]) for row in rows], expected)
 
     def test_processLogRows(self) -> None:
         """
