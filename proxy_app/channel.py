@@ -67,6 +67,19 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}$")
 SMOKESCREEN_ERROR = b"X-Smokescreen-Error"
 
 
+def clientServerName(transport: Any) -> str | None:
+    """
+    The SNI a client sent in its ClientHello to the proxy's own TLS (a TLS
+    listener's, or an intercepted tunnel's), lower-cased; L{None} when it
+    sent none or one that is not ASCII.
+    """
+    name = transport.getHandle().get_servername()
+    try:
+        return name.decode("ascii").lower() if name else None
+    except UnicodeDecodeError:
+        return None
+
+
 def errorResponse(
     error: ProxyError,
     extraHeaders: list[tuple[bytes, bytes]] | None = None,
@@ -450,11 +463,7 @@ class ProxyProtocol(Protocol):
         if self.factory.webhook is not None:
             # The name the client reached the proxy by: the control
             # webhook's tls.sni when nothing nearer the destination has one.
-            name = self.transport.getHandle().get_servername()
-            try:
-                self.serverName = name.decode("ascii").lower() if name else None
-            except UnicodeDecodeError:
-                self.serverName = None
+            self.serverName = clientServerName(self.transport)
         certificate = self.transport.getPeerCertificate()
         if certificate is None:
             return

@@ -15,8 +15,9 @@ request), and originated (verified TLS) exactly as any C{https://}
 request.  The tunnel is one control-webhook session, as in smithproxy:
 its C{connection-stop} lists the URLs inside.
 
-The nested TLS runs in memory (L{TLSMemoryBIOProtocol}) over the tunnel's
-bytes, so it works the same on a plain and on a TLS listener.
+The nested TLS runs in memory
+(L{twisted.protocols.tls.TLSMemoryBIOProtocol}) over the tunnel's bytes, so
+it works the same on a plain and on a TLS listener.
 
 The CA key is read once, kept in memory, and never logged nor put into an
 exception message; leaf certificates and their key are never written
@@ -39,12 +40,12 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy_app.acl import MitmDomain, domainSet
-from proxy_app.channel import ProxyProtocol
+from proxy_app.channel import ProxyProtocol, clientServerName
 from proxy_app.forward import ForwardExchange
 from proxy_app.http1 import RequestHead
 from proxy_app.reasons import ProxyError, Reason
@@ -399,7 +400,7 @@ class _TunnelTransport:
 class InterceptedSession:
     """
     The inside of one intercepted tunnel: the client connection's bytes go
-    through a server-side L{TLSMemoryBIOProtocol} to an
+    through a server-side L{twisted.protocols.tls.TLSMemoryBIOProtocol} to an
     L{InterceptedChannel}.  It is the client connection's C{tunnel} (it
     takes L{fromClient} and the half-closes).
 
@@ -579,14 +580,18 @@ class InterceptedChannel(ProxyProtocol):
 
     def handshakeCompleted(self) -> None:
         self.overTLS = True
-        transport: TLSMemoryBIOProtocol = self.transport
-        name = transport.getHandle().get_servername()
-        if name:
-            self.session.sni = name.decode("ascii", "replace")
+        self.session.sni = clientServerName(self.transport)
 
     def makeExchange(self, request: RequestHead) -> Any:
         session = self.session
-        target = session.target(request)
+        try:
+            target = session.target(request)
+        except ProxyError:
+            if request.target.startswith(b"/"):
+                # Logged as the tunnel's URL, as an admitted request is.
+                authority = session.exchange.target.hostHeader
+                request.target = b"https://" + authority + request.target
+            raise
         # The URL as a proxy client would have sent it, for every log line.
         request.target = b"https://" + target.hostHeader + target.path
         session.addHeaders(request)

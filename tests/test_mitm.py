@@ -1487,16 +1487,19 @@ class LoopbackTests(TestCase):
     def test_hostMismatch(self):  # type: ignore[no-untyped-def]
         """
         A request inside naming another host is refused inside the tunnel
-        (400, 1002), and nothing reaches the origin.
+        (400, 1002), nothing reaches the origin, and its access line names
+        the tunnel's URL, not a bare path.
         """
         self.start("--mitm-domain", "127.0.0.2")
         client = yield self.connect(
-            b"GET / HTTP/1.1\r\nHost: 127.0.0.3\r\nConnection: close\r\n\r\n"
+            b"GET /z HTTP/1.1\r\nHost: 127.0.0.3\r\nConnection: close\r\n\r\n"
         )
         [(status, headers, body)] = _responses(client.received)
         self.assertEqual(status, 400)
         self.assertEqual(headers[b"x-whsentry-reasoncode"], b"1002")
         self.assertEqual(self.resource.seen, [])
+        [refused] = [line for line in self.access if line["response_code"] == 400]
+        self.assertRegex(refused["url"], r"^https://127\.0\.0\.2:[0-9]+/z$")
 
     @inlineCallbacks
     def test_addHeadersAndAlias(self):  # type: ignore[no-untyped-def]
