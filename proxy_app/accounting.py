@@ -31,10 +31,6 @@ _TLS_FAILURES = {
 }
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
-
-
 def errorText(record: Any) -> str | None:
     """
     The error an exchange's log line shows: why it ended, if it ended
@@ -196,20 +192,20 @@ class AccessLogObserver(_Observer):
             return
         error = record.error
         protocol = record.protocol
-        accessLog.record(
-            rq_id=record.requestID,
-            client_addr=protocol.clientAddress,
-            method=record.request.method.decode("ascii", "replace"),
-            url=record.url,
-            response_code=record.status,
-            response_time=round(parts.clock.seconds() - record.started, 6),
-            bytes_up=record.bytesUp,
-            bytes_down=record.bytesDown,
-            reason_code=int(error.reason) if error is not None else None,
-            error=errorText(record),
-            role=record.role,
-            client_cn=protocol.certificateCN,
-            client_ou=protocol.certificateOU,
+        accessLog.write(
+            record.requestID,
+            protocol.clientAddress,
+            record.request.method,
+            record.url,
+            record.status,
+            parts.clock.seconds() - record.started,
+            record.bytesUp,
+            record.bytesDown,
+            int(error.reason) if error is not None else None,
+            errorText(record),
+            record.role,
+            protocol.certificateCN,
+            protocol.certificateOU,
         )
 
 
@@ -245,44 +241,57 @@ class DecisionLogObserver(_Observer):
             reason = decision.reason if decision is not None else None
         target = record.target
         destination = record.destination
-        decisionLog.record(
-            msg="CANONICAL-PROXY-DECISION",
-            id=record.requestID,
-            proxy_type=record.proxyType,
-            requested_host=target.authority if target is not None else record.url,
-            role=record.role,
-            project=decision.project if decision is not None else None,
-            decision_reason=reason,
+        # The fields in DECISION_FIELDS' order (observe.DECISION_KINDS).
+        decisionLog.write(
+            "CANONICAL-PROXY-DECISION",
+            record.requestID,
+            record.proxyType,
+            target.authority if target is not None else record.url,
+            record.role,
+            decision.project if decision is not None else None,
+            reason,
             # Only when an allowed host's name opened an address; absent
             # otherwise, so that the line is as it always was.
-            address_rule=destination.allowedBy if destination is not None else None,
-            enforce_would_deny=decision.enforceWouldDeny
-            if decision is not None
-            else False,
-            allow=error is None or error.reason not in DENIALS,
-            report_only=True if decision is not None and decision.reportOnly else None,
-            inbound_remote_addr=record.protocol.clientAddress,
-            outbound_remote_addr=record.outboundAddress,
-            dns_lookup_time_ms=_ms(record.dnsTime),
-            conn_establish_time_ms=_ms(record.connectTime),
-            status_code=record.status,
+            destination.allowedBy if destination is not None else None,
+            decision.enforceWouldDeny if decision is not None else False,
+            error is None or error.reason not in DENIALS,
+            True if decision is not None and decision.reportOnly else None,
+            record.protocol.clientAddress,
+            record.outboundAddress,
+            record.dnsTime,
+            record.connectTime,
+            record.status,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
     def tunnelClosed(self, record: Any) -> None:
         now = self._parts.clock.seconds()
         target = record.target
         error = record.error
-        self._parts.decisionLog.record(
-            msg="CANONICAL-PROXY-CN-CLOSE",
-            id=record.requestID,
-            proxy_type=record.proxyType,
-            requested_host=target.authority if target is not None else record.url,
-            role=record.role,
-            inbound_remote_addr=record.protocol.clientAddress,
-            outbound_remote_addr=record.outboundAddress,
-            bytes_in=record.bytesDown,
-            bytes_out=record.bytesUp,
-            duration=round(now - record.started, 6),
-            end_time=now,
-            error=error.message if error is not None else "",
+        self._parts.decisionLog.write(
+            "CANONICAL-PROXY-CN-CLOSE",
+            record.requestID,
+            record.proxyType,
+            target.authority if target is not None else record.url,
+            record.role,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            record.protocol.clientAddress,
+            record.outboundAddress,
+            None,
+            None,
+            None,
+            record.bytesDown,
+            record.bytesUp,
+            now - record.started,
+            now,
+            error.message if error is not None else "",
         )

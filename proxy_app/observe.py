@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -216,235 +217,325 @@ def textFormatter(fields: tuple[str, ...]) -> Any:
     return _compile(source, "formatText", fields)
 
 
-def textRows(
-    fields: tuple[str, ...],
-    system: str | None = None,
-    stamp: Callable[[float], str] | None = None,
-) -> Callable[[list[Any]], str]:
+# How L{lineWriter} takes each field's value, by kind:
+#   "text": a string that repeats from line to line (its text remembered);
+#   "id": a string unlikely to repeat (checked each time);
+#   "method": the bytes of a request's method, shown decoded;
+#   "int": an int that repeats (a status, a reason code); "count": one that
+#   does not (byte counts);
+#   "bool";
+#   "float": shown as it is; "round6": seconds, shown as round(v, 6);
+#   "ms": seconds, shown in milliseconds as round(v * 1000, 3).
+# Each may also be None (the field is left out of the line).
+ACCESS_KINDS = (
+    "id",  # rq_id
+    "text",  # client_addr
+    "method",  # method
+    "text",  # url
+    "int",  # response_code
+    "round6",  # response_time
+    "count",  # bytes_up
+    "count",  # bytes_down
+    "int",  # reason_code
+    "text",  # error
+    "text",  # role
+    "text",  # client_cn
+    "text",  # client_ou
+)
+
+DECISION_KINDS = (
+    "text",  # msg
+    "id",  # id
+    "text",  # proxy_type
+    "text",  # requested_host
+    "text",  # role
+    "text",  # project
+    "text",  # decision_reason
+    "text",  # address_rule
+    "bool",  # enforce_would_deny
+    "bool",  # allow
+    "bool",  # report_only
+    "text",  # inbound_remote_addr
+    "text",  # outbound_remote_addr
+    "ms",  # dns_lookup_time_ms
+    "ms",  # conn_establish_time_ms
+    "int",  # status_code
+    "count",  # bytes_in
+    "count",  # bytes_out
+    "round6",  # duration
+    "float",  # end_time
+    "text",  # error
+)
+
+
+# The fixed-point formats of _decimal.
+_FIXED = {3: "%.3f", 6: "%.6f"}
+
+
+def _decimal(value: float, places: int) -> str:
     """
-    A function writing a batch of lines: each item a string (written as it
-    is), or a row of C{fields}' values (what L{textRecorder} keeps),
-    formatted as L{textFormatter} does.  With C{system}, a row begins with
-    the time of its event, and its line is the process log's:
-    C{stamp(time) + " [system] " + text}.
-
-    Lines are formatted here, a batch at a time, rather than one per
-    request: the same code runs over many rows while it is warm.
+    C{str(round(value, places))}, for a float, at about half the cost:
+    C{"%.Nf"} gives the same correctly rounded digits as C{round}, and for
+    a value of at most 15 significant digits that is zero or not below
+    1e-4 (where C{repr} turns to an exponent) the shortest text of the
+    rounded float is those digits without trailing zeros.
     """
-    names = ", ".join(fields)
-    shapes: dict[tuple[type, ...], Any] = {}
-    source = [
-        "def render(items):",
-        "    out = []",
-        "    emit = out.append",
-        "    shaped = last[0]",
-        "    for item in items:",
-        "        if item.__class__ is str:",
-        "            emit(item)",
-        "            continue",
-        # The shape of the row before, usually this row's too.
-        "        text = shaped(item)",
-        "        if text is MISS:",
-        "            shape = tuple(map(type, item))",
-        "            shaped = shapes.get(shape)",
-        "            if shaped is None:",
-        "                shaped = newShape(shape)",
-        "            text = shaped(item)",
-        "        if text.__class__ is str:",
-        "            emit(text)",
-        "            continue",
-        f"        {'when, ' if system else ''}{names}, = item",
-    ]
-    source += ["    " + line for line in _fieldCode(fields, lambda name: name)]
-    if system is not None:
-        source.append(f"        emit(stamp(when) + {' [' + system + '] '!r} + line)")
-    else:
-        source.append("        emit(line)")
-    source.append("    last[0] = shaped")
-    source.append("    return ''.join(out)")
-
-    def newShape(shape: tuple[type, ...]) -> Any:
-        line = _shapeLine(fields, system, stamp, shape)
-        if len(shapes) < _SHAPES:
-            shapes[shape] = line
-        return line
-
-    return cast(
-        Callable[[list[Any]], str],
-        _compile(
-            source,
-            "render",
-            fields,
-            stamp=stamp,
-            shapes=shapes,
-            newShape=newShape,
-            MISS=_MISS,
-            last=[_noLine],
-        ),
-    )
+    if 1e-4 <= value < 1e8 or value == 0.0:
+        text = (_FIXED[places] % value).rstrip("0")
+        return text + "0" if text[-1] == "." else text
+    return str(round(value, places))
 
 
-# Shapes of rows (the types of their values) with a line function each,
-# per log: a handful in practice.
-_SHAPES = 64
-
-
-def _filler(name: str, cache: dict[Any, str]) -> Callable[[Any], str]:
+def _piece(name: str, kind: str, value: Any) -> str:
     """
-    A function giving C{name=value} as a line shows it (quoted if need
-    be), and remembering it in C{cache} (at most L{_CACHED} values).
+    The text of one field in a line (C{" name=value"}, or nothing for
+    L{None}), as L{textFormatter} writes the value L{_shown} makes.
     """
-    prefix = name + "="
+    if value is None:
+        return ""
+    if value.__class__ is bytes and kind == "method":
+        value = value.decode("ascii", "replace")
+    if value.__class__ is str and value.isprintable() and value:
+        if _NEEDS_QUOTES(value) is None:
+            return " " + name + "=" + value
+    return " " + name + "=" + _textValue(_shown(kind)(value))
 
-    def fill(value: Any) -> str:
-        if value.__class__ is int:
-            text = prefix + str(value)
-        elif value and value.isprintable() and _NEEDS_QUOTES(value) is None:
-            text = prefix + value
-        else:
-            text = prefix + _textValue(value)
+
+# Kinds whose values repeat from line to line and are never equal to a
+# value of another kind's type (unlike 1, 1.0 and True): their texts are
+# remembered by value, a run of such fields together.
+_REMEMBERED = {"text": str, "method": bytes}
+
+
+def _run(
+    names: list[str], kinds: list[str]
+) -> tuple[dict[Any, str], Callable[[tuple[Any, ...]], str]]:
+    """
+    A bounded memory of the text of a run of fields of L{_REMEMBERED}
+    kinds, by their values, and the function adding one: only values of
+    the kinds' own types (or L{None}) are remembered.
+    """
+    cache: dict[Any, str] = {}
+    owns = [_REMEMBERED[kind] for kind in kinds]
+
+    def fill(values: tuple[Any, ...]) -> str:
+        text = "".join(
+            _piece(name, kind, value)
+            for name, kind, value in zip(names, kinds, values, strict=True)
+        )
+        if all(
+            value is None or value.__class__ is own
+            for own, value in zip(owns, values, strict=True)
+        ):
+            if len(cache) >= _CACHED:
+                cache.clear()
+            cache[values] = text
+        return text
+
+    return cache, fill
+
+
+def _heads(
+    stamp: Callable[[float], str], system: str, last: list[Any]
+) -> Callable[[float], str]:
+    """
+    The function giving the head of a process-log line at C{when}
+    (C{stamp(when) + " [system]"}), remembering it in C{last} for the
+    rest of that second: C{[from, until, head]}.
+    """
+    suffix = " [" + system + "]"
+
+    def newHead(when: float) -> str:
+        head = stamp(when) + suffix
+        second = float(int(when))
+        # As formatTime: from here on datetime rounds to the next second.
+        until = second + 0.9999995
+        if second <= when < until:
+            last[:] = [second, until, head]
+        return head
+
+    return newHead
+
+
+def _intFiller(name: str, cache: dict[int, str]) -> Callable[[int], str]:
+    """
+    The function adding an int's text (C{" name=value"}) to C{cache}, a
+    bounded memory.
+    """
+    prefix = " " + name + "="
+
+    def fill(value: int) -> str:
         if len(cache) >= _CACHED:
             cache.clear()
-        cache[value] = text
+        text = cache[value] = prefix + str(value)
         return text
 
     return fill
 
 
-# What a shape's line function returns for a row of another shape.
-_MISS = object()
+def _shown(kind: str) -> Callable[[Any], Any]:
+    """
+    What a value of C{kind} is, as a field of L{LineLog.record} (the value
+    a line shows, and a JSON line holds).
+    """
+    if kind == "method":
+        return lambda v: v.decode("ascii", "replace") if v.__class__ is bytes else v
+    if kind == "round6":
+        return lambda v: round(v, 6) if v.__class__ in (int, float) else v
+    if kind == "ms":
+        return lambda v: round(v * 1000, 3) if v.__class__ in (int, float) else v
+    return lambda v: v
 
 
-def _noLine(item: tuple[Any, ...]) -> object:
-    return _MISS
-
-
-def _shapeLine(
+def lineWriter(
     fields: tuple[str, ...],
-    system: str | None,
-    stamp: Callable[[float], str] | None,
-    shape: tuple[type, ...],
-) -> Callable[[tuple[Any, ...]], object]:
+    kinds: tuple[str, ...],
+    stamp: Callable[[float], str] | None = None,
+    now: Callable[[], float] | None = None,
+    system: str = "",
+) -> Callable[..., str]:
     """
-    A function writing the line of a row whose values have the types of
-    C{shape} (as L{textRows}'s general code writes it) with one C{%}
-    format for the whole line; returning L{None} when a string of the row
-    needs quoting (or is empty): then the general code writes it; and
-    L{_MISS} for a row of another shape (its types are checked first, so
-    L{textRows} can try the shape of the row before without computing
-    this row's).
+    A function taking the values of C{fields} (positionally, as C{kinds}
+    says: see L{ACCESS_KINDS}) and returning their line as L{textFormatter}
+    writes it from the values L{_shown} makes of them; with C{stamp}, the
+    process log's line: C{stamp(now()) + " [system] " + text}.
 
-    Fields that are L{None} are left out of the format, floats are
-    written by C{%s} (their C{str}), bools as C{true} or C{false}; the
-    texts of ints and of repeating strings (L{_REPEATING}) are remembered
-    per value (L{_filler}); the row's other strings are checked together
-    (one C{isprintable}, and C{in} for each character that needs quoting,
-    over their concatenation).  A shape with a value of any other type (a
-    subclass of C{str}, say) has no such function: its rows take the
-    general code.
+    It runs once per request for each log, so its code is written out for
+    C{fields} (no loop over names); the text of each run of strings that
+    repeat from line to line (an address, a URL, a host, a role and a
+    reason...) is made once and then found by the run's values (bounded
+    memories, for values of the kinds' types); and the line is joined
+    once.
     """
-    offset = 1 if system is not None else 0
-    if len(shape) != len(fields) + offset:
-        return _noLine
-    names = [f"v{index}" for index in range(len(shape))]
-    pieces: list[str] = []
-    values: list[str] = []
-    strings: list[str] = []
-    checks: list[str] = []
-    caches: dict[str, Any] = {}
-    if system is not None:
-        if shape[0] is not float:
-            return _noLine
-        checks.append("v0.__class__ is not float")
-        values.append("stamp(v0)")
-    for index, (name, kind) in enumerate(
-        zip(fields, shape[offset:], strict=True), offset
-    ):
+    if len(kinds) != len(fields):
+        raise ValueError("one kind per field")
+    # The stamp and system of the second of the last line: from, until,
+    # text.
+    last: list[Any] = [0.0, 0.0, ""]
+    for name in fields:
         if not name.isidentifier():
             raise ValueError(f"not a field name: {name!r}")
-        value = names[index]
-        if kind is type(None):
-            checks.append(f"{value} is not None")
-            continue
-        if kind not in (str, int, float, bool):
-            return _noLine
-        checks.append(f"{value}.__class__ is not {kind.__name__}")
-        if (kind is str and name in _REPEATING) or kind is int:
-            # "name=value" as it is written, remembered per value.
-            cache: dict[Any, str] = {}
-            caches[f"cache_{name}"] = cache
-            caches[f"fill_{name}"] = _filler(name, cache)
-            pieces.append("%s")
-            values.append(f"(cache_{name}.get({value}) or fill_{name}({value}))")
-            continue
-        if kind is str:
-            strings.append(value)
-        elif kind is bool:
-            value = f"('true' if {value} else 'false')"
-        pieces.append(name + "=%s")
-        values.append(value)
-    text = " ".join(pieces) + "\n"
-    if system is not None:
-        text = "%s " + ("[" + system + "] ").replace("%", "%%") + text
-    source = [
-        "def line(item):",
-        f"    {', '.join(names)}, = item",
-        f"    if {' or '.join(checks)}:",
-        "        return MISS",
-    ]
-    if strings:
-        source += [
-            f"    if not ({' and '.join(strings)}):",
-            "        return None",
-            f"    text = {' + '.join(strings)}",
-            "    if (",
-            "        not text.isprintable()",
-            "        or ' ' in text",
-            "        or '\"' in text",
-            "        or '=' in text",
-            "        or '\\\\' in text",
-            "    ):",
-            "        return None",
-        ]
-    source.append(f"    return {text!r} % ({''.join(v + ', ' for v in values)})")
-    namespace: dict[str, Any] = {"MISS": _MISS, "stamp": stamp}
-    namespace.update(caches)
-    exec("\n".join(source), namespace)
-    return cast(Callable[[tuple[Any, ...]], object], namespace["line"])
-
-
-def textRecorder(
-    fields: tuple[str, ...],
-    slow: Callable[..., None],
-    slowWhen: Callable[[], bool],
-    write: Callable[[tuple[Any, ...]], None],
-    now: Callable[[], float] | None = None,
-) -> Callable[..., None]:
-    """
-    A function taking C{fields} as keyword arguments (each L{None} by
-    default) that passes their values, as a row in C{fields}' order (after
-    C{now()}, if given), to C{write}, for L{textRows} to format; or, when
-    C{slowWhen()} is true, passes them on to C{slow}.  It is what the
-    proxy calls once per request for each log, with no dictionary of
-    fields built on the way, and no formatting.
-    """
-    signature = ", ".join(f"{name}=None" for name in fields)
-    passOn = ", ".join(f"{name}={name}" for name in fields)
-    row = ("now(), " if now is not None else "") + ", ".join(fields) + ","
-    source = [
-        f"def record({signature}):",
-        "    if slowWhen():",
-        f"        return slow({passOn})",
-        f"    write(({row}))",
-    ]
+    names = [f"v{index}" for index in range(len(fields))]
     namespace: dict[str, Any] = {
-        "slow": slow,
-        "slowWhen": slowWhen,
-        "write": write,
+        "textValue": _textValue,
+        "needsQuotes": _NEEDS_QUOTES,
+        "decimal": _decimal,
+        "copysign": math.copysign,
         "now": now,
+        "newHead": None if stamp is None else _heads(stamp, system, last),
+        "last": last,
     }
+    source = [f"def line({', '.join(names)}):"]
+    pieces: list[str] = []
+    index = 0
+    while index < len(fields):
+        name, kind = fields[index], kinds[index]
+        value = names[index]
+        piece = f"p{index}"
+        pieces.append(piece)
+        if kind in _REMEMBERED:
+            end = index
+            while end < len(fields) and kinds[end] in _REMEMBERED:
+                end += 1
+            cache, fill = _run(list(fields[index:end]), list(kinds[index:end]))
+            namespace[f"cache{index}"] = cache
+            namespace[f"fill{index}"] = fill
+            key = "".join(f"{v}, " for v in names[index:end])
+            source += [
+                f"    key = ({key})",
+                f"    {piece} = cache{index}.get(key)",
+                f"    if {piece} is None:",
+                f"        {piece} = fill{index}(key)",
+            ]
+            index = end
+            continue
+        prefix = repr(" " + name + "=")
+        if kind not in ("id", "int", "count", "bool", "float", "round6", "ms"):
+            raise ValueError(f"not a kind: {kind!r}")
+        namespace[f"shown_{name}"] = _shown(kind)
+        if kind == "id":
+            source += [
+                f"    if {value}.__class__ is str and {value} and "
+                f"{value}.isprintable() and needsQuotes({value}) is None:",
+                f"        {piece} = {prefix} + {value}",
+            ]
+        elif kind in ("int", "count"):
+            # Statuses, reason codes and sizes repeat: their texts are
+            # remembered (ints only: True and 1.0 would find 1's).
+            ints: dict[int, str] = {}
+            namespace[f"ints{index}"] = ints
+            namespace[f"fillInt{index}"] = _intFiller(name, ints)
+            source += [
+                f"    if {value}.__class__ is int:",
+                f"        {piece} = ints{index}.get({value}) or "
+                f"fillInt{index}({value})",
+            ]
+        elif kind == "bool":
+            source += [
+                f"    if {value} is True:",
+                f"        {piece} = {' ' + name + '=true'!r}",
+                f"    elif {value} is False:",
+                f"        {piece} = {' ' + name + '=false'!r}",
+            ]
+        elif kind == "float":
+            source += [
+                f"    if {value}.__class__ is float:",
+                f"        {piece} = {prefix} + str({value})",
+            ]
+        else:
+            # An exact zero (an IP literal's lookup time) is common.
+            text = (
+                f"decimal({value}, 6)"
+                if kind == "round6"
+                else (f"decimal({value} * 1000, 3)")
+            )
+            source += [
+                f"    if {value}.__class__ is float:",
+                f"        if {value} == 0.0 and copysign(1.0, {value}) > 0.0:",
+                f"            {piece} = {' ' + name + '=0.0'!r}",
+                "        else:",
+                f"            {piece} = {prefix} + {text}",
+            ]
+        source += [
+            f"    elif {value} is None:",
+            f"        {piece} = ''",
+            "    else:",
+            f"        {piece} = {prefix} + textValue(shown_{name}({value}))",
+        ]
+        index += 1
+    joined = "".join(f"{piece}, " for piece in pieces)
+    if stamp is not None:
+        source += [
+            "    when = now()",
+            "    if last[0] <= when < last[1]:",
+            "        head = last[2]",
+            "    else:",
+            "        head = newHead(when)",
+            f"    text = ''.join(({joined}'\\n'))",
+            "    return head + (text if text != '\\n' else ' \\n')",
+        ]
+    else:
+        source.append(f"    return ''.join(({joined}'\\n'))[1:] or '\\n'")
     exec("\n".join(source), namespace)
-    return cast(Callable[..., None], namespace["record"])
+    return cast(Callable[..., str], namespace["line"])
+
+
+def recordFields(
+    fields: tuple[str, ...], kinds: tuple[str, ...]
+) -> Callable[..., dict[str, Any]]:
+    """
+    A function taking the values L{lineWriter}'s line takes and returning
+    them as the fields of L{LineLog.record} (the values the line shows).
+    """
+    shown = [_shown(kind) for kind in kinds]
+
+    def asFields(*values: Any) -> dict[str, Any]:
+        return {
+            name: show(value)
+            for name, show, value in zip(fields, shown, values, strict=True)
+        }
+
+    return asFields
 
 
 def jsonFormatter(fields: tuple[str, ...]) -> Any:
@@ -479,18 +570,11 @@ class LineBuffer:
     @ivar outFile: the file written to (text, or binary taking UTF-8).
     """
 
-    def __init__(
-        self,
-        outFile: IO[Any],
-        path: str | None = None,
-        render: Callable[[list[Any]], str] | None = None,
-    ) -> None:
+    def __init__(self, outFile: IO[Any], path: str | None = None) -> None:
         self.outFile = outFile
         self._path = path
         self._encode = ioType(outFile) is not str
-        # Turns what waits (lines, or rows: see textRows) into text.
-        self._render = render if render is not None else "".join
-        self._lines: list[Any] = []
+        self._lines: list[str] = []
         self._clock: Any = None
         self._interval = 1.0
         self._maxLines = 256
@@ -504,10 +588,9 @@ class LineBuffer:
         self._interval = interval
         self._maxLines = maxLines
 
-    def add(self, line: Any) -> None:
+    def add(self, line: str) -> None:
         """
-        Write C{line} (which ends with a newline, or a row for the renderer),
-        now or with its batch.
+        Write C{line} (which ends with a newline), now or with its batch.
         """
         lines = self._lines
         lines.append(line)
@@ -533,7 +616,7 @@ class LineBuffer:
         lines = self._lines
         self._lines = []
         try:
-            text = self._render(lines)
+            text = "".join(lines)
             self.outFile.write(text.encode("utf-8") if self._encode else text)
             self.outFile.flush()
         except (OSError, ValueError) as e:
@@ -562,17 +645,23 @@ class LineLog:
     A log of one line per event, with a fixed set of fields, written to a
     file or standard output as text or JSON.
 
-    While the file is the only listener, L{record} keeps the fields' values
-    as a row in the file's L{LineBuffer}, which formats its rows a batch at
-    a time (L{textRows}; JSON lines are formatted at once); once other
-    observers listen (tests), each line is an event of L{publisher}, and
-    the file is one observer of it.  The line is the same either way.
+    The proxy writes a line with L{write}, giving the fields' values
+    positionally as L{kinds} says: while the file is the only listener and
+    the format is text, the line is made at once by code written for the
+    fields (L{lineWriter}) and waits in the file's L{LineBuffer}, written
+    in batches; otherwise (JSON, or other observers: tests) the values
+    become the fields of L{record}.  L{record} takes the fields by name,
+    as the line shows them.  The line is the same either way.
 
     @ivar publisher: the L{LogPublisher} lines are emitted to; tests add
         observers to it.
+    @ivar enabled: whether anything takes this log's lines.
+    @ivar fastSink: the buffer L{write} adds its lines to while it is the
+        only listener (else L{None}).
     """
 
     fields: tuple[str, ...] = ACCESS_FIELDS
+    kinds: tuple[str, ...] = ACCESS_KINDS
     namespace = "egressproxy.access"
 
     def __init__(
@@ -584,6 +673,8 @@ class LineLog:
         self._formatter = (
             jsonFormatter(self.fields) if self._json else textFormatter(self.fields)
         )
+        self._line = lineWriter(self.fields, self.kinds)
+        self._asFields = recordFields(self.fields, self.kinds)
         self._path = path
         self._clock: Any = None
         self._interval = 1.0
@@ -593,13 +684,9 @@ class LineLog:
         self._listeners = 0
         # Nothing is built per event while nobody listens (logs off).
         self.enabled = False
-        # What turns rows of text lines into text, in batches.
-        self._render = None if self._json else textRows(self.fields)
+        self.fastSink: LineBuffer | None = None
         if outFile is not None:
-            self._attach(LineBuffer(outFile, path, self._render))
-
-    def _slow(self) -> bool:
-        return bool(self._listeners)
+            self._attach(LineBuffer(outFile, path))
 
     def _attach(self, sink: LineBuffer) -> None:
         self._sink = sink
@@ -608,11 +695,10 @@ class LineLog:
         self._observer = _LineObserver(sink, self._formatter)
         self.publisher.addObserver(self._observer)
         self.enabled = True
-        if not self._json:
-            # Rows go straight into this file's buffer.
-            self.record = textRecorder(  # type: ignore[method-assign]
-                self.fields, self._record, self._slow, sink.add
-            )
+        self._checkFast()
+
+    def _checkFast(self) -> None:
+        self.fastSink = self._sink if not self._json and not self._listeners else None
 
     def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
         """
@@ -645,6 +731,7 @@ class LineLog:
         self.publisher.addObserver(observer)
         self._listeners += 1
         self.enabled = True
+        self._checkFast()
 
     @classmethod
     def open(cls, path: str, format: str) -> Any:
@@ -676,14 +763,33 @@ class LineLog:
             self._sink.outFile.close()
         if self._observer is not None:
             self.publisher.removeObserver(self._observer)
-        self._attach(LineBuffer(newFile, self._path, self._render))
+        self._attach(LineBuffer(newFile, self._path))
         log.info("Reopened log {path}", path=self._path)
+
+    def write(self, *values: Any) -> None:
+        """
+        Write one line of the values of L{fields}, in their order, as
+        L{kinds} says (see L{ACCESS_KINDS}).
+        """
+        sink = self.fastSink
+        if sink is not None:
+            sink.add(self._line(*values))
+        elif self.enabled:
+            self._record(**self._asFields(*values))
 
     def record(self, **fields: Any) -> None:
         """
-        Write one line with the given fields.
+        Write one line with the given fields, as the line shows them.
         """
-        self._record(**fields)
+        sink = self.fastSink
+        if sink is not None:
+            sink.add(self._text(fields))
+        else:
+            self._record(**fields)
+
+    def _text(self, fields: Mapping[str, Any]) -> str:
+        text: str = self._formatter(fields)
+        return text
 
     def _record(self, **fields: Any) -> None:
         if not self._listeners:
@@ -712,10 +818,24 @@ class DecisionLog(LineLog):
     """
 
     fields = DECISION_FIELDS
+    kinds = DECISION_KINDS
     namespace = "egressproxy.decision"
 
     # The process log's file, when it is ours (L{toProcessLog}).
     _processLog: TextProcessLog | None = None
+
+    def _checkFast(self) -> None:
+        processLog = self._processLog
+        if processLog is None:
+            LineLog._checkFast(self)
+        else:
+            # The one listener that is not another observer (a test's)
+            # is the process log's.
+            self.fastSink = (
+                processLog.buffer
+                if processLog.installed and self._listeners == 1
+                else None
+            )
 
     @classmethod
     def toProcessLog(cls, processLog: TextProcessLog | None = None) -> DecisionLog:
@@ -724,9 +844,9 @@ class DecisionLog(LineLog):
 
         @param processLog: the process log's observer, when the process
             log is ours (L{TextProcessLog}): once it is installed, lines
-            are formatted once, as its text observer would have written
-            them, into its buffer; else (and while others listen) each line
-            is an event of the global log publisher.
+            are made once, as its text observer would have written them,
+            with its time stamp, into its buffer; else (and while others
+            listen) each line is an event of the global log publisher.
         """
         decisions = cls(None)
         text = textFormatter(DECISION_FIELDS)
@@ -738,20 +858,27 @@ class DecisionLog(LineLog):
 
         # The only listener that is not another observer (a test's).
         decisions.addObserver(cast(ILogObserver, forward))
-        decisions._processLog = processLog
         if processLog is not None:
-
-            def slow() -> bool:
-                return decisions._listeners != 1 or not processLog.installed
-
-            decisions.record = textRecorder(  # type: ignore[method-assign]
+            decisions._processLog = processLog
+            decisions._line = lineWriter(
                 DECISION_FIELDS,
-                decisions._record,
-                slow,
-                processLog.buffer.add,
+                DECISION_KINDS,
+                processLog.formatTime,
                 processLog.now,
+                _DECISION_SYSTEM,
             )
+            processLog.whenInstalled(decisions._checkFast)
+            decisions._checkFast()
         return decisions
+
+    def _text(self, fields: Mapping[str, Any]) -> str:
+        processLog = self._processLog
+        if processLog is None:
+            return LineLog._text(self, fields)
+        return (
+            f"{processLog.formatTime(processLog.now())} [{_DECISION_SYSTEM}] "
+            f"{self._formatter(fields)}"
+        )
 
     def batchWrites(self, clock: Any, interval: float = 1.0) -> None:
         LineLog.batchWrites(self, clock, interval)
@@ -775,9 +902,9 @@ class TextProcessLog:
     L{twisted.logger.textFileLogObserver} would write it (byte for byte:
     C{"{time} [{namespace}#{level}] {text}"}), with savings for a line
     per request: the time stamp is formatted once per second, and decision
-    lines wait in L{buffer} without an event, as rows of their fields and
-    time (L{DecisionLog.toProcessLog}), to be formatted and written in
-    batches (L{textRows}, L{LineBuffer}); L{addLine} adds a line formatted
+    lines go into L{buffer} without an event, made by code written for
+    their fields (L{DecisionLog.toProcessLog}, L{lineWriter}), and are
+    written in batches (L{LineBuffer}); L{addLine} adds a line formatted
     by the caller.  Every other event is written at once, after the lines
     that wait, so the order is kept.
 
@@ -789,12 +916,9 @@ class TextProcessLog:
     def __init__(
         self, outFile: IO[Any] | None = None, now: Callable[[], float] = time.time
     ) -> None:
-        # Holds lines, and rows of decision lines (textRows).
-        self.buffer = LineBuffer(
-            outFile if outFile is not None else sys.stdout,
-            render=textRows(DECISION_FIELDS, _DECISION_SYSTEM, self.formatTime),
-        )
+        self.buffer = LineBuffer(outFile if outFile is not None else sys.stdout)
         self.installed = outFile is not None
+        self._whenInstalled: list[Callable[[], None]] = []
         # The event's time, as twisted.logger takes it.
         self.now = now
         self._second: int | None = None
@@ -808,6 +932,14 @@ class TextProcessLog:
         self.buffer.outFile = outFile
         self.buffer._encode = ioType(outFile) is not str
         self.installed = True
+        for call in self._whenInstalled:
+            call()
+
+    def whenInstalled(self, call: Callable[[], None]) -> None:
+        """
+        Call C{call} when this observer is L{install}ed.
+        """
+        self._whenInstalled.append(call)
 
     def formatTime(self, when: float | None) -> str:
         """

@@ -25,17 +25,20 @@ from twisted.trial.unittest import SynchronousTestCase
 from proxy_app.addresses import AddressDecision
 from proxy_app.observe import (
     ACCESS_FIELDS,
+    ACCESS_KINDS,
     DECISION_FIELDS,
+    DECISION_KINDS,
     AccessLog,
     DecisionLog,
     Metrics,
     MetricsResource,
     TextProcessLog,
+    _decimal,
     instanceRegistry,
+    lineWriter,
     multiprocessValues,
+    recordFields,
     textFormatter,
-    textRecorder,
-    textRows,
 )
 from proxy_app.reasons import DENIALS, Reason
 from proxy_app.resolver import DestinationDenied, VettedDestination
@@ -692,50 +695,103 @@ class LineFormatTests(SynchronousTestCase):
             max_size=5,
         )
     )
-    def test_recorderAsBefore(self, lines: list[list[Any]]) -> None:
+    def test_writerAnyValues(self, lines: list[list[Any]]) -> None:
         """
-        The generated recorder (keyword arguments) and the rows' renderer
-        (remembered texts of repeating values) write lines as the formatter
-        before issue #19 did, also for a value seen before, and for 1, 1.0
-        and True, which are equal as keys.
+        The line writer, given values of any type in any field, writes the
+        line the formatter before issue #19 wrote from the values the
+        record shows (rounded where the field's kind rounds), also for a
+        value seen before, and for 1, 1.0 and True, which are equal as
+        keys of its memories.
         """
-        rows: list[Any] = []
-        record = textRecorder(
-            DECISION_FIELDS, lambda **kw: None, lambda: False, rows.append
-        )
-        lines = (
-            lines + lines + [[1] * len(DECISION_FIELDS), [1.0] * len(DECISION_FIELDS)]
-        )
-        lines.append([True] * len(DECISION_FIELDS))
+        line = lineWriter(DECISION_FIELDS, DECISION_KINDS)
+        asFields = recordFields(DECISION_FIELDS, DECISION_KINDS)
+        width = len(DECISION_FIELDS)
+        lines = lines + lines + [[1] * width, [1.0] * width, [True] * width]
         for values in lines:
-            record(**dict(zip(DECISION_FIELDS, values, strict=True)))
-        render = textRows(DECISION_FIELDS)
-        written = [render([row]) for row in rows]
-        self.assertEqual(render(rows), "".join(written))
-        self.assertEqual(
-            written,
-            [
-                _oldText(DECISION_FIELDS, dict(zip(DECISION_FIELDS, v, strict=True)))
-                for v in lines
-            ],
-        )
+            self.assertEqual(
+                line(*values), _oldText(DECISION_FIELDS, asFields(*values))
+            )
 
-    def test_recorderBounded(self) -> None:
+    @given(
+        st.lists(
+            st.tuples(
+                st.text(),
+                st.sampled_from(["127.0.0.1:1234", "[::1]:80", ""]),
+                st.sampled_from([b"GET", b"POST", b"M\xff", b""]),
+                st.sampled_from(["http://a.example/", "http://a.example/?q=a b"]),
+                st.one_of(st.none(), st.integers(100, 599)),
+                st.floats(min_value=-1, max_value=1e10),
+                st.integers(0, 2**40),
+                st.integers(0, 2**40),
+                st.one_of(st.none(), st.integers(1000, 1020)),
+                st.one_of(st.none(), st.text()),
+                st.one_of(st.none(), st.sampled_from(["svc", "a b", ""])),
+                st.none(),
+                st.none(),
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    def test_writerAccessLines(self, lines: list[tuple[Any, ...]]) -> None:
+        """
+        Access lines written from the values the proxy passes (the
+        method's bytes, unrounded seconds) are the lines of the fields the
+        proxy recorded before: the method decoded, the time rounded to
+        microseconds.
+        """
+        line = lineWriter(ACCESS_FIELDS, ACCESS_KINDS)
+        for values in lines + lines:
+            fields = dict(zip(ACCESS_FIELDS, values, strict=True))
+            fields["method"] = values[2].decode("ascii", "replace")
+            fields["response_time"] = round(values[5], 6)
+            self.assertEqual(line(*values), _oldText(ACCESS_FIELDS, fields))
+
+    @given(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([3, 6]))
+    def test_decimal(self, value: float, places: int) -> None:
+        """
+        The shorter way to a rounded float's text gives C{str(round(v, n))}.
+        """
+        self.assertEqual(_decimal(value, places), str(round(value, places)))
+
+    def test_decimalEdges(self) -> None:
+        """
+        Rounded floats whose shortest text has an exponent, ties, and the
+        bounds of the fixed-point way are written as C{str(round(v, n))}.
+        """
+        for value in [
+            0.0,
+            -0.0,
+            1e-4,
+            0.0000999996,
+            0.00009999949,
+            0.0000125,
+            0.0001235,
+            2.5e-7,
+            99999999.9999995,
+            1e8,
+            0.1 + 0.2,
+            1.0000005,
+            123.4564999999,
+        ]:
+            for places in (3, 6):
+                self.assertEqual(_decimal(value, places), str(round(value, places)))
+        self.assertEqual(_decimal(0.000012, 6), "1.2e-05")
+        self.assertEqual(_decimal(2.0, 6), "2.0")
+
+    def test_writerBounded(self) -> None:
         """
         The remembered texts of a repeating field are bounded: past the
         bound they are forgotten, and lines stay right.
         """
-        render = textRows(("url",))
-        written = [render([(f"http://a.example/{i}",)]) for i in range(600)]
-        written.append(render([("http://a.example/1",)]))
+        line = lineWriter(("url",), ("text",))
+        written = [line(f"http://a.example/{i}") for i in range(600)]
+        written.append(line("http://a.example/1"))
         self.assertEqual(written[-1], "url=http://a.example/1\n")
         self.assertEqual(written[599], "url=http://a.example/599\n")
-        self.assertEqual(len(written), 601)
-        cache = render.__globals__["cache_url"]  # type: ignore[attr-defined]
+        cache = line.__globals__["cache0"]  # type: ignore[attr-defined]
         self.assertLessEqual(len(cache), 256)
-        (line,) = render.__globals__["shapes"].values()  # type: ignore[attr-defined]
-        self.assertLessEqual(len(line.__globals__["cache_url"]), 256)
-        self.assertGreater(len(line.__globals__["cache_url"]), 0)
+        self.assertGreater(len(cache), 0)
 
     @given(
         st.lists(
@@ -747,35 +803,39 @@ class LineFormatTests(SynchronousTestCase):
         ),
         st.floats(min_value=0, max_value=4e9),
     )
-    def test_shapesAsBefore(self, lines: list[list[Any]], when: float) -> None:
+    def test_stampedAsBefore(self, lines: list[list[Any]], when: float) -> None:
         """
-        Rows written by one format per shape of row (the types of its
-        values), with the process log's time stamp, are the lines twistd's
-        text observer wrote before issue #19, whether a string of the row
-        needs quoting or not (then the general code writes it), for rows
-        of a shape seen before, and for a subclass of C{str}.
+        Lines for the process log begin with the time stamp of their event
+        and the system, as twistd's text observer wrote them before issue
+        #19, whether a string needs quoting or not, and for a subclass of
+        C{str}.
         """
 
         class Text(str):
             pass
 
         stamp = TextProcessLog(io.StringIO()).formatTime
-        render = textRows(DECISION_FIELDS, "egressproxy.decision#info", stamp)
-        plain = ["x"] * len(DECISION_FIELDS)
-        lines = lines + lines + [plain, [Text("a b")] * len(DECISION_FIELDS)]
-        rows = [(when, *values) for values in lines]
-        expected = [
-            f"{stamp(when)} [egressproxy.decision#info] "
-            + _oldText(DECISION_FIELDS, dict(zip(DECISION_FIELDS, v, strict=True)))
-            for v in lines
-        ]
-        self.assertEqual(render(rows), "".join(expected))
-        self.assertEqual([render([row]) for row in rows], expected)
+        line = lineWriter(
+            DECISION_FIELDS,
+            DECISION_KINDS,
+            stamp,
+            lambda: when,
+            "egressproxy.decision#info",
+        )
+        asFields = recordFields(DECISION_FIELDS, DECISION_KINDS)
+        width = len(DECISION_FIELDS)
+        lines = lines + lines + [["x"] * width, [Text("a b")] * width]
+        for values in lines:
+            self.assertEqual(
+                line(*values),
+                f"{stamp(when)} [egressproxy.decision#info] "
+                + _oldText(DECISION_FIELDS, asFields(*values)),
+            )
 
-    def test_processLogRows(self) -> None:
+    def test_processLogLines(self) -> None:
         """
-        Rows of decision lines kept for the process log are rendered with
-        the time of their event, as twistd's text observer writes the line.
+        Decision lines for the process log carry the time of their event,
+        as twistd's text observer writes the line, and wait for the batch.
         """
         out = io.StringIO()
         clock = Clock()
@@ -783,9 +843,10 @@ class LineFormatTests(SynchronousTestCase):
         processLog = TextProcessLog(out, now=clock.seconds)
         processLog.batchWrites(clock)
         decisions = DecisionLog.toProcessLog(processLog)
-        decisions.record(msg="CANONICAL-PROXY-DECISION", id="a", allow=True)
+        empty = [None] * (len(DECISION_FIELDS) - 3)
+        decisions.write("CANONICAL-PROXY-DECISION", "a", *empty[:7], True, *empty[7:])
         clock.advance(0.75)
-        decisions.record(msg="CANONICAL-PROXY-DECISION", id="b", allow=False)
+        decisions.write("CANONICAL-PROXY-DECISION", "b", *empty[:7], False, *empty[7:])
         self.assertEqual(out.getvalue(), "")
         processLog.flush()
         stamp = TextProcessLog(io.StringIO()).formatTime
@@ -796,6 +857,27 @@ class LineFormatTests(SynchronousTestCase):
             f"{stamp(1700000001.25)} [egressproxy.decision#info] "
             "msg=CANONICAL-PROXY-DECISION id=b allow=false\n",
         )
+
+    def test_processLogInstalledLater(self) -> None:
+        """
+        Until the process log is installed, decision lines are events of
+        the global log; once it is, they go into its buffer.
+        """
+        out = io.StringIO()
+        processLog = TextProcessLog(None)
+        decisions = DecisionLog.toProcessLog(processLog)
+        self.assertIsNone(decisions.fastSink)
+        values = ["CANONICAL-PROXY-DECISION", "a"] + [None] * (len(DECISION_FIELDS) - 2)
+        with capturedLogs() as events:
+            decisions.write(*values)
+        self.assertEqual([e.get("id") for e in events], ["a"])
+        processLog.install(out)
+        self.assertIs(decisions.fastSink, processLog.buffer)
+        with capturedLogs() as events:
+            decisions.write(*values)
+        self.assertEqual(events, [])
+        processLog.flush()
+        self.assertIn("msg=CANONICAL-PROXY-DECISION id=a\n", out.getvalue())
 
     def test_directAsPublished(self) -> None:
         """
