@@ -45,7 +45,7 @@ from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.target import hostPort, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import CertificateRole, Origination
-from proxy_app.tunnel import ConnectExchange
+from proxy_app.tunnel import ConnectExchange, TunnelWatch
 from proxy_app.upstream import NOT_PASSED, Connector, Timer, UpstreamPool
 from proxy_app.webhook import WebhookService
 
@@ -185,6 +185,10 @@ class ProxyFactory(Factory):
         self.connector = connector
         self.pool = UpstreamPool(
             connector, clock, config.timeouts.read, config.timeouts.lifetime
+        )
+        # The read timeout and lifetime of every established tunnel.
+        self.tunnelWatch = TunnelWatch(
+            clock, config.timeouts.read, config.timeouts.lifetime
         )
         self.accessLog = accessLog
         self.connections: set[ProxyProtocol] = set()
