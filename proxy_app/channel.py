@@ -912,7 +912,8 @@ class ProxyProtocol(Protocol):
         """
         self._state = "TUNNEL"
         self.tunnel = exchange
-        self._headerTimer.cancel()
+        # Never needed again: its bound method goes too.
+        self._headerTimer.release()
         assert self._reader is not None
         leftover = self._reader.leftover
         # The tunnel counts what the client sent after the head as its own.

@@ -173,8 +173,13 @@ class ConnectExchange(Exchange):
         upstream.transport.registerProducer(client, True)
         self.factory.tunnelWatch.add(self, idle=True)
         # What set the tunnel up is not needed any more (idle tunnels are
-        # held by the thousand): the head's header lines, the connect step.
-        self.request.headers = self.request.raw = []
+        # held by the thousand): the head's header lines, the connect step;
+        # and the parser's copies of its method and version give way to
+        # constants.
+        request = self.request
+        request.headers = request.raw = []
+        request.method = b"CONNECT"
+        request.version = "1.1" if request.version == "1.1" else "1.0"
         self.destination = None
         if leftover:
             self.fromClient(leftover)
