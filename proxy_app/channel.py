@@ -132,6 +132,8 @@ class ProxyFactory(Factory):
     @ivar resolver: the L{IDestinationResolver} vetting every destination.
     @ivar connector: the L{Connector}, the one way out.
     @ivar pool: the L{UpstreamPool} of persistent origin connections.
+    @ivar tunnelWatch: the L{TunnelWatch} closing established tunnels that
+        are idle or past their lifetime.
     @ivar observers: the L{IExchangeObserver}s every exchange's record goes
         to (L{proxy_app.accounting}).
     @ivar admission: the L{Admission} pipeline every exchange goes through.
