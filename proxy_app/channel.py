@@ -45,7 +45,7 @@ from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.target import hostPort, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import CertificateRole, Origination
-from proxy_app.tunnel import ConnectExchange
+from proxy_app.tunnel import ConnectExchange, TunnelWatch
 from proxy_app.upstream import NOT_PASSED, Connector, Timer, UpstreamPool
 from proxy_app.webhook import WebhookService
 
@@ -132,6 +132,8 @@ class ProxyFactory(Factory):
     @ivar resolver: the L{IDestinationResolver} vetting every destination.
     @ivar connector: the L{Connector}, the one way out.
     @ivar pool: the L{UpstreamPool} of persistent origin connections.
+    @ivar tunnelWatch: the L{TunnelWatch} closing established tunnels that
+        are idle or past their lifetime.
     @ivar observers: the L{IExchangeObserver}s every exchange's record goes
         to (L{proxy_app.accounting}).
     @ivar admission: the L{Admission} pipeline every exchange goes through.
@@ -185,6 +187,10 @@ class ProxyFactory(Factory):
         self.connector = connector
         self.pool = UpstreamPool(
             connector, clock, config.timeouts.read, config.timeouts.lifetime
+        )
+        # The read timeout and lifetime of every established tunnel.
+        self.tunnelWatch = TunnelWatch(
+            clock, config.timeouts.read, config.timeouts.lifetime
         )
         self.accessLog = accessLog
         self.connections: set[ProxyProtocol] = set()
@@ -908,7 +914,8 @@ class ProxyProtocol(Protocol):
         """
         self._state = "TUNNEL"
         self.tunnel = exchange
-        self._headerTimer.cancel()
+        # Never needed again: its bound method goes too.
+        self._headerTimer.release()
         assert self._reader is not None
         leftover = self._reader.leftover
         # The tunnel counts what the client sent after the head as its own.

@@ -503,7 +503,8 @@ class Timeouts:
         "read-timeout",
         10.0,
         parseSeconds,
-        "How long a connection to the destination may stay idle.",
+        "How long a connection to the destination may stay idle (an idle "
+        "CONNECT tunnel closes up to an eighth of it later).",
         metavar="SECONDS",
     )
     lifetime: float = setting(
@@ -511,7 +512,8 @@ class Timeouts:
         60.0,
         parseSeconds,
         "Longest time a request may take from its connect (or a tunnel may "
-        "live); pooled connections older than this are not reused.",
+        "live, closed up to an eighth of the shorter of this and the read "
+        "timeout later); pooled connections older than this are not reused.",
         metavar="SECONDS",
     )
     dns: float = setting(

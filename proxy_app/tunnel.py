@@ -6,6 +6,7 @@ producer with half-close passed through.
 
 from __future__ import annotations
 
+from math import inf
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -44,9 +45,8 @@ class ConnectExchange(Exchange):
     proxyType = "connect"
     __slots__ = (
         "upstream",
-        "_call",
+        "_idleSince",
         "_expires",
-        "_final",
         "_clientReadOpen",
         "_upstreamReadOpen",
         "_sniffer",
@@ -64,13 +64,12 @@ class ConnectExchange(Exchange):
     ) -> None:
         super().__init__(protocol, factory, request, target)
         self.upstream: UpstreamTunnel | None = None
-        # One timer for both limits of an established tunnel: the read
-        # (idle) timeout, restarted by every byte, until the lifetime's end
-        # is nearer; then the lifetime's end.  (Its own call, not a Timer:
-        # idle tunnels are held by the thousand.)
-        self._call: IDelayedCall | None = None
-        self._expires = 0.0
-        self._final = False
+        # Both limits of an established tunnel are kept by its factory's
+        # TunnelWatch: when it was last seen idle (None: bytes moved since
+        # the watch last looked; inf: idleness is not the tunnel's to
+        # judge), and the end of its lifetime.
+        self._idleSince: float | None = inf
+        self._expires = inf
         self._clientReadOpen = True
         self._upstreamReadOpen = True
         # Only the control webhook wants the SNI.
@@ -148,10 +147,7 @@ class ConnectExchange(Exchange):
         # Idleness is the channel inside's to judge (between requests, as
         # on any keep-alive connection; within one, its exchange's read
         # timeout); the tunnel's lifetime still bounds the whole.
-        self._final = True
-        self._call = self.factory.clock.callLater(
-            self.factory.config.timeouts.lifetime, self._timedOut
-        )
+        self.factory.tunnelWatch.add(self, idle=False)
         if leftover:
             session.fromClient(leftover)
         self.protocol.resumeReading()
@@ -175,13 +171,15 @@ class ConnectExchange(Exchange):
         # twisted.protocols.portforward does.
         client.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(client, True)
-        self._expires = (
-            self.factory.clock.seconds() + self.factory.config.timeouts.lifetime
-        )
-        self._touch()
+        self.factory.tunnelWatch.add(self, idle=True)
         # What set the tunnel up is not needed any more (idle tunnels are
-        # held by the thousand): the head's header lines, the connect step.
-        self.request.headers = self.request.raw = []
+        # held by the thousand): the head's header lines, the connect step;
+        # and the parser's copies of its method and version give way to
+        # constants.
+        request = self.request
+        request.headers = request.raw = []
+        request.method = b"CONNECT"
+        request.version = "1.1" if request.version == "1.1" else "1.0"
         self.destination = None
         if leftover:
             self.fromClient(leftover)
@@ -220,29 +218,8 @@ class ConnectExchange(Exchange):
         up, down = super().wireCounts()
         return up + self.bytesUp, down + self.bytesDown
 
-    def _touch(self) -> None:
-        """
-        Bytes moved: restart the idle timeout, unless the lifetime ends
-        first.
-        """
-        if self._final:
-            return
-        clock = self.factory.clock
-        delay = self.factory.config.timeouts.read
-        left = self._expires - clock.seconds()
-        if left <= delay:
-            self._final = True
-            delay = max(left, 0)
-        call = self._call
-        if call is not None and call.active():
-            call.reset(delay)
-        else:
-            self._call = clock.callLater(delay, self._timedOut)
-
     def _cancelTimer(self) -> None:
-        call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
+        self.factory.tunnelWatch.discard(self)
 
     def fromClient(self, data: bytes) -> None:
         self.bytesUp += len(data)
@@ -250,7 +227,8 @@ class ConnectExchange(Exchange):
             self._sniffer.feed(data)
             if self.statistics is not None:
                 self.statistics.left(data)
-        self._touch()
+        # Not idle (TunnelWatch): no clock read, no timer moved per chunk.
+        self._idleSince = None
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
 
@@ -258,7 +236,7 @@ class ConnectExchange(Exchange):
         self.bytesDown += len(data)
         if self.statistics is not None:
             self.statistics.right(data)
-        self._touch()
+        self._idleSince = None
         self.protocol.transport.write(data)
 
     # Closing, one direction at a time.
@@ -316,12 +294,118 @@ class ConnectExchange(Exchange):
             return
         super().clientLost(reason)
 
-    def _timedOut(self) -> None:
-        self._call = None
+    def _timedOut(self, lifetime: bool) -> None:
+        """
+        Close the tunnel for the reason its L{TunnelWatch} found: its
+        lifetime ended, or it was idle for the read timeout.
+        """
         timeouts = self.factory.config.timeouts
-        if self._final:
+        if lifetime:
             message = f"Tunnel exceeded its lifetime of {timeouts.lifetime:g} s"
         else:
             message = f"Tunnel idle for {timeouts.read:g} s (read timeout)"
         self.error = ProxyError(Reason.UPSTREAM_TIMEOUT, message)
         self._close()
+
+
+class TunnelWatch:
+    """
+    The read (idle) timeout and the lifetime of one factory's established
+    tunnels, kept by one coarse timer rather than a delayed call per
+    tunnel: idle tunnels are held by the thousand, and a C{DelayedCall}
+    with its bound methods is about half a KiB.
+
+    A tunnel that moves bytes only notes it (its C{_idleSince} goes to
+    L{None}: no clock read and no timer moved per chunk).  Every
+    C{interval} seconds, an eighth of the shorter of the read timeout and
+    the lifetime, the watch looks at each tunnel: one that moved bytes
+    since the last look counts as idle from now; one idle for the read
+    timeout, or past the end of its lifetime, is closed.  So an idle
+    tunnel closes between T and T + T/8 after its last byte (T the read
+    timeout; never before T), and any tunnel between the end of its
+    lifetime and one interval after; later only by as much as the
+    reactor runs a look late (the looks keep to their grid).  The timer
+    runs only while there are tunnels.
+
+    @ivar interval: seconds between looks.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_read",
+        "_lifetime",
+        "interval",
+        "_tunnels",
+        "_call",
+        "_next",
+    )
+
+    def __init__(self, clock: Any, read: float, lifetime: float) -> None:
+        self._clock = clock
+        self._read = read
+        self._lifetime = lifetime
+        self.interval = min(read, lifetime) / 8
+        # A dict (its keys), not a set: about half the bytes per tunnel.
+        self._tunnels: dict[ConnectExchange, None] = {}
+        self._call: IDelayedCall | None = None
+        self._next = 0.0
+
+    def __len__(self) -> int:
+        return len(self._tunnels)
+
+    def add(self, tunnel: ConnectExchange, idle: bool) -> None:
+        """
+        Watch a tunnel established now: its lifetime starts, and with
+        C{idle}, its read timeout too.
+        """
+        now = self._clock.seconds()
+        tunnel._expires = now + self._lifetime
+        tunnel._idleSince = now if idle else inf
+        self._tunnels[tunnel] = None
+        if self._call is None:
+            self._next = now + self.interval
+            self._call = self._clock.callLater(self.interval, self._look)
+
+    def discard(self, tunnel: ConnectExchange) -> None:
+        """
+        Stop watching a tunnel (closing or closed); nothing if not watched.
+        With the last tunnel gone, the timer stops.
+        """
+        tunnels = self._tunnels
+        tunnels.pop(tunnel, None)
+        if not tunnels:
+            call, self._call = self._call, None
+            if call is not None:
+                call.cancel()
+
+    def _look(self) -> None:
+        self._call = None
+        tunnels = self._tunnels
+        now = self._clock.seconds()
+        read = self._read
+        over: list[tuple[ConnectExchange, bool]] = []
+        for tunnel in tunnels:
+            since = tunnel._idleSince
+            if now >= tunnel._expires:
+                over.append((tunnel, True))
+            elif since is None:
+                tunnel._idleSince = now
+            elif now - since >= read:
+                over.append((tunnel, False))
+        # Closed after the look: closing one can end (and unwatch) others.
+        for tunnel, lifetime in over:
+            if tunnel in tunnels:
+                del tunnels[tunnel]
+                tunnel._timedOut(lifetime)
+        if self._call is not None:
+            # A tunnel added while closing others started the timer.
+            return
+        if tunnels:
+            # On the interval's grid, so that a late look does not make
+            # the next ones late too.
+            interval = self.interval
+            due = self._next + interval
+            if due <= now:
+                due = now + interval
+            self._next = due
+            self._call = self._clock.callLater(due - now, self._look)

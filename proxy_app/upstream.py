@@ -531,6 +531,26 @@ class OutboundFactory(Factory):
         raise NotImplementedError()
 
 
+class _Connected(ClientFactory):
+    """
+    The factory of every connector whose connection L{_Connecting} made,
+    once it is made: one shared instance, with nothing of any connection.
+    """
+
+    noisy = False
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        # The connector and its transport refer to each other, and Twisted
+        # leaves that cycle (and through the transport the protocols and
+        # exchanges of the connection) to the garbage collector; the
+        # connection is over, so the connector's reference goes, as
+        # stopConnecting drops it.
+        connector.transport = None
+
+
+_CONNECTED = _Connected()
+
+
 class _Connecting(ClientFactory):
     """
     One C{connectTCP} of an L{OutboundFactory}'s protocol: what the
@@ -574,7 +594,7 @@ class _Connecting(ClientFactory):
     def buildProtocol(self, addr: Any) -> Outbound | None:
         factory, self.factory = self.factory, None
         d, self.deferred = self.deferred, None
-        self.connector = None
+        connector, self.connector = self.connector, None
         if factory is None or d is None or d.called:
             return None
         try:
@@ -587,15 +607,16 @@ class _Connecting(ClientFactory):
             return None
         # It fires the Deferred once connected (Outbound.makeConnection).
         protocol.connecting = d
+        if connector is not None:
+            # The connector keeps its factory for the connection's life,
+            # but this one has done its work: the shared one that ends
+            # connections takes its place (idle tunnels are held by the
+            # thousand).
+            connector.factory = _CONNECTED
         return protocol
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
-        # The connector and its transport refer to each other, and Twisted
-        # leaves that cycle (and through the transport the protocols and
-        # exchanges of the connection) to the garbage collector; the
-        # connection is over, so the connector's reference goes, as
-        # stopConnecting drops it.
-        connector.transport = None
+        _Connected.clientConnectionLost(_CONNECTED, connector, reason)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.factory = self.connector = None

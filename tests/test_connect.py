@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionDone, getConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.error import getConnectError
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
@@ -614,6 +614,29 @@ class SingleAddressConnectTests(SynchronousTestCase):
         protocol = race.accept(0)
         self.assertIs(self.successResultOf(race.result), protocol)
         self.assertEqual(race.reactor.getDelayedCalls(), [])
+
+    def test_connectorLetsGoOfConnect(self) -> None:
+        """
+        Once the connection is made, its connector keeps nothing of the
+        connect (held for the connection's life, as idle tunnels are by the
+        thousand): its factory is one shared by every connection, which
+        ends a connection as the connect's own would (the connector lets go
+        of its transport).
+        """
+        races = [Race([v4(1)], factory=UpstreamTunnelFactory()) for _ in range(2)]
+        for race in races:
+            race.accept(0)
+        factories = [race.reactor.connectors[0].factory for race in races]
+        self.assertIs(factories[0], factories[1])
+        for race in races:
+            self.assertIsNot(factories[0], race.reactor.tcpClients[0][2])
+
+        class Connector:
+            transport: object = object()
+
+        connector = Connector()
+        factories[0].clientConnectionLost(connector, Failure(ConnectionDone()))
+        self.assertIsNone(connector.transport)
 
     def test_deadlineAfterFailure(self) -> None:
         """
