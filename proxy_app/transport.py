@@ -1,0 +1,265 @@
+"""
+TCP transports that send what a read event wrote at the end of that event.
+
+Twisted's C{write} only buffers and asks the reactor for write events
+(C{startWriting}: an C{epoll_ctl}); the send happens on the reactor's next
+pass, in C{doWrite}, which then gives the write events back (another
+C{epoll_ctl}).  A forwarded keep-alive request is two such writes (the
+request to the origin, the response to the client): four C{epoll_ctl}, two
+extra event dispatches and some forty Python calls, for bytes the socket
+could have taken at once.
+
+Sending inside C{write} itself is no better: a response head and its body
+written in one event would then go out as two sends (the second session
+measured that, docs/benchmarks.md).  So the transports here keep Twisted's
+coalescing and only drop the round trip through the reactor:
+
+  - While a lean transport's C{doRead} runs (the protocol's
+    C{dataReceived} and everything it calls), C{startWriting} on any lean
+    transport that is connected, not closing and not already waiting for
+    write events does not register with the reactor: the transport is
+    queued, once.
+  - When the outermost such C{doRead} ends, each queued transport runs
+    C{doWrite} at once: one send for everything written to it during the
+    event.  If it still wants writing afterwards (C{doWrite} did not call
+    C{stopWriting}: data left over, C{EAGAIN}) or C{doWrite} returned
+    anything but L{None} (the connection is lost), it registers as it
+    always would, and the reactor's next C{doWrite} takes over exactly as
+    it does without this module: errors, closes and producers.  A producer
+    resumed by the flush that writes again queues its transport again; the
+    flush runs until the queue is empty.
+  - If C{dataReceived} raises, every queued transport registers as usual
+    (what happens without this module) before the exception goes on to the
+    reactor.
+  - Everything else goes the usual way: writes from timers and Deferred
+    callbacks outside a read, writes to a transport that is closing
+    (C{loseConnection}, C{loseWriteConnection}, C{abortConnection}),
+    connection set-up, and every transport not made here (TLS origination
+    and the parent proxy, which connect through endpoints).
+
+The bytes of one transport stay in its own buffer and go out in order,
+through Twisted's own C{doWrite}; the queue only decides when that runs, so
+nothing can reach another transport, overtake earlier bytes, or follow a
+close.  The state tracked here (closing, waiting for write events) is our
+own, from our own overrides: no private attribute of Twisted's is read.
+
+How they are installed, with public Twisted API where there is one:
+
+  - Accepted connections: a listening C{tcp.Port} builds each connection's
+    transport from its public C{transport} attribute; L{leanPort} sets it on
+    the port instance, for every listener the proxy opens.
+  - Outbound connections (L{connectTCP}): C{reactor.connectTCP} is
+    C{tcp.Connector(...)} and C{connect()}; L{LeanConnector} is that
+    connector with C{_makeTransport}, C{BaseConnector}'s hook for its
+    subclasses (the same in Twisted 23.10 and 26), building a L{LeanClient}.
+    That was chosen over swapping the class of the transport
+    C{reactor.connectTCP} made (it exists from the start, with its
+    connector and timeout already wired) and over a client endpoint of our
+    own (the connector would still be Twisted's).  It is used only on a
+    real reactor (a C{PosixReactorBase}); any other reactor, such as the
+    memory reactors of the tests, gets C{reactor.connectTCP} as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+
+class _Flush:
+    """
+    The process-wide state of the lean transports: one reactor thread runs
+    them all.
+
+    @ivar active: whether a lean C{doRead} is running (and then its flush).
+    @ivar pending: the transports queued to write at the end of it, in the
+        order they were first written to.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.pending: list[_LeanMixin] = []
+
+
+_flush = _Flush()
+
+
+class _LeanMixin(tcp.Connection):
+    """
+    What L{LeanServer} and L{LeanClient} add to Twisted's TCP transports.
+
+    @ivar _leanWriting: whether this transport asked the reactor for write
+        events (C{startWriting} went through) and has not given them back
+        (C{stopWriting}).
+    @ivar _leanQueued: whether it is in the queue of the running flush.
+    @ivar _leanClosing: whether C{loseConnection}, C{loseWriteConnection}
+        or C{abortConnection} was called: from then on it writes the usual
+        way.
+    """
+
+    _leanWriting = False
+    _leanQueued = False
+    _leanClosing = False
+
+    def doRead(self) -> Any:
+        state = _flush
+        if state.active:
+            return super().doRead()
+        state.active = True
+        try:
+            try:
+                why = super().doRead()
+            except BaseException:
+                _registerAll(state)
+                raise
+            _run(state)
+        finally:
+            state.active = False
+        return why
+
+    def startWriting(self) -> None:
+        if (
+            _flush.active
+            and not self._leanWriting
+            and not self._leanClosing
+            and self.connected
+        ):
+            if not self._leanQueued:
+                self._leanQueued = True
+                _flush.pending.append(self)
+            return
+        self._leanWriting = True
+        super().startWriting()
+
+    def stopWriting(self) -> None:
+        self._leanWriting = False
+        super().stopWriting()
+
+    def loseConnection(self, *args: Any, **kwargs: Any) -> None:
+        self._leanClosing = True
+        super().loseConnection(*args, **kwargs)
+
+    def loseWriteConnection(self) -> None:
+        self._leanClosing = True
+        super().loseWriteConnection()
+
+    def abortConnection(self) -> None:
+        self._leanClosing = True
+        super().abortConnection()
+
+    def _leanRegister(self) -> None:
+        """
+        Ask the reactor for write events, as C{startWriting} does outside a
+        read.
+        """
+        self._leanWriting = True
+        super().startWriting()
+
+
+def _registerAll(state: _Flush) -> None:
+    """
+    Let every queued transport wait for write events the usual way.
+    """
+    pending, state.pending = state.pending, []
+    for transport in pending:
+        transport._leanQueued = False
+        if not (
+            transport._leanClosing or transport._leanWriting or not transport.connected
+        ):
+            transport._leanRegister()
+
+
+def _run(state: _Flush) -> None:
+    """
+    Write what the queued transports hold, until none is queued.
+    """
+    pending = state.pending
+    while pending:
+        transport = pending.pop(0)
+        transport._leanQueued = False
+        if not transport.connected:
+            # Lost meanwhile: its buffer went with it, as it would have.
+            continue
+        if transport._leanClosing or transport._leanWriting:
+            # Registered since it was queued (a close registers: the
+            # reactor finishes it), or aborted: nothing to do here.
+            continue
+        # As if registered, so that doWrite's stopWriting (all sent) says
+        # that it need not be.
+        transport._leanWriting = True
+        try:
+            why = transport.doWrite()
+        except BaseException:
+            # What the reactor does when doWrite raises.
+            log.failure("Writing to {transport}", transport=transport)
+            transport.stopReading()
+            transport.stopWriting()
+            transport.connectionLost(Failure())
+            continue
+        if why is not None or transport._leanWriting:
+            transport._leanRegister()
+
+
+class LeanServer(_LeanMixin, tcp.Server):
+    """
+    An accepted TCP connection whose writes during a read event are sent at
+    its end (see the module docstring).
+    """
+
+
+class LeanClient(_LeanMixin, tcp.Client):
+    """
+    An outbound TCP connection whose writes during a read event are sent at
+    its end (see the module docstring).
+    """
+
+
+class LeanConnector(tcp.Connector):
+    """
+    C{reactor.connectTCP}'s connector, making a L{LeanClient}.
+    """
+
+    def _makeTransport(self) -> tcp.Client:
+        return LeanClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def leanPort(port: Any) -> Any:
+    """
+    Make the connections C{port} accepts from now on lean, if it is a
+    Twisted TCP port (a TLS listener's is too: TLS is a protocol over it);
+    any other listening port is left as it is.
+
+    @return: C{port}.
+    """
+    if isinstance(port, tcp.Port):
+        port.transport = LeanServer
+    return port
+
+
+def connectTCP(
+    reactor: Any,
+    host: str,
+    port: int,
+    factory: Any,
+    timeout: float | None,
+    bindAddress: tuple[str, int] | None,
+) -> Any:
+    """
+    C{reactor.connectTCP(host, port, factory, timeout, bindAddress)}, with
+    a L{LeanClient} as the transport when C{reactor} is a real one.
+
+    @return: the C{IConnector}.
+    """
+    if isinstance(reactor, PosixReactorBase):
+        connector = LeanConnector(host, port, factory, timeout, bindAddress, reactor)  # type: ignore[arg-type]
+        connector.connect()
+        return connector
+    return reactor.connectTCP(
+        host, port, factory, timeout=timeout, bindAddress=bindAddress
+    )
