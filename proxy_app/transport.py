@@ -108,20 +108,7 @@ class _LeanMixin(tcp.Connection):
     _leanClosing = False
 
     def doRead(self) -> Any:
-        state = _flush
-        if state.active:
-            return super().doRead()
-        state.active = True
-        try:
-            try:
-                why = super().doRead()
-            except BaseException:
-                _registerAll(state)
-                raise
-            _run(state)
-        finally:
-            state.active = False
-        return why
+        return _leanEvent(super().doRead)
 
     def startWriting(self) -> None:
         if (
@@ -160,6 +147,29 @@ class _LeanMixin(tcp.Connection):
         """
         self._leanWriting = True
         super().startWriting()
+
+
+def _leanEvent(handler: Any) -> Any:
+    """
+    Run C{handler} (an event's C{doRead} or C{doConnect}) with the lean
+    transports' writes queued, and send them at its end.
+
+    @return: what C{handler} returns.
+    """
+    state = _flush
+    if state.active:
+        return handler()
+    state.active = True
+    try:
+        try:
+            why = handler()
+        except BaseException:
+            _registerAll(state)
+            raise
+        _run(state)
+    finally:
+        state.active = False
+    return why
 
 
 def _registerAll(state: _Flush) -> None:
@@ -217,7 +227,17 @@ class LeanClient(_LeanMixin, tcp.Client):
     """
     An outbound TCP connection whose writes during a read event are sent at
     its end (see the module docstring).
+
+    The event that completes the connect is one too: the protocol's
+    C{connectionMade} and what the connect's L{Deferred} runs (a request
+    written to a new upstream connection, a tunnel's 200 to its client) are
+    sent at its end.
     """
+
+    def doConnect(self) -> Any:
+        # tcp.BaseClient.doConnect sets itself (this method, bound) as the
+        # transport's doRead and doWrite until the connect is over.
+        return _leanEvent(super().doConnect)
 
 
 class LeanConnector(tcp.Connector):

@@ -525,6 +525,67 @@ class InstallTests(SynchronousTestCase):
         self.assertIsInstance(connector.transport, LeanClient)
 
 
+class CountingClient(LeanClient):
+    """
+    A L{LeanClient} that records each send as L{CountingServer} does.
+    """
+
+    sends: list[tuple[int, bool]]
+
+    def writeSomeData(self, data: bytes) -> Any:
+        result = super().writeSomeData(data)
+        if not hasattr(self, "sends"):
+            self.sends = []
+        if isinstance(result, int):
+            self.sends.append((result, leanModule._flush.active))
+        return result
+
+
+class CountingConnector(LeanConnector):
+    def _makeTransport(self) -> tcp.Client:
+        return CountingClient(
+            self.host, self.port, self.bindAddress, self, self.reactor
+        )
+
+
+class ConnectEventTests(TestCase):
+    """
+    The event that completes an outbound connect is a lean one.
+    """
+
+    @inlineCallbacks
+    def test_writeOnConnect(self):  # type: ignore[no-untyped-def]
+        """
+        What a protocol writes when its connection is made (a request on a
+        new upstream connection) goes out in one send at the end of the
+        connect event, not on a later reactor pass.
+        """
+        received = Collect()
+        server = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: received), interface="127.0.0.1"
+        )
+        self.addCleanup(server.stopListening)
+        made: Deferred = Deferred()
+
+        class Greeter(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"GET / HTTP/1.1\r\n")
+                self.transport.write(b"\r\n")
+                made.callback(self.transport)
+
+        factory = ClientFactory.forProtocol(Greeter)
+        factory.noisy = False
+        connector = CountingConnector(
+            "127.0.0.1", server.getHost().port, factory, 5, None, reactor
+        )
+        connector.connect()
+        transport = yield made
+        self.addCleanup(transport.loseConnection)
+        yield received.waitFor(18)
+        self.assertEqual(received.data, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(transport.sends, [(18, True)])
+
+
 class Origin(Protocol):
     """
     A raw origin: answers each request head with a fixed response in two
