@@ -94,21 +94,39 @@ class _LeanMixin(tcp.Connection):
     """
     What L{LeanServer} and L{LeanClient} add to Twisted's TCP transports.
 
-    @ivar _leanWriting: whether this transport asked the reactor for write
-        events (C{startWriting} went through) and has not given them back
-        (C{stopWriting}).
+    @ivar _leanWriting: C{True} when this transport asked the reactor for
+        write events (C{startWriting} went through) and has not given them
+        back (C{stopWriting}); C{False} when it has not; L{None} while the
+        flush runs its C{doWrite}, until that calls C{stopWriting} (all
+        sent).  Every registration goes through C{startWriting}, so it is
+        never C{False} while the transport is registered.
     @ivar _leanQueued: whether it is in the queue of the running flush.
     @ivar _leanClosing: whether C{loseConnection}, C{loseWriteConnection}
         or C{abortConnection} was called: from then on it writes the usual
         way.
     """
 
-    _leanWriting = False
+    _leanWriting: bool | None = False
     _leanQueued = False
     _leanClosing = False
 
     def doRead(self) -> Any:
-        return _leanEvent(super().doRead)
+        # _leanEvent, inlined: this runs for every read.
+        state = _flush
+        if state.active:
+            return super().doRead()
+        state.active = True
+        try:
+            try:
+                why = super().doRead()
+            except BaseException:
+                _registerAll(state)
+                raise
+            if state.pending:
+                _run(state)
+        finally:
+            state.active = False
+        return why
 
     def startWriting(self) -> None:
         if (
@@ -125,8 +143,12 @@ class _LeanMixin(tcp.Connection):
         super().startWriting()
 
     def stopWriting(self) -> None:
+        # Only a transport that registered has anything to give back (the
+        # flush's doWrite calls this on one that never did).
+        registered = self._leanWriting
         self._leanWriting = False
-        super().stopWriting()
+        if registered:
+            super().stopWriting()
 
     def loseConnection(self, *args: Any, **kwargs: Any) -> None:
         self._leanClosing = True
@@ -200,9 +222,9 @@ def _run(state: _Flush) -> None:
             # Registered since it was queued (a close registers: the
             # reactor finishes it), or aborted: nothing to do here.
             continue
-        # As if registered, so that doWrite's stopWriting (all sent) says
-        # that it need not be.
-        transport._leanWriting = True
+        # Not registered, and doWrite's stopWriting (all sent) says that it
+        # need not be.
+        transport._leanWriting = None
         try:
             why = transport.doWrite()
         except BaseException:
@@ -212,7 +234,7 @@ def _run(state: _Flush) -> None:
             transport.stopWriting()
             transport.connectionLost(Failure())
             continue
-        if why is not None or transport._leanWriting:
+        if why is not None or transport._leanWriting is not False:
             transport._leanRegister()
 
 
