@@ -89,6 +89,15 @@ class _Flush:
 
 _flush = _Flush()
 
+# The methods the hot overrides below extend, called directly: super() from
+# the mixin walks the rest of a long MRO (a dictionary lookup per class) on
+# every call, which cost more than the reactor round trip this module saves.
+# Twisted's tcp.Server and tcp.Client both inherit these unchanged (a test
+# checks it).
+_doRead = tcp.Connection.doRead
+_startWriting = tcp.Connection.startWriting
+_stopWriting = tcp.Connection.stopWriting
+
 
 class _LeanMixin(tcp.Connection):
     """
@@ -106,19 +115,25 @@ class _LeanMixin(tcp.Connection):
         way.
     """
 
-    _leanWriting: bool | None = False
-    _leanQueued = False
-    _leanClosing = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set first and always in this order: instances that gained these
+        # attributes in different orders would lose CPython's shared-key
+        # instance dictionaries, and with them the fast attribute access
+        # of every transport method.
+        self._leanWriting: bool | None = False
+        self._leanQueued = False
+        self._leanClosing = False
+        super().__init__(*args, **kwargs)
 
     def doRead(self) -> Any:
         # _leanEvent, inlined: this runs for every read.
         state = _flush
         if state.active:
-            return super().doRead()
+            return _doRead(self)
         state.active = True
         try:
             try:
-                why = super().doRead()
+                why = _doRead(self)
             except BaseException:
                 _registerAll(state)
                 raise
@@ -140,7 +155,7 @@ class _LeanMixin(tcp.Connection):
                 _flush.pending.append(self)
             return
         self._leanWriting = True
-        super().startWriting()
+        _startWriting(self)
 
     def stopWriting(self) -> None:
         # Only a transport that registered has anything to give back (the
@@ -148,7 +163,7 @@ class _LeanMixin(tcp.Connection):
         registered = self._leanWriting
         self._leanWriting = False
         if registered:
-            super().stopWriting()
+            _stopWriting(self)
 
     def loseConnection(self, *args: Any, **kwargs: Any) -> None:
         self._leanClosing = True
@@ -168,7 +183,7 @@ class _LeanMixin(tcp.Connection):
         read.
         """
         self._leanWriting = True
-        super().startWriting()
+        _startWriting(self)
 
 
 def _leanEvent(handler: Any) -> Any:

@@ -500,6 +500,17 @@ class InstallTests(SynchronousTestCase):
         other = object()
         self.assertIs(leanPort(other), other)
 
+    def test_inheritedUnchanged(self) -> None:
+        """
+        The methods the lean transports call directly instead of through
+        C{super()} are the ones Twisted's TCP server and client transports
+        inherit.
+        """
+        for base in (tcp.Server, tcp.Client):
+            self.assertIs(base.doRead, leanModule._doRead)
+            self.assertIs(base.startWriting, leanModule._startWriting)
+            self.assertIs(base.stopWriting, leanModule._stopWriting)
+
     def test_memoryReactor(self) -> None:
         """
         On a reactor that is not a real one, L{connectTCP} is the reactor's
