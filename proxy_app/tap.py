@@ -49,7 +49,6 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.web.server import Site
 
-from proxy_app import compiledModules
 from proxy_app import config as configModule
 from proxy_app.access import AccessControl
 from proxy_app.acl import ACLError, loadACL
@@ -1145,7 +1144,6 @@ def _build(
         raiseFileLimit()
         tuneAllocator()
         leanEventPath()
-        logBuild()
     service.setServiceParent(top)
     for listener in config.listen:
         name = listener.description if isinstance(listener, TLSListener) else listener
@@ -1254,18 +1252,6 @@ def raiseFileLimit() -> int:
             log.warn("Could not raise the open-file limit: {error}", error=e)
     log.info("Open-file limit: {limit}", limit=soft)
     return soft
-
-
-def logBuild() -> str:
-    """
-    Log, once at start-up, which of egressproxy's modules run compiled (the
-    optional compiled build; docs/architecture.md).
-
-    @return: the names logged, or C{"none"}.
-    """
-    names = " ".join(n.rpartition(".")[2] for n in compiledModules())
-    log.info("Compiled modules: {modules}", modules=names or "none")
-    return names or "none"
 
 
 # glibc's mallopt parameters.

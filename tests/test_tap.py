@@ -293,7 +293,6 @@ class AllocatorTests(SynchronousTestCase):
         self.patch(tap, "tuneAllocator", lambda: calls.append("allocator"))
         self.patch(tap, "raiseFileLimit", lambda: calls.append("files"))
         self.patch(tap, "leanEventPath", lambda: calls.append("event path"))
-        self.patch(tap, "logBuild", lambda: calls.append("build"))
         options = Options(environ={})
         options.parseOptions(["--metrics", "none", "--access-log", "none"])
         reactor = PluggableMemoryReactor()
@@ -301,7 +300,7 @@ class AllocatorTests(SynchronousTestCase):
         self.assertEqual(calls, [])
         self.patch(tap, "_globalReactor", lambda: reactor)
         tap.makeService(options, reactor=reactor)
-        self.assertEqual(calls, ["files", "allocator", "event path", "build"])
+        self.assertEqual(calls, ["files", "allocator", "event path"])
 
 
 class _Selectable:
@@ -1134,13 +1133,6 @@ class JSONProcessLogTests(SynchronousTestCase):
         ]
         self.assertIsInstance(limit["limit"], int)
         self.assertEqual(limit["log_namespace"], "proxy_app.tap")
-        # One line says which modules run compiled (the same as here: the
-        # process has this one's environment and package).
-        [build] = [
-            e for e in events if e.get("log_format") == "Compiled modules: {modules}"
-        ]
-        names = [n.rpartition(".")[2] for n in tap.compiledModules()]
-        self.assertEqual(build["modules"], " ".join(names) or "none")
         # Twisted logs the signal through its new logger from 24.7 on, and
         # through the legacy log (as log_text) before.
         self.assertTrue(
