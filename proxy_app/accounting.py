@@ -7,8 +7,8 @@ on the Deferred-free path should allocate nothing it need not.  The fields
 observers read are the exchange's (L{proxy_app.exchange.Exchange} lists
 them).  The exchange calls each L{IExchangeObserver} in
 L{ProxyFactory.observers <proxy_app.channel.ProxyFactory>}, in this order:
-the control webhook's events, the metrics, the access log, the decision
-log; it imports none of them.
+the control webhook's events, the metrics, the access and decision logs;
+it imports none of them.
 
 Each observer reads its sink from the factory when it is called, so that
 a sink swapped while the proxy runs (or by a test) is the one written.
@@ -16,11 +16,13 @@ a sink swapped while the proxy runs (or by a test) is the one written.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from zope.interface import implementer
 
 from proxy_app.interfaces import IExchangeObserver
+from proxy_app.observe import AccessLog, LineLog, lineWriter, recordFields
 from proxy_app.reasons import DENIALS, Reason
 from proxy_app.upstream import TLSHandshakeTimeout
 from proxy_app.webhook import connectionInfoDetails, connectionStopInfo, sessionLabel
@@ -29,18 +31,6 @@ _TLS_FAILURES = {
     Reason.TLS_HANDSHAKE_FAILED: "handshake",
     Reason.CERTIFICATE_INVALID: "certificate",
 }
-
-
-def errorText(record: Any) -> str | None:
-    """
-    The error an exchange's log line shows: why it ended, if it ended
-    without an error of its own (the client left), else its error's
-    message.
-    """
-    if record.endedBecause is not None:
-        return record.endedBecause
-    error = record.error
-    return error.message if error is not None else None
 
 
 def webhookSession(record: Any, address: str) -> str:
@@ -66,8 +56,7 @@ def observers(parts: Any) -> tuple[IExchangeObserver, ...]:
     return (
         WebhookObserver(parts),
         MetricsObserver(parts),
-        AccessLogObserver(parts),
-        DecisionLogObserver(parts),
+        LogObserver(parts),
     )
 
 
@@ -177,121 +166,219 @@ class MetricsObserver(_Observer):
         self._parts.metrics.tunnels.dec()
 
 
+# How the log lines' fields are read from an exchange's record, for the
+# line functions written for them (observe.lineWriter): one expression a
+# field, over the names of _LINE_SETUP, in the order of the log's fields
+# and of the kinds observe.ACCESS_KINDS and DECISION_KINDS give them
+# ("None": a field these lines never carry).
+_LINE_SETUP = (
+    "protocol = record.protocol",
+    "error = record.error",
+)
+
+ACCESS_SOURCES = (
+    "record.requestID",  # rq_id
+    "protocol.clientAddress",  # client_addr
+    "record.request.method",  # method (bytes)
+    "record.url",  # url
+    "record.status",  # response_code
+    "t - record.started",  # response_time (seconds)
+    "record.bytesUp",  # bytes_up
+    "record.bytesDown",  # bytes_down
+    "None if error is None else int(error.reason)",  # reason_code
+    # error: why the exchange ended, if the client left; else its error.
+    "record.endedBecause if record.endedBecause is not None"
+    " else (None if error is None else error.message)",
+    "record.role",  # role
+    "protocol.certificateCN",  # client_cn
+    "protocol.certificateOU",  # client_ou
+)
+
+_DECISION_SETUP = (
+    *_LINE_SETUP,
+    "decision = record.aclDecision",
+    "target = record.target",
+    "destination = record.destination",
+)
+
+DECISION_SOURCES = (
+    "'CANONICAL-PROXY-DECISION'",  # msg
+    "record.requestID",  # id
+    "record.proxyType",  # proxy_type
+    # requested_host: the target's authority, made once per host and port.
+    "record.url if target is None else"
+    " authorities.get((target.host, target.port)) or authority(target)",
+    "record.role",  # role
+    "None if decision is None else decision.project",  # project
+    # decision_reason: the ACL's reason, unless another error stopped it.
+    "(None if decision is None else decision.reason)"
+    " if error is None or error.reason is DENIED_BY_ACL else error.message",
+    # address_rule: only when an allowed host's name opened an address;
+    # absent otherwise, so that the line is as it always was.
+    "None if destination is None else destination.allowedBy",
+    "False if decision is None else decision.enforceWouldDeny",
+    "error is None or error.reason not in DENIALS",  # allow
+    "True if decision is not None and decision.reportOnly else None",
+    "protocol.clientAddress",  # inbound_remote_addr
+    "record.outboundAddress",  # outbound_remote_addr
+    "record.dnsTime",  # dns_lookup_time_ms (seconds)
+    "record.connectTime",  # conn_establish_time_ms (seconds)
+    "record.status",  # status_code
+    "None",  # bytes_in
+    "None",  # bytes_out
+    "None",  # duration
+    "None",  # end_time
+    "None",  # error
+)
+
+CLOSE_SOURCES = (
+    "'CANONICAL-PROXY-CN-CLOSE'",  # msg
+    "record.requestID",  # id
+    "record.proxyType",  # proxy_type
+    "record.url if record.target is None else record.target.authority",
+    "record.role",  # role
+    "None",  # project
+    "None",  # decision_reason
+    "None",  # address_rule
+    "None",  # enforce_would_deny
+    "None",  # allow
+    "None",  # report_only
+    "protocol.clientAddress",  # inbound_remote_addr
+    "record.outboundAddress",  # outbound_remote_addr
+    "None",  # dns_lookup_time_ms
+    "None",  # conn_establish_time_ms
+    "None",  # status_code
+    "record.bytesDown",  # bytes_in
+    "record.bytesUp",  # bytes_out
+    "t - record.started",  # duration (seconds)
+    "t",  # end_time
+    "'' if error is None else error.message",  # error
+)
+
+# Authorities (host:port) by host and port, at most _AUTHORITIES of them.
+_authorities: dict[tuple[str, int], str] = {}
+_AUTHORITIES = 256
+
+
+def _authority(target: Any) -> str:
+    if len(_authorities) >= _AUTHORITIES:
+        _authorities.clear()
+    text = _authorities[target.host, target.port] = target.authority
+    return text
+
+
+_LINE_NAMES = {
+    "DENIALS": DENIALS,
+    "DENIED_BY_ACL": Reason.DENIED_BY_ACL,
+    "authorities": _authorities,
+    "authority": _authority,
+}
+
+
+def _lines(
+    log: type[LineLog] | LineLog,
+    sources: tuple[str, ...],
+    setup: tuple[str, ...],
+    stamping: Mapping[str, Any],
+) -> tuple[Callable[..., str], Callable[..., dict[str, Any]]]:
+    """
+    The function writing C{log}'s line for an exchange's record at time
+    C{t} (with the process log's time stamp given by C{stamping}: see
+    L{LineLog.stamping}), and the one giving its fields (for
+    L{LineLog.record}).
+    """
+    return (
+        lineWriter(
+            log.fields,
+            log.kinds,
+            sources=sources,
+            setup=setup,
+            arguments="record, t",
+            names=_LINE_NAMES,
+            **stamping,
+        ),
+        recordFields(
+            log.fields,
+            log.kinds,
+            sources=sources,
+            setup=setup,
+            arguments="record, t",
+            names=_LINE_NAMES,
+        ),
+    )
+
+
 @implementer(IExchangeObserver)
-class AccessLogObserver(_Observer):
+class LogObserver(_Observer):
     """
-    One access-log line per exchange, through the factory's C{accessLog}.
-    """
-
-    __slots__ = ()
-
-    def exchangeEnded(self, record: Any) -> None:
-        parts = self._parts
-        accessLog = parts.accessLog
-        if not accessLog.enabled:
-            return
-        error = record.error
-        protocol = record.protocol
-        accessLog.write(
-            record.requestID,
-            protocol.clientAddress,
-            record.request.method,
-            record.url,
-            record.status,
-            parts.clock.seconds() - record.started,
-            record.bytesUp,
-            record.bytesDown,
-            int(error.reason) if error is not None else None,
-            errorText(record),
-            record.role,
-            protocol.certificateCN,
-            protocol.certificateOU,
-        )
-
-
-@implementer(IExchangeObserver)
-class DecisionLogObserver(_Observer):
-    """
+    One access-log line per exchange, through the factory's C{accessLog};
     Smokescreen's C{CANONICAL-PROXY-DECISION} line once per exchange (when
     a tunnel is established, else when the exchange ends), and
     C{CANONICAL-PROXY-CN-CLOSE} when a tunnel closes, through the
     factory's C{decisionLog}.
+
+    While a log's file is its only listener, the line is made by code
+    written for these fields, reading the record directly (L{lineWriter});
+    otherwise the same values go to L{LineLog.record}.
     """
 
-    __slots__ = ()
+    __slots__ = ("_access", "_decisions", "_decisionLog")
+
+    def __init__(self, parts: Any) -> None:
+        _Observer.__init__(self, parts)
+        self._access = _lines(AccessLog, ACCESS_SOURCES, _LINE_SETUP, {})
+        self._decisionLog: LineLog | None = None
+        self._decisions: Any = None
+
+    def _forDecisions(self, decisionLog: LineLog) -> Any:
+        # Lines for the process log carry its time stamp: made for the
+        # decision log the factory has now.
+        if decisionLog is not self._decisionLog:
+            self._decisionLog = decisionLog
+            stamping = decisionLog.stamping
+            self._decisions = (
+                _lines(decisionLog, DECISION_SOURCES, _DECISION_SETUP, stamping),
+                _lines(decisionLog, CLOSE_SOURCES, _LINE_SETUP, stamping),
+            )
+        return self._decisions
 
     def tunnelEstablished(self, record: Any) -> None:
-        self._decision(record)
+        self._decision(record, self._parts.clock.seconds())
 
     def exchangeEnded(self, record: Any) -> None:
+        parts = self._parts
+        t = parts.clock.seconds()
+        accessLog = parts.accessLog
+        if accessLog.enabled:
+            sink = accessLog.fastSink
+            line, fields = self._access
+            if sink is not None:
+                sink.add(line(record, t))
+            else:
+                accessLog.record(**fields(record, t))
         if not record.decisionLogged:
-            self._decision(record)
+            self._decision(record, t)
 
-    def _decision(self, record: Any) -> None:
+    def _decision(self, record: Any, t: float) -> None:
         record.decisionLogged = True
         decisionLog = self._parts.decisionLog
         if not decisionLog.enabled:
             return
-        decision = record.aclDecision
-        error = record.error
-        reason: str | None
-        if error is not None and error.reason is not Reason.DENIED_BY_ACL:
-            reason = error.message
+        line, fields = self._forDecisions(decisionLog)[0]
+        sink = decisionLog.fastSink
+        if sink is not None:
+            sink.add(line(record, t))
         else:
-            reason = decision.reason if decision is not None else None
-        target = record.target
-        destination = record.destination
-        # The fields in DECISION_FIELDS' order (observe.DECISION_KINDS).
-        decisionLog.write(
-            "CANONICAL-PROXY-DECISION",
-            record.requestID,
-            record.proxyType,
-            target.authority if target is not None else record.url,
-            record.role,
-            decision.project if decision is not None else None,
-            reason,
-            # Only when an allowed host's name opened an address; absent
-            # otherwise, so that the line is as it always was.
-            destination.allowedBy if destination is not None else None,
-            decision.enforceWouldDeny if decision is not None else False,
-            error is None or error.reason not in DENIALS,
-            True if decision is not None and decision.reportOnly else None,
-            record.protocol.clientAddress,
-            record.outboundAddress,
-            record.dnsTime,
-            record.connectTime,
-            record.status,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+            decisionLog.record(**fields(record, t))
 
     def tunnelClosed(self, record: Any) -> None:
-        now = self._parts.clock.seconds()
-        target = record.target
-        error = record.error
-        self._parts.decisionLog.write(
-            "CANONICAL-PROXY-CN-CLOSE",
-            record.requestID,
-            record.proxyType,
-            target.authority if target is not None else record.url,
-            record.role,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            record.protocol.clientAddress,
-            record.outboundAddress,
-            None,
-            None,
-            None,
-            record.bytesDown,
-            record.bytesUp,
-            now - record.started,
-            now,
-            error.message if error is not None else "",
-        )
+        decisionLog = self._parts.decisionLog
+        if not decisionLog.enabled:
+            return
+        line, fields = self._forDecisions(decisionLog)[1]
+        t = self._parts.clock.seconds()
+        sink = decisionLog.fastSink
+        if sink is not None:
+            sink.add(line(record, t))
+        else:
+            decisionLog.record(**fields(record, t))

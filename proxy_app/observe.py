@@ -9,6 +9,7 @@ as one JSON object a line, and never mix with the process log's format.
 
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import math
@@ -16,7 +17,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any, cast
 
 from prometheus_client import (
@@ -111,6 +112,11 @@ def _textValue(value: Any) -> str:
     if text and text.isprintable() and _NEEDS_QUOTES(text) is None:
         return text
     return json.dumps(text)
+
+
+# A value that needs no quotes and is not empty, in one match: what
+# request ids are made of (channel._REQUEST_ID, but "=").
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._:/+@-]+\Z").match
 
 
 # Fields whose values repeat from line to line (a method, a host, a
@@ -393,12 +399,23 @@ def lineWriter(
     stamp: Callable[[float], str] | None = None,
     now: Callable[[], float] | None = None,
     system: str = "",
+    sources: Sequence[str] | None = None,
+    setup: Sequence[str] = (),
+    arguments: str = "",
+    names: Mapping[str, Any] | None = None,
 ) -> Callable[..., str]:
     """
-    A function taking the values of C{fields} (positionally, as C{kinds}
-    says: see L{ACCESS_KINDS}) and returning their line as L{textFormatter}
-    writes it from the values L{_shown} makes of them; with C{stamp}, the
-    process log's line: C{stamp(now()) + " [system] " + text}.
+    A function returning the line of C{fields}' values (taken as
+    C{kinds} says: see L{ACCESS_KINDS}) as L{textFormatter} writes it from
+    the values L{_shown} makes of them; with C{stamp}, the process log's
+    line: C{stamp(now()) + " [system] " + text}.
+
+    Without C{sources}, it takes the values positionally.  With them, it
+    takes C{arguments} (Python parameters) and each value is the
+    expression of C{sources} for its field (after the statements of
+    C{setup}, with C{names} as globals); a field whose expression is
+    C{"None"} is never written, and costs nothing; one that is a string
+    literal is written once, when the function is made.
 
     It runs once per request for each log, so its code is written out for
     C{fields} (no loop over names); the text of each run of strings that
@@ -407,102 +424,72 @@ def lineWriter(
     memories, for values of the kinds' types); and the line is joined
     once.
     """
-    if len(kinds) != len(fields):
-        raise ValueError("one kind per field")
-    # The stamp and system of the second of the last line: from, until,
-    # text.
-    last: list[Any] = [0.0, 0.0, ""]
+    if len(kinds) != len(fields) or (
+        sources is not None and len(sources) != len(fields)
+    ):
+        raise ValueError("one kind and one source per field")
     for name in fields:
         if not name.isidentifier():
             raise ValueError(f"not a field name: {name!r}")
-    names = [f"v{index}" for index in range(len(fields))]
+    # The stamp and system of the second of the last line: from, until,
+    # text.
+    last: list[Any] = [0.0, 0.0, ""]
     namespace: dict[str, Any] = {
+        **(names or {}),
         "textValue": _textValue,
-        "needsQuotes": _NEEDS_QUOTES,
+        "plainID": _PLAIN_ID,
         "decimal": _decimal,
         "copysign": math.copysign,
         "now": now,
         "newHead": None if stamp is None else _heads(stamp, system, last),
         "last": last,
     }
-    source = [f"def line({', '.join(names)}):"]
+    values = [f"v{index}" for index in range(len(fields))]
+    if sources is None:
+        source = [f"def line({', '.join(values)}):"]
+        used = list(range(len(fields)))
+    else:
+        source = [f"def line({arguments}):"] + [f"    {line}" for line in setup]
+        used = [i for i in range(len(fields)) if sources[i] != "None"]
+        for i in used:
+            constant = _literal(sources[i])
+            if constant is not None:
+                # A constant string: its text is written once, here.
+                kinds = (*kinds[:i], "constant", *kinds[i + 1 :])
+                text = _piece(fields[i], "text", constant)
+                source.append(f"    p{i} = {text!r}")
+            else:
+                source.append(f"    {values[i]} = {sources[i]}")
     pieces: list[str] = []
-    index = 0
-    while index < len(fields):
+    at = 0
+    while at < len(used):
+        index = used[at]
         name, kind = fields[index], kinds[index]
-        value = names[index]
+        value = values[index]
         piece = f"p{index}"
         pieces.append(piece)
+        if kind == "constant":
+            at += 1
+            continue
         if kind in _REMEMBERED:
-            end = index
-            while end < len(fields) and kinds[end] in _REMEMBERED:
+            end = at
+            while end < len(used) and kinds[used[end]] in _REMEMBERED:
                 end += 1
-            cache, fill = _run(list(fields[index:end]), list(kinds[index:end]))
+            run = used[at:end]
+            cache, fill = _run([fields[i] for i in run], [kinds[i] for i in run])
             namespace[f"cache{index}"] = cache
             namespace[f"fill{index}"] = fill
-            key = "".join(f"{v}, " for v in names[index:end])
+            key = "".join(f"{values[i]}, " for i in run)
             source += [
                 f"    key = ({key})",
                 f"    {piece} = cache{index}.get(key)",
                 f"    if {piece} is None:",
                 f"        {piece} = fill{index}(key)",
             ]
-            index = end
+            at = end
             continue
-        prefix = repr(" " + name + "=")
-        if kind not in ("id", "int", "count", "bool", "float", "round6", "ms"):
-            raise ValueError(f"not a kind: {kind!r}")
-        namespace[f"shown_{name}"] = _shown(kind)
-        if kind == "id":
-            source += [
-                f"    if {value}.__class__ is str and {value} and "
-                f"{value}.isprintable() and needsQuotes({value}) is None:",
-                f"        {piece} = {prefix} + {value}",
-            ]
-        elif kind in ("int", "count"):
-            # Statuses, reason codes and sizes repeat: their texts are
-            # remembered (ints only: True and 1.0 would find 1's).
-            ints: dict[int, str] = {}
-            namespace[f"ints{index}"] = ints
-            namespace[f"fillInt{index}"] = _intFiller(name, ints)
-            source += [
-                f"    if {value}.__class__ is int:",
-                f"        {piece} = ints{index}.get({value}) or "
-                f"fillInt{index}({value})",
-            ]
-        elif kind == "bool":
-            source += [
-                f"    if {value} is True:",
-                f"        {piece} = {' ' + name + '=true'!r}",
-                f"    elif {value} is False:",
-                f"        {piece} = {' ' + name + '=false'!r}",
-            ]
-        elif kind == "float":
-            source += [
-                f"    if {value}.__class__ is float:",
-                f"        {piece} = {prefix} + str({value})",
-            ]
-        else:
-            # An exact zero (an IP literal's lookup time) is common.
-            text = (
-                f"decimal({value}, 6)"
-                if kind == "round6"
-                else (f"decimal({value} * 1000, 3)")
-            )
-            source += [
-                f"    if {value}.__class__ is float:",
-                f"        if {value} == 0.0 and copysign(1.0, {value}) > 0.0:",
-                f"            {piece} = {' ' + name + '=0.0'!r}",
-                "        else:",
-                f"            {piece} = {prefix} + {text}",
-            ]
-        source += [
-            f"    elif {value} is None:",
-            f"        {piece} = ''",
-            "    else:",
-            f"        {piece} = {prefix} + textValue(shown_{name}({value}))",
-        ]
-        index += 1
+        source += _fieldSource(name, kind, value, piece, index, namespace)
+        at += 1
     joined = "".join(f"{piece}, " for piece in pieces)
     if stamp is not None:
         source += [
@@ -520,22 +507,117 @@ def lineWriter(
     return cast(Callable[..., str], namespace["line"])
 
 
+def _literal(expression: str) -> str | None:
+    """
+    The string C{expression} is, if it is a string literal.
+    """
+    try:
+        value = ast.literal_eval(expression)
+    except (ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _fieldSource(
+    name: str, kind: str, value: str, piece: str, index: int, namespace: dict[str, Any]
+) -> list[str]:
+    """
+    Lines of L{lineWriter}'s code setting C{piece} to the text of a field
+    of C{kind} (not of L{_REMEMBERED}) whose value is C{value}.
+    """
+    prefix = repr(" " + name + "=")
+    if kind not in ("id", "int", "count", "bool", "float", "round6", "ms"):
+        raise ValueError(f"not a kind: {kind!r}")
+    namespace[f"shown_{name}"] = _shown(kind)
+    if kind == "id":
+        # One match for what needs no quotes, as request ids are made.
+        source = [
+            f"    if {value}.__class__ is str and plainID({value}) is not None:",
+            f"        {piece} = {prefix} + {value}",
+        ]
+    elif kind in ("int", "count"):
+        # Statuses, reason codes and sizes repeat: their texts are
+        # remembered (ints only: True and 1.0 would find 1's).
+        ints: dict[int, str] = {}
+        namespace[f"ints{index}"] = ints
+        namespace[f"fillInt{index}"] = _intFiller(name, ints)
+        source = [
+            f"    if {value}.__class__ is int:",
+            f"        {piece} = ints{index}.get({value}) or fillInt{index}({value})",
+        ]
+    elif kind == "bool":
+        source = [
+            f"    if {value} is True:",
+            f"        {piece} = {' ' + name + '=true'!r}",
+            f"    elif {value} is False:",
+            f"        {piece} = {' ' + name + '=false'!r}",
+        ]
+    elif kind == "float":
+        source = [
+            f"    if {value}.__class__ is float:",
+            f"        {piece} = {prefix} + str({value})",
+        ]
+    elif kind == "round6":
+        # _decimal, written out: a time of a request is unique to it.
+        source = [
+            f"    if {value}.__class__ is float:",
+            f"        if 1e-4 <= {value} < 1e8:",
+            f"            text = ('%.6f' % {value}).rstrip('0')",
+            "            if text[-1] == '.':",
+            "                text += '0'",
+            f"            {piece} = {prefix} + text",
+            "        else:",
+            f"            {piece} = {prefix} + decimal({value}, 6)",
+        ]
+    else:
+        # An exact zero (an IP literal's lookup time) is common.
+        source = [
+            f"    if {value}.__class__ is float:",
+            f"        if {value} == 0.0 and copysign(1.0, {value}) > 0.0:",
+            f"            {piece} = {' ' + name + '=0.0'!r}",
+            "        else:",
+            f"            {piece} = {prefix} + decimal({value} * 1000, 3)",
+        ]
+    return source + [
+        f"    elif {value} is None:",
+        f"        {piece} = ''",
+        "    else:",
+        f"        {piece} = {prefix} + textValue(shown_{name}({value}))",
+    ]
+
+
 def recordFields(
-    fields: tuple[str, ...], kinds: tuple[str, ...]
+    fields: tuple[str, ...],
+    kinds: tuple[str, ...],
+    sources: Sequence[str] | None = None,
+    setup: Sequence[str] = (),
+    arguments: str = "",
+    names: Mapping[str, Any] | None = None,
 ) -> Callable[..., dict[str, Any]]:
     """
-    A function taking the values L{lineWriter}'s line takes and returning
-    them as the fields of L{LineLog.record} (the values the line shows).
+    A function taking what L{lineWriter}'s line takes (with the same
+    C{sources}, C{setup}, C{arguments} and C{names}) and returning the
+    values as the fields of L{LineLog.record} (the values the line shows).
     """
     shown = [_shown(kind) for kind in kinds]
+    if sources is None:
 
-    def asFields(*values: Any) -> dict[str, Any]:
-        return {
-            name: show(value)
-            for name, show, value in zip(fields, shown, values, strict=True)
-        }
+        def asFields(*values: Any) -> dict[str, Any]:
+            return {
+                name: show(value)
+                for name, show, value in zip(fields, shown, values, strict=True)
+            }
 
-    return asFields
+        return asFields
+    namespace: dict[str, Any] = {**(names or {})}
+    source = [f"def asFields({arguments}):"] + [f"    {line}" for line in setup]
+    source.append("    return {")
+    for index, (name, expression) in enumerate(zip(fields, sources, strict=True)):
+        namespace[f"shown{index}"] = shown[index]
+        source.append(f"        {name!r}: shown{index}({expression}),")
+    source.append("    }")
+    exec("\n".join(source), namespace)
+    return cast(Callable[..., dict[str, Any]], namespace["asFields"])
 
 
 def jsonFormatter(fields: tuple[str, ...]) -> Any:
@@ -658,6 +740,8 @@ class LineLog:
     @ivar enabled: whether anything takes this log's lines.
     @ivar fastSink: the buffer L{write} adds its lines to while it is the
         only listener (else L{None}).
+    @ivar stamping: the keyword arguments of L{lineWriter} that make this
+        log's lines (for the process log: its time stamp and system).
     """
 
     fields: tuple[str, ...] = ACCESS_FIELDS
@@ -685,6 +769,7 @@ class LineLog:
         # Nothing is built per event while nobody listens (logs off).
         self.enabled = False
         self.fastSink: LineBuffer | None = None
+        self.stamping: dict[str, Any] = {}
         if outFile is not None:
             self._attach(LineBuffer(outFile, path))
 
@@ -860,12 +945,13 @@ class DecisionLog(LineLog):
         decisions.addObserver(cast(ILogObserver, forward))
         if processLog is not None:
             decisions._processLog = processLog
+            decisions.stamping = dict(
+                stamp=processLog.formatTime,
+                now=processLog.now,
+                system=_DECISION_SYSTEM,
+            )
             decisions._line = lineWriter(
-                DECISION_FIELDS,
-                DECISION_KINDS,
-                processLog.formatTime,
-                processLog.now,
-                _DECISION_SYSTEM,
+                DECISION_FIELDS, DECISION_KINDS, **decisions.stamping
             )
             processLog.whenInstalled(decisions._checkFast)
             decisions._checkFast()

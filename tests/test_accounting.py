@@ -12,8 +12,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from proxy_app.accounting import (
-    AccessLogObserver,
-    DecisionLogObserver,
+    LogObserver,
     MetricsObserver,
     WebhookObserver,
 )
@@ -53,14 +52,14 @@ class ObserverTests(SynchronousTestCase):
 
     def test_observersProvideInterface(self) -> None:
         """
-        The factory's observers are the webhook, metrics, access-log and
-        decision-log observers, in that order, and each provides
+        The factory's observers are the webhook, metrics and log (access
+        and decision lines) observers, in that order, and each provides
         L{IExchangeObserver}.
         """
         h = makeHarness()
         self.assertEqual(
             [type(o) for o in h.factory.observers],
-            [WebhookObserver, MetricsObserver, AccessLogObserver, DecisionLogObserver],
+            [WebhookObserver, MetricsObserver, LogObserver],
         )
         for observer in h.factory.observers:
             verifyObject(IExchangeObserver, observer)
