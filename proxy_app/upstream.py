@@ -868,13 +868,17 @@ class UpstreamHTTP(Outbound):
 
     @ivar ready: fires when the connection can carry a request: at once
         for plain TCP, after the handshake for TLS; fails with a
-        L{ProxyError} if the connection is lost first.
+        L{ProxyError} if the connection is lost first.  (A plain
+        connection's is made only when asked for.)
+    @ivar closed: fires with L{None} once the connection is lost (made
+        only when asked for).
     """
 
     # A TCP or TLS transport: producer, consumer, half-closeable, abortable.
     transport: Any
-    # Set, through a parent proxy, to the address of the destination the
-    # tunnel leads to (the transport's peer being the parent).
+    # The address of the destination the connection leads to, set by the
+    # factory that built it (through a parent proxy, the transport's peer
+    # is the parent).
     destinationAddress: Any = None
 
     def __init__(
@@ -883,8 +887,13 @@ class UpstreamHTTP(Outbound):
         self.pool = pool
         self.key = key
         self.tls = tls
-        self.ready: Deferred = Deferred()
-        self.closed: Deferred = Deferred()
+        # Made when first asked for (L{ready}, L{closed}), except a TLS
+        # connection's C{ready}, which its handshake's wait needs: a plain
+        # connection's are never asked for on a request's path, and two
+        # Deferreds fired for no one cost a Connection: close request 1.5%.
+        self._ready: Deferred | None = Deferred() if tls is not None else None
+        self._closed: Deferred | None = None
+        self._lost = False
         self._reader = ResponseReader(self)
         self._chunked = False
         self._requestSent = False
@@ -906,12 +915,36 @@ class UpstreamHTTP(Outbound):
         # request; an old pooled connection is retired by the pool rather
         # than cut under a request that just started on it.
         self._lifetime.start()
-        if self.tls is None:
-            self.ready.callback(self)
+        if self.tls is None and self._ready is not None:
+            self._ready.callback(self)
 
     def handshakeCompleted(self) -> None:
         if not self.ready.called:
             self.ready.callback(self)
+
+    @property
+    def ready(self) -> Deferred:
+        ready = self._ready
+        if ready is None:
+            # Plain TCP: ready once connected.
+            if self._lost:
+                ready = succeed(None)
+            elif self.connected:
+                ready = succeed(self)
+            else:
+                ready = Deferred()
+            self._ready = ready
+        return ready
+
+    @property
+    def closed(self) -> Deferred:
+        """
+        A L{Deferred} that fires with L{None} once the connection is lost.
+        """
+        closed = self._closed
+        if closed is None:
+            closed = self._closed = succeed(None) if self._lost else Deferred()
+        return closed
 
     # Sending the request.
 
@@ -1082,15 +1115,19 @@ class UpstreamHTTP(Outbound):
             self._idle.release()
             self._lifetime.release()
             self._reader.release()
-            if self.ready.called:
-                self.ready = succeed(None)
+            ready = self._ready
+            if ready is not None and ready.called:
+                self._ready = succeed(None)
 
     def _connectionLost(self, reason: Failure) -> None:
         self._idle.cancel()
         self._lifetime.cancel()
         self.pool.forget(self)
-        self.closed.callback(None)
-        if not self.ready.called:
+        self._lost = True
+        if self._closed is not None:
+            self._closed.callback(None)
+        ready = self._ready
+        if ready is not None and not ready.called:
             where = hostPort(
                 self.tls.host if self.tls else self.key.address, self.key.port
             )
@@ -1270,7 +1307,12 @@ class _KeyedFactory(OutboundFactory):
         key = PoolKey(
             addr.host, self.port, tlsKey, parent.key if parent is not None else None
         )
-        return UpstreamHTTP(self.pool, key, self.tls)
+        protocol = UpstreamHTTP(self.pool, key, self.tls)
+        # Where it leads: the exchange names it without asking the
+        # transport again (through a parent, the transport's peer is the
+        # parent).
+        protocol.destinationAddress = addr
+        return protocol
 
 
 @implementer(IHalfCloseableProtocol)
@@ -1285,7 +1327,7 @@ class UpstreamTunnel(Outbound):
 
     peer: Any = None
     transport: Any
-    # As UpstreamHTTP's.
+    # As UpstreamHTTP's (set by UpstreamTunnelFactory and ParentHandshake).
     destinationAddress: Any = None
 
     def dataReceived(self, data: bytes) -> None:
@@ -1304,4 +1346,7 @@ class UpstreamTunnel(Outbound):
 
 class UpstreamTunnelFactory(OutboundFactory):
     def buildProtocol(self, addr: Any) -> UpstreamTunnel:
-        return UpstreamTunnel()
+        protocol = UpstreamTunnel()
+        # As _KeyedFactory's.
+        protocol.destinationAddress = addr
+        return protocol
