@@ -13,6 +13,7 @@ vetted address (L{proxy_app.parent}).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import zip_longest
 from typing import Any, NamedTuple
@@ -774,6 +775,136 @@ class Timer:
         self._onTimeout()
 
 
+class Deadlines:
+    """
+    The timeouts of one fixed duration (C{seconds}) on one delayed call.
+
+    Each ends C{seconds} after it starts, so they end in the order they
+    start: a queue in that order, with one delayed call at the end of its
+    first, fires each exactly when a delayed call of its own would have,
+    without making, sorting and cancelling one per timeout (about 18,000
+    instructions each, by callgrind, per connection or request).  A
+    cancelled timeout stays in the queue, dead, until it reaches the front
+    or the queue is compacted; once no live timeout is left, the queue is
+    emptied and its delayed call cancelled.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        # Entries [end, timer]; the timer None once dead.
+        self._queue: deque[list[Any]] = deque()
+        self._live = 0
+        self._call: IDelayedCall | None = None
+        self._firing = False
+
+    def add(self, timer: QueuedTimer) -> list[Any]:
+        entry = [self.clock.seconds() + self.seconds, timer]
+        self._queue.append(entry)
+        self._live += 1
+        if self._call is None and not self._firing:
+            self._call = self.clock.callLater(self.seconds, self._fire)
+        return entry
+
+    def renew(self, entry: list[Any]) -> list[Any]:
+        """
+        Restart the live C{entry}'s timer from now: the entry dies, and the
+        new one returned takes its place (a keep-alive request's path).
+        """
+        timer = entry[1]
+        entry[1] = None
+        new = [self.clock.seconds() + self.seconds, timer]
+        queue = self._queue
+        queue.append(new)
+        if len(queue) > 64 and len(queue) > 4 * self._live:
+            self._queue = deque(e for e in queue if e[1] is not None)
+        return new
+
+    def remove(self, entry: list[Any]) -> None:
+        if entry[1] is None:
+            return
+        entry[1] = None
+        self._live -= 1
+        queue = self._queue
+        if not self._live:
+            queue.clear()
+            call, self._call = self._call, None
+            if call is not None:
+                call.cancel()
+        elif len(queue) > 64 and len(queue) > 4 * self._live:
+            self._queue = deque(e for e in queue if e[1] is not None)
+
+    def _fire(self) -> None:
+        self._call = None
+        self._firing = True
+        try:
+            now = self.clock.seconds()
+            while self._queue:
+                entry = self._queue[0]
+                timer = entry[1]
+                if timer is not None and entry[0] > now:
+                    break
+                self._queue.popleft()
+                if timer is not None:
+                    entry[1] = None
+                    self._live -= 1
+                    timer._expired()
+        finally:
+            self._firing = False
+        queue = self._queue
+        if queue and self._call is None:
+            self._call = self.clock.callLater(max(queue[0][0] - now, 0), self._fire)
+
+
+class QueuedTimer:
+    """
+    A L{Timer} of its L{Deadlines}' fixed duration: the same C{start},
+    C{cancel} and C{release}, without a delayed call of its own.
+    """
+
+    __slots__ = ("_deadlines", "_onTimeout", "_call")
+
+    def __init__(self, deadlines: Deadlines, onTimeout: Callable[[], None]) -> None:
+        self._deadlines = deadlines
+        self._onTimeout = onTimeout
+        # Its entry in the queue while it runs (where a L{Timer} has its
+        # delayed call).
+        self._call: list[Any] | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self._deadlines.seconds
+
+    def start(self) -> None:
+        """
+        Start the timer, or restart it from now if it is running.
+        """
+        if self._onTimeout is _nothing:
+            # Released.
+            return
+        entry = self._call
+        if entry is not None and entry[1] is not None:
+            self._call = self._deadlines.renew(entry)
+        else:
+            self._call = self._deadlines.add(self)
+
+    def cancel(self) -> None:
+        entry, self._call = self._call, None
+        if entry is not None:
+            self._deadlines.remove(entry)
+
+    def release(self) -> None:
+        """
+        As L{Timer.release}: cancelled for good, its callback let go of.
+        """
+        self.cancel()
+        self._onTimeout = _nothing
+
+    def _expired(self) -> None:
+        self._call = None
+        self._onTimeout()
+
+
 # Request headers and response headers that belong to one hop, never to be
 # passed on.  Transfer-Encoding is re-created from the body's framing.
 HOP_BY_HOP = frozenset(
@@ -907,7 +1038,7 @@ class UpstreamHTTP(Outbound):
         self._answered = False
         self.closedUnanswered = False
         self._idle = Timer(pool.clock, pool.readTimeout, self._idleTimeout)
-        self._lifetime = Timer(pool.clock, pool.lifetime, self._lifetimeExpired)
+        self._lifetime = QueuedTimer(pool.lifetimes, self._lifetimeExpired)
 
     def connectionMade(self) -> None:
         self.created = self.pool.clock.seconds()
@@ -1187,6 +1318,8 @@ class UpstreamPool:
         self.lifetime = lifetime
         self.maxIdlePerKey = maxIdlePerKey
         self._idle: dict[PoolKey, list[UpstreamHTTP]] = {}
+        # Every connection's lifetime, on one delayed call.
+        self.lifetimes = Deadlines(clock, lifetime)
 
     def acquire(
         self,
