@@ -848,7 +848,12 @@ class Deadlines:
                 if timer is not None:
                     entry[1] = None
                     self._live -= 1
-                    timer._expired()
+                    try:
+                        timer._expired()
+                    except Exception:
+                        # As the reactor does for a delayed call's error:
+                        # logged, and the other timeouts still fire.
+                        log.failure("Unhandled error in a timeout")
         finally:
             self._firing = False
         queue = self._queue

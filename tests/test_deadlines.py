@@ -117,6 +117,24 @@ class DeadlinesTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.fired, [("a", 10), ("c", 20)])
 
+    def test_errorLogged(self) -> None:
+        """
+        A timer whose callback raises has its error logged, and the
+        timers after it still fire.
+        """
+
+        def broken() -> None:
+            raise ZeroDivisionError()
+
+        a = QueuedTimer(self.deadlines, broken)
+        b = self.timer("b")
+        a.start()
+        b.start()
+        self.clock.advance(10)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.fired, [("b", 10)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_bounded(self) -> None:
         """
         A timer restarted many times leaves a bounded queue behind, and
