@@ -46,7 +46,13 @@ from proxy_app.reasons import ProxyError, Reason
 from proxy_app.target import hostPort, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import CertificateRole, Origination
 from proxy_app.tunnel import ConnectExchange, TunnelWatch
-from proxy_app.upstream import NOT_PASSED, Connector, Timer, UpstreamPool
+from proxy_app.upstream import (
+    NOT_PASSED,
+    Connector,
+    Deadlines,
+    QueuedTimer,
+    UpstreamPool,
+)
 from proxy_app.webhook import WebhookService
 
 if TYPE_CHECKING:
@@ -188,6 +194,8 @@ class ProxyFactory(Factory):
         self.pool = UpstreamPool(
             connector, clock, config.timeouts.read, config.timeouts.lifetime
         )
+        # Every connection's request-header timeout, on one delayed call.
+        self.headerDeadlines = Deadlines(clock, config.timeouts.request_header)
         # The read timeout and lifetime of every established tunnel.
         self.tunnelWatch = TunnelWatch(
             clock, config.timeouts.read, config.timeouts.lifetime
@@ -411,9 +419,7 @@ class ProxyProtocol(Protocol):
         self._reader: RequestReader | None = RequestReader(
             limits.max_uri_length, limits.max_header_count, limits.max_request_header
         )
-        self._headerTimer = Timer(
-            factory.clock, config.timeouts.request_header, self._headerTimeout
-        )
+        self._headerTimer = QueuedTimer(factory.headerDeadlines, self._headerTimeout)
         self._state = "IDLE"
         self._response: str | None = None
         self.exchange: Exchange | None = None

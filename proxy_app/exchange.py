@@ -243,8 +243,9 @@ class Exchange:
 
     def _connectedOrStale(self, upstream: Any) -> None:
         self._pending = None
-        # Through a parent proxy the transport's peer is the parent: name
-        # the vetted address the tunnel leads to instead.
+        # The address the connection leads to, as its factory recorded it
+        # (through a parent proxy the transport's peer is the parent; and
+        # asking the transport builds a new address object each time).
         peer = upstream.destinationAddress or upstream.transport.getPeer()
         if not self.finished:
             self.outboundAddress = hostPort(peer.host, peer.port)
