@@ -51,8 +51,12 @@ def webhookSession(record: Any, address: str) -> str:
 def observers(parts: Any) -> tuple[IExchangeObserver, ...]:
     """
     The proxy's observers, in the order they are told, reading their
-    sinks from C{parts} (the factory).
+    sinks from C{parts} (the factory); no metrics observer when nothing
+    reads the metrics.
     """
+    if not parts.metrics.counting:
+        # Nothing reads the counts (--metrics none).
+        return (WebhookObserver(parts), LogObserver(parts))
     return (
         WebhookObserver(parts),
         MetricsObserver(parts),

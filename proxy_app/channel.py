@@ -451,7 +451,7 @@ class ProxyProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
-        if not self.intercepted:
+        if not self.intercepted and self.factory.metrics.counting:
             self.factory.metrics.listenerConnections(self.listener).inc()
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "")
@@ -562,7 +562,7 @@ class ProxyProtocol(Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.clientLost(reason)
-        if not self.intercepted:
+        if not self.intercepted and self.factory.metrics.counting:
             self.factory.metrics.listenerConnections(self.listener).dec()
         self.factory.connectionClosed(self)
         # The tunnel refers back to this connection: the pair goes with it

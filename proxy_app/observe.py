@@ -1118,6 +1118,9 @@ class Metrics:
     for every worker itself.
 
     @ivar mirrored: the registry of the collectors L{syncMirror} copies.
+    @ivar counting: whether anything can read what requests and connections
+        move (C{--metrics none} makes nothing read them): when not, the
+        proxy does not count them (L{proxy_app.accounting.observers}).
     """
 
     def __init__(
@@ -1125,9 +1128,11 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         process: bool = True,
         multiprocess: bool = False,
+        counting: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess = multiprocess
+        self.counting = counting
         self.mirrored = CollectorRegistry(auto_describe=False)
         self._mirror = _Mirror(self.mirrored)
         r = self.registry

@@ -1063,7 +1063,9 @@ def _build(
         ) from None
     # Only a worker whose supervisor serves metrics has multiprocess values.
     multiprocess = workerIndex is not None and multiprocessValues()
-    metrics = Metrics(multiprocess=multiprocess)
+    # With --metrics none nothing reads what requests and connections move
+    # (neither a listener here nor a supervisor's): they are not counted.
+    metrics = Metrics(multiprocess=multiprocess, counting=config.metrics is not None)
     webhook = buildWebhook(config, reactor)
     if webhook is not None:
         metrics.watchWebhook(webhook)

@@ -25,15 +25,18 @@ import bcrypt
 from twisted.application.service import IServiceCollection, IServiceMaker
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.log import callWithLogger as legacyCallWithLogger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from proxy_app import tap
+from proxy_app.accounting import MetricsObserver
 from proxy_app.config import Config, ConfigError, Timeouts, load
 from proxy_app.identity import PasswordCheckPool
 from proxy_app.observe import AccessLog
@@ -135,6 +138,34 @@ class MakeServiceTests(SynchronousTestCase):
         finally:
             self.successResultOf(service.stopService())
         self.assertEqual(len(checkThreads()), before)
+
+    def test_noMetricsNoCounting(self) -> None:
+        """
+        With C{--metrics none} nothing can read what requests and
+        connections move, so the proxy does not count it: no metrics
+        observer, and an open client connection is not counted; with a
+        metrics listener both are.
+        """
+        for metrics, counting in (("none", False), ("tcp:0", True)):
+            options = Options(environ={})
+            options.parseOptions(["--metrics", metrics, "--access-log", "none"])
+            service = makeService(options, reactor=PluggableMemoryReactor())
+            (proxy,) = [s for s in service if isinstance(s, ProxyService)]
+            factory = proxy.factory
+            self.assertIs(factory.metrics.counting, counting)
+            self.assertEqual(
+                [type(o) for o in factory.observers if isinstance(o, MetricsObserver)],
+                [MetricsObserver] if counting else [],
+            )
+            protocol = factory.buildProtocol(None)
+            protocol.makeConnection(StringTransport())
+            self.assertEqual(
+                factory.metrics.registry.get_sample_value(
+                    "egressproxy_active_client_connections", {"listener": "default"}
+                ),
+                1.0 if counting else None,
+            )
+            protocol.connectionLost(Failure(ConnectionDone()))
 
 
 class DrainTests(SynchronousTestCase):
