@@ -291,24 +291,12 @@ def _lines(
     L{LineLog.stamping}), and the one giving its fields (for
     L{LineLog.record}).
     """
+    reading: dict[str, Any] = dict(
+        sources=sources, setup=setup, arguments="record, t", names=_LINE_NAMES
+    )
     return (
-        lineWriter(
-            log.fields,
-            log.kinds,
-            sources=sources,
-            setup=setup,
-            arguments="record, t",
-            names=_LINE_NAMES,
-            **stamping,
-        ),
-        recordFields(
-            log.fields,
-            log.kinds,
-            sources=sources,
-            setup=setup,
-            arguments="record, t",
-            names=_LINE_NAMES,
-        ),
+        lineWriter(log.fields, log.kinds, **reading, **stamping),
+        recordFields(log.fields, log.kinds, **reading),
     )
 
 
