@@ -198,6 +198,12 @@ ACCESS_SOURCES = (
     "protocol.certificateOU",  # client_ou
 )
 
+# requested_host: the target's authority, made once per host and port.
+_REQUESTED_HOST = (
+    "record.url if target is None else"
+    " authorities.get((target.host, target.port)) or authority(target)"
+)
+
 _DECISION_SETUP = (
     *_LINE_SETUP,
     "decision = record.aclDecision",
@@ -209,9 +215,7 @@ DECISION_SOURCES = (
     "'CANONICAL-PROXY-DECISION'",  # msg
     "record.requestID",  # id
     "record.proxyType",  # proxy_type
-    # requested_host: the target's authority, made once per host and port.
-    "record.url if target is None else"
-    " authorities.get((target.host, target.port)) or authority(target)",
+    _REQUESTED_HOST,
     "record.role",  # role
     "None if decision is None else decision.project",  # project
     # decision_reason: the ACL's reason, unless another error stopped it.
@@ -239,7 +243,7 @@ CLOSE_SOURCES = (
     "'CANONICAL-PROXY-CN-CLOSE'",  # msg
     "record.requestID",  # id
     "record.proxyType",  # proxy_type
-    "record.url if record.target is None else record.target.authority",
+    _REQUESTED_HOST,
     "record.role",  # role
     "None",  # project
     "None",  # decision_reason
@@ -330,7 +334,7 @@ class LogObserver(_Observer):
             stamping = decisionLog.stamping
             self._decisions = (
                 _lines(decisionLog, DECISION_SOURCES, _DECISION_SETUP, stamping),
-                _lines(decisionLog, CLOSE_SOURCES, _LINE_SETUP, stamping),
+                _lines(decisionLog, CLOSE_SOURCES, _DECISION_SETUP, stamping),
             )
         return self._decisions
 

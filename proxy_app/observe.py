@@ -727,19 +727,19 @@ class LineLog:
     A log of one line per event, with a fixed set of fields, written to a
     file or standard output as text or JSON.
 
-    The proxy writes a line with L{write}, giving the fields' values
-    positionally as L{kinds} says: while the file is the only listener and
-    the format is text, the line is made at once by code written for the
-    fields (L{lineWriter}) and waits in the file's L{LineBuffer}, written
-    in batches; otherwise (JSON, or other observers: tests) the values
-    become the fields of L{record}.  L{record} takes the fields by name,
-    as the line shows them.  The line is the same either way.
+    While the file is the only listener and the format is text, the
+    proxy's lines are made at once by code written for the fields
+    (L{lineWriter}, from L{proxy_app.accounting.LogObserver}) and wait in
+    the file's L{LineBuffer} (L{fastSink}), written in batches; otherwise
+    (JSON, or other observers: tests) the same values become the fields
+    of L{record}, which takes them by name, as the line shows them.  The
+    line is the same either way.
 
     @ivar publisher: the L{LogPublisher} lines are emitted to; tests add
         observers to it.
     @ivar enabled: whether anything takes this log's lines.
-    @ivar fastSink: the buffer L{write} adds its lines to while it is the
-        only listener (else L{None}).
+    @ivar fastSink: the buffer the proxy adds its finished lines to while
+        the file is the only listener (else L{None}).
     @ivar stamping: the keyword arguments of L{lineWriter} that make this
         log's lines (for the process log: its time stamp and system).
     """
@@ -757,8 +757,6 @@ class LineLog:
         self._formatter = (
             jsonFormatter(self.fields) if self._json else textFormatter(self.fields)
         )
-        self._line = lineWriter(self.fields, self.kinds)
-        self._asFields = recordFields(self.fields, self.kinds)
         self._path = path
         self._clock: Any = None
         self._interval = 1.0
@@ -851,17 +849,6 @@ class LineLog:
         self._attach(LineBuffer(newFile, self._path))
         log.info("Reopened log {path}", path=self._path)
 
-    def write(self, *values: Any) -> None:
-        """
-        Write one line of the values of L{fields}, in their order, as
-        L{kinds} says (see L{ACCESS_KINDS}).
-        """
-        sink = self.fastSink
-        if sink is not None:
-            sink.add(self._line(*values))
-        elif self.enabled:
-            self._record(**self._asFields(*values))
-
     def record(self, **fields: Any) -> None:
         """
         Write one line with the given fields, as the line shows them.
@@ -949,9 +936,6 @@ class DecisionLog(LineLog):
                 stamp=processLog.formatTime,
                 now=processLog.now,
                 system=_DECISION_SYSTEM,
-            )
-            decisions._line = lineWriter(
-                DECISION_FIELDS, DECISION_KINDS, **decisions.stamping
             )
             processLog.whenInstalled(decisions._checkFast)
             decisions._checkFast()

@@ -79,3 +79,25 @@ class ObserverTests(SynchronousTestCase):
             recorder.events, [("connected", "203.0.113.10"), ("ended", 204)]
         )
         self.assertEqual(len(h.access), 1)
+
+
+class AuthorityMemoryTests(SynchronousTestCase):
+    """
+    The decision line's remembered authorities cannot be grown without
+    bound by a client naming many hosts.
+    """
+
+    def test_bounded(self) -> None:
+        """
+        However many hosts and ports are named, at most 256 authorities are
+        remembered, and each one given is its target's.
+        """
+        from proxy_app import accounting
+        from proxy_app.target import Target
+
+        accounting._authorities.clear()
+        for port in range(1, 601):
+            target = Target(f"h{port}.example", port)
+            self.assertEqual(accounting._authority(target), f"h{port}.example:{port}")
+            self.assertLessEqual(len(accounting._authorities), 256)
+        self.assertEqual(accounting._authority(Target("::1", 443)), "[::1]:443")

@@ -668,6 +668,14 @@ _values = st.one_of(
 )
 
 
+# One to five rows of decision-line values of any type.
+_decisionRows = st.lists(
+    st.lists(_values, min_size=len(DECISION_FIELDS), max_size=len(DECISION_FIELDS)),
+    min_size=1,
+    max_size=5,
+)
+
+
 class LineFormatTests(SynchronousTestCase):
     """
     The lines keep their content and format exactly (issue #19).
@@ -686,15 +694,7 @@ class LineFormatTests(SynchronousTestCase):
             textFormatter(DECISION_FIELDS)(event), _oldText(DECISION_FIELDS, event)
         )
 
-    @given(
-        st.lists(
-            st.lists(
-                _values, min_size=len(DECISION_FIELDS), max_size=len(DECISION_FIELDS)
-            ),
-            min_size=1,
-            max_size=5,
-        )
-    )
+    @given(_decisionRows)
     def test_writerAnyValues(self, lines: list[list[Any]]) -> None:
         """
         The line writer, given values of any type in any field, writes the
@@ -793,16 +793,7 @@ class LineFormatTests(SynchronousTestCase):
         self.assertLessEqual(len(cache), 256)
         self.assertGreater(len(cache), 0)
 
-    @given(
-        st.lists(
-            st.lists(
-                _values, min_size=len(DECISION_FIELDS), max_size=len(DECISION_FIELDS)
-            ),
-            min_size=1,
-            max_size=5,
-        ),
-        st.floats(min_value=0, max_value=4e9),
-    )
+    @given(_decisionRows, st.floats(min_value=0, max_value=4e9))
     def test_stampedAsBefore(self, lines: list[list[Any]], when: float) -> None:
         """
         Lines for the process log begin with the time stamp of their event
@@ -843,10 +834,9 @@ class LineFormatTests(SynchronousTestCase):
         processLog = TextProcessLog(out, now=clock.seconds)
         processLog.batchWrites(clock)
         decisions = DecisionLog.toProcessLog(processLog)
-        empty = [None] * (len(DECISION_FIELDS) - 3)
-        decisions.write("CANONICAL-PROXY-DECISION", "a", *empty[:7], True, *empty[7:])
+        decisions.record(msg="CANONICAL-PROXY-DECISION", id="a", allow=True)
         clock.advance(0.75)
-        decisions.write("CANONICAL-PROXY-DECISION", "b", *empty[:7], False, *empty[7:])
+        decisions.record(msg="CANONICAL-PROXY-DECISION", id="b", allow=False)
         self.assertEqual(out.getvalue(), "")
         processLog.flush()
         stamp = TextProcessLog(io.StringIO()).formatTime
@@ -867,14 +857,14 @@ class LineFormatTests(SynchronousTestCase):
         processLog = TextProcessLog(None)
         decisions = DecisionLog.toProcessLog(processLog)
         self.assertIsNone(decisions.fastSink)
-        values = ["CANONICAL-PROXY-DECISION", "a"] + [None] * (len(DECISION_FIELDS) - 2)
+        values = {"msg": "CANONICAL-PROXY-DECISION", "id": "a"}
         with capturedLogs() as events:
-            decisions.write(*values)
+            decisions.record(**values)
         self.assertEqual([e.get("id") for e in events], ["a"])
         processLog.install(out)
         self.assertIs(decisions.fastSink, processLog.buffer)
         with capturedLogs() as events:
-            decisions.write(*values)
+            decisions.record(**values)
         self.assertEqual(events, [])
         processLog.flush()
         self.assertIn("msg=CANONICAL-PROXY-DECISION id=a\n", out.getvalue())
