@@ -22,7 +22,14 @@ from typing import Any
 from zope.interface import implementer
 
 from proxy_app.interfaces import IExchangeObserver
-from proxy_app.observe import AccessLog, LineLog, lineWriter, recordFields
+from proxy_app.observe import (
+    AccessLog,
+    LineLog,
+    LineSpec,
+    linesWriter,
+    lineWriter,
+    recordFields,
+)
 from proxy_app.reasons import DENIALS, Reason
 from proxy_app.upstream import TLSHandshakeTimeout
 from proxy_app.webhook import connectionInfoDetails, connectionStopInfo, sessionLabel
@@ -318,13 +325,14 @@ class LogObserver(_Observer):
     otherwise the same values go to L{LineLog.record}.
     """
 
-    __slots__ = ("_access", "_decisions", "_decisionLog")
+    __slots__ = ("_access", "_decisions", "_decisionLog", "_both")
 
     def __init__(self, parts: Any) -> None:
         _Observer.__init__(self, parts)
         self._access = _lines(AccessLog, ACCESS_SOURCES, _LINE_SETUP, {})
         self._decisionLog: LineLog | None = None
         self._decisions: Any = None
+        self._both: Any = None
 
     def _forDecisions(self, decisionLog: LineLog) -> Any:
         # Lines for the process log carry its time stamp: made for the
@@ -336,6 +344,21 @@ class LogObserver(_Observer):
                 _lines(decisionLog, DECISION_SOURCES, _DECISION_SETUP, stamping),
                 _lines(decisionLog, CLOSE_SOURCES, _DECISION_SETUP, stamping),
             )
+            # An exchange's access and decision lines, at once.
+            self._both = linesWriter(
+                (
+                    LineSpec(AccessLog.fields, AccessLog.kinds, ACCESS_SOURCES),
+                    LineSpec(
+                        decisionLog.fields,
+                        decisionLog.kinds,
+                        DECISION_SOURCES,
+                        **stamping,
+                    ),
+                ),
+                _DECISION_SETUP,
+                "record, t",
+                _LINE_NAMES,
+            )
         return self._decisions
 
     def tunnelEstablished(self, record: Any) -> None:
@@ -345,8 +368,21 @@ class LogObserver(_Observer):
         parts = self._parts
         t = parts.clock.seconds()
         accessLog = parts.accessLog
+        sink = accessLog.fastSink
+        if not record.decisionLogged and sink is not None:
+            decisionLog = parts.decisionLog
+            decisionSink = decisionLog.fastSink
+            if decisionSink is not None:
+                # Both lines made by one function (the common case: both
+                # logs on, to their files or the process log).
+                record.decisionLogged = True
+                if decisionLog is not self._decisionLog:
+                    self._forDecisions(decisionLog)
+                access, decision = self._both(record, t)
+                sink.add(access)
+                decisionSink.add(decision)
+                return
         if accessLog.enabled:
-            sink = accessLog.fastSink
             line, fields = self._access
             if sink is not None:
                 sink.add(line(record, t))

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any, cast
 
+import attr
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -424,49 +425,144 @@ def lineWriter(
     memories, for values of the kinds' types); and the line is joined
     once.
     """
-    if len(kinds) != len(fields) or (
-        sources is not None and len(sources) != len(fields)
-    ):
-        raise ValueError("one kind and one source per field")
-    for name in fields:
-        if not name.isidentifier():
-            raise ValueError(f"not a field name: {name!r}")
-    # The stamp and system of the second of the last line: from, until,
-    # text.
-    last: list[Any] = [0.0, 0.0, ""]
+    if sources is None:
+        if len(kinds) != len(fields):
+            raise ValueError("one kind and one source per field")
+        values = [f"v{index}" for index in range(len(fields))]
+        return cast(
+            Callable[..., str],
+            _writer(
+                [LineSpec(fields, kinds, values, stamp, now, system)],
+                arguments=", ".join(values),
+                names=names,
+                single=True,
+            ),
+        )
+    return cast(
+        Callable[..., str],
+        _writer(
+            [LineSpec(fields, kinds, sources, stamp, now, system)],
+            setup,
+            arguments,
+            names,
+            single=True,
+        ),
+    )
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class LineSpec:
+    """
+    One line a L{linesWriter} function writes: C{fields} of C{kinds}, each
+    the value of its expression in C{sources}, and (with C{stamp}) the
+    process log's time stamp and system, as L{lineWriter} takes them.
+    """
+
+    fields: tuple[str, ...]
+    kinds: tuple[str, ...]
+    sources: Sequence[str]
+    stamp: Callable[[float], str] | None = None
+    now: Callable[[], float] | None = None
+    system: str = ""
+
+
+def linesWriter(
+    lines: Sequence[LineSpec],
+    setup: Sequence[str] = (),
+    arguments: str = "",
+    names: Mapping[str, Any] | None = None,
+) -> Callable[..., tuple[str, ...]]:
+    """
+    A function returning a tuple of C{lines}, each as the function
+    L{lineWriter} makes for it would (with the same C{setup}, C{arguments}
+    and C{names}): one call for lines made of the same record at once, in
+    which an expression several lines share (a request id, an address) is
+    read once, and a request id checked once.
+    """
+    return cast(
+        Callable[..., tuple[str, ...]],
+        _writer(lines, setup, arguments, names, single=False),
+    )
+
+
+def _writer(
+    lines: Sequence[LineSpec],
+    setup: Sequence[str] = (),
+    arguments: str = "",
+    names: Mapping[str, Any] | None = None,
+    single: bool = False,
+) -> Callable[..., Any]:
+    """
+    The code of L{lineWriter} and L{linesWriter}, compiled.
+    """
     namespace: dict[str, Any] = {
         **(names or {}),
         "textValue": _textValue,
         "plainID": _PLAIN_ID,
         "decimal": _decimal,
         "copysign": math.copysign,
-        "now": now,
-        "newHead": None if stamp is None else _heads(stamp, system, last),
-        "last": last,
     }
-    values = [f"v{index}" for index in range(len(fields))]
-    if sources is None:
-        source = [f"def line({', '.join(values)}):"]
-        used = list(range(len(fields)))
+    source = [f"def line({arguments}):"] + [f"    {line}" for line in setup]
+    # Each expression is read once, into a variable (v<n>), however many
+    # lines show it; a request id's check is made once (plain<n>).
+    shared: dict[str, str] = {}
+    plain: dict[str, str] = {}
+    results = []
+    for tag, spec in enumerate(lines):
+        results.append(_lineCode(spec, f"_{tag}_", source, namespace, shared, plain))
+    if single:
+        source.append(f"    return {results[0]}")
     else:
-        source = [f"def line({arguments}):"] + [f"    {line}" for line in setup]
-        used = [i for i in range(len(fields)) if sources[i] != "None"]
-        for i in used:
-            constant = _literal(sources[i])
-            if constant is not None:
-                # A constant string: its text is written once, here.
-                kinds = (*kinds[:i], "constant", *kinds[i + 1 :])
-                text = _piece(fields[i], "text", constant)
-                source.append(f"    p{i} = {text!r}")
-            else:
-                source.append(f"    {values[i]} = {sources[i]}")
+        source.append(f"    return ({''.join(r + ', ' for r in results)})")
+    exec("\n".join(source), namespace)
+    return cast(Callable[..., Any], namespace["line"])
+
+
+def _lineCode(
+    spec: LineSpec,
+    tag: str,
+    source: list[str],
+    namespace: dict[str, Any],
+    shared: dict[str, str],
+    plain: dict[str, str],
+) -> str:
+    """
+    Add to C{source} the code making the line of C{spec} (its names in
+    C{namespace} and its pieces' variables marked with C{tag}), and return
+    the expression that is the line.
+    """
+    fields, kinds, sources = spec.fields, spec.kinds, spec.sources
+    if len(kinds) != len(fields) or len(sources) != len(fields):
+        raise ValueError("one kind and one source per field")
+    for name in fields:
+        if not name.isidentifier():
+            raise ValueError(f"not a field name: {name!r}")
+    values: dict[int, str] = {}
+    used = [i for i in range(len(fields)) if sources[i] != "None"]
+    for i in used:
+        constant = _literal(sources[i])
+        if constant is not None:
+            # A constant string: its text is written once, here.
+            kinds = (*kinds[:i], "constant", *kinds[i + 1 :])
+            text = _piece(fields[i], "text", constant)
+            source.append(f"    p{tag}{i} = {text!r}")
+            continue
+        expression = sources[i]
+        if expression.isidentifier():
+            # An argument (positional lines) or a name of the setup.
+            values[i] = expression
+            continue
+        value = shared.get(expression)
+        if value is None:
+            value = shared[expression] = f"v{len(shared)}"
+            source.append(f"    {value} = {expression}")
+        values[i] = value
     pieces: list[str] = []
     at = 0
     while at < len(used):
         index = used[at]
         name, kind = fields[index], kinds[index]
-        value = values[index]
-        piece = f"p{index}"
+        piece = f"p{tag}{index}"
         pieces.append(piece)
         if kind == "constant":
             at += 1
@@ -477,34 +573,48 @@ def lineWriter(
                 end += 1
             run = used[at:end]
             cache, fill = _run([fields[i] for i in run], [kinds[i] for i in run])
-            namespace[f"cache{index}"] = cache
-            namespace[f"fill{index}"] = fill
+            namespace[f"cache{tag}{index}"] = cache
+            namespace[f"fill{tag}{index}"] = fill
             key = "".join(f"{values[i]}, " for i in run)
             source += [
                 f"    key = ({key})",
-                f"    {piece} = cache{index}.get(key)",
+                f"    {piece} = cache{tag}{index}.get(key)",
                 f"    if {piece} is None:",
-                f"        {piece} = fill{index}(key)",
+                f"        {piece} = fill{tag}{index}(key)",
             ]
             at = end
             continue
-        source += _fieldSource(name, kind, value, piece, index, namespace)
+        value = values[index]
+        if kind == "id" and value not in plain:
+            # One match for what needs no quotes, as request ids are made.
+            plain[value] = f"plain_{value}"
+            source.append(
+                f"    plain_{value} = {value}.__class__ is str"
+                f" and plainID({value}) is not None"
+            )
+        source += _fieldSource(
+            name, kind, value, piece, f"{tag}{index}", namespace, plain.get(value)
+        )
         at += 1
     joined = "".join(f"{piece}, " for piece in pieces)
-    if stamp is not None:
-        source += [
-            "    when = now()",
-            "    if last[0] <= when < last[1]:",
-            "        head = last[2]",
-            "    else:",
-            "        head = newHead(when)",
-            f"    text = ''.join(({joined}'\\n'))",
-            "    return head + (text if text != '\\n' else ' \\n')",
-        ]
-    else:
-        source.append(f"    return ''.join(({joined}'\\n'))[1:] or '\\n'")
-    exec("\n".join(source), namespace)
-    return cast(Callable[..., str], namespace["line"])
+    if spec.stamp is None:
+        return f"''.join(({joined}'\\n'))[1:] or '\\n'"
+    # The stamp and system of the second of the last line: from, until,
+    # text.
+    last: list[Any] = [0.0, 0.0, ""]
+    namespace[f"now{tag}"] = spec.now
+    namespace[f"newHead{tag}"] = _heads(spec.stamp, spec.system, last)
+    namespace[f"last{tag}"] = last
+    source += [
+        f"    when = now{tag}()",
+        f"    if last{tag}[0] <= when < last{tag}[1]:",
+        f"        head{tag} = last{tag}[2]",
+        "    else:",
+        f"        head{tag} = newHead{tag}(when)",
+        f"    text = ''.join(({joined}'\\n'))",
+        f"    line{tag} = head{tag} + (text if text != '\\n' else ' \\n')",
+    ]
+    return f"line{tag}"
 
 
 def _literal(expression: str) -> str | None:
@@ -519,31 +629,38 @@ def _literal(expression: str) -> str | None:
 
 
 def _fieldSource(
-    name: str, kind: str, value: str, piece: str, index: int, namespace: dict[str, Any]
+    name: str,
+    kind: str,
+    value: str,
+    piece: str,
+    suffix: str,
+    namespace: dict[str, Any],
+    plain: str | None = None,
 ) -> list[str]:
     """
     Lines of L{lineWriter}'s code setting C{piece} to the text of a field
-    of C{kind} (not of L{_REMEMBERED}) whose value is C{value}.
+    of C{kind} (not of L{_REMEMBERED}) whose value is C{value}; its names
+    in C{namespace} end with C{suffix}.  For an C{"id"}, C{plain} is the
+    variable saying whether the value needs no quotes.
     """
     prefix = repr(" " + name + "=")
     if kind not in ("id", "int", "count", "bool", "float", "round6", "ms"):
         raise ValueError(f"not a kind: {kind!r}")
-    namespace[f"shown_{name}"] = _shown(kind)
+    namespace[f"shown{suffix}"] = _shown(kind)
     if kind == "id":
-        # One match for what needs no quotes, as request ids are made.
         source = [
-            f"    if {value}.__class__ is str and plainID({value}) is not None:",
+            f"    if {plain}:",
             f"        {piece} = {prefix} + {value}",
         ]
     elif kind in ("int", "count"):
         # Statuses, reason codes and sizes repeat: their texts are
         # remembered (ints only: True and 1.0 would find 1's).
         ints: dict[int, str] = {}
-        namespace[f"ints{index}"] = ints
-        namespace[f"fillInt{index}"] = _intFiller(name, ints)
+        namespace[f"ints{suffix}"] = ints
+        namespace[f"fillInt{suffix}"] = _intFiller(name, ints)
         source = [
             f"    if {value}.__class__ is int:",
-            f"        {piece} = ints{index}.get({value}) or fillInt{index}({value})",
+            f"        {piece} = ints{suffix}.get({value}) or fillInt{suffix}({value})",
         ]
     elif kind == "bool":
         source = [
@@ -582,7 +699,7 @@ def _fieldSource(
         f"    elif {value} is None:",
         f"        {piece} = ''",
         "    else:",
-        f"        {piece} = {prefix} + textValue(shown_{name}({value}))",
+        f"        {piece} = {prefix} + textValue(shown{suffix}({value}))",
     ]
 
 

@@ -30,11 +30,13 @@ from proxy_app.observe import (
     DECISION_KINDS,
     AccessLog,
     DecisionLog,
+    LineSpec,
     Metrics,
     MetricsResource,
     TextProcessLog,
     _decimal,
     instanceRegistry,
+    linesWriter,
     lineWriter,
     multiprocessValues,
     recordFields,
@@ -789,9 +791,51 @@ class LineFormatTests(SynchronousTestCase):
         written.append(line("http://a.example/1"))
         self.assertEqual(written[-1], "url=http://a.example/1\n")
         self.assertEqual(written[599], "url=http://a.example/599\n")
-        cache = line.__globals__["cache0"]  # type: ignore[attr-defined]
+        cache = line.__globals__["cache_0_0"]  # type: ignore[attr-defined]
         self.assertLessEqual(len(cache), 256)
         self.assertGreater(len(cache), 0)
+
+    @given(
+        st.lists(_values, min_size=len(ACCESS_FIELDS), max_size=len(ACCESS_FIELDS)),
+        st.lists(_values, min_size=len(DECISION_FIELDS), max_size=len(DECISION_FIELDS)),
+        st.floats(min_value=0, max_value=4e9),
+    )
+    def test_linesAsEach(
+        self, access: list[Any], decision: list[Any], when: float
+    ) -> None:
+        """
+        L{linesWriter}'s function writes each of its lines as the formatter
+        before issue #19 wrote it, for values of any type, when
+        the lines share expressions (the request id, read and checked once
+        for both; an address) and when the second has the process log's
+        time stamp; twice in a row (remembered texts).
+        """
+        stamp = TextProcessLog(io.StringIO()).formatTime
+        stamping = dict(stamp=stamp, now=lambda: when, system="s#info")
+        accessSources = [f"a[{i}]" for i in range(len(ACCESS_FIELDS))]
+        decisionSources = [f"d[{i}]" for i in range(len(DECISION_FIELDS))]
+        # The decision line's id and inbound address are the access line's
+        # request id and client address, as in the proxy.
+        decisionSources[DECISION_FIELDS.index("id")] = "a[0]"
+        inbound = DECISION_FIELDS.index("inbound_remote_addr")
+        decisionSources[inbound] = "a[1]"
+        decision[DECISION_FIELDS.index("id")] = access[0]
+        decision[inbound] = access[1]
+        both = linesWriter(
+            (
+                LineSpec(ACCESS_FIELDS, ACCESS_KINDS, accessSources),
+                LineSpec(DECISION_FIELDS, DECISION_KINDS, decisionSources, **stamping),
+            ),
+            arguments="a, d",
+        )
+        accessFields = recordFields(ACCESS_FIELDS, ACCESS_KINDS)(*access)
+        decisionFields = recordFields(DECISION_FIELDS, DECISION_KINDS)(*decision)
+        expected = (
+            _oldText(ACCESS_FIELDS, accessFields),
+            f"{stamp(when)} [s#info] " + _oldText(DECISION_FIELDS, decisionFields),
+        )
+        self.assertEqual(both(access, decision), expected)
+        self.assertEqual(both(access, decision), expected)
 
     @given(_decisionRows, st.floats(min_value=0, max_value=4e9))
     def test_stampedAsBefore(self, lines: list[list[Any]], when: float) -> None:
