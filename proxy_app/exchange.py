@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 log = Logger(namespace="proxy_app.server")
 
 
+# The logged URLs (loggedTarget) of raw request targets, without and with
+# log_query_values: at most _LOGGED_URLS each, of targets of at most
+# _LOGGED_URL_BYTES bytes.
+_loggedURLs: tuple[dict[bytes, str], dict[bytes, str]] = ({}, {})
+_LOGGED_URLS = 256
+_LOGGED_URL_BYTES = 512
+
+
 class Exchange:
     """
     What forwarded requests and tunnels share: the request, its id, its
@@ -155,13 +163,22 @@ class Exchange:
         """
         The request target as every log line and webhook event shows it:
         without userinfo, query values redacted unless configured (see
-        L{loggedTarget}); made once per exchange.
+        L{loggedTarget}); made once per exchange, and remembered for the
+        targets clients ask for again and again (L{_loggedURLs}).
         """
         url = self._url
         if url is None:
-            url = self._url = loggedTarget(
-                self.request.target, self.factory.config.access_log.log_query_values
-            )
+            raw = self.request.target
+            keep = self.factory.config.access_log.log_query_values
+            urls = _loggedURLs[keep]
+            url = urls.get(raw)
+            if url is None:
+                url = loggedTarget(raw, keep)
+                if len(raw) <= _LOGGED_URL_BYTES:
+                    if len(urls) >= _LOGGED_URLS:
+                        urls.clear()
+                    urls[raw] = url
+            self._url = url
         return url
 
     def start(self) -> None:

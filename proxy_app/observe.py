@@ -545,6 +545,9 @@ def _lineCode(
             # A constant string: its text is written once, here.
             kinds = (*kinds[:i], "constant", *kinds[i + 1 :])
             text = _piece(fields[i], "text", constant)
+            if i == used[0] and spec.stamp is None:
+                # Beginning a line without a time stamp: no space before.
+                text = text[1:]
             source.append(f"    p{tag}{i} = {text!r}")
             continue
         expression = sources[i]
@@ -592,12 +595,32 @@ def _lineCode(
                 f"    plain_{value} = {value}.__class__ is str"
                 f" and plainID({value}) is not None"
             )
+        # The first field of a line without a time stamp is written
+        # without the space before it (the line is then joined as it is).
+        lead = "" if at == 0 and spec.stamp is None and kind == "id" else " "
         source += _fieldSource(
-            name, kind, value, piece, f"{tag}{index}", namespace, plain.get(value)
+            name,
+            kind,
+            value,
+            piece,
+            f"{tag}{index}",
+            namespace,
+            plain.get(value),
+            lead,
         )
         at += 1
     joined = "".join(f"{piece}, " for piece in pieces)
+    first = kinds[used[0]] if used else None
     if spec.stamp is None:
+        if first == "constant":
+            # Never empty, and written without its space.
+            return f"''.join(({joined}'\\n'))"
+        if first == "id":
+            rest = "".join(f"{piece}, " for piece in pieces[1:])
+            return (
+                f"(''.join(({joined}'\\n')) if {pieces[0]}"
+                f" else ''.join(({rest}'\\n'))[1:] or '\\n')"
+            )
         return f"''.join(({joined}'\\n'))[1:] or '\\n'"
     # The stamp and system of the second of the last line: from, until,
     # text.
@@ -611,6 +634,11 @@ def _lineCode(
         f"        head{tag} = last{tag}[2]",
         "    else:",
         f"        head{tag} = newHead{tag}(when)",
+    ]
+    if first == "constant":
+        # Never empty: joined with the head.
+        return f"''.join((head{tag}, {joined}'\\n'))"
+    source += [
         f"    text = ''.join(({joined}'\\n'))",
         f"    line{tag} = head{tag} + (text if text != '\\n' else ' \\n')",
     ]
@@ -636,14 +664,16 @@ def _fieldSource(
     suffix: str,
     namespace: dict[str, Any],
     plain: str | None = None,
+    lead: str = " ",
 ) -> list[str]:
     """
     Lines of L{lineWriter}'s code setting C{piece} to the text of a field
     of C{kind} (not of L{_REMEMBERED}) whose value is C{value}; its names
     in C{namespace} end with C{suffix}.  For an C{"id"}, C{plain} is the
-    variable saying whether the value needs no quotes.
+    variable saying whether the value needs no quotes, and C{lead} what
+    its text begins with (the space before it, unless it begins the line).
     """
-    prefix = repr(" " + name + "=")
+    prefix = repr(lead + name + "=")
     if kind not in ("id", "int", "count", "bool", "float", "round6", "ms"):
         raise ValueError(f"not a kind: {kind!r}")
     namespace[f"shown{suffix}"] = _shown(kind)

@@ -22,7 +22,7 @@ from proxy_app.accounting import (
     WebhookObserver,
 )
 from proxy_app.interfaces import IExchangeObserver
-from proxy_app.observe import AccessLog, DecisionLog
+from proxy_app.observe import AccessLog, DecisionLog, TextProcessLog
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.target import Target
 
@@ -223,3 +223,26 @@ class BothLinesTests(SynchronousTestCase):
         observer.exchangeEnded(record)
         self.assertEqual(len(accessOut.getvalue().splitlines()), 1)
         self.assertEqual(decisionOut.getvalue(), "")
+
+    @given(st.lists(_records(), min_size=1, max_size=4))
+    def test_processLogLines(self, records: list[Any]) -> None:
+        """
+        With the decision lines in the process log (the default), the one
+        function writes each decision line as the decision log's file would,
+        after the process log's time stamp and system.
+        """
+        stamped, _, _ = self._logs(fast=True)
+        out = io.StringIO()
+        clock = stamped._parts.clock
+        processLog = TextProcessLog(out, now=clock.seconds)
+        stamped._parts.decisionLog = DecisionLog.toProcessLog(processLog)
+        plain, _, decisionOut = self._logs(fast=True)
+        for record in records:
+            for observer in (stamped, plain):
+                record.decisionLogged = False
+                observer.exchangeEnded(record)
+        head = f"{processLog.formatTime(clock.seconds())} [egressproxy.decision#info] "
+        self.assertEqual(
+            out.getvalue(),
+            "".join(head + line + "\n" for line in decisionOut.getvalue().splitlines()),
+        )

@@ -385,6 +385,46 @@ class ProxyRedactionTests(SynchronousTestCase):
         self.assertIn(logged, written["access log (text)"])
         self.assertIn(logged, written["webhook"])
 
+    def test_rememberedURLsFollowTheSetting(self) -> None:
+        """
+        The logged URL remembered for a target is the one for the proxy's
+        own C{log_query_values}: the same target asked for through a proxy
+        that redacts, one that keeps query values, and the first again,
+        is logged redacted, kept, redacted.
+        """
+        keeping = Config(access_log=AccessLogSettings(log_query_values=True))
+        logged = []
+        for config in (None, keeping, None):
+            h = self.setUpProxy(config)
+            self.forwardWithToken(h)
+            logged.append(h.access[-1]["url"])
+        redacted = "http://origin.example/a?token=…&page=…#…"
+        kept = "http://origin.example/a?token=s3cr3t&page=2#frag-s3cr3t"
+        self.assertEqual(logged, [redacted, kept, redacted])
+
+    def test_rememberedURLsBounded(self) -> None:
+        """
+        However many targets clients name, at most 256 logged URLs are
+        remembered for each setting, none of a target over 512 bytes, and
+        each exchange's URL is its own target's.
+        """
+        from proxy_app import exchange
+
+        h = self.setUpProxy()
+        up = None
+        for i in range(300):
+            h.send(b"GET http://origin.example/%d?k=v HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            if up is None:
+                up, _ = h.connectUpstream()
+            up.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+            self.assertEqual(h.access[-1]["url"], f"http://origin.example/{i}?k=…")
+            self.assertLessEqual(len(exchange._loggedURLs[False]), 256)
+        long = b"http://origin.example/" + b"a" * 600
+        h.send(b"GET " + long + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        up.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(h.access[-1]["url"], long.decode())
+        self.assertNotIn(long, exchange._loggedURLs[False])
+
     def test_userinfoRefusedWithQueryValuesKept(self) -> None:
         """
         Keeping query values never keeps userinfo.
