@@ -9,7 +9,7 @@ import io
 from types import SimpleNamespace
 from typing import Any
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -111,6 +111,11 @@ class AuthorityMemoryTests(SynchronousTestCase):
         self.assertEqual(accounting._authority(Target("::1", 443)), "[::1]:443")
 
 
+# Records are many values each: drawing them is slow on a loaded machine.
+_recordSettings = settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
 _texts = st.one_of(st.none(), st.text(max_size=8), st.sampled_from(["a b", "x=y", ""]))
 
 
@@ -192,6 +197,7 @@ class BothLinesTests(SynchronousTestCase):
             parts.accessLog.addObserver(lambda event: None)
         return LogObserver(parts), accessOut, decisionOut
 
+    @_recordSettings
     @given(st.lists(_records(), min_size=1, max_size=4))
     def test_sameLines(self, records: list[Any]) -> None:
         """
@@ -212,6 +218,7 @@ class BothLinesTests(SynchronousTestCase):
         self.assertEqual(len(accessFast.getvalue().splitlines()), 2 * len(records))
         self.assertEqual(len(decisionFast.getvalue().splitlines()), 2 * len(records))
 
+    @_recordSettings
     @given(_records())
     def test_decisionAlreadyLogged(self, record: Any) -> None:
         """
@@ -224,6 +231,7 @@ class BothLinesTests(SynchronousTestCase):
         self.assertEqual(len(accessOut.getvalue().splitlines()), 1)
         self.assertEqual(decisionOut.getvalue(), "")
 
+    @_recordSettings
     @given(st.lists(_records(), min_size=1, max_size=4))
     def test_processLogLines(self, records: list[Any]) -> None:
         """
