@@ -54,6 +54,7 @@ from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.target import hostPort
 from proxy_app.tls import tlsError
+from proxy_app.transport import becomeLean
 
 log = Logger()
 
@@ -1392,6 +1393,8 @@ class UpstreamPool:
             connection.transport.loseConnection()
             return
         idle.append(connection)
+        # Reused: from now on a read event's writes are sent at its end.
+        becomeLean(connection.transport)
         connection.transport.resumeProducing()
         connection._idle.start()
 
