@@ -45,7 +45,6 @@ from proxy_app.observe import AccessLog, DecisionLog, Metrics
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.target import hostPort, parseAbsoluteTarget, parseConnectTarget
 from proxy_app.tls import CertificateRole, Origination
-from proxy_app.transport import becomeLean
 from proxy_app.tunnel import ConnectExchange, TunnelWatch
 from proxy_app.upstream import (
     NOT_PASSED,
@@ -902,8 +901,6 @@ class ProxyProtocol(Protocol):
         Wait for the next request on this connection.
         """
         assert self._reader is not None
-        # Kept alive: from now on a read event's writes are sent at its end.
-        becomeLean(self.transport)
         self._state = "IDLE"
         self._request = None
         self._headerTimer.start()

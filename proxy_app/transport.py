@@ -66,6 +66,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -75,52 +76,50 @@ log = Logger()
 class _Flush:
     """
     The process-wide state of the lean transports: one reactor thread runs
-    them all.
+    them all.  It is kept here rather than on the transports: an attribute
+    name more on a transport can take its class past the 30 names CPython
+    3.11 shares between instances, and every instance then gets a dictionary
+    of its own (its method loads no longer specialize: +3% instructions on a
+    C{Connection: close} request, measured).
 
     @ivar active: whether a lean C{doRead} is running (and then its flush).
     @ivar pending: the transports queued to write at the end of it, in the
         order they were first written to.
+    @ivar writing: the lean transports waiting for write events: their
+        C{startWriting} went through and they have not given them back
+        (C{stopWriting}).  Every registration goes through C{startWriting},
+        so a lean transport not in it is not registered.
+    @ivar current: the transport whose C{doWrite} the flush is running,
+        until that calls C{stopWriting} (all sent).
     """
 
     def __init__(self) -> None:
         self.active = False
         self.pending: list[_LeanMixin] = []
+        self.writing: set[_LeanMixin] = set()
+        self.current: _LeanMixin | None = None
 
 
 _flush = _Flush()
 
-# The methods the hot overrides below extend, called directly: super() from
-# the mixin walks the rest of a long MRO (a dictionary lookup per class) on
+# The methods the overrides below extend, called directly: super() from the
+# mixin walks the rest of a long MRO (a dictionary lookup per class) on
 # every call, which cost more than the reactor round trip this module saves.
 # Twisted's tcp.Server and tcp.Client both inherit these unchanged (a test
 # checks it).
 _doRead = tcp.Connection.doRead
 _startWriting = tcp.Connection.startWriting
 _stopWriting = tcp.Connection.stopWriting
+_loseConnection = tcp.Connection.loseConnection
+_loseWriteConnection = tcp.Connection.loseWriteConnection
+_abortConnection = tcp.Connection.abortConnection
 
 
 class _LeanMixin(tcp.Connection):
     """
-    What L{LeanServer} and L{LeanClient} add to Twisted's TCP transports.
-    No instance is made of it: L{becomeLean} switches a transport's class
-    and sets its attributes.
-
-    @ivar _leanWriting: C{True} when this transport may be waiting for
-        write events (C{startWriting} went through, or it became lean
-        while Twisted's own state was unknown) and has not given them back
-        (C{stopWriting}); C{False} when it is not; L{None} while the flush
-        runs its C{doWrite}, until that calls C{stopWriting} (all sent).
-        Every registration goes through C{startWriting}, so it is never
-        C{False} while the transport is registered.
-    @ivar _leanQueued: whether it is in the queue of the running flush.
-    @ivar _leanClosing: whether C{loseConnection}, C{loseWriteConnection}
-        or C{abortConnection} was called: from then on it writes the usual
-        way.
+    What L{LeanServer} and L{LeanClient} add to Twisted's TCP transports:
+    methods only, no attribute (see L{_Flush}).
     """
-
-    _leanWriting: bool | None
-    _leanQueued: bool
-    _leanClosing: bool
 
     def doRead(self) -> Any:
         # _leanEvent, inlined: this runs for every read.
@@ -141,46 +140,65 @@ class _LeanMixin(tcp.Connection):
         return why
 
     def startWriting(self) -> None:
-        if (
-            _flush.active
-            and not self._leanWriting
-            and not self._leanClosing
-            and self.connected
-        ):
-            if not self._leanQueued:
-                self._leanQueued = True
-                _flush.pending.append(self)
+        state = _flush
+        if state.active and self not in state.writing and self.connected:
+            pending = state.pending
+            if self not in pending:
+                pending.append(self)
             return
-        self._leanWriting = True
+        state.writing.add(self)
         _startWriting(self)
 
     def stopWriting(self) -> None:
-        # Only a transport that may have registered has anything to give
-        # back (the flush's doWrite calls this on one that never did).
-        registered = self._leanWriting
-        self._leanWriting = False
-        if registered:
+        # Only a transport that registered has anything to give back (the
+        # flush's doWrite calls this on one that did not).
+        state = _flush
+        writing = state.writing
+        if self in writing:
+            writing.remove(self)
             _stopWriting(self)
+        elif state.current is self:
+            state.current = None
 
     def loseConnection(self, *args: Any, **kwargs: Any) -> None:
-        self._leanClosing = True
-        super().loseConnection(*args, **kwargs)
+        # Twisted's asks for write events before it marks the transport
+        # disconnecting: a close goes the usual way (the reactor's doWrite
+        # sends what is left, then closes), whether it was queued before it
+        # or by it.
+        _loseConnection(self, *args, **kwargs)
+        _unqueue(self)
 
     def loseWriteConnection(self) -> None:
-        self._leanClosing = True
-        super().loseWriteConnection()
+        _loseWriteConnection(self)
+        _unqueue(self)
 
     def abortConnection(self) -> None:
-        self._leanClosing = True
-        super().abortConnection()
+        # What was written is dropped: nothing to send, at the end of the
+        # read or later.
+        _abortConnection(self)
+        pending = _flush.pending
+        if self in pending:
+            pending.remove(self)
 
-    def _leanRegister(self) -> None:
-        """
-        Ask the reactor for write events, as C{startWriting} does outside a
-        read.
-        """
-        self._leanWriting = True
-        _startWriting(self)
+
+def _unqueue(transport: _LeanMixin) -> None:
+    """
+    Take C{transport} out of the running flush's queue, if it is in it, and
+    let it wait for write events the usual way.
+    """
+    pending = _flush.pending
+    if transport in pending:
+        pending.remove(transport)
+        _register(transport)
+
+
+def _register(transport: _LeanMixin) -> None:
+    """
+    Ask the reactor for write events, as C{startWriting} does outside a
+    read.
+    """
+    _flush.writing.add(transport)
+    _startWriting(transport)
 
 
 def _registerAll(state: _Flush) -> None:
@@ -189,11 +207,8 @@ def _registerAll(state: _Flush) -> None:
     """
     pending, state.pending = state.pending, []
     for transport in pending:
-        transport._leanQueued = False
-        if not (
-            transport._leanClosing or transport._leanWriting or not transport.connected
-        ):
-            transport._leanRegister()
+        if transport.connected and transport not in state.writing:
+            _register(transport)
 
 
 def _run(state: _Flush) -> None:
@@ -203,28 +218,27 @@ def _run(state: _Flush) -> None:
     pending = state.pending
     while pending:
         transport = pending.pop(0)
-        transport._leanQueued = False
-        if not transport.connected:
-            # Lost meanwhile: its buffer went with it, as it would have.
-            continue
-        if transport._leanClosing or transport._leanWriting:
-            # Registered since it was queued (a close registers: the
-            # reactor finishes it), or aborted: nothing to do here.
+        if not transport.connected or transport in state.writing:
+            # Lost meanwhile (its buffer went with it, as it would have), or
+            # registered since it was queued: nothing to do here.
             continue
         # Not registered, and doWrite's stopWriting (all sent) says that it
         # need not be.
-        transport._leanWriting = None
+        state.current = transport
         try:
             why = transport.doWrite()
         except BaseException:
+            state.current = None
             # What the reactor does when doWrite raises.
             log.failure("Writing to {transport}", transport=transport)
             transport.stopReading()
             transport.stopWriting()
             transport.connectionLost(Failure())
             continue
-        if why is not None or transport._leanWriting is not False:
-            transport._leanRegister()
+        if why is not None or state.current is transport:
+            state.current = None
+            if transport not in state.writing:
+                _register(transport)
 
 
 class LeanServer(_LeanMixin, tcp.Server):
@@ -241,28 +255,46 @@ class LeanClient(_LeanMixin, tcp.Client):
     """
 
 
-# The classes that become lean, exactly (a subclass of Twisted's may
-# override what the lean ones do), and what they become.
-_lean: dict[type, type] = {tcp.Server: LeanServer, tcp.Client: LeanClient}
-
-
-def becomeLean(transport: Any) -> None:
+class LeanConnector(tcp.Connector):
     """
-    From now on, send what a read event writes to C{transport} at the
-    event's end, if it is a plain Twisted TCP transport that is connected
-    and not closing; any other transport (TLS, a test's, one already lean)
-    is left as it is.
-
-    Called for connections that have shown they are kept alive: a client
-    connection waiting for its next request, an origin connection going
-    back to the pool.
+    C{reactor.connectTCP}'s connector, making a L{LeanClient}.
     """
-    lean = _lean.get(transport.__class__)
-    if lean is None or not transport.connected or transport.disconnecting:
-        return
-    # Twisted's registration for write events is not known here: taken as
-    # registered (see the module docstring).
-    transport._leanWriting = True
-    transport._leanQueued = False
-    transport._leanClosing = False
-    transport.__class__ = lean
+
+    def _makeTransport(self) -> tcp.Client:
+        return LeanClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def leanPort(port: Any) -> Any:
+    """
+    Make the connections C{port} accepts from now on lean, if it is a
+    Twisted TCP port (a TLS listener's is too: TLS is a protocol over it);
+    any other listening port is left as it is.
+
+    @return: C{port}.
+    """
+    if isinstance(port, tcp.Port):
+        port.transport = LeanServer
+    return port
+
+
+def connectTCP(
+    reactor: Any,
+    host: str,
+    port: int,
+    factory: Any,
+    timeout: float | None,
+    bindAddress: tuple[str, int] | None,
+) -> Any:
+    """
+    C{reactor.connectTCP(host, port, factory, timeout, bindAddress)}, with
+    a L{LeanClient} as the transport when C{reactor} is a real one.
+
+    @return: the C{IConnector}.
+    """
+    if isinstance(reactor, PosixReactorBase):
+        connector = LeanConnector(host, port, factory, timeout, bindAddress, reactor)  # type: ignore[arg-type]
+        connector.connect()
+        return connector
+    return reactor.connectTCP(
+        host, port, factory, timeout=timeout, bindAddress=bindAddress
+    )

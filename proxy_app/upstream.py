@@ -54,7 +54,7 @@ from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.target import hostPort
 from proxy_app.tls import tlsError
-from proxy_app.transport import becomeLean
+from proxy_app.transport import connectTCP
 
 log = Logger()
 
@@ -585,9 +585,8 @@ class _Connecting(ClientFactory):
             connect.
         """
         d = self.deferred = Deferred(self._cancel)
-        reactor.connectTCP(
-            address, port, self, timeout=timeout, bindAddress=bindAddress
-        )
+        # Lean transports (proxy_app.transport) on a real reactor.
+        connectTCP(reactor, address, port, self, timeout, bindAddress)
         return d
 
     def startedConnecting(self, connector: Any) -> None:
@@ -1393,8 +1392,6 @@ class UpstreamPool:
             connection.transport.loseConnection()
             return
         idle.append(connection)
-        # Reused: from now on a read event's writes are sent at its end.
-        becomeLean(connection.transport)
         connection.transport.resumeProducing()
         connection._idle.start()
 
