@@ -1,6 +1,5 @@
 """
-Keep-alive TCP connections that send what a read event wrote at the end of
-that event.
+TCP transports that send what a read event wrote at the end of that event.
 
 Twisted's C{write} only buffers and asks the reactor for write events
 (C{startWriting}: an C{epoll_ctl}); the send happens on the reactor's next
@@ -17,9 +16,8 @@ coalescing and only drop the round trip through the reactor:
 
   - While a lean transport's C{doRead} runs (the protocol's
     C{dataReceived} and everything it calls), C{startWriting} on any lean
-    transport that is connected, not closing and not already waiting for
-    write events does not register with the reactor: the transport is
-    queued, once.
+    transport that is connected and not already waiting for write events
+    does not register with the reactor: the transport is queued, once.
   - When the outermost such C{doRead} ends, each queued transport runs
     C{doWrite} at once: one send for everything written to it during the
     event.  If it still wants writing afterwards (C{doWrite} did not call
@@ -33,32 +31,44 @@ coalescing and only drop the round trip through the reactor:
     (what happens without this module) before the exception goes on to the
     reactor.
   - Everything else goes the usual way: writes from timers and Deferred
-    callbacks outside a read, writes to a transport that is closing
-    (C{loseConnection}, C{loseWriteConnection}, C{abortConnection}), and
-    every transport that has not become lean.
-
-Only connections that have shown they are kept alive become lean (the
-fifth session made every connection lean, and a C{Connection: close}
-request paid 4% more instructions for the overrides, where only one write
-in two could take the lean path; docs/benchmarks.md): L{becomeLean}
-switches the class of a plain C{tcp.Server} or C{tcp.Client} to
-L{LeanServer} or L{LeanClient}, subclasses that add no slots (so the
-assignment is legal and the instance keeps every attribute), when a client
-connection's exchange is over and it waits for the next request, and when
-an origin connection goes back to the pool.  A short connection runs
-Twisted's own code, untouched; a lean one pays for one reactor round trip
-fewer per write.
+    callbacks outside a read, writes followed by a close in the same event
+    (C{loseConnection}, C{loseWriteConnection}: the transport leaves the
+    queue and registers, and the reactor's C{doWrite} sends and then
+    closes), connection set-up (the event completing a connect), and every
+    transport not made here (TLS origination and the parent proxy, which
+    connect through endpoints).  An C{abortConnection} takes the transport
+    out of the queue: what was written is dropped, as it would have been.
 
 The bytes of one transport stay in its own buffer and go out in order,
 through Twisted's own C{doWrite}; the queue only decides when that runs, so
 nothing can reach another transport, overtake earlier bytes, or follow a
-close.  The state tracked here (closing, waiting for write events) is our
-own, from our own overrides: no private attribute of Twisted's is read or
-written.  Twisted's own registration before the switch is not known, so a
-transport that becomes lean is taken as waiting for write events: its next
-write registers the usual way, and the C{stopWriting} of the C{doWrite}
-that sends it (which gives the write events back, registered or not)
-makes the state exact from then on.
+close.  The state tracked here (waiting for write events, queued, being
+flushed) is our own, from our own overrides, and kept on the flush rather
+than on the transports (see L{_Flush}): no private attribute of Twisted's
+is read or written, and a lean transport has exactly the instance
+attributes of Twisted's own.
+
+How they are installed, with public Twisted API where there is one:
+
+  - Accepted connections: a listening C{tcp.Port} builds each connection's
+    transport from its public C{transport} attribute; L{leanPort} sets it on
+    the port instance, for every listener the proxy opens.
+  - Outbound connections (L{connectTCP}): C{reactor.connectTCP} is
+    C{tcp.Connector(...)} and C{connect()}; L{LeanConnector} is that
+    connector with C{_makeTransport}, C{BaseConnector}'s hook for its
+    subclasses (the same in Twisted 23.10 and 26; the one private name
+    used, as the fifth session's branch did), building a L{LeanClient}.
+    It is used only on a real reactor (a C{PosixReactorBase}); any other
+    reactor, such as the memory reactors of the tests, gets
+    C{reactor.connectTCP} as before.
+
+Why every connection, not only kept-alive ones: switching a kept-alive
+connection's class (C{__class__} assignment) gives it, in CPython 3.11, an
+instance dictionary of its own, whose method loads no longer specialize;
+that alone cost a keep-alive GET 3.4% more instructions, more than the
+lean path saves there (docs/benchmarks.md, sixth session).  With no
+attribute of their own, the lean transports cost a C{Connection: close}
+request nothing measurable.
 """
 
 from __future__ import annotations
@@ -186,10 +196,14 @@ def _unqueue(transport: _LeanMixin) -> None:
     Take C{transport} out of the running flush's queue, if it is in it, and
     let it wait for write events the usual way.
     """
-    pending = _flush.pending
+    state = _flush
+    pending = state.pending
     if transport in pending:
         pending.remove(transport)
-        _register(transport)
+        # Unless the close was at once (a half-closed transport): it is
+        # gone, with its buffer.
+        if transport.connected and transport not in state.writing:
+            _register(transport)
 
 
 def _register(transport: _LeanMixin) -> None:

@@ -34,6 +34,7 @@ from proxy_app.config import Config
 from proxy_app.observe import AccessLog
 from proxy_app.resolver import SafeResolver
 from proxy_app.server import ProxyFactory
+from proxy_app.tap import _Listener
 from proxy_app.transport import (
     LeanClient,
     LeanConnector,
@@ -500,6 +501,16 @@ class InstallTests(SynchronousTestCase):
         other = object()
         self.assertIs(leanPort(other), other)
 
+    def test_listener(self) -> None:
+        """
+        Every proxy listener (tap's C{_Listener}) makes its connections
+        lean.
+        """
+        listener = _Listener("tcp:0:interface=127.0.0.1", Factory(), reactor)
+        listener.privilegedStartService()
+        self.addCleanup(listener.port.stopListening)
+        self.assertIs(listener.port.transport, LeanServer)
+
     def test_inheritedUnchanged(self) -> None:
         """
         The methods the lean transports call directly instead of through
@@ -688,6 +699,16 @@ class ThroughTheProxyTests(TestCase):
 
         proxy.transport = Recorded  # type: ignore[attr-defined]
         self.proxyPort = proxy.getHost().port
+        self.clients: list[CountingClient] = []
+        clients = self.clients
+
+        class RecordedClient(CountingClient):
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                clients.append(self)
+
+        # What LeanConnector, which Connector's connects use, makes.
+        self.patch(leanModule, "LeanClient", RecordedClient)
 
     @inlineCallbacks
     def client(self):  # type: ignore[no-untyped-def]
@@ -723,6 +744,15 @@ class ThroughTheProxyTests(TestCase):
         self.assertEqual(len(server.sends), 3)
         self.assertEqual(
             [inRead for _, inRead in server.sends], [True, True, True], server.sends
+        )
+        # The origin connection, made by Connector, is lean too: the first
+        # request goes out from the connect event, the usual way, the next
+        # two at the end of the client's read events.
+        [upstream] = self.clients
+        self.assertEqual(
+            [inRead for _, inRead in upstream.sends],
+            [False, True, True],
+            upstream.sends,
         )
 
     @inlineCallbacks
