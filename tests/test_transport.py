@@ -361,6 +361,10 @@ class LeanReadTests(SynchronousTestCase):
         why = transport.doWrite()
         self.assertEqual(recvAll(peer, 3), b"bye")
         self.assertIsNotNone(why)
+        # The reactor's connectionLost: nothing of it is kept.
+        transport.connectionLost(Failure(why))
+        self.assertNotIn(transport, leanModule._flush.writing)
+        self.assertNotIn(transport, leanModule._flush.pending)
 
     def test_loseWriteConnection(self) -> None:
         """
