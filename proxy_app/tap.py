@@ -78,6 +78,7 @@ from proxy_app.tls import (
     loadTrustRoot,
     serverOptions,
 )
+from proxy_app.transport import leanPort
 from proxy_app.upstream import Connector
 from proxy_app.watch import FileWatcher
 from proxy_app.webhook import WebhookService
@@ -830,7 +831,8 @@ class _Listener(Service):
             error = results[0].value if results else "the endpoint did not bind at once"
             reason = getattr(error, "socketError", None) or error
             raise ConfigError(f"listen = {self.description!r}: cannot listen: {reason}")
-        self.port = results[0]
+        # Its connections send a read event's writes at the event's end.
+        self.port = leanPort(results[0])
 
     def stopService(self) -> Deferred | None:
         super().stopService()

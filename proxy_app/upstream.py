@@ -54,6 +54,7 @@ from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.target import hostPort
 from proxy_app.tls import tlsError
+from proxy_app.transport import connectTCP
 
 log = Logger()
 
@@ -584,9 +585,8 @@ class _Connecting(ClientFactory):
             connect.
         """
         d = self.deferred = Deferred(self._cancel)
-        reactor.connectTCP(
-            address, port, self, timeout=timeout, bindAddress=bindAddress
-        )
+        # Lean transports (proxy_app.transport) on a real reactor.
+        connectTCP(reactor, address, port, self, timeout, bindAddress)
         return d
 
     def startedConnecting(self, connector: Any) -> None:

@@ -1,0 +1,314 @@
+"""
+TCP transports that send what a read event wrote at the end of that event.
+
+Twisted's C{write} only buffers and asks the reactor for write events
+(C{startWriting}: an C{epoll_ctl}); the send happens on the reactor's next
+pass, in C{doWrite}, which then gives the write events back (another
+C{epoll_ctl}).  A forwarded keep-alive request is two such writes (the
+request to the origin, the response to the client): four C{epoll_ctl}, two
+extra event dispatches and some forty Python calls, for bytes the socket
+could have taken at once.
+
+Sending inside C{write} itself is no better: a response head and its body
+written in one event would then go out as two sends (the second session
+measured that, docs/benchmarks.md).  So the transports here keep Twisted's
+coalescing and only drop the round trip through the reactor:
+
+  - While a lean transport's C{doRead} runs (the protocol's
+    C{dataReceived} and everything it calls), C{startWriting} on any lean
+    transport that is connected and not already waiting for write events
+    does not register with the reactor: the transport is queued, once.
+  - When the outermost such C{doRead} ends, each queued transport runs
+    C{doWrite} at once: one send for everything written to it during the
+    event.  If it still wants writing afterwards (C{doWrite} did not call
+    C{stopWriting}: data left over, C{EAGAIN}) or C{doWrite} returned
+    anything but L{None} (the connection is lost), it registers as it
+    always would, and the reactor's next C{doWrite} takes over exactly as
+    it does without this module: errors, closes and producers.  A producer
+    resumed by the flush that writes again queues its transport again; the
+    flush runs until the queue is empty.
+  - If C{dataReceived} raises, every queued transport registers as usual
+    (what happens without this module) before the exception goes on to the
+    reactor.
+  - Everything else goes the usual way: writes from timers and Deferred
+    callbacks outside a read, writes followed by a close in the same event
+    (C{loseConnection}, C{loseWriteConnection}: the transport leaves the
+    queue and registers, and the reactor's C{doWrite} sends and then
+    closes), connection set-up (the event completing a connect), and every
+    transport not made here (TLS origination and the parent proxy, which
+    connect through endpoints).  An C{abortConnection} takes the transport
+    out of the queue: what was written is dropped, as it would have been.
+
+The bytes of one transport stay in its own buffer and go out in order,
+through Twisted's own C{doWrite}; the queue only decides when that runs, so
+nothing can reach another transport, overtake earlier bytes, or follow a
+close.  The state tracked here (waiting for write events, queued, being
+flushed) is our own, from our own overrides, and kept on the flush rather
+than on the transports (see L{_Flush}): no private attribute of Twisted's
+is read or written, and a lean transport has exactly the instance
+attributes of Twisted's own.
+
+How they are installed, with public Twisted API where there is one:
+
+  - Accepted connections: a listening C{tcp.Port} builds each connection's
+    transport from its public C{transport} attribute; L{leanPort} sets it on
+    the port instance, for every listener the proxy opens.
+  - Outbound connections (L{connectTCP}): C{reactor.connectTCP} is
+    C{tcp.Connector(...)} and C{connect()}; L{LeanConnector} is that
+    connector with C{_makeTransport}, C{BaseConnector}'s hook for its
+    subclasses (the same in Twisted 23.10 and 26; the one private name
+    used, as the fifth session's branch did), building a L{LeanClient}.
+    It is used only on a real reactor (a C{PosixReactorBase}); any other
+    reactor, such as the memory reactors of the tests, gets
+    C{reactor.connectTCP} as before.
+
+Why every connection, not only kept-alive ones: switching a kept-alive
+connection's class (C{__class__} assignment) gives it, in CPython 3.11, an
+instance dictionary of its own, whose method loads no longer specialize;
+that alone cost a keep-alive GET 3.4% more instructions, more than the
+lean path saves there (docs/benchmarks.md, sixth session).  With no
+attribute of their own, the lean transports cost a C{Connection: close}
+request nothing measurable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+
+class _Flush:
+    """
+    The process-wide state of the lean transports: one reactor thread runs
+    them all.  It is kept here rather than on the transports: an attribute
+    name more on a transport can take its class past the 30 names CPython
+    3.11 shares between instances, and every instance then gets a dictionary
+    of its own (its method loads no longer specialize: +3% instructions on a
+    C{Connection: close} request, measured).
+
+    @ivar active: whether a lean C{doRead} is running (and then its flush).
+    @ivar pending: the transports queued to write at the end of it, in the
+        order they were first written to.
+    @ivar writing: the lean transports waiting for write events: their
+        C{startWriting} went through and they have not given them back
+        (C{stopWriting}).  Every registration goes through C{startWriting},
+        so a lean transport not in it is not registered.
+    @ivar current: the transport whose C{doWrite} the flush is running,
+        until that calls C{stopWriting} (all sent).
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.pending: list[_LeanMixin] = []
+        self.writing: set[_LeanMixin] = set()
+        self.current: _LeanMixin | None = None
+
+
+_flush = _Flush()
+
+# The methods the overrides below extend, called directly: super() from the
+# mixin walks the rest of a long MRO (a dictionary lookup per class) on
+# every call, which cost more than the reactor round trip this module saves.
+# Twisted's tcp.Server and tcp.Client both inherit these unchanged (a test
+# checks it).
+_doRead = tcp.Connection.doRead
+_startWriting = tcp.Connection.startWriting
+_stopWriting = tcp.Connection.stopWriting
+_loseConnection = tcp.Connection.loseConnection
+_loseWriteConnection = tcp.Connection.loseWriteConnection
+_abortConnection = tcp.Connection.abortConnection
+
+
+class _LeanMixin(tcp.Connection):
+    """
+    What L{LeanServer} and L{LeanClient} add to Twisted's TCP transports:
+    methods only, no attribute (see L{_Flush}).
+    """
+
+    def doRead(self) -> Any:
+        # _leanEvent, inlined: this runs for every read.
+        state = _flush
+        if state.active:
+            return _doRead(self)
+        state.active = True
+        try:
+            try:
+                why = _doRead(self)
+            except BaseException:
+                _registerAll(state)
+                raise
+            if state.pending:
+                _run(state)
+        finally:
+            state.active = False
+        return why
+
+    def startWriting(self) -> None:
+        state = _flush
+        if state.active and self not in state.writing and self.connected:
+            pending = state.pending
+            if self not in pending:
+                pending.append(self)
+            return
+        state.writing.add(self)
+        _startWriting(self)
+
+    def stopWriting(self) -> None:
+        # Only a transport that registered has anything to give back (the
+        # flush's doWrite calls this on one that did not).
+        state = _flush
+        writing = state.writing
+        if self in writing:
+            writing.remove(self)
+            _stopWriting(self)
+        elif state.current is self:
+            state.current = None
+
+    def loseConnection(self, *args: Any, **kwargs: Any) -> None:
+        # Twisted's asks for write events before it marks the transport
+        # disconnecting: a close goes the usual way (the reactor's doWrite
+        # sends what is left, then closes), whether it was queued before it
+        # or by it.
+        _loseConnection(self, *args, **kwargs)
+        _unqueue(self)
+
+    def loseWriteConnection(self) -> None:
+        _loseWriteConnection(self)
+        _unqueue(self)
+
+    def abortConnection(self) -> None:
+        # What was written is dropped: nothing to send, at the end of the
+        # read or later.
+        _abortConnection(self)
+        pending = _flush.pending
+        if self in pending:
+            pending.remove(self)
+
+
+def _unqueue(transport: _LeanMixin) -> None:
+    """
+    Take C{transport} out of the running flush's queue, if it is in it, and
+    let it wait for write events the usual way.
+    """
+    state = _flush
+    pending = state.pending
+    if transport in pending:
+        pending.remove(transport)
+        # Unless the close was at once (a half-closed transport): it is
+        # gone, with its buffer.
+        if transport.connected and transport not in state.writing:
+            _register(transport)
+
+
+def _register(transport: _LeanMixin) -> None:
+    """
+    Ask the reactor for write events, as C{startWriting} does outside a
+    read.
+    """
+    _flush.writing.add(transport)
+    _startWriting(transport)
+
+
+def _registerAll(state: _Flush) -> None:
+    """
+    Let every queued transport wait for write events the usual way.
+    """
+    pending, state.pending = state.pending, []
+    for transport in pending:
+        if transport.connected and transport not in state.writing:
+            _register(transport)
+
+
+def _run(state: _Flush) -> None:
+    """
+    Write what the queued transports hold, until none is queued.
+    """
+    pending = state.pending
+    while pending:
+        transport = pending.pop(0)
+        if not transport.connected or transport in state.writing:
+            # Lost meanwhile (its buffer went with it, as it would have), or
+            # registered since it was queued: nothing to do here.
+            continue
+        # Not registered, and doWrite's stopWriting (all sent) says that it
+        # need not be.
+        state.current = transport
+        try:
+            why = transport.doWrite()
+        except BaseException:
+            state.current = None
+            # What the reactor does when doWrite raises.
+            log.failure("Writing to {transport}", transport=transport)
+            transport.stopReading()
+            transport.stopWriting()
+            transport.connectionLost(Failure())
+            continue
+        if why is not None or state.current is transport:
+            state.current = None
+            if transport not in state.writing:
+                _register(transport)
+
+
+class LeanServer(_LeanMixin, tcp.Server):
+    """
+    An accepted TCP connection whose writes during a read event are sent at
+    its end (see the module docstring).
+    """
+
+
+class LeanClient(_LeanMixin, tcp.Client):
+    """
+    An outbound TCP connection whose writes during a read event are sent at
+    its end (see the module docstring).
+    """
+
+
+class LeanConnector(tcp.Connector):
+    """
+    C{reactor.connectTCP}'s connector, making a L{LeanClient}.
+    """
+
+    def _makeTransport(self) -> tcp.Client:
+        return LeanClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def leanPort(port: Any) -> Any:
+    """
+    Make the connections C{port} accepts from now on lean, if it is a
+    Twisted TCP port (a TLS listener's is too: TLS is a protocol over it);
+    any other listening port is left as it is.
+
+    @return: C{port}.
+    """
+    if isinstance(port, tcp.Port):
+        port.transport = LeanServer
+    return port
+
+
+def connectTCP(
+    reactor: Any,
+    host: str,
+    port: int,
+    factory: Any,
+    timeout: float | None,
+    bindAddress: tuple[str, int] | None,
+) -> Any:
+    """
+    C{reactor.connectTCP(host, port, factory, timeout, bindAddress)}, with
+    a L{LeanClient} as the transport when C{reactor} is a real one.
+
+    @return: the C{IConnector}.
+    """
+    if isinstance(reactor, PosixReactorBase):
+        connector = LeanConnector(host, port, factory, timeout, bindAddress, reactor)  # type: ignore[arg-type]
+        connector.connect()
+        return connector
+    return reactor.connectTCP(
+        host, port, factory, timeout=timeout, bindAddress=bindAddress
+    )

@@ -1,0 +1,883 @@
+"""
+Tests for L{proxy_app.transport}: the writes of a read event sent at its
+end.
+
+The unit tests accept real TCP connections on 127.0.0.1 through a real
+C{tcp.Port} whose reactor is a memory reactor, and call C{doRead} and
+C{doWrite} themselves: the memory reactor's C{writers} shows whether a
+transport registered for write events, and the peer socket shows what was
+sent.  The end-to-end tests run the proxy on the global reactor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import select
+import socket
+import struct
+from typing import Any
+
+from twisted.internet import reactor, tcp
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from proxy_app import transport as leanModule
+from proxy_app.addresses import AddressPolicy
+from proxy_app.config import Config
+from proxy_app.observe import AccessLog
+from proxy_app.resolver import SafeResolver
+from proxy_app.server import ProxyFactory
+from proxy_app.tap import _Listener
+from proxy_app.transport import (
+    LeanClient,
+    LeanConnector,
+    LeanServer,
+    connectTCP,
+    leanPort,
+)
+from proxy_app.upstream import Connector
+
+
+class CountingServer(LeanServer):
+    """
+    A L{LeanServer} that records each send: its size, and whether it
+    happened inside a lean read (rather than on a later reactor pass).
+    """
+
+    sends: list[tuple[int, bool]]
+
+    def writeSomeData(self, data: bytes) -> Any:
+        result = super().writeSomeData(data)
+        if not hasattr(self, "sends"):
+            self.sends = []
+        if isinstance(result, int):
+            self.sends.append((result, leanModule._flush.active))
+        return result
+
+
+class Scripted(Protocol):
+    """
+    Runs C{script(self, data)} for each C{dataReceived}.
+    """
+
+    def __init__(self, script: Any) -> None:
+        self.script = script
+        self.lost: list[Any] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.script(self, data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.append(reason)
+
+
+def recvAll(peer: socket.socket, size: int) -> bytes:
+    """
+    Read exactly C{size} bytes from the blocking C{peer}.
+    """
+    data = b""
+    while len(data) < size:
+        more = peer.recv(size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def pending(peer: socket.socket) -> bytes:
+    """
+    What C{peer} has received so far, without waiting.
+    """
+    data = b""
+    while select.select([peer], [], [], 0)[0]:
+        more = peer.recv(1 << 20)
+        if not more:
+            break
+        data += more
+    return data
+
+
+class Harness:
+    """
+    Accepts real connections on 127.0.0.1 as lean transports of a memory
+    reactor.
+    """
+
+    def __init__(self, case: SynchronousTestCase, transportType: type) -> None:
+        self.reactor = MemoryReactorClock()
+        self.protocols: list[Scripted] = []
+        self.script: Any = lambda protocol, data: None
+        factory = Factory.forProtocol(lambda: Scripted(self.script))
+        factory.noisy = False
+
+        def build(addr: Any) -> Scripted:
+            protocol = Scripted(lambda p, d: self.script(p, d))
+            self.protocols.append(protocol)
+            return protocol
+
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        self.port = tcp.Port(0, factory, interface="127.0.0.1", reactor=self.reactor)
+        self.port.startListening()
+        case.addCleanup(self.port.connectionLost, None)
+        self.port.transport = transportType
+        self.case = case
+        case.addCleanup(self.cleanup)
+        self.peers: list[socket.socket] = []
+        self.transports: list[Any] = []
+
+    def cleanup(self) -> None:
+        for peer in self.peers:
+            peer.close()
+        for transport in self.transports:
+            if transport.connected:
+                transport.connectionLost(Failure(ConnectionDone()))
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        """
+        Connect a blocking socket and accept it: the peer and the lean
+        transport.
+        """
+        peer = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+        peer.settimeout(10)
+        self.peers.append(peer)
+        self.port.doRead()
+        transport = self.protocols[-1].transport
+        self.transports.append(transport)
+        return peer, transport
+
+    def read(self, transport: Any) -> Any:
+        """
+        Run C{transport.doRead} once there is something to read.
+        """
+        select.select([transport.getHandle()], [], [], 10)
+        return transport.doRead()
+
+
+def fillReceiver(transport: Any, peer: socket.socket) -> None:
+    """
+    Shrink the buffers between C{transport} and its unread C{peer}.
+    """
+    transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+
+class LeanReadTests(SynchronousTestCase):
+    """
+    Writes made during a lean transport's read event.
+    """
+
+    def test_sentAtEndOfRead(self) -> None:
+        """
+        A head and a body written during one read go out at the end of that
+        read, in one send, and the transport never registers for write
+        events.
+        """
+        harness = Harness(self, CountingServer)
+        peer, transport = harness.accept()
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+            protocol.transport.write(b"body")
+            # Nothing sent yet: still coalescing.
+            self.assertEqual(getattr(protocol.transport, "sends", []), [])
+
+        harness.script = script
+        peer.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertIsNone(harness.read(transport))
+        self.assertEqual(transport.sends, [(23, True)])
+        self.assertNotIn(transport, harness.reactor.getWriters())
+        self.assertEqual(recvAll(peer, 23), b"HTTP/1.1 200 OK\r\n\r\nbody")
+        self.assertEqual(leanModule._flush.pending, [])
+        self.assertFalse(leanModule._flush.active)
+
+    def test_otherTransport(self) -> None:
+        """
+        A write to another lean transport during the read is sent at its
+        end too, to that transport, each in its own order.
+        """
+        harness = Harness(self, CountingServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            b.write(b"1")
+            a.write(b"x")
+            b.write(b"2")
+
+        harness.script = script
+        peerA.sendall(b"go")
+        harness.read(a)
+        self.assertEqual((recvAll(peerA, 1), recvAll(peerB, 2)), (b"x", b"12"))
+        self.assertEqual(b.sends, [(2, True)])
+        self.assertEqual(harness.reactor.getWriters(), [])
+
+    def test_outsideRead(self) -> None:
+        """
+        A write outside a read event (a timer, a Deferred's callback)
+        registers for write events as usual, and the reactor's C{doWrite}
+        sends it.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        transport.write(b"later")
+        self.assertEqual(pending(peer), b"")
+        self.assertIn(transport, harness.reactor.getWriters())
+        self.assertIsNone(transport.doWrite())
+        self.assertNotIn(transport, harness.reactor.getWriters())
+        self.assertEqual(recvAll(peer, 5), b"later")
+
+    def test_eagain(self) -> None:
+        """
+        When the peer does not read, the flush sends what the socket takes
+        and the transport registers for the rest; the streaming producer
+        is paused at the high-water mark; once the peer reads, the
+        reactor's C{doWrite} sends the rest, in order, and resumes it.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        fillReceiver(transport, peer)
+        producer = RecordingProducer()
+        transport.registerProducer(producer, True)
+        body = bytes(range(256)) * 1024  # 256 KiB, over bufferSize
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(body)
+
+        harness.script = script
+        peer.sendall(b"go")
+        self.assertIsNone(harness.read(transport))
+        self.assertEqual(producer.events, ["pause"])
+        self.assertIn(transport, harness.reactor.getWriters())
+        # What the socket took went at the end of the read.
+        sent = len(pending(peer))
+        self.assertGreater(sent, 0)
+        self.assertLess(sent, len(body))
+        self.assertEqual(leanModule._flush.pending, [])
+
+    def test_eagainDrained(self) -> None:
+        """
+        After a flush that could not send everything, the reactor's
+        C{doWrite} finishes the job: every byte arrives, in order, and the
+        producer is resumed.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        fillReceiver(transport, peer)
+        producer = RecordingProducer()
+        transport.registerProducer(producer, True)
+        body = hashlib.sha256(b"seed").digest() * 8192  # 256 KiB
+
+        harness.script = lambda protocol, data: protocol.transport.write(body)
+        peer.sendall(b"go")
+        harness.read(transport)
+        received = b""
+        while transport in harness.reactor.getWriters():
+            # The reactor's doWrite, as when the socket is writable again;
+            # whatever it or the flush sent is in flight to the peer.
+            self.assertIsNone(transport.doWrite())
+            received += peer.recv(1 << 20)
+        received += recvAll(peer, len(body) - len(received))
+        self.assertEqual(received, body)
+        self.assertEqual(producer.events, ["pause", "resume"])
+
+    def test_resumedProducerWritesAgain(self) -> None:
+        """
+        A producer paused at the high-water mark and resumed by the flush
+        that writes again is flushed in the same event: the flush runs until
+        nothing is queued.
+        """
+        harness = Harness(self, CountingServer)
+        peer, transport = harness.accept()
+        body = b"a" * (transport.bufferSize + 1)
+
+        @implementer(IPushProducer)
+        class Again:
+            def pauseProducing(self) -> None:
+                pass
+
+            def resumeProducing(self) -> None:
+                transport.write(b"again")
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Again(), True)
+        harness.script = lambda protocol, data: protocol.transport.write(body)
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertEqual(recvAll(peer, len(body) + 5), body + b"again")
+        self.assertEqual([inRead for _, inRead in transport.sends], [True, True])
+        self.assertEqual(harness.reactor.getWriters(), [])
+
+    def test_exceptionInDataReceived(self) -> None:
+        """
+        When C{dataReceived} raises, the transports written to during the
+        read register for write events as usual (nothing stays queued), and
+        the exception goes on to the reactor.
+        """
+        harness = Harness(self, LeanServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            b.write(b"kept")
+            a.write(b"too")
+            raise ZeroDivisionError()
+
+        harness.script = script
+        peerA.sendall(b"go")
+        self.assertRaises(ZeroDivisionError, harness.read, a)
+        self.assertEqual(leanModule._flush.pending, [])
+        self.assertFalse(leanModule._flush.active)
+        self.assertEqual(set(harness.reactor.getWriters()), {a, b})
+        self.assertIsNone(b.doWrite())
+        self.assertEqual(recvAll(peerB, 4), b"kept")
+
+    def test_loseConnection(self) -> None:
+        """
+        A transport written to and then closed during the read is left to
+        the reactor, as without lean transports: it registers, and its
+        C{doWrite} sends the bytes and then reports the close.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(b"bye")
+            protocol.transport.loseConnection()
+
+        harness.script = script
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertIn(transport, harness.reactor.getWriters())
+        self.assertEqual(pending(peer), b"")
+        why = transport.doWrite()
+        self.assertEqual(recvAll(peer, 3), b"bye")
+        self.assertIsNotNone(why)
+        # The reactor's connectionLost: nothing of it is kept.
+        transport.connectionLost(Failure(why))
+        self.assertNotIn(transport, leanModule._flush.writing)
+        self.assertNotIn(transport, leanModule._flush.pending)
+
+    def test_loseWriteConnection(self) -> None:
+        """
+        A half-close during the read goes the usual way too: the reactor's
+        C{doWrite} sends the bytes, then shuts the write side, and the
+        peer reads the bytes and then the end of the stream.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(b"half")
+            protocol.transport.loseWriteConnection()
+
+        harness.script = script
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertIn(transport, harness.reactor.getWriters())
+        self.assertIsNone(transport.doWrite())
+        self.assertEqual(recvAll(peer, 10), b"half")
+        self.assertTrue(transport.connected)
+
+    def test_abortConnection(self) -> None:
+        """
+        Bytes written before an C{abortConnection} in the same read are
+        dropped, as without lean transports, and the aborted transport does
+        not register for write events.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(b"never")
+            protocol.transport.abortConnection()
+
+        harness.script = script
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        harness.reactor.advance(0)
+        self.assertFalse(transport.connected)
+        try:
+            received = pending(peer)
+        except ConnectionResetError:
+            received = b""
+        self.assertEqual(received, b"")
+
+    def test_peerReset(self) -> None:
+        """
+        A peer that reset its connection makes the flush's send fail: that
+        transport registers, and the reactor's C{doWrite} reports the lost
+        connection as it would have; the other transports are unaffected.
+        """
+        harness = Harness(self, LeanServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+        # An RST, not a FIN.
+        peerB.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peerB.close()
+        harness.peers.remove(peerB)
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            b.write(b"gone")
+            a.write(b"fine")
+
+        harness.script = script
+        peerA.sendall(b"go")
+        # Let the reset arrive.
+        select.select([b.getHandle()], [], [], 10)
+        harness.read(a)
+        self.assertEqual(recvAll(peerA, 4), b"fine")
+        self.assertEqual(harness.reactor.getWriters(), [b])
+        self.assertIsNotNone(b.doWrite())
+
+    def test_doWriteRaises(self) -> None:
+        """
+        An exception from the flush's C{doWrite} (a producer's
+        C{resumeProducing}) is logged and the connection is lost, as the
+        reactor does for one from C{doWrite}.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+
+        @implementer(IPushProducer)
+        class Broken:
+            def pauseProducing(self) -> None:
+                pass
+
+            def resumeProducing(self) -> None:
+                raise ZeroDivisionError()
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Broken(), True)
+        big = b"x" * (transport.bufferSize + 1)
+        harness.script = lambda protocol, data: protocol.transport.write(big)
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(harness.protocols[0].lost), 1)
+        self.assertEqual(harness.reactor.getWriters(), [])
+
+
+@implementer(IPushProducer)
+class RecordingProducer:
+    """
+    A streaming producer that records what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
+
+
+class InstallTests(SynchronousTestCase):
+    """
+    Where the lean transports are used.
+    """
+
+    def test_leanPort(self) -> None:
+        """
+        L{leanPort} makes a TCP port build lean transports, and leaves any
+        other listening port alone.
+        """
+        port = tcp.Port(0, Factory(), interface="127.0.0.1")
+        self.assertIs(leanPort(port), port)
+        self.assertIs(port.transport, LeanServer)
+        other = object()
+        self.assertIs(leanPort(other), other)
+
+    def test_listener(self) -> None:
+        """
+        Every proxy listener (tap's C{_Listener}) makes its connections
+        lean.
+        """
+        listener = _Listener("tcp:0:interface=127.0.0.1", Factory(), reactor)
+        listener.privilegedStartService()
+        self.addCleanup(listener.port.stopListening)
+        self.assertIs(listener.port.transport, LeanServer)
+
+    def test_inheritedUnchanged(self) -> None:
+        """
+        The methods the lean transports call directly instead of through
+        C{super()} are the ones Twisted's TCP server and client transports
+        inherit.
+        """
+        for base in (tcp.Server, tcp.Client):
+            self.assertIs(base.doRead, leanModule._doRead)
+            self.assertIs(base.startWriting, leanModule._startWriting)
+            self.assertIs(base.stopWriting, leanModule._stopWriting)
+            self.assertIs(base.loseConnection, leanModule._loseConnection)
+            self.assertIs(base.loseWriteConnection, leanModule._loseWriteConnection)
+            self.assertIs(base.abortConnection, leanModule._abortConnection)
+
+    def test_noAttributes(self) -> None:
+        """
+        A lean transport has the instance attributes Twisted's own has
+        after the same writes, reads and close, and no other: CPython 3.11
+        shares at most 30 attribute names between a class's instances, and
+        an instance past that gets a dictionary of its own, whose method
+        loads do not specialize.
+        """
+        names = []
+        for transportType in (tcp.Server, LeanServer):
+            harness = Harness(self, transportType)
+            peer, transport = harness.accept()
+            harness.script = lambda protocol, data: protocol.transport.write(data)
+            peer.sendall(b"go")
+            harness.read(transport)
+            transport.doWrite()
+            transport.write(b"later")
+            transport.doWrite()
+            transport.loseConnection()
+            transport.doWrite()
+            self.assertEqual(recvAll(peer, 7), b"golater")
+            names.append(set(vars(transport)))
+        self.assertEqual(names[0], names[1])
+
+    def test_memoryReactor(self) -> None:
+        """
+        On a reactor that is not a real one, L{connectTCP} is the reactor's
+        own C{connectTCP}, which the memory reactor records.
+        """
+        memory = MemoryReactorClock()
+        factory = ClientFactory()
+        connectTCP(memory, "127.0.0.1", 80, factory, 5, ("127.0.0.1", 0))
+        self.assertEqual(
+            memory.tcpClients, [("127.0.0.1", 80, factory, 5, ("127.0.0.1", 0))]
+        )
+
+    def test_realReactor(self) -> None:
+        """
+        On a real reactor, L{connectTCP} connects with a L{LeanConnector},
+        whose transport is a L{LeanClient}.
+        """
+        factory = ClientFactory()
+        factory.noisy = False
+        connector = connectTCP(reactor, "127.0.0.1", 9, factory, 5, None)
+        self.addCleanup(connector.stopConnecting)
+        self.assertIsInstance(connector, LeanConnector)
+        self.assertIsInstance(connector.transport, LeanClient)
+
+
+class CountingClient(LeanClient):
+    """
+    A L{LeanClient} that records each send as L{CountingServer} does.
+    """
+
+    sends: list[tuple[int, bool]]
+
+    def writeSomeData(self, data: bytes) -> Any:
+        result = super().writeSomeData(data)
+        if not hasattr(self, "sends"):
+            self.sends = []
+        if isinstance(result, int):
+            self.sends.append((result, leanModule._flush.active))
+        return result
+
+
+class Origin(Protocol):
+    """
+    A raw origin: answers each request head with a fixed response in two
+    writes, or in a tunnel echoes everything and closes when the client
+    half-closes.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        factory: Any = self.factory
+        if factory.echo:
+            self.transport.write(data)
+            return
+        self.buffer = getattr(self, "buffer", b"") + data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            self.buffer = self.buffer[length:]
+            path = head.split(b" ")[1]
+            close = path.startswith(b"/close")
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nX-Path: %s\r\nContent-Length: 5\r\n%s\r\n"
+                % (path, b"Connection: close\r\n" if close else b"")
+            )
+            self.transport.write(b"hello")
+            if close:
+                self.transport.loseConnection()
+                return
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.waiting: tuple[Any, Deferred] | None = None
+        self.done: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.waiting is not None and self.waiting[0](self.data):
+            d = self.waiting[1]
+            self.waiting = None
+            d.callback(self.data)
+
+    def waitFor(self, size: int) -> Deferred:
+        """
+        Fire with the data once C{size} bytes arrived.
+        """
+        return self.waitUntil(lambda data: len(data) >= size)
+
+    def waitUntil(self, predicate: Any) -> Deferred:
+        d: Deferred = Deferred()
+        if predicate(self.data):
+            d.callback(self.data)
+        else:
+            self.waiting = (predicate, d)
+        return d
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(self.data)
+
+
+from twisted.internet.interfaces import IHalfCloseableProtocol  # noqa: E402
+
+implementer(IHalfCloseableProtocol)(Origin)
+implementer(IHalfCloseableProtocol)(Collect)
+
+
+class ThroughTheProxyTests(TestCase):
+    """
+    The proxy on the global reactor, its listener lean, between a raw
+    client and a raw origin on 127.0.0.1.
+    """
+
+    def setUp(self) -> None:
+        originFactory = Factory.forProtocol(Origin)
+        originFactory.echo = False  # type: ignore[attr-defined]
+        self.originFactory = originFactory
+        origin = reactor.listenTCP(0, originFactory, interface="127.0.0.1")
+        self.addCleanup(origin.stopListening)
+        self.originPort = origin.getHost().port
+        policy = AddressPolicy(allowRanges=["127.0.0.0/8"])
+        resolver = SafeResolver(policy, reactor.nameResolver, reactor, timeout=5)
+        self.factory = ProxyFactory(
+            Config(), resolver, reactor, Connector(reactor, 5), AccessLog(None)
+        )
+        self.addCleanup(self.factory.pool.closeIdle)
+        proxy = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(proxy.stopListening)
+        self.servers: list[CountingServer] = []
+        servers = self.servers
+
+        class Recorded(CountingServer):
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                servers.append(self)
+
+        proxy.transport = Recorded  # type: ignore[attr-defined]
+        self.proxyPort = proxy.getHost().port
+        self.clients: list[CountingClient] = []
+        clients = self.clients
+
+        class RecordedClient(CountingClient):
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                clients.append(self)
+
+        # What LeanConnector, which Connector's connects use, makes.
+        self.patch(leanModule, "LeanClient", RecordedClient)
+
+    @inlineCallbacks
+    def client(self):  # type: ignore[no-untyped-def]
+        client = Collect()
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort), client
+        )
+        self.addCleanup(client.transport.loseConnection)
+        return client
+
+    @inlineCallbacks
+    def test_keepAliveGetAndPost(self):  # type: ignore[no-untyped-def]
+        """
+        Keep-alive GETs and a POST through the proxy: each response, head
+        and body, goes to the client in one send made at the end of the
+        origin's read event, never on a later reactor pass.
+        """
+        client = yield self.client()
+        url = b"http://127.0.0.1:%d/" % self.originPort
+        for i, request in enumerate(
+            [
+                b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % url,
+                b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % url,
+                b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody" % url,
+            ],
+            1,
+        ):
+            client.transport.write(request)
+            data = yield client.waitUntil(lambda data, i=i: data.count(b"hello") == i)
+            self.assertEqual(data.count(b"HTTP/1.1 200 OK\r\n"), i)
+            self.assertTrue(data.endswith(b"\r\n\r\nhello"), data)
+        [server] = self.servers
+        self.assertEqual(len(server.sends), 3)
+        self.assertEqual(
+            [inRead for _, inRead in server.sends], [True, True, True], server.sends
+        )
+        # The origin connection, made by Connector, is lean too: the first
+        # request goes out from the connect event, the usual way, the next
+        # two at the end of the client's read events.
+        [upstream] = self.clients
+        self.assertEqual(
+            [inRead for _, inRead in upstream.sends],
+            [False, True, True],
+            upstream.sends,
+        )
+
+    @inlineCallbacks
+    def test_close(self):  # type: ignore[no-untyped-def]
+        """
+        A C{Connection: close} request to an origin that closes: the
+        response, written and followed by the close in the origin's read
+        event, reaches the client whole, sent the usual way (by the
+        reactor's C{doWrite}, which then closes), and then the close.
+        """
+        client = yield self.client()
+        url = b"http://127.0.0.1:%d/close" % self.originPort
+        client.transport.write(
+            b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % url
+        )
+        data = yield client.done
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
+        self.assertTrue(data.endswith(b"\r\n\r\nhello"), data)
+        [server] = self.servers
+        self.assertEqual([inRead for _, inRead in server.sends], [False])
+
+    @inlineCallbacks
+    def test_pipelined(self):  # type: ignore[no-untyped-def]
+        """
+        Pipelined requests get their responses in order, whole.
+        """
+        client = yield self.client()
+        url = b"http://127.0.0.1:%d/" % self.originPort
+        client.transport.write(
+            b"".join(
+                b"GET %s%d HTTP/1.1\r\nHost: x\r\n\r\n" % (url, i) for i in range(5)
+            )
+        )
+        data = yield client.waitUntil(lambda data: data.count(b"hello") == 5)
+        paths = [
+            int(line.split(b" ")[1][1:])
+            for line in data.split(b"\r\n")
+            if line.startswith(b"X-Path")
+        ]
+        self.assertEqual(paths, [0, 1, 2, 3, 4])
+
+    @inlineCallbacks
+    def test_tunnelBigBodyAndHalfClose(self):  # type: ignore[no-untyped-def]
+        """
+        A tunnel carries 8 MiB each way intact, and a client's half-close
+        reaches the origin, whose close then reaches the client after every
+        byte.
+        """
+        self.originFactory.echo = True  # type: ignore[attr-defined]
+        client = yield self.client()
+        client.transport.write(
+            b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % self.originPort
+        )
+        established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        data = yield client.waitFor(len(established))
+        self.assertEqual(data, established)
+        body = hashlib.sha256(b"tunnel").digest() * (8 << 15)
+        client.transport.write(body)
+        client.transport.loseWriteConnection()
+        data = yield client.done
+        self.assertEqual(len(data), len(established) + len(body))
+        self.assertEqual(data[len(established) :], body)
+
+    @inlineCallbacks
+    def test_tunnelSlowReader(self):  # type: ignore[no-untyped-def]
+        """
+        A client that stops reading a tunnel pushes back to the origin: the
+        origin's producer is paused; when the client reads again every byte
+        arrives in order.
+        """
+        paused: Deferred = Deferred()
+        chunk = hashlib.sha256(b"slow").digest() * 2048  # 64 KiB
+        total = 256
+
+        @implementer(IPushProducer)
+        class Source:
+            def __init__(self, transport: Any) -> None:
+                self.transport = transport
+                self.sent = 0
+                self.running = False
+
+            def start(self) -> None:
+                self.running = True
+                while self.running and self.sent < total:
+                    self.sent += 1
+                    self.transport.write(chunk)
+                if self.sent == total:
+                    self.transport.unregisterProducer()
+                    self.transport.loseConnection()
+
+            def pauseProducing(self) -> None:
+                self.running = False
+                if not paused.called:
+                    paused.callback(self.sent)
+
+            def resumeProducing(self) -> None:
+                reactor.callLater(0, self.start)
+
+            def stopProducing(self) -> None:
+                self.running = False
+
+        class Pusher(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                source = Source(self.transport)
+                self.transport.registerProducer(source, True)
+                source.start()
+
+        origin = reactor.listenTCP(
+            0, Factory.forProtocol(Pusher), interface="127.0.0.1"
+        )
+        self.addCleanup(origin.stopListening)
+        client = yield self.client()
+        client.transport.write(
+            b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % origin.getHost().port
+        )
+        established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        yield client.waitFor(len(established))
+        client.transport.pauseProducing()
+        client.transport.write(b"go")
+        sent = yield paused
+        self.assertLess(sent, total)
+        client.transport.resumeProducing()
+        data = yield client.done
+        self.assertEqual(data[len(established) :], chunk * total)
