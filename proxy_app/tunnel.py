@@ -18,6 +18,7 @@ from proxy_app.interfaces import IClientChannel
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.sniffer import TLSSniffer
+from proxy_app.splice import SPLICE_AFTER, Splice, eligible
 from proxy_app.target import Target
 from proxy_app.upstream import UpstreamTunnel, UpstreamTunnelFactory
 
@@ -53,6 +54,7 @@ class ConnectExchange(Exchange):
         "externalProxy",
         "mitm",
         "_session",
+        "_splice",
     )
 
     def __init__(
@@ -82,6 +84,9 @@ class ConnectExchange(Exchange):
         # tunnel, then the session inside it (proxy_app.mitm).
         self.mitm: Any = None
         self._session: Any = None
+        # Once the tunnel has moved SPLICE_AFTER bytes one way: its Splice
+        # (proxy_app.splice), or False when it cannot be spliced.
+        self._splice: Any = None
 
     def start(self) -> None:
         self._admit()
@@ -231,6 +236,8 @@ class ConnectExchange(Exchange):
         self._idleSince = None
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
+            if self.bytesUp > SPLICE_AFTER and self._splice is None:
+                self._startSplice()
 
     def upstreamTunnelData(self, data: bytes) -> None:
         self.bytesDown += len(data)
@@ -238,6 +245,20 @@ class ConnectExchange(Exchange):
             self.statistics.right(data)
         self._idleSince = None
         self.protocol.transport.write(data)
+        if self.bytesDown > SPLICE_AFTER and self._splice is None:
+            self._startSplice()
+
+    def _startSplice(self) -> None:
+        """
+        The tunnel has moved enough one way to be worth moving in the
+        kernel, if it can be (L{proxy_app.splice}); it is decided once.
+        """
+        self._splice = Splice(self) if eligible(self) else False
+
+    def _stopSplice(self) -> None:
+        splice = self._splice
+        if splice:
+            splice.stop()
 
     # Closing, one direction at a time.
 
@@ -261,6 +282,7 @@ class ConnectExchange(Exchange):
 
     def _close(self, abort: bool = False) -> None:
         self._cancelTimer()
+        self._stopSplice()
         for transport in (
             self.protocol.transport,
             self.upstream.transport if self.upstream is not None else None,
@@ -273,11 +295,13 @@ class ConnectExchange(Exchange):
 
     def upstreamTunnelLost(self, reason: Failure | None) -> None:
         self._cancelTimer()
+        self._stopSplice()
         if self.protocol.transport is not None:
             self.protocol.transport.loseConnection()
 
     def clientLost(self, reason: Failure | None) -> None:
         self._cancelTimer()
+        self._stopSplice()
         session = self._session
         if session is not None:
             # What is inside ends first, so that its URLs are all listed.

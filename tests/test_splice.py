@@ -1,0 +1,521 @@
+"""
+Tests for L{proxy_app.splice}: a plain tunnel's bulk bytes moved in the
+kernel, over real sockets on 127.0.0.1 (a splice needs real descriptors),
+and the tunnels that stay on the Python path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from proxy_app import splice as splicemodule
+from proxy_app.addresses import AddressPolicy
+from proxy_app.config import Config, Timeouts
+from proxy_app.observe import AccessLog
+from proxy_app.resolver import SafeResolver
+from proxy_app.server import ProxyFactory
+from proxy_app.splice import SPLICE_AFTER, Splice
+from proxy_app.upstream import Connector
+
+from .helpers import makeHarness
+
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """
+    C{size} bytes in which any reordering, loss or repetition shows.
+    """
+    block = b"".join(
+        ((i + seed * 7919) % 2**32).to_bytes(4, "big") for i in range(65536 // 4)
+    )
+    return (block * (size // len(block) + 1))[:size]
+
+
+@implementer(IHalfCloseableProtocol)
+class Origin(Protocol):
+    """
+    Sends C{send} on connecting, then echoes what it receives; after the
+    client's end of stream, sends C{after} and closes its writing half
+    (or aborts, with C{abortAfter}).
+    """
+
+    def __init__(self, send: bytes, after: bytes, echo: bool) -> None:
+        self.send = send
+        self.after = after
+        self.echo = echo
+        self.received = 0
+
+    def connectionMade(self) -> None:
+        if self.send:
+            self.transport.write(self.send)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.echo:
+            self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        if self.after:
+            self.transport.write(self.after)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class Client(Protocol):
+    """
+    Sends a CONNECT (and C{leftover} in the same write) and collects
+    everything the proxy sends back.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: Deferred = Deferred()
+        self.readOpen = True
+        # Close on the proxy's end of stream, or keep sending.
+        self.closeOnEOF = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def readConnectionLost(self) -> None:
+        self.readOpen = False
+        if self.closeOnEOF:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(b"".join(self.chunks))
+
+
+@inlineCallbacks
+def until(condition: Any):  # type: ignore[no-untyped-def]
+    """
+    Let the reactor run until C{condition()} holds.
+    """
+    while not condition():
+        yield deferLater(reactor, 0.005, lambda: None)
+
+
+def openFDs() -> dict[str, str]:
+    """
+    This process's open descriptors and what each is.
+    """
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            # The directory listing's own descriptor, closed by now.
+            pass
+    return fds
+
+
+class SpliceLoopbackTests(TestCase):
+    """
+    Tunnels through the proxy between a real client and a real origin on
+    127.0.0.1.
+    """
+
+    def setUp(self) -> None:
+        self.origins: list[Origin] = []
+        self.send = b""
+        self.after = b""
+        self.echo = True
+
+        def build() -> Origin:
+            origin = Origin(self.send, self.after, self.echo)
+            self.origins.append(origin)
+            return origin
+
+        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.originPort = port.getHost().port
+        self.access: list[dict] = []
+        accessLog = AccessLog(None)
+        accessLog.addObserver(self.access.append)
+        self.config = Config()
+        resolver = SafeResolver(
+            AddressPolicy(allowRanges=["127.0.0.0/8"]),
+            reactor.nameResolver,
+            reactor,
+            timeout=5,
+        )
+        self.factory = ProxyFactory(
+            self.config, resolver, reactor, Connector(reactor, 5), accessLog
+        )
+        proxy = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(proxy.stopListening)
+        self.proxyPort = proxy.getHost().port
+
+    @inlineCallbacks
+    def tunnel(self, leftover: bytes = b""):  # type: ignore[no-untyped-def]
+        client = Client()
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort), client
+        )
+        client.transport.write(
+            b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % self.originPort
+            + leftover
+        )
+        yield until(lambda: b"".join(client.chunks).startswith(ESTABLISHED))
+        return client
+
+    def assertSame(self, received: bytes, expected: bytes) -> None:
+        """
+        C{received} is C{expected}; if not, say where they part (rather
+        than print megabytes).
+        """
+        if received != expected:
+            where = next(
+                (
+                    i
+                    for i, (a, b) in enumerate(zip(received, expected, strict=False))
+                    if a != b
+                ),
+                min(len(received), len(expected)),
+            )
+            self.fail(
+                f"{len(received)} bytes received, {len(expected)} expected; "
+                f"they differ from byte {where}"
+            )
+
+    @inlineCallbacks
+    def warmUp(self):  # type: ignore[no-untyped-def]
+        """
+        One small tunnel, so that whatever the first one opens for good
+        (the resolver's) is open before descriptors are counted.
+        """
+        client = yield self.tunnel()
+        client.transport.loseWriteConnection()
+        yield client.done
+        yield until(lambda: not self.factory.connections)
+
+    def exchange(self) -> Any:
+        (protocol,) = self.factory.connections
+        return protocol.tunnel
+
+    @inlineCallbacks
+    def push(self, client: Client, data: bytes, chunk: int):  # type: ignore[no-untyped-def]
+        """
+        Write C{data} in C{chunk}-byte writes, letting the reactor run
+        between them.
+        """
+        for start in range(0, len(data), chunk):
+            client.transport.write(data[start : start + chunk])
+            if start // chunk % 16 == 15:
+                yield deferLater(reactor, 0, lambda: None)
+
+    @inlineCallbacks
+    def test_bothWaysInOrder(self):  # type: ignore[no-untyped-def]
+        """
+        Bytes sent both ways through a tunnel that switches to splicing
+        arrive complete and in order, after the CONNECT 200 head; what
+        the client sent with the CONNECT head comes first; the access
+        log counts every byte each way.
+        """
+        for size, chunk in [(SPLICE_AFTER + 1, 1000), (3 * 1048576 + 17, 65536)]:
+            self.echo = True
+            head = b"leftover!"
+            data = pattern(size, seed=size)
+            client = yield self.tunnel(head)
+            yield self.push(client, data, chunk)
+            exchange = self.exchange()
+            yield until(lambda e=exchange: e.bytesUp > SPLICE_AFTER)
+            self.assertIsInstance(exchange._splice, Splice)
+            client.transport.loseWriteConnection()
+            received = yield client.done
+            self.assertEqual(len(received), len(ESTABLISHED) + len(head) + size)
+            self.assertSame(received, ESTABLISHED + head + data)
+            yield deferLater(reactor, 0, lambda: None)
+            line = self.access[-1]
+            self.assertEqual(line["method"], "CONNECT")
+            # As the Python path counts: the relayed bytes each way.
+            self.assertEqual(
+                (line["bytes_up"], line["bytes_down"]),
+                (len(head) + size, len(head) + size),
+            )
+
+    @inlineCallbacks
+    def test_download(self):  # type: ignore[no-untyped-def]
+        """
+        A download from the origin, far past the switch, arrives whole and
+        in order, and the tunnel was spliced.
+        """
+        self.echo = False
+        self.send = pattern(16 * 1048576 + 5)
+        client = yield self.tunnel()
+        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertIsInstance(self.exchange()._splice, Splice)
+        client.transport.loseWriteConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + self.send)
+
+    @inlineCallbacks
+    def test_halfCloseFromClient(self):  # type: ignore[no-untyped-def]
+        """
+        On a spliced tunnel, the client's end of stream reaches the
+        origin, which can still answer after it: the answer arrives.
+        """
+        self.echo = True
+        self.after = b"bye after your end"
+        data = pattern(SPLICE_AFTER * 3)
+        client = yield self.tunnel()
+        exchange = self.exchange()
+        yield self.push(client, data, 32768)
+        yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
+        self.assertIsInstance(exchange._splice, Splice)
+        client.transport.loseWriteConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + data + self.after)
+
+    @inlineCallbacks
+    def test_halfCloseFromOrigin(self):  # type: ignore[no-untyped-def]
+        """
+        On a spliced tunnel, the origin's end of stream reaches the
+        client, whose later bytes still reach the origin.
+        """
+        self.echo = False
+        self.send = pattern(SPLICE_AFTER * 2)
+        client = yield self.tunnel()
+        while len(b"".join(client.chunks)) < len(ESTABLISHED) + len(self.send):
+            yield deferLater(reactor, 0.01, lambda: None)
+        exchange = self.exchange()
+        self.assertIsInstance(exchange._splice, Splice)
+        # The origin closes its writing half: the client sees it.
+        client.closeOnEOF = False
+        self.origins[-1].transport.loseWriteConnection()
+        yield until(lambda: not client.readOpen)
+        client.transport.write(b"late bytes")
+        yield until(lambda: self.origins[-1].received == len(b"late bytes"))
+        client.transport.loseConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + self.send)
+
+    @inlineCallbacks
+    def test_originReset(self):  # type: ignore[no-untyped-def]
+        """
+        An origin that resets a spliced tunnel closes it for the client
+        too, and its descriptors and pipes go.
+        """
+        self.echo = False
+        self.send = pattern(SPLICE_AFTER * 2)
+        yield self.warmUp()
+        before = openFDs()
+        client = yield self.tunnel()
+        while len(b"".join(client.chunks)) < len(ESTABLISHED) + len(self.send):
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertIsInstance(self.exchange()._splice, Splice)
+        self.origins[-1].transport.abortConnection()
+        yield client.done
+        yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(openFDs(), before)
+
+    @inlineCallbacks
+    def test_backpressure(self):  # type: ignore[no-untyped-def]
+        """
+        A client that stops reading while the origin sends a lot: the
+        proxy holds nothing in its transports' buffers (the bytes wait in
+        the kernel, the pipe full and the origin's socket unread), and
+        once the client reads again everything arrives.
+        """
+        self.echo = False
+        self.send = pattern(64 * 1048576)
+        client = yield self.tunnel()
+        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
+            yield deferLater(reactor, 0.01, lambda: None)
+        client.transport.pauseProducing()
+        exchange = self.exchange()
+        for _ in range(20):
+            yield deferLater(reactor, 0.01, lambda: None)
+        splice = exchange._splice
+        self.assertIsInstance(splice, Splice)
+        writers = reactor.getWriters()
+        self.assertNotIn(exchange.protocol.transport, writers)
+        self.assertNotIn(exchange.upstream.transport, writers)
+        # Waiting for the client to take bytes, not reading the origin.
+        clientEnd, serverEnd = splice._ends
+        self.assertTrue(clientEnd.writing)
+        self.assertFalse(serverEnd.reading)
+        moved = exchange.bytesDown
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(exchange.bytesDown, moved)
+        self.assertLess(moved, len(self.send))
+        client.transport.resumeProducing()
+        client.transport.loseWriteConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + self.send)
+
+    @inlineCallbacks
+    def test_lifetime(self):  # type: ignore[no-untyped-def]
+        """
+        A spliced tunnel still ends at the end of its lifetime, and leaves
+        no descriptor behind.
+        """
+        self.config = Config(timeouts=Timeouts(lifetime=0.5))
+        self.factory.config = self.config
+        self.factory.tunnelWatch = type(self.factory.tunnelWatch)(reactor, 30, 0.5)
+        self.echo = True
+        yield self.warmUp()
+        before = openFDs()
+        client = yield self.tunnel()
+        exchange = self.exchange()
+        yield self.push(client, pattern(SPLICE_AFTER * 2), 65536)
+        yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
+        self.assertIsInstance(exchange._splice, Splice)
+        yield client.done
+        yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(openFDs(), before)
+
+    @inlineCallbacks
+    def test_noFDLeft(self):  # type: ignore[no-untyped-def]
+        """
+        After many spliced tunnels, each closed a different way, the
+        process has the descriptors it had before.
+        """
+        self.echo = True
+        yield self.warmUp()
+        before = openFDs()
+        for i in range(12):
+            client = yield self.tunnel()
+            exchange = self.exchange()
+            yield self.push(client, pattern(SPLICE_AFTER + 1 + 4096 * i), 65536)
+            yield until(lambda e=exchange: e.bytesUp > SPLICE_AFTER)
+            self.assertIsInstance(exchange._splice, Splice)
+            if i % 3 == 0:
+                client.transport.loseWriteConnection()
+            elif i % 3 == 1:
+                client.transport.loseConnection()
+            else:
+                client.transport.abortConnection()
+            yield client.done
+        while self.factory.connections:
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(openFDs(), before)
+
+    @inlineCallbacks
+    def test_smallTunnelNotSpliced(self):  # type: ignore[no-untyped-def]
+        """
+        A tunnel that moves less than the threshold never switches: no
+        pipe, no extra descriptor.
+        """
+        self.echo = True
+        client = yield self.tunnel()
+        data = pattern(SPLICE_AFTER // 2)
+        yield self.push(client, data, 2048)
+        while len(b"".join(client.chunks)) < len(ESTABLISHED) + len(data):
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertIsNone(self.exchange()._splice)
+        client.transport.loseWriteConnection()
+        yield client.done
+
+    @inlineCallbacks
+    def test_noSplice(self):  # type: ignore[no-untyped-def]
+        """
+        Without C{os.splice}, a tunnel stays on the Python path and its
+        bytes still arrive.
+        """
+        self.patch(splicemodule.os, "splice", None)
+        delattr(splicemodule.os, "splice")
+        self.echo = True
+        data = pattern(SPLICE_AFTER * 2)
+        client = yield self.tunnel()
+        exchange = self.exchange()
+        yield self.push(client, data, 65536)
+        yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
+        self.assertIs(exchange._splice, False)
+        client.transport.loseWriteConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + data)
+
+    @inlineCallbacks
+    def test_statisticsNotSpliced(self):  # type: ignore[no-untyped-def]
+        """
+        A tunnel whose statistics look at its bytes stays on the Python
+        path.
+        """
+        self.echo = True
+        data = pattern(SPLICE_AFTER * 2)
+        client = yield self.tunnel()
+
+        class Stats:
+            def left(self, data: bytes) -> None:
+                pass
+
+            def right(self, data: bytes) -> None:
+                pass
+
+        self.exchange().statistics = Stats()
+        exchange = self.exchange()
+        yield self.push(client, data, 65536)
+        yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
+        self.assertIs(exchange._splice, False)
+        client.transport.loseWriteConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + data)
+
+
+class NotEligibleTests(SynchronousTestCase):
+    """
+    Tunnels whose transports are not Twisted's plain TCP connections stay
+    on the Python path.
+    """
+
+    def test_memoryTransports(self) -> None:
+        """
+        A tunnel over transports that are not plain TCP connections (here
+        a memory reactor's; a TLS listener's or a wrapped one's alike) is
+        not spliced, and relays its bytes in Python.
+        """
+        h = makeHarness()
+        h.send(b"CONNECT origin.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, upstream = h.connectUpstream()
+        data = b"x" * (SPLICE_AFTER + 1)
+        h.send(data)
+        exchange = h.protocol.tunnel
+        self.assertIs(exchange._splice, False)
+        self.assertEqual(upstream.value(), data)
+
+    def test_sniffing(self) -> None:
+        """
+        A tunnel whose TLS sniffer has not decided yet is not eligible.
+        """
+
+        class Sniffer:
+            done = False
+
+        class Exchange:
+            mitm = None
+            _session = None
+            statistics = None
+            _sniffer = Sniffer()
+
+        self.assertFalse(splicemodule.eligible(Exchange()))
+
+    def test_intercepted(self) -> None:
+        """
+        An intercepted tunnel is not eligible.
+        """
+
+        class Exchange:
+            mitm = object()
+            _session = None
+
+        self.assertFalse(splicemodule.eligible(Exchange()))
