@@ -54,7 +54,6 @@ class ConnectExchange(Exchange):
         "externalProxy",
         "mitm",
         "_session",
-        "_splice",
     )
 
     def __init__(
@@ -84,9 +83,6 @@ class ConnectExchange(Exchange):
         # tunnel, then the session inside it (proxy_app.mitm).
         self.mitm: Any = None
         self._session: Any = None
-        # Once the tunnel has moved SPLICE_AFTER bytes one way: its Splice
-        # (proxy_app.splice), or False when it cannot be spliced.
-        self._splice: Any = None
 
     def start(self) -> None:
         self._admit()
@@ -236,7 +232,7 @@ class ConnectExchange(Exchange):
         self._idleSince = None
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
-            if self.bytesUp > SPLICE_AFTER and self._splice is None:
+            if self.bytesUp > SPLICE_AFTER:
                 self._startSplice()
 
     def upstreamTunnelData(self, data: bytes) -> None:
@@ -245,20 +241,25 @@ class ConnectExchange(Exchange):
             self.statistics.right(data)
         self._idleSince = None
         self.protocol.transport.write(data)
-        if self.bytesDown > SPLICE_AFTER and self._splice is None:
+        if self.bytesDown > SPLICE_AFTER:
             self._startSplice()
 
     def _startSplice(self) -> None:
         """
         The tunnel has moved enough one way to be worth moving in the
         kernel, if it can be (L{proxy_app.splice}); it is decided once.
+        The decision is kept on the upstream leg, whose instance dict
+        holds it only for the tunnels that get this far: a slot here
+        would make every tunnel, idle ones included, 16 bytes larger.
         """
-        self._splice = Splice(self) if eligible(self) else False
+        upstream = self.upstream
+        if upstream is not None and upstream.splice is None:
+            upstream.splice = Splice(self) if eligible(self) else False
 
     def _stopSplice(self) -> None:
-        splice = self._splice
-        if splice:
-            splice.stop()
+        upstream = self.upstream
+        if upstream is not None and upstream.splice:
+            upstream.splice.stop()
 
     # Closing, one direction at a time.
 

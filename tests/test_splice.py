@@ -240,7 +240,7 @@ class SpliceLoopbackTests(TestCase):
             yield self.push(client, data, chunk)
             exchange = self.exchange()
             yield until(lambda e=exchange: e.bytesUp > SPLICE_AFTER)
-            self.assertIsInstance(exchange._splice, Splice)
+            self.assertIsInstance(exchange.upstream.splice, Splice)
             client.transport.loseWriteConnection()
             received = yield client.done
             self.assertEqual(len(received), len(ESTABLISHED) + len(head) + size)
@@ -265,7 +265,7 @@ class SpliceLoopbackTests(TestCase):
         client = yield self.tunnel()
         while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
             yield deferLater(reactor, 0.01, lambda: None)
-        self.assertIsInstance(self.exchange()._splice, Splice)
+        self.assertIsInstance(self.exchange().upstream.splice, Splice)
         client.transport.loseWriteConnection()
         received = yield client.done
         self.assertSame(received, ESTABLISHED + self.send)
@@ -283,7 +283,7 @@ class SpliceLoopbackTests(TestCase):
         exchange = self.exchange()
         yield self.push(client, data, 32768)
         yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
-        self.assertIsInstance(exchange._splice, Splice)
+        self.assertIsInstance(exchange.upstream.splice, Splice)
         client.transport.loseWriteConnection()
         received = yield client.done
         self.assertSame(received, ESTABLISHED + data + self.after)
@@ -300,7 +300,7 @@ class SpliceLoopbackTests(TestCase):
         while len(b"".join(client.chunks)) < len(ESTABLISHED) + len(self.send):
             yield deferLater(reactor, 0.01, lambda: None)
         exchange = self.exchange()
-        self.assertIsInstance(exchange._splice, Splice)
+        self.assertIsInstance(exchange.upstream.splice, Splice)
         # The origin closes its writing half: the client sees it.
         client.closeOnEOF = False
         self.origins[-1].transport.loseWriteConnection()
@@ -324,7 +324,7 @@ class SpliceLoopbackTests(TestCase):
         client = yield self.tunnel()
         while len(b"".join(client.chunks)) < len(ESTABLISHED) + len(self.send):
             yield deferLater(reactor, 0.01, lambda: None)
-        self.assertIsInstance(self.exchange()._splice, Splice)
+        self.assertIsInstance(self.exchange().upstream.splice, Splice)
         self.origins[-1].transport.abortConnection()
         yield client.done
         yield deferLater(reactor, 0.01, lambda: None)
@@ -347,7 +347,7 @@ class SpliceLoopbackTests(TestCase):
         exchange = self.exchange()
         for _ in range(20):
             yield deferLater(reactor, 0.01, lambda: None)
-        splice = exchange._splice
+        splice = exchange.upstream.splice
         self.assertIsInstance(splice, Splice)
         writers = reactor.getWriters()
         self.assertNotIn(exchange.protocol.transport, writers)
@@ -381,7 +381,7 @@ class SpliceLoopbackTests(TestCase):
         exchange = self.exchange()
         yield self.push(client, pattern(SPLICE_AFTER * 2), 65536)
         yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
-        self.assertIsInstance(exchange._splice, Splice)
+        self.assertIsInstance(exchange.upstream.splice, Splice)
         yield client.done
         yield deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(openFDs(), before)
@@ -400,7 +400,7 @@ class SpliceLoopbackTests(TestCase):
             exchange = self.exchange()
             yield self.push(client, pattern(SPLICE_AFTER + 1 + 4096 * i), 65536)
             yield until(lambda e=exchange: e.bytesUp > SPLICE_AFTER)
-            self.assertIsInstance(exchange._splice, Splice)
+            self.assertIsInstance(exchange.upstream.splice, Splice)
             if i % 3 == 0:
                 client.transport.loseWriteConnection()
             elif i % 3 == 1:
@@ -425,7 +425,7 @@ class SpliceLoopbackTests(TestCase):
         yield self.push(client, data, 2048)
         while len(b"".join(client.chunks)) < len(ESTABLISHED) + len(data):
             yield deferLater(reactor, 0.01, lambda: None)
-        self.assertIsNone(self.exchange()._splice)
+        self.assertIsNone(self.exchange().upstream.splice)
         client.transport.loseWriteConnection()
         yield client.done
 
@@ -443,7 +443,7 @@ class SpliceLoopbackTests(TestCase):
         exchange = self.exchange()
         yield self.push(client, data, 65536)
         yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
-        self.assertIs(exchange._splice, False)
+        self.assertIs(exchange.upstream.splice, False)
         client.transport.loseWriteConnection()
         received = yield client.done
         self.assertSame(received, ESTABLISHED + data)
@@ -469,7 +469,7 @@ class SpliceLoopbackTests(TestCase):
         exchange = self.exchange()
         yield self.push(client, data, 65536)
         yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
-        self.assertIs(exchange._splice, False)
+        self.assertIs(exchange.upstream.splice, False)
         client.transport.loseWriteConnection()
         received = yield client.done
         self.assertSame(received, ESTABLISHED + data)
@@ -493,7 +493,7 @@ class NotEligibleTests(SynchronousTestCase):
         data = b"x" * (SPLICE_AFTER + 1)
         h.send(data)
         exchange = h.protocol.tunnel
-        self.assertIs(exchange._splice, False)
+        self.assertIs(exchange.upstream.splice, False)
         self.assertEqual(upstream.value(), data)
 
     def test_sniffing(self) -> None:
