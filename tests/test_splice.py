@@ -24,7 +24,7 @@ from zope.interface import implementer
 from proxy_app import splice as splicemodule
 from proxy_app.addresses import AddressPolicy
 from proxy_app.config import Config, Timeouts
-from proxy_app.observe import AccessLog
+from proxy_app.observe import AccessLog, DecisionLog
 from proxy_app.resolver import SafeResolver
 from proxy_app.server import ProxyFactory
 from proxy_app.splice import SPLICE_AFTER, Splice
@@ -159,8 +159,16 @@ class SpliceLoopbackTests(TestCase):
             reactor,
             timeout=5,
         )
+        self.decisions: list[dict] = []
+        decisionLog = DecisionLog(None)
+        decisionLog.addObserver(self.decisions.append)
         self.factory = ProxyFactory(
-            self.config, resolver, reactor, Connector(reactor, 5), accessLog
+            self.config,
+            resolver,
+            reactor,
+            Connector(reactor, 5),
+            accessLog,
+            decisionLog=decisionLog,
         )
         proxy = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(proxy.stopListening)
@@ -251,6 +259,15 @@ class SpliceLoopbackTests(TestCase):
             # As the Python path counts: the relayed bytes each way.
             self.assertEqual(
                 (line["bytes_up"], line["bytes_down"]),
+                (len(head) + size, len(head) + size),
+            )
+            close = [
+                event
+                for event in self.decisions
+                if event.get("msg") == "CANONICAL-PROXY-CN-CLOSE"
+            ][-1]
+            self.assertEqual(
+                (close["bytes_out"], close["bytes_in"]),
                 (len(head) + size, len(head) + size),
             )
 
