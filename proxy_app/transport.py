@@ -255,6 +255,14 @@ def _run(state: _Flush) -> None:
                 _register(transport)
 
 
+def writeQueued(transport: Any) -> bool:
+    """
+    Whether C{transport} holds writes that the running read event will
+    send at its end (it is not among the reactor's writers meanwhile).
+    """
+    return transport in _flush.pending
+
+
 class LeanServer(_LeanMixin, tcp.Server):
     """
     An accepted TCP connection whose writes during a read event are sent at

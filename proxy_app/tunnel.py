@@ -18,6 +18,7 @@ from proxy_app.interfaces import IClientChannel
 from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.sniffer import TLSSniffer
+from proxy_app.splice import SPLICE_AFTER, Splice, eligible
 from proxy_app.target import Target
 from proxy_app.upstream import UpstreamTunnel, UpstreamTunnelFactory
 
@@ -231,6 +232,8 @@ class ConnectExchange(Exchange):
         self._idleSince = None
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(data)
+            if self.bytesUp > SPLICE_AFTER:
+                self._startSplice()
 
     def upstreamTunnelData(self, data: bytes) -> None:
         self.bytesDown += len(data)
@@ -238,6 +241,25 @@ class ConnectExchange(Exchange):
             self.statistics.right(data)
         self._idleSince = None
         self.protocol.transport.write(data)
+        if self.bytesDown > SPLICE_AFTER:
+            self._startSplice()
+
+    def _startSplice(self) -> None:
+        """
+        The tunnel has moved enough one way to be worth moving in the
+        kernel, if it can be (L{proxy_app.splice}); it is decided once.
+        The decision is kept on the upstream leg, whose instance dict
+        holds it only for the tunnels that get this far: a slot here
+        would make every tunnel, idle ones included, 16 bytes larger.
+        """
+        upstream = self.upstream
+        if upstream is not None and upstream.splice is None:
+            upstream.splice = Splice(self) if eligible(self) else False
+
+    def _stopSplice(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.splice:
+            upstream.splice.stop()
 
     # Closing, one direction at a time.
 
@@ -261,6 +283,7 @@ class ConnectExchange(Exchange):
 
     def _close(self, abort: bool = False) -> None:
         self._cancelTimer()
+        self._stopSplice()
         for transport in (
             self.protocol.transport,
             self.upstream.transport if self.upstream is not None else None,
@@ -273,11 +296,13 @@ class ConnectExchange(Exchange):
 
     def upstreamTunnelLost(self, reason: Failure | None) -> None:
         self._cancelTimer()
+        self._stopSplice()
         if self.protocol.transport is not None:
             self.protocol.transport.loseConnection()
 
     def clientLost(self, reason: Failure | None) -> None:
         self._cancelTimer()
+        self._stopSplice()
         session = self._session
         if session is not None:
             # What is inside ends first, so that its URLs are all listed.

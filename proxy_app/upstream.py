@@ -1465,6 +1465,9 @@ class UpstreamTunnel(Outbound):
 
     peer: Any = None
     transport: Any
+    # Once the tunnel has moved proxy_app.splice.SPLICE_AFTER bytes one way:
+    # its Splice, or False if it cannot be spliced (ConnectExchange).
+    splice: Any = None
     # As UpstreamHTTP's (set by UpstreamTunnelFactory and ParentHandshake).
     destinationAddress: Any = None
 
