@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import socket
 from typing import Any
 
@@ -106,6 +107,24 @@ def eligible(exchange: Any) -> bool:
             return False
     reactor = client.reactor
     return server.reactor is reactor and IReactorFDSet.providedBy(reactor)
+
+
+# Spliced tunnels now (each holds two pipes: four descriptors).
+_spliced = [0]
+
+
+def _room() -> bool:
+    """
+    Whether one more tunnel may take four descriptors for its pipes: the
+    pipes of all spliced tunnels together hold at most a quarter of the
+    open-file limit, so that a client opening many big tunnels cannot use
+    them to leave no descriptor for connections (it gets the Python path
+    instead).
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return True
+    return (_spliced[0] + 1) * 4 <= soft // 4
 
 
 def _pipe() -> tuple[int, int, int]:
@@ -351,6 +370,10 @@ class Splice:
             return
         client.unregisterProducer()
         server.unregisterProducer()
+        if not _room():
+            # Connections come first: go on as before, in Python.
+            self._fallBack()
+            return
         clientEnd = _End(client.fileno(), self)
         serverEnd = _End(server.fileno(), self)
         self._ends = (clientEnd, serverEnd)
@@ -365,6 +388,7 @@ class Splice:
             # Out of file descriptors: go on as before, in Python.
             self._fallBack()
             return
+        _spliced[0] += 1
         for end in self._ends:
             end.reading = True
             self.reactor.addReader(end)
@@ -419,6 +443,7 @@ class Splice:
         for direction in self._pipes:
             direction.close()
         self._pipes = ()
+        _spliced[0] -= 1
 
 
 __all__ = ["SPLICE_AFTER", "Splice", "eligible"]

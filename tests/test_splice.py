@@ -324,6 +324,43 @@ class SpliceLoopbackTests(TestCase):
         self.assertEqual(seen, [(False, False), (False, False)])
 
     @inlineCallbacks
+    def test_descriptorShareBounded(self):  # type: ignore[no-untyped-def]
+        """
+        Spliced tunnels' pipes hold at most a quarter of the open-file
+        limit: past it, a big tunnel goes on in Python, whole and in order,
+        and takes no pipe; a spliced tunnel gives its share back when it
+        closes.
+        """
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.patch(splicemodule, "_spliced", [soft // 16])
+        self.echo = False
+        self.send = pattern(2 * 1048576 + 7)
+        client = yield self.tunnel()
+        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
+            yield deferLater(reactor, 0.01, lambda: None)
+        splice = self.exchange().upstream.splice
+        self.assertIsInstance(splice, Splice)
+        self.assertEqual(splice._pipes, ())
+        client.transport.loseWriteConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + self.send)
+        self.assertEqual(splicemodule._spliced, [soft // 16])
+        # Room for one: spliced, and given back at the end.
+        self.patch(splicemodule, "_spliced", [soft // 16 - 1])
+        client = yield self.tunnel()
+        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertNotEqual(self.exchange().upstream.splice._pipes, ())
+        self.assertEqual(splicemodule._spliced, [soft // 16])
+        client.transport.loseWriteConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + self.send)
+        yield until(lambda: not self.factory.connections)
+        self.assertEqual(splicemodule._spliced, [soft // 16 - 1])
+
+    @inlineCallbacks
     def test_halfCloseFromClient(self):  # type: ignore[no-untyped-def]
         """
         On a spliced tunnel, the client's end of stream reaches the
