@@ -477,6 +477,38 @@ class SpliceLoopbackTests(TestCase):
         self.assertEqual(openFDs(), before)
 
     @inlineCallbacks
+    def test_idleTimeout(self):  # type: ignore[no-untyped-def]
+        """
+        A spliced tunnel on which nothing moves is closed by the read
+        timeout, not before it (bytes that moved kept it open), and
+        leaves no descriptor behind; the access log says why.
+        """
+        self.config = Config(timeouts=Timeouts(read=0.4))
+        self.factory.config = self.config
+        self.factory.tunnelWatch = type(self.factory.tunnelWatch)(reactor, 0.4, 60)
+        self.echo = True
+        yield self.warmUp()
+        before = openFDs()
+        client = yield self.tunnel()
+        exchange = self.exchange()
+        data = pattern(SPLICE_AFTER * 2)
+        yield self.push(client, data, 65536)
+        yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
+        self.assertIsInstance(exchange.upstream.splice, Splice)
+        # Still moving, past the timeout: spliced bytes mark it active.
+        for _ in range(4):
+            yield deferLater(reactor, 0.2, lambda: None)
+            client.transport.write(b"x" * 1000)
+        self.assertTrue(client.transport.connected)
+        started = reactor.seconds()
+        received = yield client.done
+        self.assertGreaterEqual(reactor.seconds() - started, 0.35)
+        self.assertSame(received, ESTABLISHED + data + b"x" * 4000)
+        yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(openFDs(), before)
+        self.assertIn("idle", self.access[-1]["error"])
+
+    @inlineCallbacks
     def test_noFDLeft(self):  # type: ignore[no-untyped-def]
         """
         After many spliced tunnels, each closed a different way, the
