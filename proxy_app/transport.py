@@ -76,6 +76,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -112,6 +113,13 @@ class _Flush:
 
 _flush = _Flush()
 
+# The reactor's (posixbase's _disconnectSelectable's faildict): one Failure
+# each, shared by every connection.
+_reasons = {
+    ConnectionDone: Failure(ConnectionDone()),
+    ConnectionLost: Failure(ConnectionLost()),
+}
+
 # The methods the overrides below extend, called directly: super() from the
 # mixin walks the rest of a long MRO (a dictionary lookup per class) on
 # every call, which cost more than the reactor round trip this module saves.
@@ -120,8 +128,6 @@ _flush = _Flush()
 _doRead = tcp.Connection.doRead
 _startWriting = tcp.Connection.startWriting
 _stopWriting = tcp.Connection.stopWriting
-_loseConnection = tcp.Connection.loseConnection
-_loseWriteConnection = tcp.Connection.loseWriteConnection
 _abortConnection = tcp.Connection.abortConnection
 
 
@@ -170,17 +176,10 @@ class _LeanMixin(tcp.Connection):
         elif state.current is self:
             state.current = None
 
-    def loseConnection(self, *args: Any, **kwargs: Any) -> None:
-        # Twisted's asks for write events before it marks the transport
-        # disconnecting: a close goes the usual way (the reactor's doWrite
-        # sends what is left, then closes), whether it was queued before it
-        # or by it.
-        _loseConnection(self, *args, **kwargs)
-        _unqueue(self)
-
-    def loseWriteConnection(self) -> None:
-        _loseWriteConnection(self)
-        _unqueue(self)
+    # loseConnection and loseWriteConnection are Twisted's own: they ask for
+    # write events (startWriting, above: queued during a read), and the
+    # flush's doWrite then sends what is left and closes, as the reactor's
+    # would.
 
     def abortConnection(self) -> None:
         # What was written is dropped: nothing to send, at the end of the
@@ -189,21 +188,6 @@ class _LeanMixin(tcp.Connection):
         pending = _flush.pending
         if self in pending:
             pending.remove(self)
-
-
-def _unqueue(transport: _LeanMixin) -> None:
-    """
-    Take C{transport} out of the running flush's queue, if it is in it, and
-    let it wait for write events the usual way.
-    """
-    state = _flush
-    pending = state.pending
-    if transport in pending:
-        pending.remove(transport)
-        # Unless the close was at once (a half-closed transport): it is
-        # gone, with its buffer.
-        if transport.connected and transport not in state.writing:
-            _register(transport)
 
 
 def _register(transport: _LeanMixin) -> None:
@@ -249,10 +233,30 @@ def _run(state: _Flush) -> None:
             transport.stopWriting()
             transport.connectionLost(Failure())
             continue
-        if why is not None or state.current is transport:
+        if why:
+            # Sent everything and closed (loseConnection), or the connection
+            # is lost (a failed send): what the reactor does with a
+            # doWrite's reason.
+            state.current = None
+            _disconnect(transport, why)
+        elif why is not None or state.current is transport:
             state.current = None
             if transport not in state.writing:
                 _register(transport)
+
+
+def _disconnect(transport: _LeanMixin, why: Any) -> None:
+    """
+    What the reactor does with a reason returned by C{transport.doWrite}
+    (C{_disconnectSelectable} with C{isRead} false, the same in Twisted
+    23.10 and 26.10): stop watching the descriptor and tell the transport
+    its connection is lost, with the same L{Failure} for L{ConnectionDone}
+    and L{ConnectionLost} as the reactor's.
+    """
+    reactor = transport.reactor
+    reactor.removeReader(transport)  # type: ignore[attr-defined]
+    reactor.removeWriter(transport)  # type: ignore[attr-defined]
+    transport.connectionLost(_reasons.get(why.__class__) or Failure(why))
 
 
 class LeanServer(_LeanMixin, tcp.Server):

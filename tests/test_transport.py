@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
@@ -342,50 +342,175 @@ class LeanReadTests(SynchronousTestCase):
 
     def test_loseConnection(self) -> None:
         """
-        A transport written to and then closed during the read is left to
-        the reactor, as without lean transports: it registers, and its
-        C{doWrite} sends the bytes and then reports the close.
+        A response written and followed by C{loseConnection} in the same
+        read is sent and the connection closed at the end of that read:
+        the peer reads every byte and then the end of the stream, the
+        transport never registers for write events and is no longer read
+        from, and C{connectionLost} is called once, with L{ConnectionDone}.
         """
-        harness = Harness(self, LeanServer)
+        harness = Harness(self, CountingServer)
         peer, transport = harness.accept()
+        harness.reactor.addReader(transport)
 
         def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
             protocol.transport.write(b"bye")
             protocol.transport.loseConnection()
 
         harness.script = script
         peer.sendall(b"go")
-        harness.read(transport)
-        self.assertIn(transport, harness.reactor.getWriters())
-        self.assertEqual(pending(peer), b"")
-        why = transport.doWrite()
-        self.assertEqual(recvAll(peer, 3), b"bye")
-        self.assertIsNotNone(why)
-        # The reactor's connectionLost: nothing of it is kept.
-        transport.connectionLost(Failure(why))
+        self.assertIsNone(harness.read(transport))
+        self.assertEqual(transport.sends, [(22, True)])
+        self.assertFalse(transport.connected)
+        [lost] = harness.protocols[0].lost
+        self.assertIs(lost.type, ConnectionDone)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertNotIn(transport, harness.reactor.getReaders())
+        self.assertEqual(recvAll(peer, 100), b"HTTP/1.1 200 OK\r\n\r\nbye")
+        self.assertEqual(peer.recv(10), b"")
         self.assertNotIn(transport, leanModule._flush.writing)
-        self.assertNotIn(transport, leanModule._flush.pending)
+        self.assertEqual(leanModule._flush.pending, [])
 
-    def test_loseWriteConnection(self) -> None:
+    def test_loseConnectionNothingWritten(self) -> None:
         """
-        A half-close during the read goes the usual way too: the reactor's
-        C{doWrite} sends the bytes, then shuts the write side, and the
-        peer reads the bytes and then the end of the stream.
+        A C{loseConnection} with nothing written during the read closes at
+        its end too: the peer sees the end of the stream.
         """
         harness = Harness(self, LeanServer)
         peer, transport = harness.accept()
+        harness.script = lambda protocol, data: protocol.transport.loseConnection()
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(harness.protocols[0].lost), 1)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(peer.recv(10), b"")
+
+    def test_loseConnectionOther(self) -> None:
+        """
+        Closing another lean transport during a read closes it at the end
+        of the read; a close made by its C{connectionLost} (a proxy closing
+        the other side) is done in the same flush; each C{connectionLost}
+        is called once.
+        """
+        harness = Harness(self, LeanServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+        protocolA, protocolB = harness.protocols
+
+        def lostB(reason: Any = None) -> None:
+            protocolB.lost.append(reason)
+            a.write(b"closing")
+            a.loseConnection()
+
+        protocolB.connectionLost = lostB  # type: ignore[method-assign]
 
         def script(protocol: Scripted, data: bytes) -> None:
-            protocol.transport.write(b"half")
-            protocol.transport.loseWriteConnection()
+            b.write(b"last")
+            b.loseConnection()
+
+        harness.script = script
+        peerA.sendall(b"go")
+        harness.read(a)
+        self.assertEqual((a.connected, b.connected), (False, False))
+        self.assertEqual((len(protocolA.lost), len(protocolB.lost)), (1, 1))
+        self.assertEqual(recvAll(peerB, 10), b"last")
+        self.assertEqual(recvAll(peerA, 10), b"closing")
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(leanModule._flush.pending, [])
+
+    def test_loseConnectionEagain(self) -> None:
+        """
+        A large write followed by C{loseConnection} in the same read, to a
+        peer that does not read: the flush sends what the socket takes, the
+        transport registers for the rest and stays open; the reactor's
+        C{doWrite} then sends the rest and reports the close; every byte
+        arrives, in order, and then the end of the stream.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        fillReceiver(transport, peer)
+        body = hashlib.sha256(b"close").digest() * 8192  # 256 KiB
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(body)
+            protocol.transport.loseConnection()
 
         harness.script = script
         peer.sendall(b"go")
         harness.read(transport)
-        self.assertIn(transport, harness.reactor.getWriters())
-        self.assertIsNone(transport.doWrite())
+        self.assertTrue(transport.connected)
+        self.assertEqual(harness.protocols[0].lost, [])
+        received = pending(peer)
+        self.assertGreater(len(received), 0)
+        why = None
+        while why is None:
+            self.assertIn(transport, harness.reactor.getWriters())
+            why = transport.doWrite()
+            received += peer.recv(1 << 20)
+        self.assertIsInstance(why, ConnectionDone)
+        # What the reactor then does.
+        transport.connectionLost(Failure(why))
+        received += recvAll(peer, len(body) - len(received))
+        self.assertEqual(received, body)
+        self.assertEqual(peer.recv(10), b"")
+
+    def test_closeWhenDataReceivedRaises(self) -> None:
+        """
+        When C{dataReceived} writes, closes and then raises, the transport
+        registers for write events as without lean transports and the
+        exception goes on to the reactor, which then disconnects it; a
+        transport closed in the same read is left to the reactor's
+        C{doWrite}, which sends its bytes and then closes.
+        """
+        harness = Harness(self, LeanServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            b.write(b"kept")
+            b.loseConnection()
+            a.write(b"dropped")
+            raise ZeroDivisionError()
+
+        harness.script = script
+        peerA.sendall(b"go")
+        self.assertRaises(ZeroDivisionError, harness.read, a)
+        self.assertEqual(set(harness.reactor.getWriters()), {a, b})
+        self.assertTrue(b.connected)
+        self.assertEqual(pending(peerB), b"")
+        why = b.doWrite()
+        self.assertIsInstance(why, ConnectionDone)
+        self.assertEqual(recvAll(peerB, 4), b"kept")
+        self.assertEqual(leanModule._flush.pending, [])
+
+    def test_loseWriteConnection(self) -> None:
+        """
+        A half-close during the read is done at its end: the peer reads
+        the bytes and then the end of the stream, the transport does not
+        register for write events, and it goes on reading.
+        """
+        harness = Harness(self, CountingServer)
+        peer, transport = harness.accept()
+        received: list[bytes] = []
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            received.append(data)
+            if len(received) == 1:
+                protocol.transport.write(b"half")
+                protocol.transport.loseWriteConnection()
+
+        harness.script = script
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(transport.sends, [(4, True)])
         self.assertEqual(recvAll(peer, 10), b"half")
         self.assertTrue(transport.connected)
+        peer.sendall(b"more")
+        self.assertIsNone(harness.read(transport))
+        self.assertEqual(received, [b"go", b"more"])
+        self.assertEqual(harness.protocols[0].lost, [])
 
     def test_abortConnection(self) -> None:
         """
@@ -415,8 +540,9 @@ class LeanReadTests(SynchronousTestCase):
     def test_peerReset(self) -> None:
         """
         A peer that reset its connection makes the flush's send fail: that
-        transport registers, and the reactor's C{doWrite} reports the lost
-        connection as it would have; the other transports are unaffected.
+        transport's connection is lost at once, with L{ConnectionLost}, as
+        the reactor does when C{doWrite} fails; the other transports are
+        unaffected.
         """
         harness = Harness(self, LeanServer)
         peerA, a = harness.accept()
@@ -436,8 +562,11 @@ class LeanReadTests(SynchronousTestCase):
         select.select([b.getHandle()], [], [], 10)
         harness.read(a)
         self.assertEqual(recvAll(peerA, 4), b"fine")
-        self.assertEqual(harness.reactor.getWriters(), [b])
-        self.assertIsNotNone(b.doWrite())
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertTrue(a.connected)
+        self.assertFalse(b.connected)
+        [lost] = harness.protocols[1].lost
+        self.assertIs(lost.type, ConnectionLost)
 
     def test_doWriteRaises(self) -> None:
         """
@@ -525,8 +654,6 @@ class InstallTests(SynchronousTestCase):
             self.assertIs(base.doRead, leanModule._doRead)
             self.assertIs(base.startWriting, leanModule._startWriting)
             self.assertIs(base.stopWriting, leanModule._stopWriting)
-            self.assertIs(base.loseConnection, leanModule._loseConnection)
-            self.assertIs(base.loseWriteConnection, leanModule._loseWriteConnection)
             self.assertIs(base.abortConnection, leanModule._abortConnection)
 
     def test_noAttributes(self) -> None:
@@ -764,8 +891,8 @@ class ThroughTheProxyTests(TestCase):
         """
         A C{Connection: close} request to an origin that closes: the
         response, written and followed by the close in the origin's read
-        event, reaches the client whole, sent the usual way (by the
-        reactor's C{doWrite}, which then closes), and then the close.
+        event, reaches the client whole, sent at the end of that event,
+        and then the close.
         """
         client = yield self.client()
         url = b"http://127.0.0.1:%d/close" % self.originPort
@@ -776,7 +903,7 @@ class ThroughTheProxyTests(TestCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
         self.assertTrue(data.endswith(b"\r\n\r\nhello"), data)
         [server] = self.servers
-        self.assertEqual([inRead for _, inRead in server.sends], [False])
+        self.assertEqual([inRead for _, inRead in server.sends], [True])
 
     @inlineCallbacks
     def test_pipelined(self):  # type: ignore[no-untyped-def]
