@@ -129,6 +129,7 @@ _doRead = tcp.Connection.doRead
 _startWriting = tcp.Connection.startWriting
 _stopWriting = tcp.Connection.stopWriting
 _abortConnection = tcp.Connection.abortConnection
+_doConnect = tcp.BaseClient.doConnect
 
 
 class _LeanMixin(tcp.Connection):
@@ -197,6 +198,30 @@ def _register(transport: _LeanMixin) -> None:
     """
     _flush.writing.add(transport)
     _startWriting(transport)
+
+
+def _leanEvent(handler: Any, transport: Any) -> Any:
+    """
+    Run C{handler(transport)} (a connect event's C{doConnect}) as a lean
+    C{doRead} runs: the lean transports' writes queued, and sent at its end.
+
+    @return: what C{handler} returns.
+    """
+    state = _flush
+    if state.active:
+        return handler(transport)
+    state.active = True
+    try:
+        try:
+            why = handler(transport)
+        except BaseException:
+            _registerAll(state)
+            raise
+        if state.pending:
+            _run(state)
+    finally:
+        state.active = False
+    return why
 
 
 def _registerAll(state: _Flush) -> None:
@@ -270,7 +295,18 @@ class LeanClient(_LeanMixin, tcp.Client):
     """
     An outbound TCP connection whose writes during a read event are sent at
     its end (see the module docstring).
+
+    The event that completes the connect is one too: the protocol's
+    C{connectionMade} and what it runs (a request written to a new upstream
+    connection, a tunnel's 200 to its client) are sent at its end.
     """
+
+    def doConnect(self) -> Any:
+        # tcp.BaseClient.doConnect sets this method, bound, as the
+        # transport's doRead and doWrite until the connect is over (instance
+        # attributes Twisted's own transport has then too), so the reactor's
+        # connect event runs it.
+        return _leanEvent(_doConnect, self)
 
 
 class LeanConnector(tcp.Connector):

@@ -655,6 +655,7 @@ class InstallTests(SynchronousTestCase):
             self.assertIs(base.startWriting, leanModule._startWriting)
             self.assertIs(base.stopWriting, leanModule._stopWriting)
             self.assertIs(base.abortConnection, leanModule._abortConnection)
+        self.assertIs(tcp.Client.doConnect, leanModule._doConnect)
 
     def test_noAttributes(self) -> None:
         """
@@ -719,6 +720,90 @@ class CountingClient(LeanClient):
         if isinstance(result, int):
             self.sends.append((result, leanModule._flush.active))
         return result
+
+
+class CountingConnector(LeanConnector):
+    """
+    A L{LeanConnector} making L{CountingClient}s.
+    """
+
+    def _makeTransport(self) -> tcp.Client:
+        return CountingClient(
+            self.host, self.port, self.bindAddress, self, self.reactor
+        )
+
+
+class ConnectEventTests(TestCase):
+    """
+    The event that completes an outbound connect is a lean one.
+    """
+
+    @inlineCallbacks
+    def connect(self, made: Any):  # type: ignore[no-untyped-def]
+        """
+        Connect a L{CountingClient} to a L{Collect} server on 127.0.0.1,
+        running C{made(transport)} in its protocol's C{connectionMade}.
+
+        @return: a L{Deferred} firing with the transport and the server's
+            protocol.
+        """
+        received = Collect()
+        serverFactory = Factory.forProtocol(lambda: received)
+        serverFactory.noisy = False
+        server = reactor.listenTCP(0, serverFactory, interface="127.0.0.1")
+        self.addCleanup(server.stopListening)
+        connected: Deferred = Deferred()
+
+        class Greeter(Protocol):
+            def connectionMade(self) -> None:
+                made(self.transport)
+                connected.callback(self.transport)
+
+        factory = ClientFactory.forProtocol(Greeter)
+        factory.noisy = False
+        connector = CountingConnector(
+            "127.0.0.1", server.getHost().port, factory, 5, None, reactor
+        )
+        connector.connect()
+        transport = yield connected
+        self.addCleanup(transport.loseConnection)
+        return transport, received
+
+    @inlineCallbacks
+    def test_writeOnConnect(self):  # type: ignore[no-untyped-def]
+        """
+        What a protocol writes when its connection is made (a request on a
+        new upstream connection) goes out in one send at the end of the
+        connect event, not on a later reactor pass.
+        """
+
+        def made(transport: Any) -> None:
+            transport.write(b"GET / HTTP/1.1\r\n")
+            transport.write(b"\r\n")
+
+        transport, received = yield self.connect(made)
+        yield received.waitFor(18)
+        self.assertEqual(received.data, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(transport.sends, [(18, True)])
+        self.assertNotIn(transport, leanModule._flush.writing)
+
+    @inlineCallbacks
+    def test_closeOnConnect(self):  # type: ignore[no-untyped-def]
+        """
+        A write and a close when the connection is made are done at the end
+        of the connect event: the peer reads the bytes and then the end of
+        the stream.
+        """
+
+        def made(transport: Any) -> None:
+            transport.write(b"only")
+            transport.loseConnection()
+
+        transport, received = yield self.connect(made)
+        data = yield received.done
+        self.assertEqual(data, b"only")
+        self.assertEqual(transport.sends, [(4, True)])
+        self.assertFalse(transport.connected)
 
 
 class Origin(Protocol):
@@ -877,12 +962,12 @@ class ThroughTheProxyTests(TestCase):
             [inRead for _, inRead in server.sends], [True, True, True], server.sends
         )
         # The origin connection, made by Connector, is lean too: the first
-        # request goes out from the connect event, the usual way, the next
-        # two at the end of the client's read events.
+        # request goes out at the end of the connect event, the next two at
+        # the end of the client's read events.
         [upstream] = self.clients
         self.assertEqual(
             [inRead for _, inRead in upstream.sends],
-            [False, True, True],
+            [True, True, True],
             upstream.sends,
         )
 
