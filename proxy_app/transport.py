@@ -77,6 +77,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -147,6 +148,14 @@ class _LeanMixin(tcp.Connection):
         try:
             try:
                 why = _doRead(self)
+                if why and self not in state.writing:
+                    # The peer closed or reset: what the reactor would do
+                    # next, done inside the event (its closes and writes are
+                    # sent at its end).  Not waiting for write events, the
+                    # descriptor was not polled for them, so the reactor
+                    # calls no doWrite after this.
+                    _readLost(self, why)
+                    why = None
             except BaseException:
                 _registerAll(state)
                 raise
@@ -198,6 +207,29 @@ def _register(transport: _LeanMixin) -> None:
     """
     _flush.writing.add(transport)
     _startWriting(transport)
+
+
+def _readLost(transport: _LeanMixin, why: Any) -> None:
+    """
+    What the reactor does with a reason returned by C{transport.doRead}
+    (C{_disconnectSelectable} with C{isRead} true, the same in Twisted 23.10
+    and 26.10): stop reading and, for the end of the stream, tell the
+    transport only its read side is lost (a half-close); otherwise stop
+    writing too and tell it its connection is lost.
+    """
+    reactor = transport.reactor
+    reactor.removeReader(transport)  # type: ignore[attr-defined]
+    reason = _reasons.get(why.__class__)
+    if reason is not None:
+        if why.__class__ is ConnectionDone and IHalfCloseableDescriptor.providedBy(
+            transport
+        ):
+            transport.readConnectionLost(reason)
+            return
+    else:
+        reason = Failure(why)
+    reactor.removeWriter(transport)  # type: ignore[attr-defined]
+    transport.connectionLost(reason)
 
 
 def _leanEvent(handler: Any, transport: Any) -> Any:

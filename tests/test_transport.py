@@ -21,7 +21,7 @@ from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -512,6 +512,101 @@ class LeanReadTests(SynchronousTestCase):
         self.assertEqual(received, [b"go", b"more"])
         self.assertEqual(harness.protocols[0].lost, [])
 
+    def test_peerClosed(self) -> None:
+        """
+        When the peer closes, the lean read event does what the reactor
+        would do next, inside the event: C{connectionLost} is called once,
+        with L{ConnectionDone}, and what it writes to and closes (the other
+        side of a proxied exchange) is sent and closed at the end of the
+        event; C{doRead} returns L{None}, so the reactor does nothing more.
+        """
+        harness = Harness(self, CountingServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+        harness.reactor.addReader(a)
+        protocolA, protocolB = harness.protocols
+
+        def lostA(reason: Any = None) -> None:
+            protocolA.lost.append(reason)
+            b.write(b"after")
+            b.loseConnection()
+
+        protocolA.connectionLost = lostA  # type: ignore[method-assign]
+        peerA.shutdown(socket.SHUT_WR)
+        self.assertIsNone(harness.read(a))
+        [lost] = protocolA.lost
+        self.assertIs(lost.type, ConnectionDone)
+        self.assertFalse(a.connected)
+        self.assertNotIn(a, harness.reactor.getReaders())
+        self.assertEqual(b.sends, [(5, True)])
+        self.assertFalse(b.connected)
+        self.assertEqual(len(protocolB.lost), 1)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(recvAll(peerB, 10), b"after")
+        self.assertEqual(peerA.recv(10), b"")
+
+    def test_peerHalfClosed(self) -> None:
+        """
+        When the peer half-closes a connection whose protocol takes
+        half-closes, its C{readConnectionLost} runs inside the event and
+        what it writes before closing is sent, and the close done, at its
+        end.
+        """
+        harness = Harness(self, CountingServer)
+        peer, transport = harness.accept()
+        protocol = harness.protocols[0]
+        calls: list[str] = []
+
+        @implementer(IHalfCloseableProtocol)
+        class HalfCloseable:
+            def readConnectionLost(self) -> None:
+                calls.append("read")
+                transport.write(b"reply")
+                transport.loseConnection()
+
+            def writeConnectionLost(self) -> None:
+                calls.append("write")
+
+        transport.protocol = HalfCloseable()
+        transport.protocol.connectionLost = protocol.connectionLost  # type: ignore[attr-defined]
+        peer.shutdown(socket.SHUT_WR)
+        self.assertIsNone(harness.read(transport))
+        self.assertEqual(calls, ["read"])
+        self.assertEqual(transport.sends, [(5, True)])
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(protocol.lost), 1)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(recvAll(peer, 10), b"reply")
+
+    def test_peerReset(self) -> None:
+        """
+        When the peer resets a connection, the lean read event loses it at
+        once, with L{ConnectionLost}.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        harness.peers.remove(peer)
+        self.assertIsNone(harness.read(transport))
+        [lost] = harness.protocols[0].lost
+        self.assertIs(lost.type, ConnectionLost)
+        self.assertFalse(transport.connected)
+
+    def test_peerClosedWhileWriting(self) -> None:
+        """
+        A transport still waiting for write events when its peer closes
+        returns the reason to the reactor, which disconnects it as usual.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        transport.write(b"later")
+        self.assertIn(transport, harness.reactor.getWriters())
+        peer.shutdown(socket.SHUT_WR)
+        self.assertIsInstance(harness.read(transport), ConnectionDone)
+        self.assertTrue(transport.connected)
+        self.assertEqual(harness.protocols[0].lost, [])
+
     def test_abortConnection(self) -> None:
         """
         Bytes written before an C{abortConnection} in the same read are
@@ -537,7 +632,7 @@ class LeanReadTests(SynchronousTestCase):
             received = b""
         self.assertEqual(received, b"")
 
-    def test_peerReset(self) -> None:
+    def test_peerResetFlush(self) -> None:
         """
         A peer that reset its connection makes the flush's send fail: that
         transport's connection is lost at once, with L{ConnectionLost}, as
@@ -877,8 +972,6 @@ class Collect(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.done.callback(self.data)
 
-
-from twisted.internet.interfaces import IHalfCloseableProtocol  # noqa: E402
 
 implementer(IHalfCloseableProtocol)(Origin)
 implementer(IHalfCloseableProtocol)(Collect)
