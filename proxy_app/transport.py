@@ -15,38 +15,63 @@ measured that, docs/benchmarks.md).  So the transports here keep Twisted's
 coalescing and only drop the round trip through the reactor:
 
   - While a lean transport's C{doRead} runs (the protocol's
-    C{dataReceived} and everything it calls), C{startWriting} on any lean
+    C{dataReceived} and everything it calls; a lean event, as is a
+    connect's, below), C{startWriting} on any lean
     transport that is connected and not already waiting for write events
     does not register with the reactor: the transport is queued, once.
   - When the outermost such C{doRead} ends, each queued transport runs
     C{doWrite} at once: one send for everything written to it during the
     event.  If it still wants writing afterwards (C{doWrite} did not call
-    C{stopWriting}: data left over, C{EAGAIN}) or C{doWrite} returned
-    anything but L{None} (the connection is lost), it registers as it
-    always would, and the reactor's next C{doWrite} takes over exactly as
-    it does without this module: errors, closes and producers.  A producer
+    C{stopWriting}: data left over, C{EAGAIN}), it registers as it always
+    would, and the reactor's next C{doWrite} takes over exactly as it does
+    without this module: errors, closes and producers.  A producer
     resumed by the flush that writes again queues its transport again; the
     flush runs until the queue is empty.
+  - A close made during the event (Twisted's own C{loseConnection} and
+    C{loseWriteConnection}, which ask for write events: the transport is
+    queued) is done by the flush too: its C{doWrite} sends what is left
+    and then shuts the write side (a half-close) or returns the close's
+    reason.  Given a reason (that close, or a failed send: the peer reset),
+    the flush does what the reactor's C{_disconnectSelectable} does with a
+    C{doWrite}'s reason (the same in Twisted 23.10 and 26.10): the
+    descriptor leaves the reactor's readers and writers
+    (C{removeReader}, C{removeWriter}) and C{connectionLost} gets the
+    reactor's own L{Failure} of L{ConnectionDone} or L{ConnectionLost}.
+    A close that cannot send everything at once (C{EAGAIN}) registers, and
+    the reactor's C{doWrite} sends the rest and then closes, as before.
+  - A lean C{doRead} that reads the end of the stream or a reset (Twisted's
+    C{doRead} returns a reason) does what the reactor would do next inside
+    the event, as C{_disconnectSelectable} does for a read: C{removeReader}
+    and, for the end of the stream, C{readConnectionLost} (a half-close),
+    otherwise C{removeWriter} and C{connectionLost}; it then returns
+    L{None}.  So the closes and writes the protocol makes then (a proxy
+    closing the other side) are done at the end of the event.  Only for a
+    transport not waiting for write events: the reactor polled that one
+    for reads alone, so it calls no C{doWrite} after the C{doRead}; one
+    waiting for write events returns the reason to the reactor as before.
+  - The event completing an outbound connect (L{LeanClient.doConnect},
+    which Twisted runs as the transport's C{doRead} and C{doWrite} until
+    it is connected) is a lean event too: a new origin connection's
+    request, a tunnel's 200 to its client, are sent at its end.
   - If C{dataReceived} raises, every queued transport registers as usual
     (what happens without this module) before the exception goes on to the
     reactor.
   - Everything else goes the usual way: writes from timers and Deferred
-    callbacks outside a read, writes followed by a close in the same event
-    (C{loseConnection}, C{loseWriteConnection}: the transport leaves the
-    queue and registers, and the reactor's C{doWrite} sends and then
-    closes), connection set-up (the event completing a connect), and every
-    transport not made here (TLS origination and the parent proxy, which
-    connect through endpoints).  An C{abortConnection} takes the transport
-    out of the queue: what was written is dropped, as it would have been.
+    callbacks outside an event, a hang-up the reactor's poll reports
+    without data to read, and every transport not made here (TLS
+    origination and the parent proxy, which connect through endpoints).
+    An C{abortConnection} takes the transport out of the queue: what was
+    written is dropped, as it would have been.
 
 The bytes of one transport stay in its own buffer and go out in order,
 through Twisted's own C{doWrite}; the queue only decides when that runs, so
 nothing can reach another transport, overtake earlier bytes, or follow a
-close.  The state tracked here (waiting for write events, queued, being
-flushed) is our own, from our own overrides, and kept on the flush rather
-than on the transports (see L{_Flush}): no private attribute of Twisted's
-is read or written, and a lean transport has exactly the instance
-attributes of Twisted's own.
+close, and a close still sends everything written before it.  The state
+tracked here (waiting for write events, queued, being flushed) is our own,
+from our own overrides, and kept on the flush rather than on the
+transports (see L{_Flush}): no private attribute of Twisted's is read or
+written, and a lean transport has exactly the instance attributes of
+Twisted's own.
 
 How they are installed, with public Twisted API where there is one:
 
