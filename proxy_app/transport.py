@@ -320,7 +320,12 @@ def _run(state: _Flush) -> None:
             # is lost (a failed send): what the reactor does with a
             # doWrite's reason.
             state.current = None
-            _disconnect(transport, why)
+            try:
+                _disconnect(transport, why)
+            except BaseException:
+                # A connectionLost that raises: the reactor's main loop
+                # would log it; the rest of the queue is still sent.
+                log.failure("Closing {transport}", transport=transport)
         elif why is not None or state.current is transport:
             state.current = None
             if transport not in state.writing:

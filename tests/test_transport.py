@@ -419,6 +419,40 @@ class LeanReadTests(SynchronousTestCase):
         self.assertEqual(harness.reactor.getWriters(), [])
         self.assertEqual(leanModule._flush.pending, [])
 
+    def test_connectionLostRaises(self) -> None:
+        """
+        A C{connectionLost} that raises, run by the flush for a close, is
+        logged, and the rest of the queue is still sent and closed.
+        """
+        harness = Harness(self, LeanServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+        peerC, c = harness.accept()
+        protocolB = harness.protocols[1]
+
+        def lostB(reason: Any = None) -> None:
+            protocolB.lost.append(reason)
+            raise ZeroDivisionError()
+
+        protocolB.connectionLost = lostB  # type: ignore[method-assign]
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            b.write(b"first")
+            b.loseConnection()
+            c.write(b"second")
+            c.loseConnection()
+
+        harness.script = script
+        peerA.sendall(b"go")
+        self.assertIsNone(harness.read(a))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(recvAll(peerB, 10), b"first")
+        self.assertEqual(recvAll(peerC, 10), b"second")
+        self.assertEqual((b.connected, c.connected), (False, False))
+        self.assertEqual(len(harness.protocols[2].lost), 1)
+        self.assertEqual(leanModule._flush.pending, [])
+        self.assertEqual(harness.reactor.getWriters(), [])
+
     def test_loseConnectionEagain(self) -> None:
         """
         A large write followed by C{loseConnection} in the same read, to a
