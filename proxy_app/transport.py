@@ -15,38 +15,63 @@ measured that, docs/benchmarks.md).  So the transports here keep Twisted's
 coalescing and only drop the round trip through the reactor:
 
   - While a lean transport's C{doRead} runs (the protocol's
-    C{dataReceived} and everything it calls), C{startWriting} on any lean
+    C{dataReceived} and everything it calls; a lean event, as is a
+    connect's, below), C{startWriting} on any lean
     transport that is connected and not already waiting for write events
     does not register with the reactor: the transport is queued, once.
   - When the outermost such C{doRead} ends, each queued transport runs
     C{doWrite} at once: one send for everything written to it during the
     event.  If it still wants writing afterwards (C{doWrite} did not call
-    C{stopWriting}: data left over, C{EAGAIN}) or C{doWrite} returned
-    anything but L{None} (the connection is lost), it registers as it
-    always would, and the reactor's next C{doWrite} takes over exactly as
-    it does without this module: errors, closes and producers.  A producer
+    C{stopWriting}: data left over, C{EAGAIN}), it registers as it always
+    would, and the reactor's next C{doWrite} takes over exactly as it does
+    without this module: errors, closes and producers.  A producer
     resumed by the flush that writes again queues its transport again; the
     flush runs until the queue is empty.
+  - A close made during the event (Twisted's own C{loseConnection} and
+    C{loseWriteConnection}, which ask for write events: the transport is
+    queued) is done by the flush too: its C{doWrite} sends what is left
+    and then shuts the write side (a half-close) or returns the close's
+    reason.  Given a reason (that close, or a failed send: the peer reset),
+    the flush does what the reactor's C{_disconnectSelectable} does with a
+    C{doWrite}'s reason (the same in Twisted 23.10 and 26.10): the
+    descriptor leaves the reactor's readers and writers
+    (C{removeReader}, C{removeWriter}) and C{connectionLost} gets the
+    reactor's own L{Failure} of L{ConnectionDone} or L{ConnectionLost}.
+    A close that cannot send everything at once (C{EAGAIN}) registers, and
+    the reactor's C{doWrite} sends the rest and then closes, as before.
+  - A lean C{doRead} that reads the end of the stream or a reset (Twisted's
+    C{doRead} returns a reason) does what the reactor would do next inside
+    the event, as C{_disconnectSelectable} does for a read: C{removeReader}
+    and, for the end of the stream, C{readConnectionLost} (a half-close),
+    otherwise C{removeWriter} and C{connectionLost}; it then returns
+    L{None}.  So the closes and writes the protocol makes then (a proxy
+    closing the other side) are done at the end of the event.  Only for a
+    transport not waiting for write events: the reactor polled that one
+    for reads alone, so it calls no C{doWrite} after the C{doRead}; one
+    waiting for write events returns the reason to the reactor as before.
+  - The event completing an outbound connect (L{LeanClient.doConnect},
+    which Twisted runs as the transport's C{doRead} and C{doWrite} until
+    it is connected) is a lean event too: a new origin connection's
+    request, a tunnel's 200 to its client, are sent at its end.
   - If C{dataReceived} raises, every queued transport registers as usual
     (what happens without this module) before the exception goes on to the
     reactor.
   - Everything else goes the usual way: writes from timers and Deferred
-    callbacks outside a read, writes followed by a close in the same event
-    (C{loseConnection}, C{loseWriteConnection}: the transport leaves the
-    queue and registers, and the reactor's C{doWrite} sends and then
-    closes), connection set-up (the event completing a connect), and every
-    transport not made here (TLS origination and the parent proxy, which
-    connect through endpoints).  An C{abortConnection} takes the transport
-    out of the queue: what was written is dropped, as it would have been.
+    callbacks outside an event, a hang-up the reactor's poll reports
+    without data to read, and every transport not made here (TLS
+    origination and the parent proxy, which connect through endpoints).
+    An C{abortConnection} takes the transport out of the queue: what was
+    written is dropped, as it would have been.
 
 The bytes of one transport stay in its own buffer and go out in order,
 through Twisted's own C{doWrite}; the queue only decides when that runs, so
 nothing can reach another transport, overtake earlier bytes, or follow a
-close.  The state tracked here (waiting for write events, queued, being
-flushed) is our own, from our own overrides, and kept on the flush rather
-than on the transports (see L{_Flush}): no private attribute of Twisted's
-is read or written, and a lean transport has exactly the instance
-attributes of Twisted's own.
+close, and a close still sends everything written before it.  The state
+tracked here (waiting for write events, queued, being flushed) is our own,
+from our own overrides, and kept on the flush rather than on the
+transports (see L{_Flush}): no private attribute of Twisted's is read or
+written, and a lean transport has exactly the instance attributes of
+Twisted's own.
 
 How they are installed, with public Twisted API where there is one:
 
@@ -76,6 +101,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -112,6 +139,13 @@ class _Flush:
 
 _flush = _Flush()
 
+# The reactor's (posixbase's _disconnectSelectable's faildict): one Failure
+# each, shared by every connection.
+_reasons = {
+    ConnectionDone: Failure(ConnectionDone()),
+    ConnectionLost: Failure(ConnectionLost()),
+}
+
 # The methods the overrides below extend, called directly: super() from the
 # mixin walks the rest of a long MRO (a dictionary lookup per class) on
 # every call, which cost more than the reactor round trip this module saves.
@@ -120,9 +154,8 @@ _flush = _Flush()
 _doRead = tcp.Connection.doRead
 _startWriting = tcp.Connection.startWriting
 _stopWriting = tcp.Connection.stopWriting
-_loseConnection = tcp.Connection.loseConnection
-_loseWriteConnection = tcp.Connection.loseWriteConnection
 _abortConnection = tcp.Connection.abortConnection
+_doConnect = tcp.BaseClient.doConnect
 
 
 class _LeanMixin(tcp.Connection):
@@ -140,6 +173,14 @@ class _LeanMixin(tcp.Connection):
         try:
             try:
                 why = _doRead(self)
+                if why and self not in state.writing:
+                    # The peer closed or reset: what the reactor would do
+                    # next, done inside the event (its closes and writes are
+                    # sent at its end).  Not waiting for write events, the
+                    # descriptor was not polled for them, so the reactor
+                    # calls no doWrite after this.
+                    _readLost(self, why)
+                    why = None
             except BaseException:
                 _registerAll(state)
                 raise
@@ -170,17 +211,10 @@ class _LeanMixin(tcp.Connection):
         elif state.current is self:
             state.current = None
 
-    def loseConnection(self, *args: Any, **kwargs: Any) -> None:
-        # Twisted's asks for write events before it marks the transport
-        # disconnecting: a close goes the usual way (the reactor's doWrite
-        # sends what is left, then closes), whether it was queued before it
-        # or by it.
-        _loseConnection(self, *args, **kwargs)
-        _unqueue(self)
-
-    def loseWriteConnection(self) -> None:
-        _loseWriteConnection(self)
-        _unqueue(self)
+    # loseConnection and loseWriteConnection are Twisted's own: they ask for
+    # write events (startWriting, above: queued during a read), and the
+    # flush's doWrite then sends what is left and closes, as the reactor's
+    # would.
 
     def abortConnection(self) -> None:
         # What was written is dropped: nothing to send, at the end of the
@@ -191,21 +225,6 @@ class _LeanMixin(tcp.Connection):
             pending.remove(self)
 
 
-def _unqueue(transport: _LeanMixin) -> None:
-    """
-    Take C{transport} out of the running flush's queue, if it is in it, and
-    let it wait for write events the usual way.
-    """
-    state = _flush
-    pending = state.pending
-    if transport in pending:
-        pending.remove(transport)
-        # Unless the close was at once (a half-closed transport): it is
-        # gone, with its buffer.
-        if transport.connected and transport not in state.writing:
-            _register(transport)
-
-
 def _register(transport: _LeanMixin) -> None:
     """
     Ask the reactor for write events, as C{startWriting} does outside a
@@ -213,6 +232,53 @@ def _register(transport: _LeanMixin) -> None:
     """
     _flush.writing.add(transport)
     _startWriting(transport)
+
+
+def _readLost(transport: _LeanMixin, why: Any) -> None:
+    """
+    What the reactor does with a reason returned by C{transport.doRead}
+    (C{_disconnectSelectable} with C{isRead} true, the same in Twisted 23.10
+    and 26.10): stop reading and, for the end of the stream, tell the
+    transport only its read side is lost (a half-close); otherwise stop
+    writing too and tell it its connection is lost.
+    """
+    reactor = transport.reactor
+    reactor.removeReader(transport)  # type: ignore[attr-defined]
+    reason = _reasons.get(why.__class__)
+    if reason is not None:
+        if why.__class__ is ConnectionDone and IHalfCloseableDescriptor.providedBy(
+            transport
+        ):
+            transport.readConnectionLost(reason)
+            return
+    else:
+        reason = Failure(why)
+    reactor.removeWriter(transport)  # type: ignore[attr-defined]
+    transport.connectionLost(reason)
+
+
+def _leanEvent(handler: Any, transport: Any) -> Any:
+    """
+    Run C{handler(transport)} (a connect event's C{doConnect}) as a lean
+    C{doRead} runs: the lean transports' writes queued, and sent at its end.
+
+    @return: what C{handler} returns.
+    """
+    state = _flush
+    if state.active:
+        return handler(transport)
+    state.active = True
+    try:
+        try:
+            why = handler(transport)
+        except BaseException:
+            _registerAll(state)
+            raise
+        if state.pending:
+            _run(state)
+    finally:
+        state.active = False
+    return why
 
 
 def _registerAll(state: _Flush) -> None:
@@ -249,7 +315,18 @@ def _run(state: _Flush) -> None:
             transport.stopWriting()
             transport.connectionLost(Failure())
             continue
-        if why is not None or state.current is transport:
+        if why:
+            # Sent everything and closed (loseConnection), or the connection
+            # is lost (a failed send): what the reactor does with a
+            # doWrite's reason.
+            state.current = None
+            try:
+                _disconnect(transport, why)
+            except BaseException:
+                # A connectionLost that raises: the reactor's main loop
+                # would log it; the rest of the queue is still sent.
+                log.failure("Closing {transport}", transport=transport)
+        elif why is not None or state.current is transport:
             state.current = None
             if transport not in state.writing:
                 _register(transport)
@@ -263,6 +340,20 @@ def writeQueued(transport: Any) -> bool:
     return transport in _flush.pending
 
 
+def _disconnect(transport: _LeanMixin, why: Any) -> None:
+    """
+    What the reactor does with a reason returned by C{transport.doWrite}
+    (C{_disconnectSelectable} with C{isRead} false, the same in Twisted
+    23.10 and 26.10): stop watching the descriptor and tell the transport
+    its connection is lost, with the same L{Failure} for L{ConnectionDone}
+    and L{ConnectionLost} as the reactor's.
+    """
+    reactor = transport.reactor
+    reactor.removeReader(transport)  # type: ignore[attr-defined]
+    reactor.removeWriter(transport)  # type: ignore[attr-defined]
+    transport.connectionLost(_reasons.get(why.__class__) or Failure(why))
+
+
 class LeanServer(_LeanMixin, tcp.Server):
     """
     An accepted TCP connection whose writes during a read event are sent at
@@ -274,7 +365,18 @@ class LeanClient(_LeanMixin, tcp.Client):
     """
     An outbound TCP connection whose writes during a read event are sent at
     its end (see the module docstring).
+
+    The event that completes the connect is one too: the protocol's
+    C{connectionMade} and what it runs (a request written to a new upstream
+    connection, a tunnel's 200 to its client) are sent at its end.
     """
+
+    def doConnect(self) -> Any:
+        # tcp.BaseClient.doConnect sets this method, bound, as the
+        # transport's doRead and doWrite until the connect is over (instance
+        # attributes Twisted's own transport has then too), so the reactor's
+        # connect event runs it.
+        return _leanEvent(_doConnect, self)
 
 
 class LeanConnector(tcp.Connector):

@@ -20,8 +20,8 @@ from typing import Any
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -342,50 +342,304 @@ class LeanReadTests(SynchronousTestCase):
 
     def test_loseConnection(self) -> None:
         """
-        A transport written to and then closed during the read is left to
-        the reactor, as without lean transports: it registers, and its
-        C{doWrite} sends the bytes and then reports the close.
+        A response written and followed by C{loseConnection} in the same
+        read is sent and the connection closed at the end of that read:
+        the peer reads every byte and then the end of the stream, the
+        transport never registers for write events and is no longer read
+        from, and C{connectionLost} is called once, with L{ConnectionDone}.
         """
-        harness = Harness(self, LeanServer)
+        harness = Harness(self, CountingServer)
         peer, transport = harness.accept()
+        harness.reactor.addReader(transport)
 
         def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
             protocol.transport.write(b"bye")
             protocol.transport.loseConnection()
 
         harness.script = script
         peer.sendall(b"go")
-        harness.read(transport)
-        self.assertIn(transport, harness.reactor.getWriters())
-        self.assertEqual(pending(peer), b"")
-        why = transport.doWrite()
-        self.assertEqual(recvAll(peer, 3), b"bye")
-        self.assertIsNotNone(why)
-        # The reactor's connectionLost: nothing of it is kept.
-        transport.connectionLost(Failure(why))
+        self.assertIsNone(harness.read(transport))
+        self.assertEqual(transport.sends, [(22, True)])
+        self.assertFalse(transport.connected)
+        [lost] = harness.protocols[0].lost
+        self.assertIs(lost.type, ConnectionDone)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertNotIn(transport, harness.reactor.getReaders())
+        self.assertEqual(recvAll(peer, 100), b"HTTP/1.1 200 OK\r\n\r\nbye")
+        self.assertEqual(peer.recv(10), b"")
         self.assertNotIn(transport, leanModule._flush.writing)
-        self.assertNotIn(transport, leanModule._flush.pending)
+        self.assertEqual(leanModule._flush.pending, [])
 
-    def test_loseWriteConnection(self) -> None:
+    def test_loseConnectionNothingWritten(self) -> None:
         """
-        A half-close during the read goes the usual way too: the reactor's
-        C{doWrite} sends the bytes, then shuts the write side, and the
-        peer reads the bytes and then the end of the stream.
+        A C{loseConnection} with nothing written during the read closes at
+        its end too: the peer sees the end of the stream.
         """
         harness = Harness(self, LeanServer)
         peer, transport = harness.accept()
+        harness.script = lambda protocol, data: protocol.transport.loseConnection()
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(harness.protocols[0].lost), 1)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(peer.recv(10), b"")
+
+    def test_loseConnectionOther(self) -> None:
+        """
+        Closing another lean transport during a read closes it at the end
+        of the read; a close made by its C{connectionLost} (a proxy closing
+        the other side) is done in the same flush; each C{connectionLost}
+        is called once.
+        """
+        harness = Harness(self, LeanServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+        protocolA, protocolB = harness.protocols
+
+        def lostB(reason: Any = None) -> None:
+            protocolB.lost.append(reason)
+            a.write(b"closing")
+            a.loseConnection()
+
+        protocolB.connectionLost = lostB  # type: ignore[method-assign]
 
         def script(protocol: Scripted, data: bytes) -> None:
-            protocol.transport.write(b"half")
-            protocol.transport.loseWriteConnection()
+            b.write(b"last")
+            b.loseConnection()
+
+        harness.script = script
+        peerA.sendall(b"go")
+        harness.read(a)
+        self.assertEqual((a.connected, b.connected), (False, False))
+        self.assertEqual((len(protocolA.lost), len(protocolB.lost)), (1, 1))
+        self.assertEqual(recvAll(peerB, 10), b"last")
+        self.assertEqual(recvAll(peerA, 10), b"closing")
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(leanModule._flush.pending, [])
+
+    def test_connectionLostRaises(self) -> None:
+        """
+        A C{connectionLost} that raises, run by the flush for a close, is
+        logged, and the rest of the queue is still sent and closed.
+        """
+        harness = Harness(self, LeanServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+        peerC, c = harness.accept()
+        protocolB = harness.protocols[1]
+
+        def lostB(reason: Any = None) -> None:
+            protocolB.lost.append(reason)
+            raise ZeroDivisionError()
+
+        protocolB.connectionLost = lostB  # type: ignore[method-assign]
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            b.write(b"first")
+            b.loseConnection()
+            c.write(b"second")
+            c.loseConnection()
+
+        harness.script = script
+        peerA.sendall(b"go")
+        self.assertIsNone(harness.read(a))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(recvAll(peerB, 10), b"first")
+        self.assertEqual(recvAll(peerC, 10), b"second")
+        self.assertEqual((b.connected, c.connected), (False, False))
+        self.assertEqual(len(harness.protocols[2].lost), 1)
+        self.assertEqual(leanModule._flush.pending, [])
+        self.assertEqual(harness.reactor.getWriters(), [])
+
+    def test_loseConnectionEagain(self) -> None:
+        """
+        A large write followed by C{loseConnection} in the same read, to a
+        peer that does not read: the flush sends what the socket takes, the
+        transport registers for the rest and stays open; the reactor's
+        C{doWrite} then sends the rest and reports the close; every byte
+        arrives, in order, and then the end of the stream.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        fillReceiver(transport, peer)
+        body = hashlib.sha256(b"close").digest() * 8192  # 256 KiB
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            protocol.transport.write(body)
+            protocol.transport.loseConnection()
 
         harness.script = script
         peer.sendall(b"go")
         harness.read(transport)
-        self.assertIn(transport, harness.reactor.getWriters())
-        self.assertIsNone(transport.doWrite())
+        self.assertTrue(transport.connected)
+        self.assertEqual(harness.protocols[0].lost, [])
+        received = pending(peer)
+        self.assertGreater(len(received), 0)
+        why = None
+        while why is None:
+            self.assertIn(transport, harness.reactor.getWriters())
+            why = transport.doWrite()
+            received += peer.recv(1 << 20)
+        self.assertIsInstance(why, ConnectionDone)
+        # What the reactor then does.
+        transport.connectionLost(Failure(why))
+        received += recvAll(peer, len(body) - len(received))
+        self.assertEqual(received, body)
+        self.assertEqual(peer.recv(10), b"")
+
+    def test_closeWhenDataReceivedRaises(self) -> None:
+        """
+        When C{dataReceived} writes, closes and then raises, the transport
+        registers for write events as without lean transports and the
+        exception goes on to the reactor, which then disconnects it; a
+        transport closed in the same read is left to the reactor's
+        C{doWrite}, which sends its bytes and then closes.
+        """
+        harness = Harness(self, LeanServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            b.write(b"kept")
+            b.loseConnection()
+            a.write(b"dropped")
+            raise ZeroDivisionError()
+
+        harness.script = script
+        peerA.sendall(b"go")
+        self.assertRaises(ZeroDivisionError, harness.read, a)
+        self.assertEqual(set(harness.reactor.getWriters()), {a, b})
+        self.assertTrue(b.connected)
+        self.assertEqual(pending(peerB), b"")
+        why = b.doWrite()
+        self.assertIsInstance(why, ConnectionDone)
+        self.assertEqual(recvAll(peerB, 4), b"kept")
+        self.assertEqual(leanModule._flush.pending, [])
+
+    def test_loseWriteConnection(self) -> None:
+        """
+        A half-close during the read is done at its end: the peer reads
+        the bytes and then the end of the stream, the transport does not
+        register for write events, and it goes on reading.
+        """
+        harness = Harness(self, CountingServer)
+        peer, transport = harness.accept()
+        received: list[bytes] = []
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            received.append(data)
+            if len(received) == 1:
+                protocol.transport.write(b"half")
+                protocol.transport.loseWriteConnection()
+
+        harness.script = script
+        peer.sendall(b"go")
+        harness.read(transport)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(transport.sends, [(4, True)])
         self.assertEqual(recvAll(peer, 10), b"half")
         self.assertTrue(transport.connected)
+        peer.sendall(b"more")
+        self.assertIsNone(harness.read(transport))
+        self.assertEqual(received, [b"go", b"more"])
+        self.assertEqual(harness.protocols[0].lost, [])
+
+    def test_peerClosed(self) -> None:
+        """
+        When the peer closes, the lean read event does what the reactor
+        would do next, inside the event: C{connectionLost} is called once,
+        with L{ConnectionDone}, and what it writes to and closes (the other
+        side of a proxied exchange) is sent and closed at the end of the
+        event; C{doRead} returns L{None}, so the reactor does nothing more.
+        """
+        harness = Harness(self, CountingServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+        harness.reactor.addReader(a)
+        protocolA, protocolB = harness.protocols
+
+        def lostA(reason: Any = None) -> None:
+            protocolA.lost.append(reason)
+            b.write(b"after")
+            b.loseConnection()
+
+        protocolA.connectionLost = lostA  # type: ignore[method-assign]
+        peerA.shutdown(socket.SHUT_WR)
+        self.assertIsNone(harness.read(a))
+        [lost] = protocolA.lost
+        self.assertIs(lost.type, ConnectionDone)
+        self.assertFalse(a.connected)
+        self.assertNotIn(a, harness.reactor.getReaders())
+        self.assertEqual(b.sends, [(5, True)])
+        self.assertFalse(b.connected)
+        self.assertEqual(len(protocolB.lost), 1)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(recvAll(peerB, 10), b"after")
+        self.assertEqual(peerA.recv(10), b"")
+
+    def test_peerHalfClosed(self) -> None:
+        """
+        When the peer half-closes a connection whose protocol takes
+        half-closes, its C{readConnectionLost} runs inside the event and
+        what it writes before closing is sent, and the close done, at its
+        end.
+        """
+        harness = Harness(self, CountingServer)
+        peer, transport = harness.accept()
+        protocol = harness.protocols[0]
+        calls: list[str] = []
+
+        @implementer(IHalfCloseableProtocol)
+        class HalfCloseable:
+            def readConnectionLost(self) -> None:
+                calls.append("read")
+                transport.write(b"reply")
+                transport.loseConnection()
+
+            def writeConnectionLost(self) -> None:
+                calls.append("write")
+
+        transport.protocol = HalfCloseable()
+        transport.protocol.connectionLost = protocol.connectionLost  # type: ignore[attr-defined]
+        peer.shutdown(socket.SHUT_WR)
+        self.assertIsNone(harness.read(transport))
+        self.assertEqual(calls, ["read"])
+        self.assertEqual(transport.sends, [(5, True)])
+        self.assertFalse(transport.connected)
+        self.assertEqual(len(protocol.lost), 1)
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertEqual(recvAll(peer, 10), b"reply")
+
+    def test_peerReset(self) -> None:
+        """
+        When the peer resets a connection, the lean read event loses it at
+        once, with L{ConnectionLost}.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        harness.peers.remove(peer)
+        self.assertIsNone(harness.read(transport))
+        [lost] = harness.protocols[0].lost
+        self.assertIs(lost.type, ConnectionLost)
+        self.assertFalse(transport.connected)
+
+    def test_peerClosedWhileWriting(self) -> None:
+        """
+        A transport still waiting for write events when its peer closes
+        returns the reason to the reactor, which disconnects it as usual.
+        """
+        harness = Harness(self, LeanServer)
+        peer, transport = harness.accept()
+        transport.write(b"later")
+        self.assertIn(transport, harness.reactor.getWriters())
+        peer.shutdown(socket.SHUT_WR)
+        self.assertIsInstance(harness.read(transport), ConnectionDone)
+        self.assertTrue(transport.connected)
+        self.assertEqual(harness.protocols[0].lost, [])
 
     def test_abortConnection(self) -> None:
         """
@@ -412,11 +666,12 @@ class LeanReadTests(SynchronousTestCase):
             received = b""
         self.assertEqual(received, b"")
 
-    def test_peerReset(self) -> None:
+    def test_peerResetFlush(self) -> None:
         """
         A peer that reset its connection makes the flush's send fail: that
-        transport registers, and the reactor's C{doWrite} reports the lost
-        connection as it would have; the other transports are unaffected.
+        transport's connection is lost at once, with L{ConnectionLost}, as
+        the reactor does when C{doWrite} fails; the other transports are
+        unaffected.
         """
         harness = Harness(self, LeanServer)
         peerA, a = harness.accept()
@@ -436,8 +691,11 @@ class LeanReadTests(SynchronousTestCase):
         select.select([b.getHandle()], [], [], 10)
         harness.read(a)
         self.assertEqual(recvAll(peerA, 4), b"fine")
-        self.assertEqual(harness.reactor.getWriters(), [b])
-        self.assertIsNotNone(b.doWrite())
+        self.assertEqual(harness.reactor.getWriters(), [])
+        self.assertTrue(a.connected)
+        self.assertFalse(b.connected)
+        [lost] = harness.protocols[1].lost
+        self.assertIs(lost.type, ConnectionLost)
 
     def test_doWriteRaises(self) -> None:
         """
@@ -525,9 +783,8 @@ class InstallTests(SynchronousTestCase):
             self.assertIs(base.doRead, leanModule._doRead)
             self.assertIs(base.startWriting, leanModule._startWriting)
             self.assertIs(base.stopWriting, leanModule._stopWriting)
-            self.assertIs(base.loseConnection, leanModule._loseConnection)
-            self.assertIs(base.loseWriteConnection, leanModule._loseWriteConnection)
             self.assertIs(base.abortConnection, leanModule._abortConnection)
+        self.assertIs(tcp.Client.doConnect, leanModule._doConnect)
 
     def test_noAttributes(self) -> None:
         """
@@ -592,6 +849,90 @@ class CountingClient(LeanClient):
         if isinstance(result, int):
             self.sends.append((result, leanModule._flush.active))
         return result
+
+
+class CountingConnector(LeanConnector):
+    """
+    A L{LeanConnector} making L{CountingClient}s.
+    """
+
+    def _makeTransport(self) -> tcp.Client:
+        return CountingClient(
+            self.host, self.port, self.bindAddress, self, self.reactor
+        )
+
+
+class ConnectEventTests(TestCase):
+    """
+    The event that completes an outbound connect is a lean one.
+    """
+
+    @inlineCallbacks
+    def connect(self, made: Any):  # type: ignore[no-untyped-def]
+        """
+        Connect a L{CountingClient} to a L{Collect} server on 127.0.0.1,
+        running C{made(transport)} in its protocol's C{connectionMade}.
+
+        @return: a L{Deferred} firing with the transport and the server's
+            protocol.
+        """
+        received = Collect()
+        serverFactory = Factory.forProtocol(lambda: received)
+        serverFactory.noisy = False
+        server = reactor.listenTCP(0, serverFactory, interface="127.0.0.1")
+        self.addCleanup(server.stopListening)
+        connected: Deferred = Deferred()
+
+        class Greeter(Protocol):
+            def connectionMade(self) -> None:
+                made(self.transport)
+                connected.callback(self.transport)
+
+        factory = ClientFactory.forProtocol(Greeter)
+        factory.noisy = False
+        connector = CountingConnector(
+            "127.0.0.1", server.getHost().port, factory, 5, None, reactor
+        )
+        connector.connect()
+        transport = yield connected
+        self.addCleanup(transport.loseConnection)
+        return transport, received
+
+    @inlineCallbacks
+    def test_writeOnConnect(self):  # type: ignore[no-untyped-def]
+        """
+        What a protocol writes when its connection is made (a request on a
+        new upstream connection) goes out in one send at the end of the
+        connect event, not on a later reactor pass.
+        """
+
+        def made(transport: Any) -> None:
+            transport.write(b"GET / HTTP/1.1\r\n")
+            transport.write(b"\r\n")
+
+        transport, received = yield self.connect(made)
+        yield received.waitFor(18)
+        self.assertEqual(received.data, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(transport.sends, [(18, True)])
+        self.assertNotIn(transport, leanModule._flush.writing)
+
+    @inlineCallbacks
+    def test_closeOnConnect(self):  # type: ignore[no-untyped-def]
+        """
+        A write and a close when the connection is made are done at the end
+        of the connect event: the peer reads the bytes and then the end of
+        the stream.
+        """
+
+        def made(transport: Any) -> None:
+            transport.write(b"only")
+            transport.loseConnection()
+
+        transport, received = yield self.connect(made)
+        data = yield received.done
+        self.assertEqual(data, b"only")
+        self.assertEqual(transport.sends, [(4, True)])
+        self.assertFalse(transport.connected)
 
 
 class Origin(Protocol):
@@ -665,8 +1006,6 @@ class Collect(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.done.callback(self.data)
 
-
-from twisted.internet.interfaces import IHalfCloseableProtocol  # noqa: E402
 
 implementer(IHalfCloseableProtocol)(Origin)
 implementer(IHalfCloseableProtocol)(Collect)
@@ -750,12 +1089,12 @@ class ThroughTheProxyTests(TestCase):
             [inRead for _, inRead in server.sends], [True, True, True], server.sends
         )
         # The origin connection, made by Connector, is lean too: the first
-        # request goes out from the connect event, the usual way, the next
-        # two at the end of the client's read events.
+        # request goes out at the end of the connect event, the next two at
+        # the end of the client's read events.
         [upstream] = self.clients
         self.assertEqual(
             [inRead for _, inRead in upstream.sends],
-            [False, True, True],
+            [True, True, True],
             upstream.sends,
         )
 
@@ -764,8 +1103,8 @@ class ThroughTheProxyTests(TestCase):
         """
         A C{Connection: close} request to an origin that closes: the
         response, written and followed by the close in the origin's read
-        event, reaches the client whole, sent the usual way (by the
-        reactor's C{doWrite}, which then closes), and then the close.
+        event, reaches the client whole, sent at the end of that event,
+        and then the close.
         """
         client = yield self.client()
         url = b"http://127.0.0.1:%d/close" % self.originPort
@@ -776,7 +1115,7 @@ class ThroughTheProxyTests(TestCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
         self.assertTrue(data.endswith(b"\r\n\r\nhello"), data)
         [server] = self.servers
-        self.assertEqual([inRead for _, inRead in server.sends], [False])
+        self.assertEqual([inRead for _, inRead in server.sends], [True])
 
     @inlineCallbacks
     def test_pipelined(self):  # type: ignore[no-untyped-def]
