@@ -311,9 +311,13 @@ def _run(state: _Flush) -> None:
             state.current = None
             # What the reactor does when doWrite raises.
             log.failure("Writing to {transport}", transport=transport)
-            transport.stopReading()
-            transport.stopWriting()
-            transport.connectionLost(Failure())
+            try:
+                transport.stopReading()
+                transport.stopWriting()
+                transport.connectionLost(Failure())
+            except BaseException:
+                # As below: logged, and the rest of the queue still sent.
+                log.failure("Closing {transport}", transport=transport)
             continue
         if why:
             # Sent everything and closed (loseConnection), or the connection

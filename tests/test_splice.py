@@ -274,6 +274,27 @@ class SpliceLoopbackTests(TestCase):
             )
 
     @inlineCallbacks
+    def downloading(self):  # type: ignore[no-untyped-def]
+        """
+        A tunnel whose origin sends C{self.send}, once the client has
+        received twice the switch's threshold.
+        """
+        client = yield self.tunnel()
+        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
+            yield deferLater(reactor, 0.01, lambda: None)
+        return client
+
+    @inlineCallbacks
+    def finish(self, client: Client):  # type: ignore[no-untyped-def]
+        """
+        End the client's side and check that it received the 200 head and
+        then all the origin sent.
+        """
+        client.transport.loseWriteConnection()
+        received = yield client.done
+        self.assertSame(received, ESTABLISHED + self.send)
+
+    @inlineCallbacks
     def test_download(self):  # type: ignore[no-untyped-def]
         """
         A download from the origin, far past the switch, arrives whole and
@@ -281,13 +302,9 @@ class SpliceLoopbackTests(TestCase):
         """
         self.echo = False
         self.send = pattern(16 * 1048576 + 5)
-        client = yield self.tunnel()
-        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
-            yield deferLater(reactor, 0.01, lambda: None)
+        client = yield self.downloading()
         self.assertIsInstance(self.exchange().upstream.splice, Splice)
-        client.transport.loseWriteConnection()
-        received = yield client.done
-        self.assertSame(received, ESTABLISHED + self.send)
+        yield self.finish(client)
 
     @inlineCallbacks
     def test_switchAfterEveryWrite(self):  # type: ignore[no-untyped-def]
@@ -314,13 +331,9 @@ class SpliceLoopbackTests(TestCase):
         self.patch(splicemodule, "_Direction", spy)
         self.echo = False
         self.send = pattern(4 * 1048576 + 3)
-        client = yield self.tunnel()
-        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
-            yield deferLater(reactor, 0.01, lambda: None)
+        client = yield self.downloading()
         self.assertIsInstance(self.exchange().upstream.splice, Splice)
-        client.transport.loseWriteConnection()
-        received = yield client.done
-        self.assertSame(received, ESTABLISHED + self.send)
+        yield self.finish(client)
         self.assertEqual(seen, [(False, False), (False, False)])
 
     @inlineCallbacks
@@ -337,26 +350,18 @@ class SpliceLoopbackTests(TestCase):
         self.patch(splicemodule, "_spliced", [soft // 16])
         self.echo = False
         self.send = pattern(2 * 1048576 + 7)
-        client = yield self.tunnel()
-        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
-            yield deferLater(reactor, 0.01, lambda: None)
+        client = yield self.downloading()
         splice = self.exchange().upstream.splice
         self.assertIsInstance(splice, Splice)
         self.assertEqual(splice._pipes, ())
-        client.transport.loseWriteConnection()
-        received = yield client.done
-        self.assertSame(received, ESTABLISHED + self.send)
+        yield self.finish(client)
         self.assertEqual(splicemodule._spliced, [soft // 16])
         # Room for one: spliced, and given back at the end.
         self.patch(splicemodule, "_spliced", [soft // 16 - 1])
-        client = yield self.tunnel()
-        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
-            yield deferLater(reactor, 0.01, lambda: None)
+        client = yield self.downloading()
         self.assertNotEqual(self.exchange().upstream.splice._pipes, ())
         self.assertEqual(splicemodule._spliced, [soft // 16])
-        client.transport.loseWriteConnection()
-        received = yield client.done
-        self.assertSame(received, ESTABLISHED + self.send)
+        yield self.finish(client)
         yield until(lambda: not self.factory.connections)
         self.assertEqual(splicemodule._spliced, [soft // 16 - 1])
 
@@ -430,9 +435,7 @@ class SpliceLoopbackTests(TestCase):
         """
         self.echo = False
         self.send = pattern(64 * 1048576)
-        client = yield self.tunnel()
-        while len(b"".join(client.chunks)) < SPLICE_AFTER * 2:
-            yield deferLater(reactor, 0.01, lambda: None)
+        client = yield self.downloading()
         client.transport.pauseProducing()
         exchange = self.exchange()
         for _ in range(20):
@@ -451,9 +454,7 @@ class SpliceLoopbackTests(TestCase):
         self.assertEqual(exchange.bytesDown, moved)
         self.assertLess(moved, len(self.send))
         client.transport.resumeProducing()
-        client.transport.loseWriteConnection()
-        received = yield client.done
-        self.assertSame(received, ESTABLISHED + self.send)
+        yield self.finish(client)
 
     @inlineCallbacks
     def test_lifetime(self):  # type: ignore[no-untyped-def]
@@ -696,6 +697,32 @@ class DirectionTests(SynchronousTestCase):
     two real socket pairs, driven by hand as the reactor would drive it.
     """
 
+    def direction(self) -> tuple[Any, ...]:
+        """
+        The client's and the origin's sockets, and a direction from the
+        proxy's socket facing the client to the one facing the origin
+        (socket pairs, non-blocking), its source read: C{(client, origin,
+        fake splice, source end, sink end, direction)}.
+        """
+        client, clientProxy = socket.socketpair()
+        originProxy, origin = socket.socketpair()
+        for s in (client, clientProxy, originProxy, origin):
+            s.setblocking(False)
+            self.addCleanup(s.close)
+        fake = _FakeSplice()
+        source = splicemodule._End(clientProxy.fileno(), fake)  # type: ignore[arg-type]
+        sink = splicemodule._End(originProxy.fileno(), fake)  # type: ignore[arg-type]
+        direction = splicemodule._Direction(
+            fake,  # type: ignore[arg-type]
+            source,
+            sink,
+            originProxy,
+            True,
+        )
+        self.addCleanup(direction.close)
+        source.reading = True
+        return client, origin, fake, source, sink, direction
+
     @settings(max_examples=30, deadline=None)
     @given(
         size=st.integers(0, 3 * 1048576),
@@ -712,27 +739,10 @@ class DirectionTests(SynchronousTestCase):
         watched only while bytes wait in the pipe; the source's end of
         stream shuts the sink's writing down once the pipe is empty.
         """
-        client, clientProxy = socket.socketpair()
-        originProxy, origin = socket.socketpair()
-        sockets = [client, clientProxy, originProxy, origin]
-        for s in sockets:
-            s.setblocking(False)
-            self.addCleanup(s.close)
+        client, origin, fake, source, sink, direction = self.direction()
         # Small socket buffers, so that the sink often will not take all.
-        originProxy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        direction._sinkSocket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         origin.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        fake = _FakeSplice()
-        source = splicemodule._End(clientProxy.fileno(), fake)  # type: ignore[arg-type]
-        sink = splicemodule._End(originProxy.fileno(), fake)  # type: ignore[arg-type]
-        direction = splicemodule._Direction(
-            fake,  # type: ignore[arg-type]
-            source,
-            sink,
-            originProxy,
-            True,
-        )
-        self.addCleanup(direction.close)
-        source.reading = True
         fake.reactor.addReader(source)
         data = pattern(size, seed=chunk)
         sent = 0
@@ -779,24 +789,8 @@ class DirectionTests(SynchronousTestCase):
         A sink that is gone (reset) makes the direction report a failure,
         which aborts the tunnel.
         """
-        client, clientProxy = socket.socketpair()
-        originProxy, origin = socket.socketpair()
-        for s in (client, clientProxy, originProxy):
-            s.setblocking(False)
-            self.addCleanup(s.close)
+        client, origin, fake, source, sink, direction = self.direction()
         origin.close()
-        fake = _FakeSplice()
-        source = splicemodule._End(clientProxy.fileno(), fake)  # type: ignore[arg-type]
-        sink = splicemodule._End(originProxy.fileno(), fake)  # type: ignore[arg-type]
-        direction = splicemodule._Direction(
-            fake,  # type: ignore[arg-type]
-            source,
-            sink,
-            originProxy,
-            True,
-        )
-        self.addCleanup(direction.close)
-        source.reading = True
         client.send(b"x" * 1000)
         source.doRead()
         self.assertEqual(fake.failures, 1)

@@ -45,21 +45,27 @@ from proxy_app.transport import (
 from proxy_app.upstream import Connector
 
 
-class CountingServer(LeanServer):
+class _CountingSends:
     """
-    A L{LeanServer} that records each send: its size, and whether it
+    Records each send of a lean transport: its size, and whether it
     happened inside a lean read (rather than on a later reactor pass).
     """
 
     sends: list[tuple[int, bool]]
 
     def writeSomeData(self, data: bytes) -> Any:
-        result = super().writeSomeData(data)
+        result = super().writeSomeData(data)  # type: ignore[misc]
         if not hasattr(self, "sends"):
             self.sends = []
         if isinstance(result, int):
             self.sends.append((result, leanModule._flush.active))
         return result
+
+
+class CountingServer(_CountingSends, LeanServer):
+    """
+    A L{LeanServer} that records each send (L{_CountingSends}).
+    """
 
 
 class Scripted(Protocol):
@@ -419,15 +425,14 @@ class LeanReadTests(SynchronousTestCase):
         self.assertEqual(harness.reactor.getWriters(), [])
         self.assertEqual(leanModule._flush.pending, [])
 
-    def test_connectionLostRaises(self) -> None:
+    def threeLosingB(self) -> tuple[Any, ...]:
         """
-        A C{connectionLost} that raises, run by the flush for a close, is
-        logged, and the rest of the queue is still sent and closed.
+        A harness with three accepted lean connections, the second's
+        protocol raising from C{connectionLost} (after recording it):
+        C{(harness, (peerA, a), (peerB, b), (peerC, c))}.
         """
         harness = Harness(self, LeanServer)
-        peerA, a = harness.accept()
-        peerB, b = harness.accept()
-        peerC, c = harness.accept()
+        accepted = [harness.accept() for _ in range(3)]
         protocolB = harness.protocols[1]
 
         def lostB(reason: Any = None) -> None:
@@ -435,6 +440,14 @@ class LeanReadTests(SynchronousTestCase):
             raise ZeroDivisionError()
 
         protocolB.connectionLost = lostB  # type: ignore[method-assign]
+        return (harness, *accepted)
+
+    def test_connectionLostRaises(self) -> None:
+        """
+        A C{connectionLost} that raises, run by the flush for a close, is
+        logged, and the rest of the queue is still sent and closed.
+        """
+        harness, (peerA, a), (peerB, b), (peerC, c) = self.threeLosingB()
 
         def script(protocol: Scripted, data: bytes) -> None:
             b.write(b"first")
@@ -452,6 +465,34 @@ class LeanReadTests(SynchronousTestCase):
         self.assertEqual(len(harness.protocols[2].lost), 1)
         self.assertEqual(leanModule._flush.pending, [])
         self.assertEqual(harness.reactor.getWriters(), [])
+
+    def test_doWriteAndConnectionLostRaise(self) -> None:
+        """
+        A transport whose C{doWrite} raises during the flush, and whose
+        C{connectionLost} then raises too, is logged twice and disconnected;
+        the rest of the queue is still sent.
+        """
+        harness, (peerA, a), (peerB, b), (peerC, c) = self.threeLosingB()
+        protocolB = harness.protocols[1]
+
+        def doWriteB() -> None:
+            raise KeyError("doWrite")
+
+        b.doWrite = doWriteB  # type: ignore[method-assign]
+
+        def script(protocol: Scripted, data: bytes) -> None:
+            b.write(b"first")
+            c.write(b"second")
+
+        harness.script = script
+        peerA.sendall(b"go")
+        self.assertIsNone(harness.read(a))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(protocolB.lost), 1)
+        self.assertFalse(b.connected)
+        self.assertEqual(recvAll(peerC, 6), b"second")
+        self.assertEqual(leanModule._flush.pending, [])
 
     def test_loseConnectionEagain(self) -> None:
         """
@@ -835,20 +876,10 @@ class InstallTests(SynchronousTestCase):
         self.assertIsInstance(connector.transport, LeanClient)
 
 
-class CountingClient(LeanClient):
+class CountingClient(_CountingSends, LeanClient):
     """
-    A L{LeanClient} that records each send as L{CountingServer} does.
+    A L{LeanClient} that records each send (L{_CountingSends}).
     """
-
-    sends: list[tuple[int, bool]]
-
-    def writeSomeData(self, data: bytes) -> Any:
-        result = super().writeSomeData(data)
-        if not hasattr(self, "sends"):
-            self.sends = []
-        if isinstance(result, int):
-            self.sends.append((result, leanModule._flush.active))
-        return result
 
 
 class CountingConnector(LeanConnector):
