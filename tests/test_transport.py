@@ -788,7 +788,7 @@ class RecordingProducer:
         self.events.append("stop")
 
 
-class InstallTests(SynchronousTestCase):
+class InstallTests(TestCase):
     """
     Where the lean transports are used.
     """
@@ -809,7 +809,9 @@ class InstallTests(SynchronousTestCase):
         Every proxy listener (tap's C{_Listener}) makes its connections
         lean.
         """
-        listener = _Listener("tcp:0:interface=127.0.0.1", Factory(), reactor)
+        factory = Factory()
+        factory.noisy = False
+        listener = _Listener("tcp:0:interface=127.0.0.1", factory, reactor)
         listener.privilegedStartService()
         self.addCleanup(listener.port.stopListening)
         self.assertIs(listener.port.transport, LeanServer)
