@@ -77,7 +77,8 @@ How they are installed, with public Twisted API where there is one:
 
   - Accepted connections: a listening C{tcp.Port} builds each connection's
     transport from its public C{transport} attribute; L{leanPort} sets it on
-    the port instance, for every listener the proxy opens.
+    the port instance, for every listener the proxy opens (with
+    C{--workers}, each worker's shared listeners too).
   - Outbound connections (L{connectTCP}): C{reactor.connectTCP} is
     C{tcp.Connector(...)} and C{connect()}; L{LeanConnector} is that
     connector with C{_makeTransport}, C{BaseConnector}'s hook for its

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from proxy_app.config import ConfigError, TLSListener, splitDescription
+from proxy_app.transport import leanPort
 
 log = Logger()
 
@@ -89,7 +90,9 @@ def sharedListen(
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
-        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+        # Lean transports, as every listener of a single process has
+        # (proxy_app.transport).
+        return leanPort(reactor.adoptStreamPort(sock.fileno(), family, factory))
     finally:
         # Twisted holds its own duplicate of the descriptor.
         sock.close()

@@ -921,3 +921,26 @@ class SharedListenTests(SynchronousTestCase):
                 Adopting(), description, None, backlog=1024, socketFactory=Recording
             )
         self.assertEqual(backlogs, [1024, 7])
+
+
+class SharedListenLeanTests(TestCase):
+    """
+    A worker's listener makes lean transports, as a single process's do.
+    """
+
+    def test_lean(self) -> None:
+        """
+        L{sharedListen} on the real reactor returns a TCP port whose
+        connections are L{proxy_app.transport.LeanServer}s.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        from proxy_app.transport import LeanServer
+        from proxy_app.workers import sharedListen
+
+        factory = Factory()
+        factory.noisy = False
+        port = sharedListen(reactor, "tcp:0:interface=127.0.0.1", factory)
+        self.addCleanup(port.stopListening)
+        self.assertIs(port.transport, LeanServer)
