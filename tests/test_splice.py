@@ -274,6 +274,19 @@ class SpliceLoopbackTests(TestCase):
             )
 
     @inlineCallbacks
+    def uploading(self, data: bytes, chunk: int):  # type: ignore[no-untyped-def]
+        """
+        A tunnel whose client has pushed C{data} in C{chunk}-byte writes,
+        once the proxy has relayed more than the switch's threshold up:
+        C{(client, exchange)}.
+        """
+        client = yield self.tunnel()
+        exchange = self.exchange()
+        yield self.push(client, data, chunk)
+        yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
+        return client, exchange
+
+    @inlineCallbacks
     def downloading(self):  # type: ignore[no-untyped-def]
         """
         A tunnel whose origin sends C{self.send}, once the client has
@@ -374,10 +387,7 @@ class SpliceLoopbackTests(TestCase):
         self.echo = True
         self.after = b"bye after your end"
         data = pattern(SPLICE_AFTER * 3)
-        client = yield self.tunnel()
-        exchange = self.exchange()
-        yield self.push(client, data, 32768)
-        yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
+        client, exchange = yield self.uploading(data, 32768)
         self.assertIsInstance(exchange.upstream.splice, Splice)
         client.transport.loseWriteConnection()
         received = yield client.done
@@ -562,10 +572,7 @@ class SpliceLoopbackTests(TestCase):
         delattr(splicemodule.os, "splice")
         self.echo = True
         data = pattern(SPLICE_AFTER * 2)
-        client = yield self.tunnel()
-        exchange = self.exchange()
-        yield self.push(client, data, 65536)
-        yield until(lambda: exchange.bytesUp > SPLICE_AFTER)
+        client, exchange = yield self.uploading(data, 65536)
         self.assertIs(exchange.upstream.splice, False)
         client.transport.loseWriteConnection()
         received = yield client.done
