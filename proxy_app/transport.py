@@ -79,14 +79,15 @@ How they are installed, with public Twisted API where there is one:
     transport from its public C{transport} attribute; L{leanPort} sets it on
     the port instance, for every listener the proxy opens (with
     C{--workers}, each worker's shared listeners too).
-  - Outbound connections (L{connectTCP}): C{reactor.connectTCP} is
+  - Outbound connections: C{reactor.connectTCP} is
     C{tcp.Connector(...)} and C{connect()}; L{LeanConnector} is that
     connector with C{_makeTransport}, C{BaseConnector}'s hook for its
     subclasses (the same in Twisted 23.10 and 26; the one private name
     used, as the fifth session's branch did), building a L{LeanClient}.
-    It is used only on a real reactor (a C{PosixReactorBase}); any other
-    reactor, such as the memory reactors of the tests, gets
-    C{reactor.connectTCP} as before.
+    L{proxy_app.upstream}'s connect (the one way out to a destination)
+    uses it on a real reactor (a C{PosixReactorBase}); any other reactor,
+    such as the memory reactors of the tests, gets C{reactor.connectTCP}
+    as before.  Nothing here connects anywhere.
 
 Why every connection, not only kept-alive ones: switching a kept-alive
 connection's class (C{__class__} assignment) gives it, in CPython 3.11, an
@@ -104,7 +105,6 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableDescriptor
-from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -404,26 +404,3 @@ def leanPort(port: Any) -> Any:
     if isinstance(port, tcp.Port):
         port.transport = LeanServer
     return port
-
-
-def connectTCP(
-    reactor: Any,
-    host: str,
-    port: int,
-    factory: Any,
-    timeout: float | None,
-    bindAddress: tuple[str, int] | None,
-) -> Any:
-    """
-    C{reactor.connectTCP(host, port, factory, timeout, bindAddress)}, with
-    a L{LeanClient} as the transport when C{reactor} is a real one.
-
-    @return: the C{IConnector}.
-    """
-    if isinstance(reactor, PosixReactorBase):
-        connector = LeanConnector(host, port, factory, timeout, bindAddress, reactor)  # type: ignore[arg-type]
-        connector.connect()
-        return connector
-    return reactor.connectTCP(
-        host, port, factory, timeout=timeout, bindAddress=bindAddress
-    )

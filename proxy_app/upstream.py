@@ -36,6 +36,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IReactorTime,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,7 +55,7 @@ from proxy_app.reasons import ProxyError, Reason
 from proxy_app.resolver import VettedDestination
 from proxy_app.target import hostPort
 from proxy_app.tls import tlsError
-from proxy_app.transport import connectTCP
+from proxy_app.transport import LeanConnector
 
 log = Logger()
 
@@ -585,8 +586,14 @@ class _Connecting(ClientFactory):
             connect.
         """
         d = self.deferred = Deferred(self._cancel)
-        # Lean transports (proxy_app.transport) on a real reactor.
-        connectTCP(reactor, address, port, self, timeout, bindAddress)
+        if isinstance(reactor, PosixReactorBase):
+            # reactor.connectTCP with a lean transport (proxy_app.transport).
+            LeanConnector(address, port, self, timeout, bindAddress, reactor).connect()  # type: ignore[arg-type]
+        else:
+            # Any other reactor (the tests' memory reactors) as it is.
+            reactor.connectTCP(
+                address, port, self, timeout=timeout, bindAddress=bindAddress
+            )
         return d
 
     def startedConnecting(self, connector: Any) -> None:

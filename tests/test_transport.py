@@ -18,7 +18,7 @@ import struct
 from typing import Any
 
 from twisted.internet import reactor, tcp
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -39,10 +39,9 @@ from proxy_app.transport import (
     LeanClient,
     LeanConnector,
     LeanServer,
-    connectTCP,
     leanPort,
 )
-from proxy_app.upstream import Connector
+from proxy_app.upstream import Connector, _Connecting
 
 
 class _CountingSends:
@@ -855,27 +854,29 @@ class InstallTests(TestCase):
 
     def test_memoryReactor(self) -> None:
         """
-        On a reactor that is not a real one, L{connectTCP} is the reactor's
-        own C{connectTCP}, which the memory reactor records.
+        On a reactor that is not a real one, the upstream connect is the
+        reactor's own C{connectTCP}, which the memory reactor records.
         """
         memory = MemoryReactorClock()
-        factory = ClientFactory()
-        connectTCP(memory, "127.0.0.1", 80, factory, 5, ("127.0.0.1", 0))
+        connecting = _Connecting(None)  # type: ignore[arg-type]
+        connecting.connect(memory, "127.0.0.1", 80, 5, ("127.0.0.1", 0))
         self.assertEqual(
-            memory.tcpClients, [("127.0.0.1", 80, factory, 5, ("127.0.0.1", 0))]
+            memory.tcpClients,
+            [("127.0.0.1", 80, connecting, 5, ("127.0.0.1", 0))],
         )
 
     def test_realReactor(self) -> None:
         """
-        On a real reactor, L{connectTCP} connects with a L{LeanConnector},
-        whose transport is a L{LeanClient}.
+        On a real reactor, the upstream connect connects with a
+        L{LeanConnector}, whose transport is a L{LeanClient}.
         """
-        factory = ClientFactory()
-        factory.noisy = False
-        connector = connectTCP(reactor, "127.0.0.1", 9, factory, 5, None)
-        self.addCleanup(connector.stopConnecting)
+        connecting = _Connecting(None)  # type: ignore[arg-type]
+        d = connecting.connect(reactor, "127.0.0.1", 9, 5, None)
+        connector = connecting.connector
         self.assertIsInstance(connector, LeanConnector)
         self.assertIsInstance(connector.transport, LeanClient)
+        d.addErrback(lambda f: f.trap(CancelledError))
+        d.cancel()
 
 
 class CountingClient(_CountingSends, LeanClient):
