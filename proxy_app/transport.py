@@ -180,7 +180,12 @@ class _LeanMixin(tcp.Connection):
                     # sent at its end).  Not waiting for write events, the
                     # descriptor was not polled for them, so the reactor
                     # calls no doWrite after this.
-                    _readLost(self, why)
+                    try:
+                        _readLost(self, why)
+                    except BaseException:
+                        # A connectionLost that raises: logged, as the
+                        # reactor would; returned, it would be called again.
+                        log.failure("Closing {transport}", transport=self)
                     why = None
             except BaseException:
                 _registerAll(state)

@@ -619,6 +619,30 @@ class LeanReadTests(SynchronousTestCase):
         self.assertEqual(recvAll(peerB, 10), b"after")
         self.assertEqual(peerA.recv(10), b"")
 
+    def test_peerClosedConnectionLostRaises(self) -> None:
+        """
+        When the peer closes and the protocol's C{connectionLost} raises,
+        the error is logged and C{connectionLost} is not called again; what
+        the event wrote to another transport is still sent.
+        """
+        harness = Harness(self, CountingServer)
+        peerA, a = harness.accept()
+        peerB, b = harness.accept()
+        harness.reactor.addReader(a)
+        protocolA = harness.protocols[0]
+
+        def lostA(reason: Any = None) -> None:
+            protocolA.lost.append(reason)
+            b.write(b"after")
+            raise ZeroDivisionError()
+
+        protocolA.connectionLost = lostA  # type: ignore[method-assign]
+        peerA.shutdown(socket.SHUT_WR)
+        self.assertIsNone(harness.read(a))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(protocolA.lost), 1)
+        self.assertEqual(recvAll(peerB, 5), b"after")
+
     def test_peerHalfClosed(self) -> None:
         """
         When the peer half-closes a connection whose protocol takes
